@@ -1,0 +1,237 @@
+"""Array backends: NumPy on the CPU, CuPy on NVIDIA GPUs, the same code on both.
+
+Every op receives raw arrays and asks ``array_module(x)`` which module to use;
+that is the only backend-aware line an op may have. This file is the one
+place that knows about devices, default dtypes, random numbers, and the (few)
+fused CUDA kernels that the GPU hot paths select.
+
+Devices are strings: ``"cpu"``, ``"cuda"`` (the current GPU, normalised to
+``"cuda:0"``-style), ``"cuda:N"``. CuPy is imported lazily, so the package
+imports and runs with no CuPy installed.
+
+Dtype rule (one rule, everywhere): all floating-point tensor inputs of an op
+must have the same dtype, or the op raises ``TypeError``. Python numbers and
+non-tensor arrays taking part in an op are cast to the dtype of the tensor they
+meet. Nothing is ever silently promoted to float64 inside a float32 model; to
+mix, convert explicitly with ``t.to(dtype=...)``. New floating tensors built from
+Python numbers or lists get the default dtype, float32; a NumPy array keeps
+its own dtype (float64 data is how ``gradcheck`` gets float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DTYPE = np.dtype(np.float32)
+_default_dtype = DEFAULT_DTYPE
+
+_cupy = None  # the cupy module once imported, False if unavailable
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # noqa: PLC0415 (lazy on purpose)
+
+            cupy.cuda.runtime.getDeviceCount()
+            _cupy = cupy
+        except Exception:  # no cupy, no driver or no GPU
+            _cupy = False
+    return _cupy or None
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and can see at least one GPU."""
+    return _import_cupy() is not None
+
+
+def cuda_device_count() -> int:
+    cp = _import_cupy()
+    return cp.cuda.runtime.getDeviceCount() if cp else 0
+
+
+# ----------------------------------------------------------------- devices
+
+
+def parse_device(device: Any) -> str:
+    """Normalise a device spec: None/"cpu" -> "cpu", "cuda" -> "cuda:<current>", "cuda:N"."""
+    if device is None:
+        return "cpu"
+    device = str(device).strip().lower()
+    if device == "cpu":
+        return "cpu"
+    if device == "gpu":
+        device = "cuda"
+    if device == "cuda" or device.startswith("cuda:"):
+        cp = _import_cupy()
+        if cp is None:
+            raise RuntimeError(
+                f"device {device!r} requested but CUDA is not available: install the 'gpu' extra "
+                "(pip install 'minillm[gpu]', i.e. cupy) on a machine with an NVIDIA GPU"
+            )
+        if device == "cuda":
+            return f"cuda:{cp.cuda.runtime.getDevice()}"
+        index = device[5:]
+        if not index.isdigit():
+            raise ValueError(f"bad device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        count = cp.cuda.runtime.getDeviceCount()
+        if int(index) >= count:
+            raise ValueError(f"device {device!r} does not exist: {count} GPU(s) visible")
+        return f"cuda:{int(index)}"
+    raise ValueError(f"bad device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+
+
+def device_of(array) -> str:
+    """The device an array lives on."""
+    if isinstance(array, np.ndarray) or np.isscalar(array):
+        return "cpu"
+    dev = getattr(array, "device", None)
+    if dev is not None and hasattr(dev, "id"):
+        return f"cuda:{dev.id}"
+    return "cpu"
+
+
+def array_module(x):
+    """numpy or cupy, whichever owns ``x`` (micrograd-style code stays backend-free)."""
+    if isinstance(x, np.ndarray) or _cupy in (None, False):
+        return np
+    return _cupy.get_array_module(x)
+
+
+def module_for(device: str):
+    """The array module for a (normalised) device string."""
+    return np if device == "cpu" else _import_cupy()
+
+
+def device_context(device: str):
+    """Context in which new arrays land on ``device`` (a no-op for the CPU)."""
+    if device == "cpu":
+        return contextlib.nullcontext()
+    return _cupy.cuda.Device(int(device[5:]))
+
+
+def to_device(array, device: str):
+    """Copy an array to a device (returns it unchanged if it already lives there)."""
+    device = parse_device(device)
+    if device_of(array) == device:
+        return array
+    if device == "cpu":
+        return _cupy.asnumpy(array)
+    with device_context(device):
+        return _cupy.asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    if isinstance(array, (np.ndarray, np.generic)) or not _cupy:
+        return np.asarray(array)
+    return _cupy.asnumpy(array)
+
+
+def synchronize(device: str = "cuda") -> None:
+    """Wait for the GPU to finish queued work (for timing); a no-op on the CPU."""
+    if device != "cpu" and cuda_available():
+        _cupy.cuda.get_current_stream().synchronize()
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+def get_default_dtype() -> np.dtype:
+    return _default_dtype
+
+
+def set_default_dtype(dtype) -> None:
+    """Default dtype for floating tensors made from Python numbers and lists (float32 unless set)."""
+    global _default_dtype
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"default dtype must be floating point, got {dtype}")
+    _default_dtype = dtype
+
+
+def is_floating(dtype) -> bool:
+    return np.dtype(dtype).kind == "f"
+
+
+# ------------------------------------------------------------------ random numbers
+#
+# One seed drives every device. The CPU stream is a NumPy PCG64 Generator; each
+# GPU gets a CuPy generator whose seed is derived from (seed, device). Parameter
+# initialisation draws on the CPU stream and copies to the device, so the same
+# seed gives the same model on every device.
+
+_seed = 0
+_cpu_rng = np.random.Generator(np.random.PCG64(0))
+_cuda_rngs: dict[str, Any] = {}
+_cuda_draws: dict[str, int] = {}
+
+
+def _derive_seed(*parts) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every random stream (CPU and all GPUs) from one integer."""
+    global _seed, _cpu_rng
+    _seed = int(seed)
+    _cpu_rng = np.random.Generator(np.random.PCG64(_seed))
+    _cuda_rngs.clear()
+    _cuda_draws.clear()
+
+
+def cpu_generator() -> np.random.Generator:
+    return _cpu_rng
+
+
+def _cuda_rng(device: str):
+    rng = _cuda_rngs.get(device)
+    if rng is None:
+        with device_context(device):
+            rng = _cupy.random.RandomState(_derive_seed(_seed, device, _cuda_draws.get(device, 0)))
+        _cuda_rngs[device] = rng
+    _cuda_draws[device] = _cuda_draws.get(device, 0) + 1
+    return rng
+
+
+def random_uniform(shape, device: str = "cpu", dtype=None):
+    """Uniform [0, 1) samples on a device (the one RNG API both backends share)."""
+    dtype = np.dtype(dtype or _default_dtype)
+    if device == "cpu":
+        return _cpu_rng.random(shape, dtype=dtype if dtype.kind == "f" and dtype.itemsize >= 4 else np.float32)
+    with device_context(device):
+        return _cuda_rng(device).random_sample(shape, dtype=dtype)
+
+
+def random_normal(shape, device: str = "cpu", dtype=None, std: float = 1.0):
+    """Normal(0, std^2) samples on a device."""
+    dtype = np.dtype(dtype or _default_dtype)
+    if device == "cpu":
+        out = _cpu_rng.standard_normal(shape, dtype=dtype)
+    else:
+        with device_context(device):
+            out = _cuda_rng(device).standard_normal(shape, dtype=dtype)
+    if std != 1.0:
+        out *= std
+    return out
+
+
+def get_rng_state() -> dict:
+    """A JSON-serialisable snapshot of the random streams (for checkpoints)."""
+    return {"seed": _seed, "cpu": _cpu_rng.bit_generator.state, "cuda_draws": dict(_cuda_draws)}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore ``get_rng_state()``. GPU streams restart from a seed derived from
+    (seed, device, number of draws so far), so a resumed run is deterministic."""
+    global _seed
+    _seed = int(state["seed"])
+    _cpu_rng.bit_generator.state = state["cpu"]
+    _cuda_rngs.clear()
+    _cuda_draws.clear()
+    _cuda_draws.update({k: int(v) for k, v in state.get("cuda_draws", {}).items()})

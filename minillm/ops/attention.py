@@ -1,0 +1,196 @@
+"""Scaled dot-product attention: one fused op, and the same function built from primitives.
+
+For queries Q (…, Tq, D), keys K (…, Tk, D) and values V (…, Tk, Dv)
+(… = any leading axes, usually (B, H)), with s = scale (1/√D by default):
+
+    S = s · Q Kᵀ                       (…, Tq, Tk)   attention scores
+    S[i, j] = −∞ where j > i + Tk − Tq (causal: no query sees a later key)
+    P = softmax(S) over keys           (…, Tq, Tk)   each row sums to 1
+    P̃ = P ⊙ M / (1 − p)               (dropout with keep mask M; P̃ = P if p = 0)
+    O = P̃ V                           (…, Tq, Dv)
+
+Causal masking with Tq < Tk (decoding with a KV cache): the Tq queries are the
+LAST Tq positions of the Tk-long sequence, so query i sits at position
+i + (Tk − Tq) and attends keys j <= i + (Tk − Tq). With Tq = Tk that is the
+usual lower triangle. Tq > Tk with ``causal=True`` is an error (the first
+queries would see no key at all).
+
+Backward (rows are queries; Σ_j runs over keys), given dO = dL/dO:
+
+    dV = P̃ᵀ dO                         (…, Tk, Tq) @ (…, Tq, Dv) -> (…, Tk, Dv)
+    dP̃ = dO Vᵀ                         (…, Tq, Dv) @ (…, Dv, Tk) -> (…, Tq, Tk)
+    dP = dP̃ ⊙ M / (1 − p)
+    dS = P ⊙ (dP − rowsum(dP ⊙ P))     softmax backward, row by row; 0 where masked
+    dQ = s · dS K                       (…, Tq, Tk) @ (…, Tk, D)  -> (…, Tq, D)
+    dK = s · dSᵀ Q                      (…, Tk, Tq) @ (…, Tq, D)  -> (…, Tk, D)
+
+The softmax line: P_ij = e^{S_ij} / Σ_k e^{S_ik}, so ∂P_ij/∂S_il = P_ij (δ_jl − P_il)
+and dS_il = Σ_j dP_ij P_ij (δ_jl − P_il) = P_il (dP_il − Σ_j dP_ij P_ij). A masked
+key has P = 0, so it gets no gradient and backward needs no mask.
+
+The fused op saves Q·s, K, V and P (plus the 1-byte dropout mask): one
+(…, Tq, Tk) float buffer, the smallest set backward can work from. It works in
+place on the big (…, Tq, Tk) buffers (mask and softmax in the scores buffer,
+the softmax backward in the dP buffer). On a GPU the mask + softmax and the
+softmax backward are one CUDA kernel each (``minillm.kernels``), so a call is
+two GEMMs + one kernel forward and four GEMMs + one kernel backward.
+
+``scaled_dot_product_attention_composed`` builds the same function from
+primitive ops (matmul, transpose, where, softmax_composed, dropout); it is
+for reading, and the tests check that the fused op equals it, values and
+gradients, dropout included (both draw the mask from ``dropout_keep_mask``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from .. import backend, kernels
+from ..backend import array_module
+from ..tensor import Function, Tensor
+from .activation import softmax_composed
+from .elementwise import where
+from .embedding import _check_p, dropout, dropout_keep_mask
+from .matmul import matmul
+from .shape import transpose
+
+
+@functools.lru_cache(maxsize=64)
+def causal_mask(tq: int, tk: int, device: str = "cpu"):
+    """Boolean (Tq, Tk) array, True where query i must NOT see key j: j > i + (Tk − Tq).
+
+    Built once per (Tq, Tk, device) and cached (read-only on the CPU).
+
+    >>> causal_mask(2, 3).astype(int).tolist()
+    [[0, 0, 1], [0, 0, 0]]
+    """
+    xp = backend.module_for(device)
+    with backend.device_context(device):
+        mask = xp.triu(xp.ones((tq, tk), dtype=bool), k=tk - tq + 1)
+    if xp is np:
+        mask.flags.writeable = False
+    return mask
+
+
+def _softmax_rows_(scores, causal: bool):
+    """In place: scores (…, Tq, Tk) -> P = softmax over keys of the (causally masked) scores."""
+    if backend.device_of(scores) != "cpu":
+        return kernels.attention_softmax_forward_(scores, causal)   # one launch on the GPU
+    tq, tk = scores.shape[-2:]
+    if causal:
+        np.copyto(scores, -np.inf, where=causal_mask(tq, tk))       # e^{-inf} = 0 below
+    scores -= scores.max(axis=-1, keepdims=True)                    # (…, Tq, 1): stable exp
+    np.exp(scores, out=scores)
+    scores *= 1 / scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_scale=1.0):
+    """In place: grad_probs (dL/dP̃) -> dL/dS = P ⊙ (dP − rowsum(dP ⊙ P)), dP = dP̃ ⊙ M · keep_scale."""
+    if backend.device_of(grad_probs) != "cpu":
+        return kernels.attention_softmax_backward_(grad_probs, probs, causal, keep, keep_scale)
+    if keep is not None:
+        np.multiply(grad_probs, keep, out=grad_probs)
+        grad_probs *= keep_scale
+    row_dot = np.einsum("...ij,...ij->...i", grad_probs, probs)     # (…, Tq): no (…, Tq, Tk) temporary
+    grad_probs -= row_dot[..., None]
+    grad_probs *= probs
+    return grad_probs
+
+
+class ScaledDotProductAttention(Function):
+    """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward."""
+
+    def __init__(self, causal: bool, dropout_p: float, scale: float):
+        self.causal, self.dropout_p, self.scale = causal, dropout_p, scale
+
+    def forward(self, q, k, v):
+        xp = array_module(q)
+        q_scaled = q * q.dtype.type(self.scale)               # (…, Tq, D): scale the small operand
+        scores = xp.matmul(q_scaled, k.swapaxes(-1, -2))      # (…, Tq, Tk), a fresh buffer
+        probs = _softmax_rows_(scores, self.causal)           # in place: scores is now P
+        keep = None
+        if self.dropout_p > 0:
+            keep = dropout_keep_mask(probs.shape, self.dropout_p, backend.device_of(q))
+            dropped = probs * keep                            # P̃ = P ⊙ M / (1 − p)
+            dropped *= probs.dtype.type(1.0 / (1.0 - self.dropout_p))
+            out = xp.matmul(dropped, v)
+            del dropped
+        else:
+            out = xp.matmul(probs, v)                         # (…, Tq, Dv)
+        self.save(q_scaled, k, v, probs, keep)
+        return out
+
+    def backward(self, grad):                                 # grad = dO (…, Tq, Dv)
+        q_scaled, k, v, probs, keep = self.saved
+        xp = array_module(grad)
+        keep_scale = probs.dtype.type(1.0 / (1.0 - self.dropout_p))
+        grad_q = grad_k = grad_v = None
+        if self.needs_input_grad[2]:
+            dropped = probs if keep is None else probs * keep * keep_scale
+            grad_v = xp.matmul(dropped.swapaxes(-1, -2), grad)    # dV = P̃ᵀ dO (…, Tk, Dv)
+            del dropped
+        if self.needs_input_grad[0] or self.needs_input_grad[1]:
+            grad_scores = xp.matmul(grad, v.swapaxes(-1, -2))     # dP̃ = dO Vᵀ (…, Tq, Tk)
+            _softmax_rows_backward_(grad_scores, probs, self.causal, keep, keep_scale)  # now dS
+            if self.needs_input_grad[0]:
+                grad_q = xp.matmul(grad_scores, k)                 # (…, Tq, D)
+                grad_q *= grad_q.dtype.type(self.scale)
+            if self.needs_input_grad[1]:
+                grad_k = xp.matmul(grad_scores.swapaxes(-1, -2), q_scaled)  # s · dSᵀ Q (…, Tk, D)
+        return grad_q, grad_k, grad_v
+
+
+def _check_attention_args(q, k, v, causal, dropout_p, scale, op_name):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op_name}: {name} must be a Tensor")
+        if t.ndim < 2:
+            raise ValueError(f"{op_name}: {name} needs at least 2 dims (…, T, D), got shape {t.shape}")
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise ValueError(
+            f"{op_name}: q, k, v must share their leading dims, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op_name}: q and k need the same last dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op_name}: k and v need the same length, got {k.shape[-2]} and {v.shape[-2]}")
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(
+            f"{op_name}: causal attention with more queries ({q.shape[-2]}) than keys ({k.shape[-2]}): "
+            f"the queries are the last positions, so the first ones would see no key"
+        )
+    dropout_p = _check_p(dropout_p, op_name)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return dropout_p, scale
+
+
+def scaled_dot_product_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None) -> Tensor:
+    """softmax(mask(Q Kᵀ · scale)) V on (…, T, D) tensors, usually (B, H, T, Dh); fused forward and backward.
+
+    ``causal``: query i attends keys j <= i + (Tk − Tq), i.e. the queries are the
+    last Tq positions (Tq < Tk when decoding with a KV cache). ``dropout_p`` is
+    applied to the attention probabilities (pass 0 in eval mode). ``scale``
+    defaults to 1/√D.
+    """
+    dropout_p, scale = _check_attention_args(q, k, v, causal, dropout_p, scale, "scaled_dot_product_attention")
+    return ScaledDotProductAttention.apply(q, k, v, causal=bool(causal), dropout_p=dropout_p, scale=scale)
+
+
+def scaled_dot_product_attention_composed(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None) -> Tensor:
+    """The same attention, composed from primitive ops (for reading; its gradient comes from them)."""
+    dropout_p, scale = _check_attention_args(
+        q, k, v, causal, dropout_p, scale, "scaled_dot_product_attention_composed"
+    )
+    axes = list(range(k.ndim))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    scores = matmul(q, transpose(k, *axes)) * scale                   # (…, Tq, Tk)
+    if causal:
+        future = causal_mask(q.shape[-2], k.shape[-2], q.device)      # (Tq, Tk), broadcast
+        scores = where(future, -np.inf, scores)
+    probs = softmax_composed(scores, axis=-1)
+    probs = dropout(probs, dropout_p)                                 # the same mask as the fused op
+    return matmul(probs, v)                                           # (…, Tq, Dv)

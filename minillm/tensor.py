@@ -1,0 +1,428 @@
+"""Tensor and the autograd engine.
+
+A ``Tensor`` wraps an array (``.data``, NumPy or CuPy) and, when it was made by
+an op on tensors that need gradients, remembers that op (``._ctx``, a
+``Function``). The ops form a graph; ``backward()`` walks it once, from the
+output back to the leaves, in reverse topological order:
+
+    for fn in reverse_topological_order(output):
+        grad_out = grads.pop(fn)               # dL/d(output of fn), fully accumulated
+        grad_ins = fn.backward(grad_out)       # chain rule, one array per input
+        for input, g in zip(fn.inputs, grad_ins):
+            accumulate g into grads[input]     # a tensor used twice gets the sum
+
+Every edge's gradient is checked to have its input's shape. A node's saved
+arrays and gradient are dropped as soon as it has run, so memory falls during
+backward; running backward a second time through the freed graph raises.
+The walk is iterative, so a chain of 100,000 ops is fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Within this block ops record no graph (inference, optimizer updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+# ================================================================ Function
+
+
+class Function:
+    """One op: ``forward`` on raw arrays, ``backward`` giving one gradient per input.
+
+    Subclasses take their non-tensor arguments (axis, eps, ...) in ``__init__``
+    and call ``self.save(...)`` in ``forward`` with exactly what ``backward``
+    needs; ``self.saved`` returns it. ``self.needs_input_grad[i]`` tells
+    ``backward`` whether input ``i`` wants a gradient (return None otherwise).
+    """
+
+    inputs: tuple["Tensor", ...] = ()
+    needs_input_grad: tuple[bool, ...] = ()
+    saved: tuple = ()
+    freed: bool = False
+
+    def forward(self, *arrays):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, grad):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def save(self, *arrays) -> None:
+        self.saved = arrays
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @classmethod
+    def apply(cls, *inputs, **params) -> "Tensor":
+        """Run the op on tensors (or numbers/arrays, lifted to constants) and record it."""
+        fn = cls(**params)
+        tensors = _as_tensors(inputs, cls.__name__)
+        device = tensors[0].device
+        requires_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        fn.needs_input_grad = tuple(t.requires_grad and _grad_enabled for t in tensors)
+        if device == "cpu":
+            out = fn.forward(*(t.data for t in tensors))
+        else:
+            with backend.device_context(device):
+                out = fn.forward(*(t.data for t in tensors))
+        if isinstance(out, np.generic):  # NumPy turns 0-d results into scalars
+            out = np.asarray(out)
+        result = Tensor._from_op(out, requires_grad, device)
+        if requires_grad:
+            fn.inputs = tensors
+            result._ctx = fn
+        return result
+
+
+def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple["Tensor", ...]:
+    """Lift numbers/arrays to constant tensors; check one device and one float dtype."""
+    reference = next((x for x in inputs if isinstance(x, Tensor)), None)
+    if reference is None:
+        raise TypeError(f"{op_name}: expected at least one Tensor input")
+    device = reference.device
+    float_dtype = None
+    for x in inputs:
+        if isinstance(x, Tensor):
+            if x.device != device:
+                raise RuntimeError(
+                    f"{op_name}: tensors on different devices ({device} and {x.device}); "
+                    f"move them with .to(device) first"
+                )
+            if x.data.dtype.kind == "f":
+                if float_dtype is None:
+                    float_dtype = x.data.dtype
+                elif x.data.dtype != float_dtype:
+                    raise TypeError(
+                        f"{op_name}: mixed float dtypes ({float_dtype} and {x.data.dtype}); "
+                        f"minillm never promotes silently - convert one with .to(dtype=...)"
+                    )
+    float_dtype = float_dtype or backend.get_default_dtype()
+    out = []
+    xp = backend.module_for(device)
+    for x in inputs:
+        if isinstance(x, Tensor):
+            out.append(x)
+            continue
+        if hasattr(x, "dtype") and not isinstance(x, np.generic):  # an array
+            if backend.device_of(x) != device:
+                raise RuntimeError(f"{op_name}: array on {backend.device_of(x)} used with a tensor on {device}")
+            arr = xp.asarray(x)
+        else:  # a Python number, list or NumPy scalar
+            arr = xp.asarray(np.asarray(x))
+        if arr.dtype.kind in "fiu" and arr.dtype != float_dtype:
+            arr = arr.astype(float_dtype)  # constants take the dtype of the tensors they meet
+        out.append(Tensor._from_op(arr, False, device))
+    return tuple(out)
+
+
+# ================================================================ Tensor
+
+
+class Tensor:
+    """An n-dimensional array that can carry a gradient.
+
+    >>> x = Tensor(np.ones((2, 3)), requires_grad=True)
+    >>> (x * x).sum().backward(); x.grad
+    array([[2., 2., 2.], [2., 2., 2.]])
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "__weakref__")
+    __array_priority__ = 1000  # numpy_array + tensor -> Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, device=None, dtype=None, name: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if device is None:
+            device = backend.device_of(data)
+        device = backend.parse_device(device)
+        xp = backend.module_for(device)
+        if backend.device_of(data) != device:
+            data = backend.to_device(data, device) if hasattr(data, "shape") else data
+        if not hasattr(data, "dtype") or isinstance(data, np.generic):
+            data = np.asarray(data)
+            if data.dtype.kind == "f":
+                data = data.astype(backend.get_default_dtype())
+        with backend.device_context(device):
+            data = xp.asarray(data, dtype=dtype)
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients; got dtype {data.dtype}")
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx: Function | None = None
+        self.name = name
+
+    @classmethod
+    def _from_op(cls, data, requires_grad: bool, device: str) -> "Tensor":
+        t = object.__new__(cls)
+        t.data, t.grad, t.requires_grad, t._ctx, t.name = data, None, requires_grad, None, None
+        return t
+
+    # ------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.device != "cpu":
+            extra += f", device='{self.device}'"
+        if self._ctx is not None:
+            extra += f", grad_fn={self._ctx.name}"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        body = np.array2string(self.numpy(), separator=", ", prefix="Tensor(", threshold=20)
+        return f"Tensor({body}, dtype={self.dtype}{extra})"
+
+    # ------------------------------------------------------------ conversions
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the GPU when needed)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor._from_op(self.data, False, self.device)
+
+    def to(self, device=None, dtype=None) -> "Tensor":
+        """Copy to another device and/or dtype (a differentiable copy when this needs grad)."""
+        from .ops.elementwise import Cast, ToDevice  # noqa: PLC0415
+
+        out = self
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            out = Cast.apply(out, dtype=np.dtype(dtype))
+        if device is not None and backend.parse_device(device) != self.device:
+            out = ToDevice.apply(out, device=backend.parse_device(device))
+        return out
+
+    def float(self) -> "Tensor":
+        return self.to(dtype=np.float32)
+
+    def double(self) -> "Tensor":
+        return self.to(dtype=np.float64)
+
+    def requires_grad_(self, flag: bool = True) -> "Tensor":
+        if flag and self.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients; got dtype {self.dtype}")
+        self.requires_grad = flag
+        return self
+
+    # ------------------------------------------------------------ autograd
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        ``grad`` is d(loss)/d(self); it defaults to 1 for a one-element tensor.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (nothing to differentiate)")
+        xp = backend.array_module(self.data)
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a one-element output, got shape {self.shape}")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
+        if self._ctx is None:
+            _accumulate_leaf(self, grad, None)
+            return
+        with backend.device_context(self.device):
+            _run_backward(self._ctx, grad, retain_graph)
+
+    def graph(self, format: str = "text") -> str:
+        """This tensor's computation graph as a text tree or Graphviz DOT (see ``draw_graph``)."""
+        from .graph import draw_graph  # noqa: PLC0415
+
+        return draw_graph(self, format=format)
+
+    # ------------------------------------------------------------ operators
+    def __add__(self, other): return F.add(self, other)
+    def __radd__(self, other): return F.add(other, self)
+    def __sub__(self, other): return F.sub(self, other)
+    def __rsub__(self, other): return F.sub(other, self)
+    def __mul__(self, other): return F.mul(self, other)
+    def __rmul__(self, other): return F.mul(other, self)
+    def __truediv__(self, other): return F.div(self, other)
+    def __rtruediv__(self, other): return F.div(other, self)
+    def __neg__(self): return F.neg(self)
+    def __pow__(self, exponent): return F.pow(self, exponent)
+    def __rpow__(self, base): return F.pow(base, self)
+    def __matmul__(self, other): return F.matmul(self, other)
+    def __rmatmul__(self, other): return F.matmul(other, self)
+    def __getitem__(self, index): return F.getitem(self, index)
+    def __abs__(self): return F.abs(self)
+
+    # comparisons give constant boolean tensors (masks), never a graph
+    def __lt__(self, other): return _compare(np.less, self, other)
+    def __le__(self, other): return _compare(np.less_equal, self, other)
+    def __gt__(self, other): return _compare(np.greater, self, other)
+    def __ge__(self, other): return _compare(np.greater_equal, self, other)
+
+    __hash__ = object.__hash__  # tensors are identities (dict keys, sets), like PyTorch
+
+    # ------------------------------------------------------------ methods (all ops live in F)
+    def exp(self): return F.exp(self)
+    def log(self): return F.log(self)
+    def tanh(self): return F.tanh(self)
+    def sqrt(self): return F.sqrt(self)
+    def abs(self): return F.abs(self)
+    def relu(self): return F.relu(self)
+    def sigmoid(self): return F.sigmoid(self)
+    def clip(self, min=None, max=None): return F.clip(self, min, max)
+    def sum(self, axis=None, keepdims=False): return F.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return F.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return F.max(self, axis, keepdims)
+    def var(self, axis=None, keepdims=False): return F.var(self, axis, keepdims)
+    def reshape(self, *shape): return F.reshape(self, *shape)
+    def view(self, *shape): return F.reshape(self, *shape)
+    def transpose(self, *axes): return F.transpose(self, *axes)
+    def permute(self, *axes): return F.permute(self, *axes)
+    def squeeze(self, axis=None): return F.squeeze(self, axis)
+    def unsqueeze(self, axis): return F.unsqueeze(self, axis)
+    def expand(self, *shape): return F.expand(self, *shape)
+    def flatten(self): return F.reshape(self, -1)
+    def softmax(self, axis=-1): return F.softmax(self, axis)
+    def log_softmax(self, axis=-1): return F.log_softmax(self, axis)
+
+    @property
+    def T(self): return F.transpose(self)
+
+
+def _compare(ufunc, a, b) -> Tensor:
+    a_data = a.data if isinstance(a, Tensor) else a
+    b_data = b.data if isinstance(b, Tensor) else b
+    xp = backend.array_module(a_data if isinstance(a, Tensor) else b_data)
+    result = getattr(xp, ufunc.__name__)(a_data, b_data)
+    return Tensor._from_op(result, False, backend.device_of(result))
+
+
+# ================================================================ backward
+
+
+def _topological_order(root: Function) -> list[Function]:
+    """Functions reachable from ``root``, each after every function that consumes it.
+
+    Iterative depth-first search (post-order), then reversed: no recursion limit.
+    """
+    order: list[Function] = []
+    visited: set[int] = {id(root)}
+    stack: list[tuple[Function, int]] = [(root, 0)]
+    while stack:
+        fn, i = stack.pop()
+        if fn.freed:
+            raise RuntimeError(
+                "backward() through a graph that was already freed: a previous backward() "
+                "released its saved arrays. Call backward(retain_graph=True) the first time "
+                "if you need to go through it twice."
+            )
+        if i < len(fn.inputs):
+            stack.append((fn, i + 1))
+            parent = fn.inputs[i]._ctx
+            if parent is not None and id(parent) not in visited:
+                visited.add(id(parent))
+                stack.append((parent, 0))
+        else:
+            order.append(fn)
+    order.reverse()
+    return order
+
+
+def _run_backward(root: Function, grad, retain_graph: bool) -> None:
+    order = _topological_order(root)
+    grads: dict[int, Any] = {id(root): grad}
+    for fn in order:
+        grad_out = grads.pop(id(fn), None)
+        if grad_out is None:  # no gradient reached this node
+            continue
+        grad_ins = fn.backward(grad_out)
+        if not isinstance(grad_ins, tuple):
+            grad_ins = (grad_ins,)
+        if len(grad_ins) != len(fn.inputs):
+            raise RuntimeError(f"{fn.name}.backward returned {len(grad_ins)} gradients for {len(fn.inputs)} inputs")
+        for tensor, g in zip(fn.inputs, grad_ins):
+            if g is None or not tensor.requires_grad:
+                continue
+            if isinstance(g, np.generic):
+                g = np.asarray(g)
+            if g.shape != tensor.shape:
+                raise RuntimeError(
+                    f"{fn.name}.backward produced a gradient of shape {g.shape} "
+                    f"for an input of shape {tensor.shape}"
+                )
+            parent = tensor._ctx
+            if parent is None:
+                _accumulate_leaf(tensor, g, grad_out)
+            else:
+                key = id(parent)
+                previous = grads.get(key)
+                grads[key] = g if previous is None else previous + g
+        if not retain_graph:
+            fn.saved = ()
+            fn.inputs = ()
+            fn.freed = True
+
+
+def _accumulate_leaf(tensor: Tensor, g, grad_out) -> None:
+    if tensor.grad is None:
+        # own the array: backward may hand the same array (or a view of it) to several inputs
+        owned = g is not grad_out and getattr(g, "base", None) is None
+        tensor.grad = g if owned else g.copy()
+    else:
+        tensor.grad += g
+
+
+# functional is imported last: it imports the ops, which import this module.
+from . import functional as F  # noqa: E402

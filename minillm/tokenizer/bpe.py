@@ -1,0 +1,478 @@
+"""BPETokenizer: byte-level BPE over regex chunks (GPT-2's scheme).
+
+Encoding a text takes three steps:
+
+1. **Split** it into chunks with the pre-tokenization regex
+   (``"Hello world"`` -> ``["Hello", " world"]``, see pretokenize.py).
+2. **Bytes**: each chunk becomes its UTF-8 bytes, one token id per byte.
+3. **Merge**: repeatedly find the adjacent pair with the best (lowest) merge
+   rank and replace all its occurrences by the merged token, until no pair of
+   the chunk has a rank. This is exactly GPT-2's ``encoder.py`` algorithm.
+
+Decoding joins the bytes of the tokens and decodes UTF-8 (a cut inside a
+multi-byte character gives U+FFFD, never an exception).
+
+Worked example with the Wikipedia merges (a + a -> "aa", a + b -> "ab",
+"aa" + "ab" -> "aaab"), learned from "aaabdaaabac":
+
+>>> tok = BPETokenizer.train("aaabdaaabac", vocab_size=259, progress=False)
+>>> ids = tok.encode("aaabdaaabac")
+>>> ids, [tok.decode([i]) for i in ids]
+([258, 100, 258, 97, 99], ['aaab', 'd', 'aaab', 'a', 'c'])
+
+Why it is fast in pure Python: the BPE result of each distinct chunk is
+cached (most chunks repeat: " the", ",", "\\n"), so encoding a long text is
+one regex ``findall`` plus one dict lookup per chunk; the merge loop only
+runs for chunks never seen before.
+
+Not handled: normalization (NFC etc.: text is encoded as given), lone
+surrogates (they are not text and cannot be UTF-8: ValueError), and chunks
+across special tokens (text is split at allowed special tokens first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from itertools import chain, islice, repeat
+from pathlib import Path
+
+import regex
+
+from .gpt2 import GPT2_SPECIAL_TOKENS, bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
+from .pretokenize import GPT2_PATTERN, count_chunks, resolve_pattern
+from .train import learn_merges, merge_pair
+
+FORMAT_NAME = "minillm-bpe-tokenizer"
+FORMAT_VERSION = 1
+_NO_RANK = 1 << 62  # larger than any merge rank
+_CACHE_LIMIT = 1 << 19  # distinct chunks kept in the encode cache
+
+
+class TokenizerFileError(ValueError):
+    """A file is not a (readable) minillm tokenizer file."""
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer: ``vocab`` + ranked ``merges`` + ``pattern``.
+
+    Build one with :meth:`train`, :meth:`load`, :meth:`from_gpt2_files` or
+    :meth:`bytes`; the constructor is the low-level form they share:
+
+    - ``vocab``: id -> bytes of every ordinary token; it must contain the 256
+      single bytes, and no two tokens may have the same bytes.
+    - ``merges``: (left_id, right_id) pairs, highest priority first; the
+      merged token is the one whose bytes are left + right.
+    - ``pattern``: the pre-tokenization regex (None: the whole text is one
+      chunk, fine without merges, i.e. for the bytes tokenizer).
+    - ``special_tokens``: e.g. {"<|endoftext|>": 50256}; never produced by
+      merges, only by :meth:`encode` when allowed.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: Sequence[tuple[int, int]],
+        pattern: str | None = GPT2_PATTERN,
+        special_tokens: dict[str, int] | None = None,
+    ) -> None:
+        special_tokens = dict(special_tokens or {})
+        _check_vocab(vocab, special_tokens)
+        self._vocab = dict(sorted(vocab.items()))
+        self._bytes_to_id = {b: i for i, b in self._vocab.items()}
+        self._byte_ids = [self._bytes_to_id[bytes([b])] for b in range(256)]
+        self._bytes_are_ids = self._byte_ids == list(range(256))
+        self.pattern = pattern
+        self._split = regex.compile(resolve_pattern(pattern)).findall if pattern is not None else None
+        self.special_tokens = special_tokens
+        self._special_by_id = {i: s for s, i in special_tokens.items()}
+
+        # merges -> rank lookups for the encode loop
+        self._merges: list[tuple[int, int]] = []
+        self._ranks: dict[tuple[int, int], int] = {}
+        self._merged_ids: list[int] = []
+        for rank, (a, b) in enumerate(merges):
+            if a not in self._vocab or b not in self._vocab:
+                raise ValueError(f"merge {rank} ({a}, {b}) uses an id that is not in the vocabulary")
+            new = self._bytes_to_id.get(self._vocab[a] + self._vocab[b])
+            if new is None:
+                raise ValueError(
+                    f"merge {rank} ({a}, {b}) makes {self._vocab[a] + self._vocab[b]!r}, "
+                    "which is not in the vocabulary"
+                )
+            self._merges.append((a, b))
+            self._ranks.setdefault((a, b), rank)
+            self._merged_ids.append(new)
+
+        size = max(chain(self._vocab, special_tokens.values())) + 1
+        self._id_to_bytes: list[bytes | None] = [None] * size
+        for i, b in self._vocab.items():
+            self._id_to_bytes[i] = b
+        for s, i in special_tokens.items():
+            self._id_to_bytes[i] = s.encode("utf-8")
+        self._cache: dict[str, list[int]] = {}
+        self._special_regexes: dict[frozenset[str], regex.Pattern] = {}
+
+    # ------------------------------------------------------------ building
+
+    @classmethod
+    def train(
+        cls,
+        text_or_iterable: str | Iterable[str],
+        vocab_size: int,
+        pattern: str = "gpt2",
+        special_tokens: Iterable[str] = (),
+        progress: bool = True,
+    ) -> BPETokenizer:
+        """Learn a tokenizer of ``vocab_size`` tokens from text.
+
+        ``text_or_iterable``: one string, or an iterable of strings
+        (documents, lines, or blocks from
+        :func:`~minillm.tokenizer.iter_text_files`) that is read once, one
+        item at a time: the corpus is never held in memory whole, only the
+        count of each distinct chunk. ``pattern``: "gpt2", "gpt4" or a regex.
+        ``vocab_size`` counts everything: 256 bytes + merges + special tokens
+        (special tokens take the last ids). See train.py for the algorithm
+        and its tie-breaking rule.
+        """
+        special_tokens = list(dict.fromkeys(special_tokens))
+        n_ordinary = vocab_size - len(special_tokens)
+        if n_ordinary < 256:
+            raise ValueError(
+                f"vocab_size={vocab_size} leaves {n_ordinary} ordinary tokens; "
+                "at least 256 (the byte alphabet) are needed"
+            )
+        source = resolve_pattern(pattern)
+        counts = count_chunks(text_or_iterable, source, progress=progress)
+        merges, vocab = learn_merges(counts, n_ordinary, progress=progress)
+        del counts
+        first_special = len(vocab)
+        specials = {s: first_special + k for k, s in enumerate(special_tokens)}
+        return cls(vocab, [(a, b) for a, b, _ in merges], source, specials)
+
+    @classmethod
+    def bytes(cls, special_tokens: Iterable[str] = ()) -> BPETokenizer:
+        """The 256-token byte tokenizer (no merges): id = byte value.
+
+        For character-level runs: ``encode("hé") == [104, 195, 169]``.
+        Special tokens, if any, get ids 256, 257, ...
+        """
+        specials = {s: 256 + k for k, s in enumerate(dict.fromkeys(special_tokens))}
+        return cls({i: bytes([i]) for i in range(256)}, [], None, specials)
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> BPETokenizer:
+        """GPT-2's own tokenizer from its published ``encoder.json`` and
+        ``vocab.bpe``: same ids, token for token; ``<|endoftext|>`` = 50256."""
+        tokens, specials = read_encoder_json(encoder_json)
+        vocab = {i: b for b, i in tokens.items()}
+        merges = []
+        for lineno, (left, right) in enumerate(read_vocab_bpe(vocab_bpe), start=2):
+            if left not in tokens or right not in tokens:
+                raise ValueError(f"{vocab_bpe}:{lineno}: merge uses a token missing from {encoder_json}")
+            merges.append((tokens[left], tokens[right]))
+        return cls(vocab, merges, GPT2_PATTERN, specials)
+
+    # ------------------------------------------------------------ encoding
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id (ordinary and special tokens)."""
+        return len(self._id_to_bytes)
+
+    @property
+    def vocab(self) -> dict[int, bytes]:
+        """id -> bytes of the ordinary tokens (a copy)."""
+        return dict(self._vocab)
+
+    @property
+    def merges(self) -> list[tuple[int, int]]:
+        """The merges as (left_id, right_id), highest priority first (a copy)."""
+        return list(self._merges)
+
+    def _bpe(self, chunk: str) -> list[int]:
+        """The token ids of one chunk: bytes, then lowest-rank merges first.
+
+        ``ranks`` holds the rank of each adjacent pair and is patched around
+        each merge (only the two neighbouring pairs change), instead of
+        recomputing every pair after every merge. The merged pair's new
+        neighbours cannot have its rank, so once the leftmost occurrence is
+        merged the next ``index`` finds the next non-overlapping one.
+
+        >>> tok = BPETokenizer.train("aaabdaaabac", 259, progress=False)
+        >>> tok._bpe("aaab")   # a a a b -> aa a b -> aa ab -> aaab
+        [258]
+        """
+        data = chunk.encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+        ids = list(data) if self._bytes_are_ids else [self._byte_ids[b] for b in data]
+        if len(ids) < 2:
+            return ids
+        rank_of = self._ranks.get
+        ranks = list(map(rank_of, zip(ids, islice(ids, 1, None)), repeat(_NO_RANK)))  # ranks[i]: pair (i, i+1)
+        while True:
+            rank = min(ranks)
+            if rank == _NO_RANK:
+                return ids
+            new = self._merged_ids[rank]
+            while rank in ranks:  # every occurrence, left to right, as GPT-2 does
+                i = ranks.index(rank)
+                ids[i : i + 2] = (new,)
+                del ranks[i]
+                if i > 0:
+                    ranks[i - 1] = rank_of((ids[i - 1], new), _NO_RANK)
+                if i < len(ranks):
+                    ranks[i] = rank_of((new, ids[i + 1]), _NO_RANK)
+            if not ranks:
+                return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of ``text``, special-token strings included as plain text."""
+        try:
+            if self._split is None:
+                if self._bytes_are_ids and not self._merges:
+                    return list(text.encode("utf-8"))
+                return self._bpe(text)
+            chunks = self._split(text)
+            cache = self._cache
+            try:  # the common case: every chunk seen before
+                return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+            except KeyError:
+                pass
+            fresh = {chunk: self._bpe(chunk) for chunk in set(chunks).difference(cache)}
+        except UnicodeEncodeError:
+            raise _surrogate_error(text) from None
+        if len(cache) + len(fresh) > _CACHE_LIMIT:
+            cache.clear()
+        if len(fresh) <= _CACHE_LIMIT:
+            cache.update(fresh)
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        lookup = {**cache, **fresh}
+        return list(chain.from_iterable(map(lookup.__getitem__, chunks)))
+
+    def encode(
+        self,
+        text: str,
+        allowed_special: str | Iterable[str] = "none_raise",
+        disallowed_special: str | Iterable[str] = "all",
+    ) -> list[int]:
+        """Token ids of ``text``, with tiktoken's rules for special tokens.
+
+        ``allowed_special``:
+
+        - ``"none_raise"`` (default): no special tokens; ValueError if the
+          text contains one (a user typing "<|endoftext|>" must not end
+          your document);
+        - ``"none"``: no special tokens; their text is encoded as ordinary
+          text (same as tiktoken's ``disallowed_special=()``);
+        - ``"all"``: every special token's text becomes its id;
+        - a set of names: those become ids; any other special token in the
+          text raises, unless ``disallowed_special=()`` (then it is text).
+
+        >>> tok = BPETokenizer.bytes(special_tokens=["<|eot|>"])
+        >>> tok.encode("a<|eot|>", allowed_special="all")
+        [97, 256]
+        """
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        if disallowed:
+            match = self._special_regex(disallowed).search(text)
+            if match:
+                raise ValueError(
+                    f"text contains the special token {match.group()!r} at position "
+                    f"{match.start()}, which is not allowed. Pass allowed_special={{{match.group()!r}}} "
+                    "(or 'all') to encode it as a special token, or allowed_special='none' "
+                    "to encode it as ordinary text."
+                )
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._special_regex(allowed).finditer(text):
+            ids.extend(self.encode_ordinary(text[start : match.start()]))
+            ids.append(self.special_tokens[match.group()])
+            start = match.end()
+        ids.extend(self.encode_ordinary(text[start:]))
+        return ids
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        num_workers: int | None = None,
+        allowed_special: str | Iterable[str] = "none_raise",
+        disallowed_special: str | Iterable[str] = "all",
+    ) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, spread over ``num_workers``
+        processes (default: one per CPU; small batches run in this process,
+        where starting workers would cost more than it saves)."""
+        from .parallel import encode_batch
+
+        return encode_batch(self, texts, num_workers, allowed_special, disallowed_special)
+
+    def _special_sets(self, allowed_special, disallowed_special) -> tuple[frozenset[str], frozenset[str]]:
+        everything = frozenset(self.special_tokens)
+        if allowed_special == "none":
+            return frozenset(), frozenset()
+        if allowed_special == "none_raise":
+            allowed = frozenset()
+        elif allowed_special == "all":
+            allowed = everything
+        elif isinstance(allowed_special, str):
+            raise ValueError(
+                f"allowed_special must be 'none_raise', 'none', 'all' or a set of special tokens, "
+                f"got {allowed_special!r}"
+            )
+        else:
+            allowed = frozenset(allowed_special)
+            unknown = allowed - everything
+            if unknown:
+                raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+        if disallowed_special == "all":
+            disallowed = everything - allowed
+        else:
+            disallowed = frozenset(disallowed_special) - allowed
+        return allowed, disallowed
+
+    def _special_regex(self, names: frozenset[str]) -> regex.Pattern:
+        pattern = self._special_regexes.get(names)
+        if pattern is None:  # longest first, so "<|a|>b" wins over its prefix "<|a|>"
+            alternatives = sorted(names, key=lambda s: (-len(s), s))
+            pattern = regex.compile("|".join(regex.escape(s) for s in alternatives))
+            self._special_regexes[names] = pattern
+        return pattern
+
+    # ------------------------------------------------------------ decoding
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of the tokens, concatenated (special tokens as their text)."""
+        if hasattr(ids, "tolist"):  # a NumPy array
+            ids = ids.tolist()
+        ids = list(ids)
+        table = self._id_to_bytes
+        try:
+            if ids and min(ids) < 0:
+                raise IndexError
+            return b"".join(map(table.__getitem__, ids))
+        except (IndexError, TypeError):
+            bad = next(i for i in ids if not (0 <= i < len(table)) or table[i] is None)
+            raise ValueError(f"token id {bad} is not in this tokenizer's vocabulary") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the tokens; bytes that are not valid UTF-8 become U+FFFD.
+
+        >>> BPETokenizer.bytes().decode([104, 195])   # "h" + half of "é"
+        'h\\ufffd'
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode_bytes([token_id])
+
+    # ------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a human-readable JSON file (GPT-2's two files in one)::
+
+            {"format": "minillm-bpe-tokenizer", "version": 1,
+             "pattern": "...", "special_tokens": {"<|endoftext|>": 50256},
+             "vocab": {"!": 0, ..., "Ġt": 256, ...},    # byte-level spelling -> id
+             "merges": ["Ġ t", ...]}                   # priority order
+
+        Tokens are spelled in GPT-2's byte-level alphabet (space is "Ġ",
+        newline "Ċ"), so every token is a printable string on one line.
+        """
+        data = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "vocab": {bytes_to_chars(b): i for i, b in self._vocab.items()},
+            "merges": [
+                f"{bytes_to_chars(self._vocab[a])} {bytes_to_chars(self._vocab[b])}" for a, b in self._merges
+            ],
+        }
+        text = json.dumps(data, ensure_ascii=False, indent=1)
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Read a file written by :meth:`save`; TokenizerFileError if it is
+        not one (corrupt, truncated, foreign, or from a newer version)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TokenizerFileError(f"{path}: not a minillm tokenizer file (not valid JSON: {err})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            hint = ""
+            if isinstance(data, dict) and "<|endoftext|>" in data:
+                hint = " It looks like GPT-2's encoder.json: use BPETokenizer.from_gpt2_files or 'gpt2:DIR'."
+            raise TokenizerFileError(f"{path}: not a minillm tokenizer file (no format {FORMAT_NAME!r}).{hint}")
+        version = data.get("version")
+        if version != FORMAT_VERSION:
+            raise TokenizerFileError(
+                f"{path}: tokenizer file version {version!r}; this minillm reads version {FORMAT_VERSION}"
+            )
+        try:
+            vocab = {int(i): chars_to_bytes(s) for s, i in data["vocab"].items()}
+            if len(vocab) != len(data["vocab"]):
+                raise ValueError("two tokens share an id")
+            to_id = {b: i for i, b in vocab.items()}
+            merges = []
+            for k, line in enumerate(data["merges"]):
+                left, right = line.split(" ")
+                merges.append((to_id[chars_to_bytes(left)], to_id[chars_to_bytes(right)]))
+            specials = {str(s): int(i) for s, i in data["special_tokens"].items()}
+            return cls(vocab, merges, data["pattern"], specials)
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise TokenizerFileError(f"{path}: corrupt minillm tokenizer file ({type(err).__name__}: {err})") from None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BPETokenizer):
+            return NotImplemented
+        return (
+            self._vocab == other._vocab
+            and self._merges == other._merges
+            and self.pattern == other.pattern
+            and self.special_tokens == other.special_tokens
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
+            f"special_tokens={list(self.special_tokens)})"
+        )
+
+    def __getstate__(self) -> dict:
+        # compiled regexes and the cache are rebuilt rather than pickled
+        return {"vocab": self._vocab, "merges": self._merges, "pattern": self.pattern,
+                "special_tokens": self.special_tokens}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["vocab"], state["merges"], state["pattern"], state["special_tokens"])
+
+
+def _check_vocab(vocab: dict[int, bytes], special_tokens: dict[str, int]) -> None:
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError("two tokens of the vocabulary have the same bytes")
+    values = set(vocab.values())
+    missing = [b for b in range(256) if bytes([b]) not in values]
+    if missing:
+        raise ValueError(f"the vocabulary lacks single-byte tokens, e.g. {bytes(missing[:5])!r}")
+    ids = list(vocab) + list(special_tokens.values())
+    if any(not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError("token ids must be non-negative integers")
+    if len(set(ids)) != len(ids):
+        raise ValueError("special token ids collide with each other or with the vocabulary")
+    if any(not s for s in special_tokens):
+        raise ValueError("a special token cannot be the empty string")
+
+
+def _surrogate_error(text: str) -> ValueError:
+    match = regex.search("[\ud800-\udfff]", text)
+    where = f"U+{ord(match.group()):04X} at position {match.start()}" if match else "a lone surrogate"
+    return ValueError(
+        f"cannot encode {where}: a lone surrogate is not a "
+        "character and has no UTF-8 bytes (was the text decoded with errors='surrogateescape' "
+        "or built from UTF-16 halves?)"
+    )

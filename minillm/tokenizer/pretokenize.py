@@ -1,0 +1,155 @@
+"""Pre-tokenization: cutting text into chunks before BPE sees it.
+
+BPE never merges across a chunk boundary. The chunks come from a regex that
+keeps letters with letters, digits with digits, punctuation with punctuation,
+and glues one leading space to the word after it:
+
+>>> compile_pattern("gpt2").findall("Hello world's 2024!!  ok")
+['Hello', ' world', "'s", ' 2024', '!!', ' ', ' ok']
+
+So " world" is one chunk (and becomes one GPT-2 token), and "world" at the
+start of a line is a different chunk. The patterns need the ``regex``
+package: ``re`` has no ``\\p{L}`` (any letter) or ``\\p{N}`` (any number).
+
+Also here: reading a large corpus in blocks without changing its chunks
+(:func:`split_blocks`, :func:`iter_text_files`) and counting the chunks of a
+corpus (:func:`count_chunks`), which is the first step of training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import regex
+
+# GPT-2's pattern, as published in its encoder.py.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# GPT-4's (tiktoken cl100k_base): case-insensitive contractions, numbers of at
+# most 3 digits, a newline run ends a chunk.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+NAMED_PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+BLOCK_CHARS = 1 << 20  # about 1 MB of text per block when streaming
+_SPACE = regex.compile(r"\s")
+
+
+def resolve_pattern(pattern: str) -> str:
+    """'gpt2' | 'gpt4' | any regex -> the regex source (checked to compile)."""
+    source = NAMED_PATTERNS.get(pattern, pattern)
+    try:
+        regex.compile(source)
+    except regex.error as err:
+        raise ValueError(f"invalid pre-tokenization pattern {pattern!r}: {err}") from None
+    return source
+
+
+def compile_pattern(pattern: str) -> regex.Pattern:
+    return regex.compile(resolve_pattern(pattern))
+
+
+def _is_safe_cut(text: str, i: int) -> bool:
+    """True if text[i-1] is "\\n" between two non-space characters.
+
+    No chunk of the GPT-2 or GPT-4 pattern crosses such a point, and how the
+    text after it is cut does not depend on the text before it, so cutting
+    there gives exactly the chunks of the whole text.
+    """
+    return (
+        2 <= i < len(text)
+        and text[i - 1] == "\n"
+        and _SPACE.match(text, i - 2) is None
+        and _SPACE.match(text, i) is None
+    )
+
+
+def _find_cut(text: str, target: int, lo: int) -> int | None:
+    """The safe cut nearest below ``target`` (else above it), or None."""
+    i = text.rfind("\n", lo, target)
+    while i > lo:
+        if _is_safe_cut(text, i + 1):
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    i = text.find("\n", target)
+    while i != -1:
+        if _is_safe_cut(text, i + 1):
+            return i + 1
+        i = text.find("\n", i + 1)
+    return None
+
+
+def split_blocks(text: str, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
+    """Cut ``text`` into pieces of about ``block_chars`` at safe line breaks.
+
+    For the gpt2 and gpt4 patterns the chunks of the pieces, concatenated,
+    are exactly the chunks of ``text``. (A custom pattern may, rarely, cut
+    differently at a block boundary; that only matters for training counts.)
+    """
+    start = 0
+    while len(text) - start > block_chars:
+        cut = _find_cut(text, start + block_chars, start)
+        if cut is None:
+            break
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
+def iter_text_files(
+    paths: Iterable[str | os.PathLike], block_chars: int = BLOCK_CHARS
+) -> Iterator[str]:
+    """Stream UTF-8 files as blocks (see :func:`split_blocks`): memory stays
+    at a few blocks whatever the file size. Each file is its own document;
+    line endings are kept as they are (``\\r\\n`` stays ``\\r\\n``)."""
+    for path in paths:
+        with open(path, encoding="utf-8", newline="") as f:
+            carry = ""
+            while True:
+                data = f.read(block_chars)
+                if not data:
+                    break
+                buffer = carry + data
+                cut = _find_cut(buffer, max(len(buffer) - 1, 0), 0)
+                if cut is None:  # no safe line break yet: keep reading
+                    carry = buffer
+                    continue
+                yield buffer[:cut]
+                carry = buffer[cut:]
+            if carry:
+                yield carry
+
+
+def count_chunks(
+    texts: str | Iterable[str], pattern: str = "gpt2", progress: bool = False
+) -> Counter[str]:
+    """How often each distinct chunk occurs in a corpus.
+
+    ``texts`` is one string or an iterable of strings (documents, lines or
+    blocks, e.g. :func:`iter_text_files`); each item is chunked on its own,
+    so only one item is in memory at a time.
+
+    >>> count_chunks("the cat the end")
+    Counter({'the': 1, ' cat': 1, ' the': 1, ' end': 1})
+    """
+    finder = compile_pattern(pattern).findall
+    pieces = split_blocks(texts) if isinstance(texts, str) else texts
+    counts: Counter[str] = Counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="counting chunks", unit="char", unit_scale=True)
+    for piece in pieces:
+        counts.update(finder(piece))
+        if bar is not None:
+            bar.update(len(piece))
+    if bar is not None:
+        bar.close()
+    return counts

@@ -1,0 +1,46 @@
+"""Shared test setup: the --device option and data-folder helpers.
+
+``pytest`` runs everything on the CPU; ``pytest --device cuda`` runs the same
+device-aware tests on CuPy (and skips them with a reason when no GPU is there).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hypothesis import HealthCheck, settings
+
+import minillm as mm
+
+# the autouse seeding fixture is function-scoped; it is harmless under @given
+settings.register_profile("minillm", suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+settings.load_profile("minillm")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="device for device-aware tests (default cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    name = request.config.getoption("--device")
+    if name == "cuda" and not mm.backend.cuda_available():
+        pytest.skip("--device cuda given but no GPU/CuPy is available")
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    mm.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA

@@ -1,0 +1,240 @@
+"""Scaled dot-product attention: fused op vs a plain NumPy formula, gradcheck, fused == composed."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import minillm as mm
+from minillm import functional as F
+from minillm.ops.attention import causal_mask
+
+from helpers import as_np, t
+
+RNG = np.random.default_rng(0)
+
+
+def reference_attention(q, k, v, causal=True, scale=None, keep=None, p=0.0):
+    """Plain NumPy, float64, loops over nothing clever: the formula as written."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.einsum("...id,...jd->...ij", q, k) * scale
+    if causal:
+        i = np.arange(tq)[:, None] + (tk - tq)             # query i sits at position i + Tk - Tq
+        j = np.arange(tk)[None, :]
+        scores = np.where(j > i, -np.inf, scores)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    if keep is not None:
+        weights = weights * keep / (1 - p)
+    return np.einsum("...ij,...jd->...id", weights, v)
+
+
+def qkv(lead, tq, tk, d, dv=None, device="cpu"):
+    arrays = (RNG.standard_normal(lead + (tq, d)), RNG.standard_normal(lead + (tk, d)),
+              RNG.standard_normal(lead + (tk, dv or d)))
+    return arrays, tuple(t(a, device) for a in arrays)
+
+
+def keep_mask_for(seed, shape, p):
+    """The dropout mask the ops must use after mm.manual_seed(seed): uniform float32 draws >= p."""
+    mm.manual_seed(seed)
+    return mm.backend.to_numpy(mm.backend.random_uniform(shape, dtype=np.float32)) >= p
+
+
+# ------------------------------------------------------------------ forward
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lead,tq,tk", [((), 5, 5), ((3,), 4, 4), ((2, 3), 6, 6), ((2, 2), 3, 7), ((1,), 1, 9)])
+def test_forward_matches_numpy(lead, tq, tk, causal, device):
+    (q, k, v), (tq_, tk_, tv_) = qkv(lead, tq, tk, 4, dv=3, device=device)
+    out = F.scaled_dot_product_attention(tq_, tk_, tv_, causal=causal)
+    assert out.shape == lead + (tq, 3)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, causal), rtol=1e-10, atol=1e-12)
+
+
+def test_causal_first_query_sees_only_the_first_key(device):
+    (q, k, v), tensors = qkv((2, 3), 5, 5, 4, device=device)
+    out = as_np(F.scaled_dot_product_attention(*tensors, causal=True))
+    np.testing.assert_allclose(out[..., 0, :], v[..., 0, :], rtol=1e-12)
+
+
+def test_kv_cache_decoding_equals_the_last_rows_of_full_attention(device):
+    """Tq < Tk: the queries are the last Tq positions, exactly as in the full causal pass."""
+    (q, k, v), (tq, tk, tv) = qkv((2, 2), 7, 7, 4, device=device)
+    full = as_np(F.scaled_dot_product_attention(tq, tk, tv, causal=True))
+    last3 = F.scaled_dot_product_attention(t(q[..., 4:, :], device), tk, tv, causal=True)
+    np.testing.assert_allclose(as_np(last3), full[..., 4:, :], rtol=1e-12, atol=1e-14)
+
+
+def test_custom_scale(device):
+    (q, k, v), tensors = qkv((2,), 4, 4, 3, device=device)
+    out = F.scaled_dot_product_attention(*tensors, causal=False, scale=0.7)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, False, scale=0.7), rtol=1e-10)
+
+
+def test_float32_stays_float32_and_is_close(device):
+    (q, k, v), _ = qkv((2, 3), 16, 16, 8)
+    tensors = [mm.Tensor(a.astype(np.float32), requires_grad=True, device=device) for a in (q, k, v)]
+    out = F.scaled_dot_product_attention(*tensors)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v), rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(x.grad.dtype == np.float32 for x in tensors)
+
+
+def test_large_scores_are_stable(device):
+    (q, k, v), _ = qkv((1,), 4, 4, 2)
+    q, k = q * 300, k * 300                                 # scores ~1e5: exp would overflow unshifted
+    out = F.scaled_dot_product_attention(t(q, device), t(k, device), t(v, device), causal=False)
+    assert np.isfinite(as_np(out)).all()
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, False), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), max_size=2).map(tuple), tq=st.integers(1, 5), extra=st.integers(0, 3),
+       d=st.integers(1, 4), dv=st.integers(1, 4), causal=st.booleans())
+def test_forward_and_backward_on_random_shapes(lead, tq, extra, d, dv, causal, device):
+    (q, k, v), tensors = qkv(lead, tq, tq + extra, d, dv=dv, device=device)
+    out = F.scaled_dot_product_attention(*tensors, causal=causal)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, causal), rtol=1e-10, atol=1e-12)
+    assert mm.gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, causal=causal), *tensors,
+                        elementwise_max=64)
+
+
+# ------------------------------------------------------------------ backward
+
+
+@pytest.mark.parametrize("causal,tq,tk", [(True, 4, 4), (False, 4, 4), (True, 2, 5), (False, 3, 5)])
+def test_gradcheck(causal, tq, tk, device):
+    _, tensors = qkv((2, 2), tq, tk, 3, device=device)
+    assert mm.gradcheck(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), *tensors)
+
+
+def test_gradcheck_with_dropout(device):
+    _, tensors = qkv((2, 2), 4, 4, 3, device=device)
+
+    def attention(q, k, v):
+        mm.manual_seed(7)                                   # the same mask on every call
+        return F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.3)
+
+    assert mm.gradcheck(attention, *tensors)
+
+
+def test_gradient_of_only_some_inputs(device):
+    (q, k, v), _ = qkv((2,), 3, 3, 2)
+    tq_, tk_, tv_ = t(q, device), t(k, device, requires_grad=False), t(v, device)
+    F.scaled_dot_product_attention(tq_, tk_, tv_).sum().backward()
+    assert tk_.grad is None and tq_.grad is not None and tv_.grad is not None
+    assert mm.gradcheck(lambda a, c: F.scaled_dot_product_attention(a, tk_, c), tq_, tv_)
+
+
+def test_backward_saves_one_attention_sized_float_buffer(device):
+    """Memory: of the (…, Tq, Tk) arrays, only P (and the bool dropout mask) are kept for backward."""
+    _, tensors = qkv((2, 3), 6, 6, 4, device=device)
+    for p, expected_bool in ((0.0, 0), (0.5, 1)):
+        out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
+        big = [a for a in out._ctx.saved if a is not None and a.shape[-2:] == (6, 6)]
+        assert sum(a.dtype.kind == "f" for a in big) == 1
+        assert sum(a.dtype == np.bool_ for a in big) == expected_bool
+
+
+# ------------------------------------------------------------------ dropout
+
+
+def test_dropout_uses_the_seeded_keep_mask(device):
+    (q, k, v), tensors = qkv((2, 3), 5, 5, 4, device=device)
+    p = 0.4
+    keep = keep_mask_for(3, (2, 3, 5, 5), p)
+    mm.manual_seed(3)
+    out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, True, keep=keep, p=p), rtol=1e-10)
+    assert 0.2 < 1 - keep.mean() < 0.6                      # the mask did drop something
+
+
+def test_dropout_zero_equals_no_dropout(device):
+    _, tensors = qkv((2,), 4, 4, 3, device=device)
+    a = F.scaled_dot_product_attention(*tensors, dropout_p=0.0)
+    b = F.scaled_dot_product_attention(*tensors)
+    np.testing.assert_array_equal(as_np(a), as_np(b))
+
+
+# ------------------------------------------------------------------ fused == composed
+
+
+@pytest.mark.parametrize("causal,tq,tk,p", [(True, 5, 5, 0.0), (False, 4, 6, 0.0), (True, 3, 6, 0.0),
+                                            (True, 5, 5, 0.25), (False, 4, 4, 0.5)])
+def test_fused_equals_composed_values_and_grads(causal, tq, tk, p, device):
+    (q, k, v), _ = qkv((2, 3), tq, tk, 4, dv=3)
+    results = []
+    for fn in (F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed):
+        tensors = [t(a, device) for a in (q, k, v)]
+        mm.manual_seed(11)                                  # seed, run, reseed, run: the same mask
+        out = fn(*tensors, causal=causal, dropout_p=p)
+        cotangent = RNG.standard_normal(out.shape) if not results else results[0][1]
+        out.backward(mm.backend.to_device(cotangent, out.device))
+        results.append((as_np(out), cotangent, [as_np(x.grad) for x in tensors]))
+    (fused, _, fused_grads), (composed, _, composed_grads) = results
+    np.testing.assert_allclose(fused, composed, rtol=1e-10, atol=1e-12)
+    for g_fused, g_composed in zip(fused_grads, composed_grads):
+        np.testing.assert_allclose(g_fused, g_composed, rtol=1e-9, atol=1e-11)
+
+
+def test_composed_gradcheck(device):
+    _, tensors = qkv((2,), 4, 4, 3, device=device)
+    assert mm.gradcheck(lambda q, k, v: F.scaled_dot_product_attention_composed(q, k, v), *tensors)
+
+
+# ------------------------------------------------------------------ errors and helpers
+
+
+@pytest.mark.parametrize("fn", [F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed])
+def test_errors(fn, device):
+    _, (q, k, v) = qkv((2,), 4, 4, 3, device=device)
+    with pytest.raises(ValueError, match="more queries"):
+        fn(t(np.ones((2, 5, 3)), device), k, v, causal=True)
+    with pytest.raises(ValueError, match="same last dim"):
+        fn(t(np.ones((2, 4, 2)), device), k, v)
+    with pytest.raises(ValueError, match="same length"):
+        fn(q, k, t(np.ones((2, 3, 3)), device))
+    with pytest.raises(ValueError, match="leading dims"):
+        fn(t(np.ones((3, 4, 3)), device), k, v)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        fn(q, k, v, dropout_p=1.0)
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        fn(np.ones((2, 4, 3)), k, v)
+
+
+def test_causal_mask():
+    np.testing.assert_array_equal(causal_mask(3, 3), np.triu(np.ones((3, 3), bool), 1))
+    np.testing.assert_array_equal(causal_mask(2, 4), [[0, 0, 0, 1], [0, 0, 0, 0]])
+    assert causal_mask(3, 3) is causal_mask(3, 3)           # cached per (Tq, Tk, device)
+    with pytest.raises(ValueError):
+        causal_mask(3, 3)[0, 0] = True                      # the cached mask is read-only
+
+
+def test_gpu_kernels_equal_the_array_module_version(device):
+    """The CUDA row kernels (mask + softmax, softmax backward) against the NumPy path, float32 and float64."""
+    if device == "cpu":
+        pytest.skip("CUDA kernels run only with --device cuda")
+    import cupy  # noqa: PLC0415
+
+    from minillm.ops import attention  # noqa: PLC0415
+
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        for causal, tq, tk in ((True, 37, 37), (True, 5, 300), (False, 7, 2000), (True, 1, 1)):
+            scores = RNG.standard_normal((2, 3, tq, tk)).astype(dtype) * 3
+            grad = RNG.standard_normal((2, 3, tq, tk)).astype(dtype)
+            keep = RNG.random((2, 3, tq, tk)) >= 0.3
+            probs_cpu = attention._softmax_rows_(scores.copy(), causal)
+            probs_gpu = attention._softmax_rows_(cupy.asarray(scores), causal)
+            np.testing.assert_allclose(cupy.asnumpy(probs_gpu), probs_cpu, rtol=tol, atol=tol)
+            for mask in (None, keep):
+                scale = dtype(1 / 0.7)
+                expected = attention._softmax_rows_backward_(grad.copy(), probs_cpu, causal, mask, scale)
+                got = attention._softmax_rows_backward_(
+                    cupy.asarray(grad), cupy.asarray(probs_cpu), causal,
+                    None if mask is None else cupy.asarray(mask), scale)
+                np.testing.assert_allclose(cupy.asnumpy(got), expected, rtol=tol, atol=tol)

@@ -1,0 +1,333 @@
+"""BPETokenizer: training, encode/decode, special tokens, save/load."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import shared_file
+from minillm.tokenizer import (
+    GPT2_PATTERN,
+    BPETokenizer,
+    ByteTokenizer,
+    TokenizerFileError,
+    count_chunks,
+    iter_text_files,
+    load_tokenizer,
+)
+from minillm.tokenizer.pretokenize import split_blocks
+from minillm.tokenizer.train import learn_merges
+
+SAMPLE = (
+    "The quick brown fox jumps over the lazy dog. The dog didn't care; the fox's "
+    "jump was 12345 times better than yesterday's.\r\n\r\n  Indented   text\tand tabs.\n"
+    "Unicode: naïve café, 日本語, emoji 👍🏽 and e\u0301 combining.\n"
+) * 20
+
+
+# a varied corpus that ships with every CPython: its reference documentation
+CORPUS = "".join(sorted(__import__("pydoc_data.topics").topics.topics.values()))[:150_000] + SAMPLE
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return BPETokenizer.train(CORPUS, vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained_gpt4():
+    return BPETokenizer.train(CORPUS, vocab_size=350, pattern="gpt4", progress=False)
+
+
+# ------------------------------------------------------------ worked example
+
+
+def test_wikipedia_example_by_hand():
+    # "aaabdaaabac": pairs aa x4, ab x2, bd da ba ac x1 -> merge aa (id 256)
+    # "aa a b d aa a b a c": (aa, a) x2 and (a, b) x2 tie -> smaller left id wins: ab (257)
+    # "aa ab d aa ab a c": (aa, ab) x2 -> aaab (258)  -- Wikipedia's Z, Y, X = ZY
+    tok = BPETokenizer.train("aaabdaaabac", vocab_size=259, progress=False)
+    assert tok.merges == [(97, 97), (97, 98), (256, 257)]
+    assert tok.vocab[256] == b"aa" and tok.vocab[257] == b"ab" and tok.vocab[258] == b"aaab"
+    ids = tok.encode("aaabdaaabac")
+    assert ids == [258, ord("d"), 258, ord("a"), ord("c")]
+    assert tok.decode(ids) == "aaabdaaabac"
+    # encoding new text applies merges by rank: "aab" -> aa b (aa has rank 0), not a ab
+    assert tok.encode("aab") == [256, ord("b")]
+
+
+def test_tie_break_is_highest_count_then_smallest_ids():
+    merges, vocab = learn_merges({"ba": 3, "dc": 3, "xy": 1}, vocab_size=258)
+    assert [(vocab[a], vocab[b]) for a, b, _ in merges] == [(b"b", b"a"), (b"d", b"c")]
+
+
+# ------------------------------------------------------------ training
+
+
+def naive_merges(chunk_counts, vocab_size):
+    """Recount every pair after every merge (minbpe's basic loop), same rules."""
+    words = {tuple(c.encode("utf-8")): n for c, n in chunk_counts.items()}
+    vocab = {i: bytes([i]) for i in range(256)}
+    to_id = {b: i for i, b in vocab.items()}
+    merges = []
+    while len(vocab) < vocab_size:
+        counts = Counter()
+        for w, n in words.items():
+            for pair in zip(w, w[1:]):
+                counts[pair] += n
+        if not counts:
+            break
+        (a, b), _ = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        new = to_id.get(vocab[a] + vocab[b])
+        if new is None:
+            new = len(vocab)
+            vocab[new] = vocab[a] + vocab[b]
+            to_id[vocab[new]] = new
+        merges.append((a, b, new))
+        merged = {}
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    return merges, vocab
+
+
+@pytest.mark.parametrize("vocab_size", [300, 420])
+def test_incremental_training_equals_full_recount(vocab_size):
+    text = shared_file("the-verdict.txt").read_text(encoding="utf-8")
+    counts = count_chunks(text)
+    assert learn_merges(counts, vocab_size) == naive_merges(counts, vocab_size)
+
+
+def test_incremental_training_equals_full_recount_with_duplicate_tokens():
+    # "ab"+"c" and "a"+"bc" both spell "abc": the second reuses the first's id
+    counts = {"abc": 5, "xbc": 4, "abz": 4, "bcq": 3, "abcab": 1}
+    merges, vocab = learn_merges(counts, 270)
+    assert (merges, vocab) == naive_merges(counts, 270)
+    assert len(set(vocab.values())) == len(vocab)
+
+
+def test_vocab_size_counts_special_tokens(trained):
+    assert trained.vocab_size == 400
+    assert trained.special_tokens == {"<|endoftext|>": 398, "<|pad|>": 399}
+    assert len(trained.vocab) == 398
+
+
+def test_streaming_sources_give_the_same_tokenizer(tmp_path):
+    path = tmp_path / "sample.txt"
+    path.write_text(SAMPLE, encoding="utf-8", newline="")
+    whole = BPETokenizer.train(SAMPLE, 330, progress=False)
+    blocks = BPETokenizer.train(split_blocks(SAMPLE, 500), 330, progress=False)
+    streamed = BPETokenizer.train(iter_text_files([path], block_chars=300), 330, progress=False)
+    assert whole == blocks == streamed
+
+
+def test_document_order_does_not_matter():
+    docs = SAMPLE.split("\n")
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    assert BPETokenizer.train(docs, 320, progress=False) == BPETokenizer.train(shuffled, 320, progress=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet="ab \n\t\r.é", max_size=300), st.integers(1, 40))
+def test_split_blocks_keeps_the_chunks(text, block_chars):
+    pattern = regex.compile(GPT2_PATTERN)
+    pieces = list(split_blocks(text, block_chars))
+    assert "".join(pieces) == text
+    assert [c for p in pieces for c in pattern.findall(p)] == pattern.findall(text)
+
+
+def test_too_small_vocab_is_rejected():
+    with pytest.raises(ValueError, match="at least 256"):
+        BPETokenizer.train("abc", vocab_size=256, special_tokens=["<|x|>"], progress=False)
+
+
+def test_training_stops_when_no_pair_is_left():
+    tok = BPETokenizer.train("ab ab", vocab_size=1000, progress=False)
+    assert tok.vocab_size < 1000
+    assert tok.encode("ab ab") == [tok.encode("ab")[0], tok.encode(" ab")[0]]
+
+
+# ------------------------------------------------------------ round trip
+
+unicode_text = st.one_of(
+    st.text(max_size=200),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=100),
+    st.text(alphabet="aé日本語👍🏽👨‍👩‍👧\u0301\u0308 \t\r\n\x0b\x0c\x85\u00a0\u2028\u3000'sdt09", max_size=100),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(unicode_text)
+def test_round_trip_arbitrary_unicode(text):
+    for tok in (ROUND_TRIP_TOKENIZERS["gpt2"], ROUND_TRIP_TOKENIZERS["gpt4"], ROUND_TRIP_TOKENIZERS["bytes"]):
+        ids = tok.encode(text, allowed_special="none")
+        assert tok.decode(ids) == text
+        assert tok.decode_bytes(ids) == text.encode("utf-8")
+        assert ids == tok.encode_ordinary(text)
+
+
+ROUND_TRIP_TOKENIZERS = {
+    "gpt2": BPETokenizer.train(CORPUS, 500, progress=False),
+    "gpt4": BPETokenizer.train(CORPUS, 500, pattern="gpt4", progress=False),
+    "bytes": BPETokenizer.bytes(),
+}
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "\udfff", "ok then \udc80"])
+def test_lone_surrogates_are_rejected_clearly(trained, text):
+    for tok in (trained, BPETokenizer.bytes()):
+        with pytest.raises(ValueError, match="surrogate"):
+            tok.encode(text)
+
+
+def test_compresses(trained):
+    assert len(trained.encode(SAMPLE)) < len(SAMPLE.encode("utf-8")) / 3
+
+
+def test_decode_invalid_utf8_gives_replacement_character():
+    tok = BPETokenizer.bytes()
+    assert tok.decode([0xE6, 0x97]) == "\ufffd"  # first two bytes of a 3-byte character
+    assert tok.decode([104, 0xFF, 105]) == "h\ufffdi"
+    assert tok.decode_bytes([0xE6, 0x97]) == b"\xe6\x97"
+
+
+def test_decode_unknown_id_raises(trained):
+    for bad in ([trained.vocab_size], [-1], [10**9]):
+        with pytest.raises(ValueError, match="not in this tokenizer"):
+            trained.decode(bad)
+
+
+def test_decode_accepts_numpy_arrays(trained):
+    np = pytest.importorskip("numpy")
+    ids = trained.encode("hello there")
+    assert trained.decode(np.array(ids, dtype=np.int64)) == "hello there"
+
+
+def test_bytes_tokenizer():
+    tok = ByteTokenizer(special_tokens=["<|endoftext|>"])
+    assert tok.vocab_size == 257
+    assert tok.encode("hé") == [104, 195, 169]
+    assert tok.encode("a<|endoftext|>", allowed_special="all") == [97, 256]
+    assert BPETokenizer.bytes() == load_tokenizer("bytes")
+
+
+# ------------------------------------------------------------ special tokens
+
+
+def test_special_tokens_follow_tiktoken(trained):
+    eot, pad = 398, 399
+    text = "hi<|endoftext|>there<|pad|>"
+    plain = trained.encode_ordinary("hi") + [eot] + trained.encode_ordinary("there") + [pad]
+    assert trained.encode(text, allowed_special="all") == plain
+    with pytest.raises(ValueError, match="special token '<\\|endoftext\\|>'"):
+        trained.encode(text)  # "none_raise" is the default
+    assert trained.encode(text, allowed_special="none") == trained.encode_ordinary(text)
+    # a set: those become ids, any other special token in the text raises ...
+    with pytest.raises(ValueError, match="<\\|pad\\|>"):
+        trained.encode(text, allowed_special={"<|endoftext|>"})
+    # ... unless disallowed_special=() makes the others plain text
+    mixed = trained.encode(text, allowed_special={"<|endoftext|>"}, disallowed_special=())
+    assert mixed == trained.encode_ordinary("hi") + [eot] + trained.encode_ordinary("there<|pad|>")
+    assert eot not in trained.encode_ordinary(text)
+    with pytest.raises(ValueError, match="not special tokens"):
+        trained.encode("x", allowed_special={"<|nope|>"})
+    with pytest.raises(ValueError, match="allowed_special"):
+        trained.encode("x", allowed_special="everything")
+
+
+def test_text_without_specials_is_fine_with_default(trained):
+    assert trained.decode(trained.encode("plain text < | > ok")) == "plain text < | > ok"
+
+
+def test_encode_batch_equals_encode(trained):
+    texts = [SAMPLE[i : i + 997] for i in range(0, len(SAMPLE), 997)]
+    expected = [trained.encode(t) for t in texts]
+    assert trained.encode_batch(texts) == expected
+    assert trained.encode_batch(texts, num_workers=2) == expected
+    assert trained.encode_batch([], num_workers=2) == []
+
+
+# ------------------------------------------------------------ save / load
+
+
+@pytest.mark.parametrize("name", ["trained", "trained_gpt4"])
+def test_save_load_round_trips_exactly(name, request, tmp_path):
+    tok = request.getfixturevalue(name)
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    again = BPETokenizer.load(path)
+    assert again == tok
+    assert again.merges == tok.merges and again.vocab == tok.vocab
+    assert again.pattern == tok.pattern and again.special_tokens == tok.special_tokens
+    assert again.encode(SAMPLE, allowed_special="all") == tok.encode(SAMPLE, allowed_special="all")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["format"] == "minillm-bpe-tokenizer" and data["version"] == 1
+    assert load_tokenizer(path) == tok
+
+
+def test_bytes_tokenizer_save_load(tmp_path):
+    tok = BPETokenizer.bytes(["<|endoftext|>"])
+    tok.save(tmp_path / "b.json")
+    assert BPETokenizer.load(tmp_path / "b.json") == tok
+
+
+def test_saved_file_is_human_readable(trained, tmp_path):
+    trained.save(tmp_path / "tok.json")
+    text = (tmp_path / "tok.json").read_text(encoding="utf-8")
+    assert '"Ġ' in text  # spaces are spelled Ġ, as in GPT-2's files
+    assert text.count("\n") > len(trained.merges)  # one entry per line
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("", "not valid JSON"),
+        ('{"format": "minillm-bpe-tokenizer", "version": 99}', "version 99"),
+        ('{"!": 0, "<|endoftext|>": 50256}', "from_gpt2_files"),
+        ("[1, 2, 3]", "not a minillm tokenizer file"),
+        ('{"format": "minillm-bpe-tokenizer", "version": 1}', "corrupt"),
+    ],
+)
+def test_load_rejects_foreign_or_corrupt_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=message):
+        BPETokenizer.load(path)
+
+
+def test_load_rejects_truncated_and_tampered_files(trained, tmp_path):
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    text = path.read_text(encoding="utf-8")
+    (tmp_path / "cut.json").write_text(text[: len(text) // 2], encoding="utf-8")
+    with pytest.raises(TokenizerFileError):
+        BPETokenizer.load(tmp_path / "cut.json")
+    data = json.loads(text)
+    data["merges"][3] = "Ġ zzzz"
+    (tmp_path / "tampered.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match="corrupt"):
+        BPETokenizer.load(tmp_path / "tampered.json")
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(TokenizerFileError):
+        BPETokenizer.load(tmp_path / "binary.json")
+
+
+def test_load_tokenizer_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bytes"):
+        load_tokenizer(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        load_tokenizer(f"gpt2:{tmp_path}")
