@@ -37,6 +37,7 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[int, dict[str, Any]] = {}  # id(param) -> that parameter's state
+        self._scratch: dict[tuple[str, Any], Any] = {}  # (device, dtype) -> flat work buffer
         params = list(params)
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -73,6 +74,21 @@ class Optimizer:
 
     def step(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def scratch_like(self, array):
+        """A work array of ``array``'s shape and dtype, for in-place update chains.
+
+        It is a view into one flat buffer per (device, dtype), as large as the
+        largest parameter, shared by all parameters: the update of one
+        parameter is finished before the next one starts. Its content is garbage.
+        """
+        key = (backend.device_of(array), array.dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.size < array.size:
+            xp = backend.array_module(array)
+            with backend.device_context(key[0]):
+                buffer = self._scratch[key] = xp.empty(array.size, dtype=array.dtype)
+        return buffer[: array.size].reshape(array.shape)
 
     # ------------------------------------------------------------ saving and loading
 
@@ -117,9 +133,9 @@ class Optimizer:
             restored = {}
             for name, value in values.items():
                 if hasattr(value, "shape") and value.ndim > 0:
-                    if tuple(value.shape) != p.shape:
+                    if tuple(value.shape) != p.data.shape:
                         raise ValueError(f"optimizer state {name!r} of parameter {index} has shape "
-                                         f"{tuple(value.shape)}, the parameter has shape {p.shape}")
+                                         f"{tuple(value.shape)}, the parameter has shape {p.data.shape}")
                     value = np.array(backend.to_numpy(value), dtype=p.data.dtype)  # a copy: never alias the dict
                     value = backend.to_device(value, backend.device_of(p.data))
                 elif hasattr(value, "item"):  # a NumPy scalar (e.g. the step count after np.load)

@@ -1,0 +1,223 @@
+"""AdamW against a plain NumPy transcription of the published algorithm, its state
+round trip, parameter-group handling, and the weight-decay grouping rule."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minillm as mm
+from minillm import backend, optim
+
+
+def adamw_reference(param, grads, lrs, betas, eps, weight_decay):
+    """Loshchilov & Hutter's AdamW as PyTorch writes it, in float64, step by step (t = 1, 2, ...)."""
+    beta1, beta2 = betas
+    p = np.array(param, dtype=np.float64)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = np.asarray(g, dtype=np.float64)
+        p = p - lr * weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def make_param(array, device, dtype):
+    return mm.Tensor(np.array(array, dtype=dtype), requires_grad=True, device=device)  # a copy: updated in place
+
+
+def set_grad(p, g):
+    p.grad = backend.to_device(np.asarray(g, dtype=p.dtype), p.device)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 1e-12, 1e-14), (np.float32, 2e-5, 1e-6)])
+def test_matches_reference_with_two_groups(device, dtype, rtol, atol):
+    rng = np.random.default_rng(0)
+    init_a, init_b = rng.standard_normal((4, 3)), rng.standard_normal(5)
+    grads_a = [rng.standard_normal((4, 3)) for _ in range(6)]
+    grads_b = [rng.standard_normal(5) * 10.0 ** k for k in range(-3, 3)]  # very different scales
+    a, b = make_param(init_a, device, dtype), make_param(init_b, device, dtype)
+    opt = optim.AdamW([{"params": [a], "lr": 0.05, "weight_decay": 0.1},
+                       {"params": [b], "betas": (0.8, 0.99)}],
+                      lr=0.01, eps=1e-6, weight_decay=0.0)
+    for ga, gb in zip(grads_a, grads_b):
+        set_grad(a, ga)
+        set_grad(b, gb)
+        opt.step()
+    assert a.dtype == dtype and b.dtype == dtype
+    np.testing.assert_allclose(a.numpy(), adamw_reference(init_a, grads_a, [0.05] * 6, (0.9, 0.999), 1e-6, 0.1),
+                               rtol=rtol, atol=atol)
+    np.testing.assert_allclose(b.numpy(), adamw_reference(init_b, grads_b, [0.01] * 6, (0.8, 0.99), 1e-6, 0.0),
+                               rtol=rtol, atol=atol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999), eps=st.sampled_from([1e-8, 1e-6, 1e-3]),
+       weight_decay=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
+def test_matches_reference_any_hyperparameters(beta1, beta2, eps, weight_decay, seed):
+    rng = np.random.default_rng(seed)
+    init = rng.standard_normal((3, 4))
+    grads = [rng.standard_normal((3, 4)) for _ in range(4)]
+    lrs = [0.1, 0.03, 0.2, 0.001]  # changed between steps, as a schedule does
+    p = make_param(init, "cpu", np.float64)
+    opt = optim.AdamW([p], lr=lrs[0], betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    for g, lr in zip(grads, lrs):
+        optim.apply_lr(opt, lr)
+        set_grad(p, g)
+        opt.step()
+    expected = adamw_reference(init, grads, lrs, (beta1, beta2), eps, weight_decay)
+    np.testing.assert_allclose(p.data, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_updates_in_place_and_keeps_float32(device):
+    p = make_param(np.ones((8, 8)), device, np.float32)
+    opt = optim.AdamW([p], lr=1e-2, weight_decay=0.1)
+    data = p.data
+    set_grad(p, np.full((8, 8), 0.5))
+    opt.step()
+    state = opt.state[id(p)]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    set_grad(p, np.full((8, 8), -0.5))
+    opt.step()
+    assert p.data is data
+    assert state["exp_avg"] is m and state["exp_avg_sq"] is v
+    assert p.data.dtype == np.float32 and m.dtype == np.float32 and v.dtype == np.float32
+    assert state["step"] == 2
+
+
+def test_skips_parameters_without_grad(device):
+    a, b = make_param(np.ones(3), device, np.float32), make_param(np.ones(3), device, np.float32)
+    opt = optim.AdamW([a, b], lr=0.1, weight_decay=0.5)
+    set_grad(a, np.ones(3))
+    opt.step()
+    assert np.array_equal(b.numpy(), np.ones(3, np.float32))  # not even decayed
+    assert id(b) not in opt.state and opt.state[id(a)]["step"] == 1
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None
+
+
+def test_state_dict_round_trip_continues_identically(device):
+    rng = np.random.default_rng(1)
+    inits = [rng.standard_normal((5, 4)), rng.standard_normal(4)]
+    grads = [[rng.standard_normal(x.shape) for x in inits] for _ in range(6)]
+
+    def fresh():
+        params = [make_param(x, device, np.float32) for x in inits]
+        return params, optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}],
+                                   lr=0.02, weight_decay=0.05)
+
+    params_a, opt_a = fresh()
+    for step_grads in grads[:3]:
+        for p, g in zip(params_a, step_grads):
+            set_grad(p, g)
+        opt_a.step()
+    saved = opt_a.state_dict()
+    assert all(isinstance(v, np.ndarray) for s in saved["state"].values() for k, v in s.items() if k != "step")
+    exp_avg_saved = saved["state"][0]["exp_avg"].copy()
+
+    params_b, opt_b = fresh()
+    for p, q in zip(params_b, params_a):
+        p.data[...] = q.data
+    opt_b.param_groups[0]["lr"] = 123.0  # restored from the state dict
+    opt_b.load_state_dict(saved)
+    assert opt_b.param_groups[0]["lr"] == 0.02
+    for step_grads in grads[3:]:
+        for params in (params_a, params_b):
+            for p, g in zip(params, step_grads):
+                set_grad(p, g)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(params_a, params_b):
+        assert np.array_equal(p.numpy(), q.numpy())
+    assert np.array_equal(saved["state"][0]["exp_avg"], exp_avg_saved)  # a snapshot, not a view
+    assert backend.device_of(opt_b.state[id(params_b[0])]["exp_avg"]) == params_b[0].device
+
+
+def test_load_state_dict_rejects_a_mismatch():
+    a, b = make_param(np.ones((2, 3)), "cpu", np.float32), make_param(np.ones(3), "cpu", np.float32)
+    opt = optim.AdamW([a, b])
+    set_grad(a, np.ones((2, 3)))
+    set_grad(b, np.ones(3))
+    opt.step()
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match="1 parameter group.*has 2"):
+        optim.AdamW([{"params": [a]}, {"params": [b]}]).load_state_dict(saved)
+    with pytest.raises(ValueError, match="2 parameter.*has 1"):
+        optim.AdamW([a]).load_state_dict(saved)
+    c = make_param(np.ones((3, 2)), "cpu", np.float32)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*shape \(3, 2\)"):
+        optim.AdamW([c, b]).load_state_dict(saved)
+
+
+def test_constructor_errors():
+    p = make_param(np.ones(2), "cpu", np.float32)
+    with pytest.raises(ValueError, match="empty"):
+        optim.AdamW([])
+    with pytest.raises(ValueError, match="twice"):
+        optim.AdamW([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        optim.AdamW([{"params": [p], "weight_dacay": 0.1}])
+    with pytest.raises(TypeError, match="named_parameters"):
+        optim.AdamW([("w", p)])
+    with pytest.raises(ValueError, match="does not match"):
+        opt = optim.AdamW([p])
+        p.grad = np.ones(3, np.float32)
+        opt.step()
+
+
+def test_minimises_a_quadratic_through_autograd():
+    target = np.array([1.0, -2.0, 3.0], dtype=np.float32)
+    x = mm.Tensor(np.zeros(3, np.float32), requires_grad=True)
+    opt = optim.AdamW([x], lr=0.1, weight_decay=0.0)
+    for _ in range(300):
+        opt.zero_grad()
+        ((x - target) * (x - target)).sum().backward()
+        opt.step()
+    np.testing.assert_allclose(x.numpy(), target, atol=1e-2)
+
+
+def test_fused_gpu_kernel_equals_numpy_path(device):
+    if device == "cpu":
+        pytest.skip("the fused AdamW kernel runs on CuPy arrays only (pytest --device cuda)")
+    from minillm.kernels import adamw_update_
+
+    rng = np.random.default_rng(2)
+    p, g, m = (rng.standard_normal((64, 33)).astype(np.float32) for _ in range(3))
+    v = np.abs(rng.standard_normal((64, 33))).astype(np.float32)
+    on_gpu = [backend.to_device(x, device) for x in (p, g, m, v)]
+    hyper = dict(beta1=0.9, beta2=0.95, step_size=3e-3, eps_hat=1e-8, decay=0.999)
+    adamw_update_(on_gpu[0], on_gpu[1], on_gpu[2], on_gpu[3], **hyper)
+    cpu_opt = optim.AdamW([make_param(p, "cpu", np.float32)])
+    cpu_opt._update_cpu(p, g, m, v, **hyper)
+    for gpu_array, cpu_array in zip((on_gpu[0], on_gpu[2], on_gpu[3]), (p, m, v)):
+        np.testing.assert_allclose(backend.to_numpy(gpu_array), cpu_array, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------ weight_decay_groups
+
+
+def test_weight_decay_groups_rule():
+    def t(*shape):
+        return mm.Tensor(np.zeros(shape, np.float32), requires_grad=True)
+
+    wte, wpe, fc_w, fc_b, ln_w, tok_emb = t(10, 4), t(8, 4), t(4, 16), t(16), t(4), t(10, 4)
+    frozen = mm.Tensor(np.zeros((4, 4), np.float32))
+    named = [("wte.weight", wte), ("wpe.weight", wpe), ("h.0.mlp.c_fc.weight", fc_w),
+             ("h.0.mlp.c_fc.bias", fc_b), ("h.0.ln_1.weight", ln_w), ("Token_Embedding.weight", tok_emb),
+             ("lm_head.weight", wte), ("frozen.weight", frozen)]  # lm_head tied to wte
+    groups = optim.weight_decay_groups(named, weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [id(p) for p in groups[0]["params"]] == [id(fc_w)]
+    assert [id(p) for p in groups[1]["params"]] == [id(x) for x in (wte, wpe, fc_b, ln_w, tok_emb)]
+    opt = optim.AdamW(groups, lr=1e-3)  # AdamW takes the groups as they are
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_weight_decay_groups_drops_an_empty_group():
+    bias = mm.Tensor(np.zeros(3, np.float32), requires_grad=True)
+    groups = optim.weight_decay_groups([("fc.bias", bias)], 0.1)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
