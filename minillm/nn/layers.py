@@ -35,9 +35,14 @@ def _dtype(dtype) -> np.dtype:
 
 
 def normal_parameter(shape, std: float, device=None, dtype=None) -> Parameter:
-    """A Parameter ~ Normal(0, std²), drawn on the CPU stream, then moved to ``device``."""
-    data = backend.random_normal(shape, device="cpu", dtype=_dtype(dtype), std=std)
-    return Parameter(data, device=device)
+    """A Parameter ~ Normal(0, std²), drawn on the CPU stream, then moved to ``device``.
+
+    Always drawn in float32 and then cast, so a seed gives the same weights
+    (up to rounding) whatever the dtype and device.
+    """
+    data = backend.random_normal(shape, device="cpu", dtype=np.float32, std=std)
+    dtype = _dtype(dtype)
+    return Parameter(data if dtype == data.dtype else data.astype(dtype), device=device)
 
 
 def constant_parameter(shape, value: float, device=None, dtype=None) -> Parameter:
@@ -264,8 +269,7 @@ class MultiHeadAttention(Module):
                     "(cached keys/values are plain arrays, outside the autograd graph)"
                 )
             keys, values = cache.update(layer_index, k.data, v.data)  # (B, H, pos + T, Dh)
-            k = Tensor._from_op(keys, False, x.device)
-            v = Tensor._from_op(values, False, x.device)
+            k, v = Tensor(keys), Tensor(values)                       # constants: no graph under no_grad
         dropout_p = self.dropout if self.training else 0.0
         # causal with Tq = T <= Tk keys: the queries are the LAST T positions of the key sequence
         y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, Dh)

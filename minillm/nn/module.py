@@ -12,7 +12,10 @@ attribute registers it, in insertion order:
         def forward(self, x):
             return self.fc(x) * self.scale
 
-    Tiny().named_parameters()  ->  ("fc.weight", ...), ("fc.bias", ...), ("scale", ...)
+    Tiny().named_parameters()  ->  ("scale", ...), ("fc.weight", ...), ("fc.bias", ...)
+
+(a module's own parameters first, then each submodule's, depth first, as in
+PyTorch, so state dicts list keys in the same order).
 
 Dotted names are the paths through the tree; they are what ``state_dict``
 uses, so GPT's names (``h.0.attn.c_attn.weight``) match GPT-2's checkpoints.
@@ -58,16 +61,21 @@ class Module:
                 f"cannot assign {type(value).__name__} '{name}' before Module.__init__() "
                 f"(call super().__init__() first in {type(self).__name__}.__init__)"
             )
+        if isinstance(value, Parameter):
+            target = registries[0]
+        elif isinstance(value, Module):
+            target = registries[1]
+        else:
+            target = None
         if registries[0] is not None:
             for registry in registries:  # a name lives in one place only
-                registry.pop(name, None)
+                if registry is not target:
+                    registry.pop(name, None)
             self.__dict__.pop(name, None)
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
-        else:
+        if target is None:
             object.__setattr__(self, name, value)
+        else:
+            target[name] = value  # a re-assigned name keeps its place in the order
 
     def __getattr__(self, name: str) -> Any:
         # only called when normal lookup fails: parameters and submodules live in the registries
@@ -144,9 +152,10 @@ class Module:
         return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def apply(self, fn: Callable[["Module"], None]) -> "Module":
-        """Call ``fn`` on every module of the tree (children before parents, like PyTorch)."""
-        for module in reversed(list(self.modules())):
-            fn(module)
+        """Call ``fn`` on every module of the tree, children before their parent (as in PyTorch)."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
         return self
 
     # ------------------------------------------------------------ modes, devices, dtypes
@@ -239,14 +248,14 @@ class Module:
         return ""
 
     def __repr__(self) -> str:
-        lines = []
+        extra = self.extra_repr()
+        lines = extra.split("\n") if extra else []
         for names, child_repr in _group_repeats(self._modules):
-            child_repr = child_repr.replace("\n", "\n  ")
-            lines.append(f"  ({names}): {child_repr}")
-        head = f"{type(self).__name__}({self.extra_repr()}"
-        if not lines:
-            return head + ")"
-        return head + "\n" + "\n".join(lines) + "\n)"
+            lines.append(f"({names}): " + child_repr.replace("\n", "\n  "))
+        head = type(self).__name__ + "("
+        if not self._modules:
+            return head + extra + ")"
+        return head + "\n  " + "\n  ".join(lines) + "\n)"
 
 
 def _group_repeats(modules) -> list[tuple[str, str]]:

@@ -1,0 +1,226 @@
+"""GPT: GPT-2's architecture, with parameter names that match GPT-2's checkpoints.
+
+    ids (B, T) ──wte──> token embeddings (B, T, C)
+               + wpe[0:T]  position embeddings (T, C), broadcast over the batch
+               ──drop──> x (B, T, C)
+    x ──h[0]──> … ──h[n_layer-1]──> (B, T, C)     pre-norm TransformerBlocks
+      ──ln_f──> (B, T, C) ──(· wte.weightᵀ)──> logits (B, T, V)
+
+The output head is TIED to the token embedding: logits = F.linear(x, wte.weight),
+so the same (V, C) matrix turns ids into vectors and vectors into scores over
+the vocabulary (GPT-2 does this; it saves V·C = 38.6M parameters at 124M).
+
+Parameter names, one-to-one with GPT-2's checkpoint: ``wte.weight``,
+``wpe.weight``, ``h.{i}.ln_1.weight``/``bias``, ``h.{i}.attn.c_attn.weight``/
+``bias`` (q, k, v packed along the output axis, in that order),
+``h.{i}.attn.c_proj.*``, ``h.{i}.ln_2.*``, ``h.{i}.mlp.c_fc.*``,
+``h.{i}.mlp.c_proj.*``, ``ln_f.*``. (GPT-2's Conv1D stores weights as (in, out);
+ours are (out, in) like PyTorch's Linear, so importers transpose them.)
+
+Parameter count, C = d_model, L = context_length, with biases:
+
+    V·C + L·C  +  n_layer · (12·C² + 13·C)  +  2·C
+    (tokens, positions; per block: c_attn 3C²+3C, attn.c_proj C²+C,
+     c_fc 4C²+4C, mlp.c_proj 4C²+C, two LayerNorms 4C; ln_f 2C)
+
+which is 124,439,808 for gpt2-124m. Without biases a block has 12·C² + 2·C
+and ln_f C.
+
+Initialisation (GPT-2 / nanoGPT): every Linear and Embedding weight ~ N(0, 0.02²),
+biases 0, LayerNorm weight 1 and bias 0, and the two projections that write into
+the residual stream (``attn.c_proj.weight``, ``mlp.c_proj.weight``) ~ N(0, (0.02 /
+sqrt(2·n_layer))²): the stream is a sum of 2·n_layer such branches, so this keeps
+its variance at init independent of depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from ..nn import Dropout, Embedding, KVCache, LayerNorm, Module, ModuleList, TransformerBlock
+from ..tensor import Tensor
+
+INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT. Defaults are GPT-2 small (124M); ``from_preset`` has the others."""
+
+    vocab_size: int = 50257        # token ids are in [0, vocab_size); GPT-2: 50,000 merges + 256 bytes + <|endoftext|>
+    context_length: int = 1024     # the most positions the model can see at once (rows of wpe)
+    n_layer: int = 12              # number of transformer blocks
+    n_head: int = 12               # attention heads per block; each has d_model // n_head dimensions
+    d_model: int = 768             # width C of the residual stream (embedding size)
+    dropout: float = 0.0           # dropout on embeddings, attention weights and residual branches (0 = off)
+    bias: bool = True              # biases in Linear and LayerNorm layers (GPT-2 has them)
+    layer_norm_eps: float = 1e-5   # epsilon inside LayerNorm's square root (GPT-2: 1e-5)
+    gelu_approximate: str = "tanh"  # GELU form in the MLP: "tanh" (GPT-2's) or "none" (exact, erf)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"GPTConfig: d_model={self.d_model} must be divisible by n_head={self.n_head} "
+                f"(each head gets d_model // n_head dimensions)"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be a probability in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise ValueError(f"GPTConfig: bias must be True or False, got {self.bias!r}")
+        self.bias = bool(self.bias)
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"GPTConfig: layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+        self.layer_norm_eps = float(self.layer_norm_eps)
+        if self.gelu_approximate not in ("tanh", "none"):
+            raise ValueError(f"GPTConfig: gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named configuration, with any field overridden: ``from_preset("tiny", vocab_size=65)``."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            names = ", ".join(repr(n) for n in [*PRESETS, *PRESET_ALIASES])
+            raise ValueError(f"GPTConfig: unknown preset {name!r}; choose one of {names}")
+        return cls.from_dict({**PRESETS[key], **overrides})
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        """Inverse of ``to_dict``; unknown keys raise ValueError (naming them)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        return cls(**values)
+
+
+# GPT-2's published sizes (Radford et al. 2019; the released checkpoints), and a
+# tiny one that runs in milliseconds for tests and examples.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=256, context_length=64, n_layer=2, n_head=2, d_model=32),
+    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024),   # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280),    # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600),       # 1558M
+}
+PRESET_ALIASES = {"gpt2": "gpt2-124m", "gpt2-small": "gpt2-124m"}
+
+
+class GPT(Module):
+    """A GPT-2-style decoder-only transformer; ``model(ids)`` -> logits (B, T, vocab_size).
+
+    Calling convention: ``model(ids)`` returns the logits Tensor;
+    ``model(ids, targets)`` returns the pair ``(logits, loss)`` with ``loss`` the
+    mean cross-entropy over all positions whose target is not -100.
+    """
+
+    def __init__(self, config: GPTConfig, *, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        C = config.d_model
+        init = dict(init_std=INIT_STD, device=device, dtype=dtype)
+        self.wte = Embedding(config.vocab_size, C, **init)          # token embeddings, also the output head
+        self.wpe = Embedding(config.context_length, C, **init)      # learned position embeddings
+        self.drop = Dropout(config.dropout)
+        residual_std = INIT_STD / math.sqrt(2 * config.n_layer)     # for the projections into the stream
+        self.h = ModuleList(
+            TransformerBlock(C, config.n_head, config.dropout, config.bias, config.layer_norm_eps,
+                             gelu_approximate=config.gelu_approximate, proj_init_std=residual_std, **init)
+            for _ in range(config.n_layer)
+        )
+        self.ln_f = LayerNorm(C, config.layer_norm_eps, config.bias, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, ids, targets=None, cache: KVCache | None = None):
+        """ids (B, T) integers -> logits (B, T, V); with ``targets`` (B, T), ``(logits, loss)``.
+
+        With a ``cache`` (inference under ``mm.no_grad()``), ``ids`` are the
+        positions after the ``cache.pos`` already cached; the cache is advanced by T.
+        """
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.context_length:
+            where = f" after {start} cached positions" if start else ""
+            raise ValueError(
+                f"GPT: sequence length {start + T} ({T} new ids{where}) exceeds the model's "
+                f"context_length={self.config.context_length}; crop the input to the last "
+                f"{self.config.context_length} tokens"
+            )
+        tokens = self.wte(ids)                                       # (B, T, C)
+        positions = self.wpe.weight[start:start + T]                 # (T, C): rows start .. start+T-1 of wpe
+        x = self.drop(tokens + positions)                            # (B, T, C)
+        for index, block in enumerate(self.h):
+            x = block(x, cache=cache, layer_index=index)             # (B, T, C)
+        x = self.ln_f(x)                                             # (B, T, C)
+        logits = F.linear(x, self.wte.weight)                        # (B, T, V): tied head, x @ wteᵀ
+        if cache is not None:
+            cache.advance(T)
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits, targets)
+
+    def _check_ids(self, ids):
+        """``ids`` as a 2-D integer array on the model's device (range is checked by the embedding)."""
+        if isinstance(ids, Tensor):
+            ids = ids.data
+        if not hasattr(ids, "dtype") or isinstance(ids, np.generic):
+            ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"GPT: token ids must be integers, got dtype {ids.dtype}")
+        if ids.ndim != 2:
+            raise ValueError(
+                f"GPT: token ids must have shape (batch, time), got {ids.ndim}-d shape {tuple(ids.shape)} "
+                f"(use ids[None] for a single sequence)"
+            )
+        return backend.to_device(ids, self.wte.weight.device)
+
+    # ------------------------------------------------------------ inference helpers
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this model: ``batch`` sequences of up to ``max_len`` (default context_length)."""
+        cfg = self.config
+        max_len = cfg.context_length if max_len is None else max_len
+        if max_len > cfg.context_length:
+            raise ValueError(f"GPT: a cache of {max_len} positions exceeds context_length={cfg.context_length}")
+        weight = self.wte.weight
+        return KVCache(cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim, dtype=weight.dtype, device=weight.device)
+
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 seed=None, use_cache=True):
+        """Continue ``ids`` by ``max_new_tokens`` sampled tokens: see ``minillm.generate.generate``."""
+        from ..generate import generate  # noqa: PLC0415 (generate imports models; import lazily)
+
+        return generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=eos_id, seed=seed, use_cache=use_cache)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_parameters():,} parameters"
+
+
+def gpt_num_parameters(config: GPTConfig) -> int:
+    """The parameter count from the formula in the module docstring (no model built)."""
+    C, V, L = config.d_model, config.vocab_size, config.context_length
+    per_block = 12 * C * C + (13 * C if config.bias else 2 * C)
+    final_norm = 2 * C if config.bias else C
+    return V * C + L * C + config.n_layer * per_block + final_norm
