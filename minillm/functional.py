@@ -14,18 +14,13 @@ from .ops.shape import (  # noqa: F401
     concat, expand, getitem, permute, reshape, split, squeeze, stack, transpose, unsqueeze,
 )
 from .ops.matmul import linear, matmul  # noqa: F401
-import importlib as _importlib  # TEMPORARY while the families are being written (lead removes)
-for _mod, _names in [
-    ("activation", "gelu gelu_composed log_softmax log_softmax_composed relu sigmoid silu softmax softmax_composed"),
-    ("loss", "cross_entropy cross_entropy_composed"),
-    ("norm", "layer_norm layer_norm_composed rms_norm rms_norm_composed"),
-    ("attention", "scaled_dot_product_attention scaled_dot_product_attention_composed"),
-    ("embedding", "dropout embedding"),
-]:
-    try:
-        _m = _importlib.import_module("minillm.ops." + _mod)
-        for _n in _names.split():
-            if hasattr(_m, _n):
-                globals()[_n] = getattr(_m, _n)
-    except ImportError:
-        pass
+from .ops.activation import (  # noqa: F401
+    gelu, gelu_composed, log_softmax, log_softmax_composed, relu, sigmoid, silu, softmax,
+    softmax_composed,
+)
+from .ops.loss import cross_entropy, cross_entropy_composed  # noqa: F401
+from .ops.norm import layer_norm, layer_norm_composed, rms_norm, rms_norm_composed  # noqa: F401
+from .ops.attention import (  # noqa: F401
+    scaled_dot_product_attention, scaled_dot_product_attention_composed,
+)
+from .ops.embedding import dropout, embedding  # noqa: F401

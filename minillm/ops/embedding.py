@@ -10,7 +10,7 @@ the output gradients of every position that looked ``v`` up:
     dL/dweight[v, :] = Σ_{s : ids[s] = v} dL/dout[s, :]      (a scatter-add)
 
 A plain ``grad_w[ids] += g`` would keep only one of the repeated ids; the
-scatter-add (``np.add.at`` / ``cupyx.scatter_add``) accumulates all of them.
+scatter-add (``xp.add.at``, on NumPy and CuPy alike) accumulates all of them.
 
 Dropout (inverted). With a keep mask m, m[i] ~ Bernoulli(1 - p):
 

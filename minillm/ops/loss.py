@@ -53,19 +53,23 @@ class CrossEntropy(Function):
         targets = self.targets.reshape(-1)                          # (N,)
         valid = targets != self.ignore_index                        # (N,)
         safe_targets = xp.where(valid, targets, 0)                  # ignored rows point at class 0
-        rows = xp.arange(z.shape[0])
+        # logsumexp is kept as the pair (m, log Σ exp(z - m)), never added up: in float32, m + log Σ
+        # for logits ~1e4 would round to 1e-3, and exp(z - logsumexp) would inherit that error.
         if kernels.fusable(z):
-            losses, log_sum_exp = kernels.cross_entropy_forward(z, safe_targets, valid)
+            losses, row_max, log_sum = kernels.cross_entropy_forward(z, safe_targets, valid)
             exp_shifted = sum_exp = None
         else:
-            row_max = z.max(axis=1, keepdims=True)                  # (N, 1)
-            exp_shifted = xp.subtract(z, row_max)                   # (N, C), the one big buffer
-            xp.exp(exp_shifted, out=exp_shifted)                    # exp(z - m), all in (0, 1]
-            sum_exp = exp_shifted.sum(axis=1)                       # (N,)
-            log_sum_exp = xp.log(sum_exp) + row_max[:, 0]           # (N,)
-            losses = xp.where(valid, log_sum_exp - z[rows, safe_targets], 0)   # (N,)
+            row_max = z.max(axis=1)                                 # (N,)
+            exp_shifted = xp.empty_like(logits)                     # the one big buffer, logits' shape
+            buffer = exp_shifted.reshape(-1, num_classes)           # (N, C) view of it
+            xp.subtract(z, row_max[:, None], out=buffer)
+            xp.exp(buffer, out=buffer)                              # exp(z - m), all in (0, 1]
+            sum_exp = buffer.sum(axis=1)                            # (N,)
+            log_sum = xp.log(sum_exp)                               # (N,)
+            target_logits = z[xp.arange(z.shape[0]), safe_targets]  # (N,)
+            losses = xp.where(valid, log_sum - (target_logits - row_max), 0)           # (N,)
         n_valid = valid.sum().astype(z.dtype)
-        self.save(logits, exp_shifted, sum_exp, log_sum_exp, safe_targets, valid, n_valid)
+        self.save(logits, exp_shifted, sum_exp, row_max, log_sum, safe_targets, valid, n_valid)
         if self.reduction == "none":
             return losses.reshape(self.targets.shape)
         total = losses.sum()
@@ -75,7 +79,7 @@ class CrossEntropy(Function):
         return xp.asarray(total)
 
     def backward(self, grad):
-        logits, exp_shifted, sum_exp, log_sum_exp, safe_targets, valid, n_valid = self.saved
+        logits, exp_shifted, sum_exp, row_max, log_sum, safe_targets, valid, n_valid = self.saved
         xp = array_module(logits)
         num_classes = logits.shape[-1]
         if self.reduction == "none":
@@ -85,19 +89,26 @@ class CrossEntropy(Function):
         else:
             row_grad = xp.broadcast_to(grad, valid.shape)
         row_grad = xp.where(valid, row_grad, 0)                     # (N,), 0 on ignored rows
-        z = logits.reshape(-1, num_classes)
         if exp_shifted is None:                                     # GPU: one kernel writes it all
-            return (kernels.cross_entropy_backward(z, log_sum_exp, safe_targets, row_grad).reshape(logits.shape),)
+            return (kernels.cross_entropy_backward(logits, row_max, log_sum, safe_targets, row_grad),)
+        # The gradient is returned in the array that has logits' shape (a reshaped view would be
+        # copied by the engine), and computed through its (N, C) view.
         if self.saved_buffer_used:                                  # second backward (retain_graph)
-            exp_shifted = xp.exp(z - log_sum_exp[:, None])
+            z = logits.reshape(-1, num_classes)
+            grad_logits = xp.empty_like(logits)
+            grad_z = grad_logits.reshape(-1, num_classes)
+            xp.subtract(z, row_max[:, None], out=grad_z)
+            grad_z -= log_sum[:, None]
+            xp.exp(grad_z, out=grad_z)                              # softmax itself
             scale = row_grad
         else:
             self.saved_buffer_used = True
+            grad_logits = exp_shifted                               # reused in place
+            grad_z = grad_logits.reshape(-1, num_classes)
             scale = row_grad / sum_exp                              # softmax = exp_shifted / sum_exp
-        grad_z = exp_shifted                                        # reused in place: (N, C)
         grad_z *= scale[:, None]                                    # g_n · softmax(z_n)
-        grad_z[xp.arange(z.shape[0]), safe_targets] -= row_grad     # - g_n at the target class
-        return (grad_z.reshape(logits.shape),)
+        grad_z[xp.arange(grad_z.shape[0]), safe_targets] -= row_grad   # - g_n at the target class
+        return (grad_logits,)
 
     saved_buffer_used = False
 

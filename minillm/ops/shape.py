@@ -99,13 +99,7 @@ class GetItem(Function):
 
 def scatter_add(target, index, values) -> None:
     """target[index] += values, accumulating over repeated indices (NumPy and CuPy)."""
-    xp = array_module(target)
-    if xp is np:
-        np.add.at(target, index, values)
-    else:
-        import cupyx  # noqa: PLC0415
-
-        cupyx.scatter_add(target, index, values)
+    array_module(target).add.at(target, index, values)
 
 
 class Concat(Function):

@@ -37,10 +37,11 @@ def qkv(lead, tq, tk, d, dv=None, device="cpu"):
     return arrays, tuple(t(a, device) for a in arrays)
 
 
-def keep_mask_for(seed, shape, p):
+def keep_mask_for(seed, shape, p, device):
     """The dropout mask the ops must use after mm.manual_seed(seed): uniform float32 draws >= p."""
     mm.manual_seed(seed)
-    return mm.backend.to_numpy(mm.backend.random_uniform(shape, dtype=np.float32)) >= p
+    draws = mm.backend.random_uniform(shape, device=mm.backend.parse_device(device), dtype=np.float32)
+    return mm.backend.to_numpy(draws) >= p
 
 
 # ------------------------------------------------------------------ forward
@@ -136,9 +137,47 @@ def test_backward_saves_one_attention_sized_float_buffer(device):
     _, tensors = qkv((2, 3), 6, 6, 4, device=device)
     for p, expected_bool in ((0.0, 0), (0.5, 1)):
         out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
-        big = [a for a in out._ctx.saved if a is not None and a.shape[-2:] == (6, 6)]
+        big = [a for a in out._ctx.saved if hasattr(a, "shape") and a.shape[-2:] == (6, 6)]
         assert sum(a.dtype.kind == "f" for a in big) == 1
         assert sum(a.dtype == np.bool_ for a in big) == expected_bool
+
+
+# ------------------------------------------------------------------ causal query blocks (CPU)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+@pytest.mark.parametrize("tq,tk,p", [(7, 7, 0.0), (3, 7, 0.0), (5, 6, 0.3)])
+def test_causal_query_blocks_give_the_same_function(block, tq, tk, p, monkeypatch):
+    """On the CPU causal attention skips masked keys block by block; values and grads are unchanged."""
+    from minillm.ops import attention  # noqa: PLC0415
+
+    monkeypatch.setattr(attention, "CPU_CAUSAL_BLOCK", block)
+    assert len(attention._query_blocks(tq, tk, True, "cpu")) == -(-tq // block)
+    (q, k, v), tensors = qkv((2, 2), tq, tk, 3)
+    keep = keep_mask_for(5, (2, 2, tq, tk), p, "cpu") if p else None
+    mm.manual_seed(5)
+    out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, True, keep=keep, p=p), rtol=1e-10)
+
+    def attention_fn(a, b, c):
+        mm.manual_seed(5)
+        return F.scaled_dot_product_attention(a, b, c, dropout_p=p)
+
+    assert mm.gradcheck(attention_fn, *tensors)
+
+
+def test_default_blocks_on_a_longer_sequence():
+    """T = 150 (blocks of 64, 64, 22) against the formula and the composed op."""
+    (q, k, v), _ = qkv((1, 2), 150, 150, 8)
+    results = []
+    for fn in (F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed):
+        tensors = [t(a) for a in (q, k, v)]
+        out = fn(*tensors)
+        out.backward(np.cos(np.arange(out.size)).reshape(out.shape))
+        results.append([as_np(out)] + [x.grad for x in tensors])
+    np.testing.assert_allclose(results[0][0], reference_attention(q, k, v), rtol=1e-10, atol=1e-12)
+    for fused, composed in zip(results[0], results[1]):
+        np.testing.assert_allclose(fused, composed, rtol=1e-9, atol=1e-11)
 
 
 # ------------------------------------------------------------------ dropout
@@ -147,7 +186,7 @@ def test_backward_saves_one_attention_sized_float_buffer(device):
 def test_dropout_uses_the_seeded_keep_mask(device):
     (q, k, v), tensors = qkv((2, 3), 5, 5, 4, device=device)
     p = 0.4
-    keep = keep_mask_for(3, (2, 3, 5, 5), p)
+    keep = keep_mask_for(3, (2, 3, 5, 5), p, device)
     mm.manual_seed(3)
     out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
     np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, True, keep=keep, p=p), rtol=1e-10)

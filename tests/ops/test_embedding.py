@@ -110,15 +110,17 @@ def test_embedding_empty_ids(device):
 # ------------------------------------------------------------------ dropout
 
 
-def expected_keep(seed, shape, p):
+def expected_keep(seed, shape, p, device):
+    """The mask dropout must use after mm.manual_seed(seed): uniform float32 draws on the device >= p."""
     mm.manual_seed(seed)
-    return mm.backend.to_numpy(mm.backend.random_uniform(shape, dtype=np.float32)) >= p
+    draws = mm.backend.random_uniform(shape, device=mm.backend.parse_device(device), dtype=np.float32)
+    return mm.backend.to_numpy(draws) >= p
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_forward_backward_against_the_seeded_mask(p, device):
     x = RNG.standard_normal((3, 4, 5))
-    keep = expected_keep(5, x.shape, p)
+    keep = expected_keep(5, x.shape, p, device)
     tx = t(x, device)
     mm.manual_seed(5)
     out = F.dropout(tx, p)
@@ -170,7 +172,7 @@ def test_dropout_rejects_bad_p(p, device):
 @given(shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=5), p=st.floats(0.05, 0.95))
 def test_dropout_random_shapes(shape, p, device):
     x = RNG.standard_normal(shape)
-    keep = expected_keep(2, shape, p)
+    keep = expected_keep(2, shape, p, device)
     mm.manual_seed(2)
     out = F.dropout(t(x, device), p)
     np.testing.assert_allclose(as_np(out), x * keep / (1 - p), rtol=1e-12)
