@@ -11,7 +11,7 @@ Backward, with g = dL/dy and g_w = g ⊙ w:
     dL/dx = r · (g_w - mean(g_w) - x̂ ⊙ mean(g_w ⊙ x̂))                 (per row)
 
 because dx̂_i/dx_j = r (δ_ij - 1/C - x̂_i x̂_j / C): moving x_j moves the mean
-(the -1/C) and the spread (the -x̂_i x̂_j/C). docs/derivations_norm_loss_gelu.md
+(the -1/C) and the spread (the -x̂_i x̂_j/C). docs/autograd.md (section 7)
 has the derivation in full.
 
 RMS norm drops the centring: r = 1/√(mean(x²) + ε), x̂ = x r, y = x̂ ⊙ w, and

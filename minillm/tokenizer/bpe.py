@@ -28,13 +28,14 @@ Worked example with the Wikipedia merges (a + a -> "aa", a + b -> "ab",
 >>> ids, [tok.decode([i]) for i in ids]
 ([258, 100, 258, 97, 99], ['aaab', 'd', 'aaab', 'a', 'c'])
 
-Why it is fast in pure Python: ``_cache`` maps chunk text -> ids. It
-starts as the vocabulary itself (every token's text -> its id, step 2) and
-also keeps the merge loop's result for each other distinct chunk (most
-chunks repeat: " the", ",", "\\n"). So encoding a long text is one regex
-``findall`` plus one dict lookup per chunk, all in C (``map`` +
-``chain``); the merge loop runs only for chunks that are not tokens and
-were never seen before (about 7,400 of tinyshakespeare's 298,000 chunks).
+Why it is fast in pure Python: ``_cache`` maps chunk text -> its ids,
+packed as 4-byte unsigned ints (``array("I")``). It starts as the
+vocabulary itself (every token's text -> its id: step 2) and keeps the
+merge loop's result for each other distinct chunk (most chunks repeat:
+" the", ",", "\\n"). So encoding a long text is one regex ``findall``, one
+dict lookup per chunk, one ``b"".join`` and one ``array.tolist()``, all
+loops in C; the merge loop runs only for chunks that are not tokens and
+were never seen before (7,400 of tinyshakespeare's 298,000 chunks).
 
 Not handled: normalization (NFC etc.: text is encoded as given), lone
 surrogates (they are not text and cannot be UTF-8: ValueError), and chunks
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from collections.abc import Iterable, Sequence
 from itertools import chain, islice, repeat
 from pathlib import Path
@@ -52,13 +54,14 @@ from pathlib import Path
 import regex
 
 from .gpt2 import bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
-from .pretokenize import GPT2_PATTERN, count_chunks, resolve_pattern
+from .pretokenize import GPT2_PATTERN, compile_pattern, count_chunks, resolve_pattern
 from .train import learn_merges
 
 FORMAT_NAME = "minillm-bpe-tokenizer"
 FORMAT_VERSION = 1
 _NO_RANK = 1 << 62  # larger than any merge rank
 _CACHE_LIMIT = 1 << 19  # distinct chunks kept in the encode cache
+ID_TYPECODE = "I" if array("I").itemsize == 4 else "L"  # packed ids: 4-byte unsigned ints
 
 
 class TokenizerFileError(ValueError):
@@ -100,7 +103,7 @@ class BPETokenizer:
         # bytes -> ids in C with bytes.translate (GPT-2 permutes ids 0-255)
         self._byte_table = bytes(self._byte_ids) if sorted(self._byte_ids) == list(range(256)) else None
         self.pattern = pattern
-        self._split = regex.compile(resolve_pattern(pattern)).findall if pattern is not None else None
+        self._split = compile_pattern(pattern).findall if pattern is not None else None
         self.special_tokens = special_tokens
         self._special_by_id = {i: s for s, i in special_tokens.items()}
 
@@ -129,13 +132,13 @@ class BPETokenizer:
             self._id_to_bytes[i] = s.encode("utf-8")
         # the vocabulary by text (tokens that are whole UTF-8 characters): the
         # starting content of the chunk cache, restored when it is cleared
-        self._whole_tokens: dict[str, list[int]] = {}
+        self._whole_tokens: dict[str, bytes] = {}
         for i, b in self._vocab.items():
             try:
-                self._whole_tokens[b.decode("utf-8")] = [i]
+                self._whole_tokens[b.decode("utf-8")] = array(ID_TYPECODE, [i]).tobytes()
             except UnicodeDecodeError:  # part of a character: never a whole chunk
                 pass
-        self._cache: dict[str, list[int]] = dict(self._whole_tokens)
+        self._cache: dict[str, bytes] = dict(self._whole_tokens)  # chunk -> packed ids
         self._special_regexes: dict[frozenset[str], regex.Pattern] = {}
 
     # ------------------------------------------------------------ building
@@ -235,22 +238,21 @@ class BPETokenizer:
             ids = [self._byte_ids[b] for b in data]
         if len(ids) < 2:
             return ids
-        rank_of = self._ranks.get
-        ranks = list(map(rank_of, zip(ids, islice(ids, 1, None)), repeat(_NO_RANK)))  # ranks[i]: pair (i, i+1)
-        merged_ids = self._merged_ids
+        rank_of, merged_ids, no_rank = self._ranks.get, self._merged_ids, _NO_RANK  # locals: faster
+        ranks = list(map(rank_of, zip(ids, islice(ids, 1, None)), repeat(no_rank)))  # ranks[i]: pair (i, i+1)
         while True:
             rank = min(ranks)
-            if rank == _NO_RANK:
+            if rank == no_rank:
                 return ids
             new = merged_ids[rank]
             i = ranks.index(rank)
             while True:  # every occurrence, left to right, as GPT-2 does
-                ids[i : i + 2] = (new,)
-                del ranks[i]
+                ids[i] = new
+                del ids[i + 1], ranks[i]
                 if i > 0:
-                    ranks[i - 1] = rank_of((ids[i - 1], new), _NO_RANK)
+                    ranks[i - 1] = rank_of((ids[i - 1], new), no_rank)
                 if i < len(ranks):
-                    ranks[i] = rank_of((new, ids[i + 1]), _NO_RANK)
+                    ranks[i] = rank_of((new, ids[i + 1]), no_rank)
                 if rank not in ranks:
                     break
                 i = ranks.index(rank, i)
@@ -259,28 +261,36 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text``, special-token strings included as plain text."""
-        try:
-            if self._split is None:
-                if self._bytes_are_ids and not self._merges:
-                    return list(text.encode("utf-8"))
+        if self._split is None:
+            if self._bytes_are_ids and not self._merges:
+                return list(text.encode("utf-8"))
+            try:
                 return self._bpe(text)
-            chunks = self._split(text)
-            cache = self._cache
-            try:  # the common case: every chunk seen before
-                return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-            except KeyError:
-                pass
-            fresh = {chunk: self._bpe(chunk) for chunk in set(chunks).difference(cache)}
+            except UnicodeEncodeError:
+                raise _surrogate_error(text) from None
+        return array(ID_TYPECODE, self._encode_packed(text)).tolist()
+
+    def _encode_packed(self, text: str) -> bytes:
+        """encode_ordinary's ids packed as ``array(ID_TYPECODE)`` bytes (needs a pattern)."""
+        chunks = self._split(text)
+        cache = self._cache
+        try:  # the common case: every chunk is a token or was seen before
+            return b"".join(map(cache.__getitem__, chunks))
+        except KeyError:
+            pass
+        try:
+            fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in set(chunks).difference(cache)}
         except UnicodeEncodeError:
             raise _surrogate_error(text) from None
-        if len(cache) + len(fresh) > _CACHE_LIMIT:  # forget merge results, keep the vocabulary
+        lookup = cache
+        if len(cache) + len(fresh) > _CACHE_LIMIT:  # full: forget merge results, keep the vocabulary
+            lookup = {**cache, **fresh}
             cache.clear()
             cache.update(self._whole_tokens)
-        if len(cache) + len(fresh) <= _CACHE_LIMIT:
-            cache.update(fresh)
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-        lookup = {**cache, **fresh}
-        return list(chain.from_iterable(map(lookup.__getitem__, chunks)))
+            if len(cache) + len(fresh) > _CACHE_LIMIT:
+                fresh = {}
+        cache.update(fresh)
+        return b"".join(map(lookup.__getitem__, chunks))
 
     def encode(
         self,
@@ -334,8 +344,11 @@ class BPETokenizer:
         disallowed_special: str | Iterable[str] = "all",
     ) -> list[list[int]]:
         """``[encode(t) for t in texts]``, spread over ``num_workers``
-        processes (default: one per CPU; small batches run in this process,
-        where starting workers would cost more than it saves)."""
+        processes (default: one per CPU). Long texts are cut into pieces at
+        safe line breaks, so even one big text is shared out; the ids are
+        exactly those of :meth:`encode`. Batches under
+        ``parallel.MIN_PARALLEL_CHARS`` characters run in this process, where
+        starting workers would cost more than it saves (see parallel.py)."""
         from .parallel import encode_batch
 
         return encode_batch(self, texts, num_workers, allowed_special, disallowed_special)

@@ -19,7 +19,8 @@ from minillm.tokenizer import (
     iter_text_files,
     load_tokenizer,
 )
-from minillm.tokenizer.pretokenize import split_blocks
+from minillm.tokenizer import bpe, parallel
+from minillm.tokenizer.pretokenize import GPT2_PATTERN_FAST, compile_pattern, split_blocks
 from minillm.tokenizer.train import learn_merges
 
 SAMPLE = (
@@ -258,6 +259,92 @@ def test_encode_batch_equals_encode(trained):
     assert trained.encode_batch(texts) == expected
     assert trained.encode_batch(texts, num_workers=2) == expected
     assert trained.encode_batch([], num_workers=2) == []
+
+
+def test_small_batches_stay_in_this_process(trained, monkeypatch):
+    def no_pool(*args):
+        raise AssertionError("a process pool was started for a small batch")
+
+    monkeypatch.setattr(parallel.mp, "get_context", no_pool)
+    assert trained.encode_batch([SAMPLE] * 3, num_workers=2) == [trained.encode(SAMPLE)] * 3
+
+
+@pytest.mark.parametrize("name", ["trained", "trained_gpt4"])
+def test_encode_batch_in_workers_cuts_long_texts_exactly(name, request, monkeypatch):
+    tok = request.getfixturevalue(name)
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_CHARS", 0)  # use the pool even for this small batch
+    long_text = CORPUS[:40_000]  # cut into pieces at line breaks
+    assert len(list(parallel._tasks(tok, [long_text], 5_000, "none_raise", "all"))) > 4
+    texts = [long_text, "", "short one", SAMPLE, "x" * 9_000, CORPUS[40_000:50_000]]
+    assert tok.encode_batch(texts, num_workers=2) == [tok.encode(t) for t in texts]
+
+
+def test_encode_batch_in_workers_keeps_special_token_rules(trained, monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_CHARS", 0)
+    texts = [SAMPLE + "<|endoftext|>" + SAMPLE, SAMPLE + "<|pad|>", SAMPLE * 3]
+    for allowed in ("all", "none", {"<|endoftext|>", "<|pad|>"}):
+        expected = [trained.encode(t, allowed_special=allowed) for t in texts]
+        assert trained.encode_batch(texts, num_workers=2, allowed_special=allowed) == expected
+    with pytest.raises(ValueError, match=rf"'<\|pad\|>' at position {len(SAMPLE)},"):  # as encode says
+        trained.encode_batch(texts, num_workers=2, allowed_special={"<|endoftext|>"})
+    with pytest.raises(ValueError, match=rf"U\+D800 at position {len(SAMPLE) + 1}:"):
+        trained.encode_batch([SAMPLE * 2, SAMPLE + "\n\ud800"], num_workers=2)
+
+
+# ------------------------------------------------------------ fast paths
+
+
+@pytest.mark.parametrize("name", ["trained", "trained_gpt4"])
+def test_every_trained_token_is_the_bpe_of_its_own_bytes(name, request):
+    """What makes the whole-token shortcut of encode exact (see bpe.py)."""
+    tok = request.getfixturevalue(name)
+    whole = {i: data.decode("utf-8") for i, data in tok.vocab.items() if _is_utf8(data)}
+    assert len(whole) > 200  # the 128 ASCII bytes and most merged tokens
+    assert all(tok._bpe(s) == [i] for i, s in whole.items())
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="aab  c'sé日\n", min_size=1, max_size=300), st.integers(260, 330))
+def test_tokens_of_random_trainings_are_the_bpe_of_their_bytes(text, vocab_size):
+    tok = BPETokenizer.train(text, vocab_size, progress=False)
+    whole = {i: data.decode("utf-8") for i, data in tok.vocab.items() if _is_utf8(data)}
+    assert all(tok._bpe(s) == [i] for i, s in whole.items())
+
+
+@pytest.mark.parametrize("name", ["trained", "trained_gpt4"])
+def test_cold_encode_equals_the_merge_loop_on_every_chunk(name, request):
+    trained = request.getfixturevalue(name)
+    fresh = BPETokenizer(trained.vocab, trained.merges, trained.pattern)  # empty chunk cache
+    published = regex.compile(trained.pattern).findall(CORPUS)
+    assert fresh.encode(CORPUS) == [i for chunk in published for i in fresh._bpe(chunk)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.text(alphabet=" \t\n\r\x0b\u00a0\u3000'sdtmlvreA1²٣_-!.,é日\u0301", max_size=60))
+def test_fast_gpt2_pattern_finds_the_published_chunks(text):
+    assert compile_pattern("gpt2").findall(text) == regex.findall(GPT2_PATTERN, text)
+
+
+def test_fast_gpt2_pattern_on_a_real_corpus():
+    assert compile_pattern("gpt2").pattern == GPT2_PATTERN_FAST
+    assert regex.findall(GPT2_PATTERN_FAST, CORPUS) == regex.findall(GPT2_PATTERN, CORPUS)
+
+
+def test_full_chunk_cache_is_cleared_but_results_stay_exact(trained, monkeypatch):
+    fresh = BPETokenizer(trained.vocab, trained.merges, trained.pattern)
+    monkeypatch.setattr(bpe, "_CACHE_LIMIT", len(fresh._whole_tokens) + 50)
+    texts = [CORPUS[k : k + 20_000] for k in range(0, len(CORPUS), 20_000)]
+    assert [fresh.encode(t) for t in texts] == [trained.encode(t) for t in texts]
+    assert len(fresh._cache) <= bpe._CACHE_LIMIT
+    assert fresh._whole_tokens.items() <= fresh._cache.items()  # the vocabulary is kept
 
 
 # ------------------------------------------------------------ save / load

@@ -107,12 +107,35 @@ def test_vocab_and_special_token(gpt2):
     assert gpt2.encode("Hello world") == [15496, 995]
 
 
+def test_every_gpt2_token_is_gpt2s_bpe_of_its_own_bytes(reference):
+    """Makes encode's whole-token shortcut exact for GPT-2 (see bpe.py)."""
+    tokens = [t for t in reference.encoder if t != "<|endoftext|>"]
+    assert len(tokens) == 50256
+    assert [t for t in tokens if reference.bpe(t) != t] == []
+
+
+def test_merge_loop_gives_every_gpt2_token_from_its_bytes(gpt2):
+    """The merge loop alone (no shortcut, no cache) on each token's text."""
+    whole = {}
+    for i, data in gpt2.vocab.items():
+        try:
+            whole[i] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    assert len(whole) > 49_000
+    assert [i for i, s in whole.items() if gpt2._bpe(s) != [i]] == []
+
+
 @pytest.mark.parametrize("name", ["the-verdict.txt", "tinyshakespeare.txt"])
-def test_ids_equal_reference_on_shared_texts(gpt2, reference, name):
+def test_ids_equal_reference_on_shared_texts(gpt2_dir, reference, name):
     text = shared_file(name).read_text(encoding="utf-8")
-    ids = gpt2.encode(text)
+    cold = BPETokenizer.from_gpt2_files(gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")  # empty cache
+    ids = cold.encode(text)
     assert ids == reference.encode(text)
-    assert gpt2.decode(ids) == text
+    assert cold.decode(ids) == text
+    if name == "tinyshakespeare.txt":  # large enough for worker processes, cut into pieces
+        fresh = BPETokenizer.from_gpt2_files(gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+        assert fresh.encode_batch([text, "tail"], num_workers=2) == [ids, reference.encode("tail")]
 
 
 def test_instruction_data_equals_reference(gpt2, reference):
