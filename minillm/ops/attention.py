@@ -31,9 +31,12 @@ key has P = 0, so it gets no gradient and backward needs no mask.
 The fused op saves Q·s, K, V and P (plus the 1-byte dropout mask): one
 (…, Tq, Tk) float buffer, the smallest set backward can work from. It works in
 place on the big (…, Tq, Tk) buffers (mask and softmax in the scores buffer,
-the softmax backward in the dP buffer). On a GPU the mask + softmax and the
-softmax backward are one CUDA kernel each (``minillm.kernels``), so a call is
-two GEMMs + one kernel forward and four GEMMs + one kernel backward.
+the softmax backward in the dP buffer). On the CPU it goes tile by tile
+(blocks of queries × groups of matrices, ``_tiles``): causal tiles skip the
+keys no query of theirs can see, and each tile's softmax passes run in cache.
+On a GPU one tile covers everything, and the mask + softmax and the softmax
+backward are one CUDA kernel each (``minillm.kernels``), so a call is two
+GEMMs + one kernel forward and four GEMMs + one kernel backward.
 
 ``scaled_dot_product_attention_composed`` builds the same function from
 primitive ops (matmul, transpose, where, softmax_composed, dropout); it is
@@ -101,97 +104,113 @@ def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_sca
     return grad_probs
 
 
-# Causal attention on the CPU runs over blocks of this many queries (see _query_blocks).
-CPU_CAUSAL_BLOCK = 64
+# On the CPU the (N, Tq, Tk) score matrices are processed in tiles of at most this many
+# query rows and (about) this many scores: small enough for a tile's softmax passes to run
+# in cache, large enough for good GEMMs (see _tiles).
+CPU_TILE_ROWS = 64
+CPU_TILE_SCORES = 1 << 17
 
 
-def _query_blocks(tq: int, tk: int, causal: bool, device: str) -> list[tuple[int, int, int]]:
-    """Blocks (r0, r1, k_end) of queries; queries r0..r1-1 only need keys 0..k_end-1.
+def _tiles(n: int, tq: int, tk: int, causal: bool, device: str) -> list[tuple[int, int, int, int, int]]:
+    """Tiles (b0, b1, r0, r1, k_end): matrices b0..b1-1, queries r0..r1-1, keys 0..k_end-1.
 
-    Causal query i sees keys j <= i + (Tk − Tq), so a block of queries ending at r1
-    never looks past k_end = r1 + (Tk − Tq): on the CPU the all-masked keys to the
-    right of each block are skipped (at T = 256 in blocks of 64 that is 3/8 of
-    the matmul and softmax work). A block is itself a causal attention of r1 − r0
-    queries over k_end keys, the queries again being the last positions. On a GPU
-    one block covers everything: there the number of launches matters more.
+    Causal query i sees keys j <= i + (Tk − Tq), so a tile of queries ending at r1
+    never looks past k_end = r1 + (Tk − Tq): the all-masked keys right of it are
+    skipped (at T = 256 in rows of 64 that is 3/8 of the matmul and softmax work).
+    A tile is itself a causal attention of r1 − r0 queries over k_end keys, the
+    queries again being the last positions. Small tiles also keep the softmax
+    passes in cache. On a GPU one tile covers everything: there the number of
+    kernel launches matters more than either.
     """
-    if not causal or device != "cpu" or tq <= CPU_CAUSAL_BLOCK:
-        return [(0, tq, tk)]
-    return [(r0, min(r0 + CPU_CAUSAL_BLOCK, tq), min(r0 + CPU_CAUSAL_BLOCK, tq) + tk - tq)
-            for r0 in range(0, tq, CPU_CAUSAL_BLOCK)]
+    if device != "cpu":
+        return [(0, n, 0, tq, tk)]
+    tiles = []
+    for r0 in range(0, tq, CPU_TILE_ROWS):
+        r1 = min(r0 + CPU_TILE_ROWS, tq)
+        k_end = r1 + tk - tq if causal else tk
+        per_tile = max(1, CPU_TILE_SCORES // max(1, (r1 - r0) * k_end))   # matrices per tile
+        tiles += [(b0, min(b0 + per_tile, n), r0, r1, k_end) for b0 in range(0, n, per_tile)]
+    return tiles
 
 
 class ScaledDotProductAttention(Function):
-    """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward."""
+    """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward.
+
+    The leading axes are flattened into one, N: Q (N, Tq, D), K (N, Tk, D), V (N, Tk, Dv).
+    """
 
     def __init__(self, causal: bool, dropout_p: float, scale: float):
         self.causal, self.dropout_p, self.scale = causal, dropout_p, scale
 
     def forward(self, q, k, v):
         xp = array_module(q)
-        tq, tk = q.shape[-2], k.shape[-2]
-        blocks = _query_blocks(tq, tk, self.causal, backend.device_of(q))
-        q_scaled = q * q.dtype.type(self.scale)                # (…, Tq, D): scale the small operand
-        # P (…, Tq, Tk); entries right of a block's k_end stay 0 (they are masked anyway)
-        probs = (xp.empty if len(blocks) == 1 else xp.zeros)(q.shape[:-1] + (tk,), dtype=q.dtype)
-        out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)                     # (…, Tq, Dv)
+        lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+        q3 = (q * q.dtype.type(self.scale)).reshape(-1, tq, d)  # (N, Tq, D): scale the small operand
+        k3, v3 = k.reshape(-1, tk, d), v.reshape(-1, tk, dv)
+        tiles = _tiles(q3.shape[0], tq, tk, self.causal, backend.device_of(q))
+        # P (N, Tq, Tk); entries right of a tile's k_end stay 0 (they are masked anyway)
+        probs = (xp.empty if len(tiles) == 1 else xp.zeros)((q3.shape[0], tq, tk), dtype=q.dtype)
+        out = xp.empty((q3.shape[0], tq, dv), dtype=q.dtype)                          # (N, Tq, Dv)
         keep = None
         if self.dropout_p > 0:
-            keep = dropout_keep_mask(probs.shape, self.dropout_p, backend.device_of(q))  # M
-        for r0, r1, k_end in blocks:
-            p = probs[..., r0:r1, :k_end]                       # a view: this block's scores, then P
-            xp.matmul(q_scaled[..., r0:r1, :], k[..., :k_end, :].swapaxes(-1, -2), out=p)
-            _softmax_rows_(p, self.causal)                      # in place
+            keep = dropout_keep_mask(lead + (tq, tk), self.dropout_p, backend.device_of(q)).reshape(probs.shape)
+        for b0, b1, r0, r1, k_end in tiles:
+            p = probs[b0:b1, r0:r1, :k_end]                   # a view: this tile's scores, then P
+            xp.matmul(q3[b0:b1, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
+            _softmax_rows_(p, self.causal)                    # in place
             if keep is not None:
-                p = p * keep[..., r0:r1, :k_end]                # P ⊙ M (the 1/(1 − p) comes below)
-            xp.matmul(p, v[..., :k_end, :], out=out[..., r0:r1, :])
+                p = p * keep[b0:b1, r0:r1, :k_end]            # P ⊙ M (the 1/(1 − p) comes below)
+            xp.matmul(p, v3[b0:b1, :k_end], out=out[b0:b1, r0:r1])
         if keep is not None:
-            out *= out.dtype.type(1.0 / (1.0 - self.dropout_p))  # O = (P ⊙ M) V / (1 − p)
-        self.save(q_scaled, k, v, probs, keep, blocks)
-        return out
+            out *= out.dtype.type(1.0 / (1.0 - self.dropout_p))   # O = (P ⊙ M) V / (1 − p)
+        self.save(q3, k3, v3, probs, keep, tiles)
+        return out.reshape(lead + (tq, dv))
 
     def backward(self, grad):                                   # grad = dO (…, Tq, Dv)
         # dV = P̃ᵀ dO and dK = s · dSᵀ Q are computed as (dOᵀ P̃)ᵀ and (s Qᵀ dS)ᵀ: the same
         # products, but only the small (…, T, D) operands are transposed. CuPy would copy a
         # transposed (…, Tk, Tq) view before its GEMM (measured: +400 MiB and 3x the time at
         # B=8, H=12, T=1024); NumPy's BLAS runs both forms at the same speed.
-        # Blocks go last to first: the last one has k_end = Tk, so its dK and dV parts
-        # have the full shape and start the sums that the earlier blocks add into.
-        q_scaled, k, v, probs, keep, blocks = self.saved
+        q3, k3, v3, probs, keep, tiles = self.saved
         xp = array_module(grad)
+        lead = grad.shape[:-2]
+        grad3 = grad.reshape(-1, *grad.shape[-2:])              # (N, Tq, Dv)
         keep_scale = probs.dtype.type(1.0 / (1.0 - self.dropout_p))
         want_q, want_k, want_v = self.needs_input_grad
-        grad_q = xp.empty(q_scaled.shape, dtype=grad.dtype) if want_q else None
-        grad_k = grad_v = None
-        for r0, r1, k_end in reversed(blocks):
-            p = probs[..., r0:r1, :k_end]                       # (…, rows, k_end)
-            block_keep = None if keep is None else keep[..., r0:r1, :k_end]
-            g = grad[..., r0:r1, :]                             # (…, rows, Dv)
+        one_tile = len(tiles) == 1                              # then each gradient is one product
+        # gradients are allocated in their input's shape and filled through (N, T, ·) views
+        grad_q = xp.empty(lead + q3.shape[1:], dtype=grad.dtype) if want_q else None
+        grad_k = xp.zeros(lead + k3.shape[1:], dtype=grad.dtype) if want_k and not one_tile else None
+        grad_v = xp.zeros(lead + v3.shape[1:], dtype=grad.dtype) if want_v and not one_tile else None
+        grad_q3, grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:])
+                                     for g in (grad_q, grad_k, grad_v))
+        for b0, b1, r0, r1, k_end in tiles:
+            p = probs[b0:b1, r0:r1, :k_end]                     # (n, rows, k_end)
+            tile_keep = None if keep is None else keep[b0:b1, r0:r1, :k_end]
+            g = grad3[b0:b1, r0:r1]                             # (n, rows, Dv)
             if want_v:
-                kept = p if keep is None else p * block_keep    # P ⊙ M; P̃ = that / (1 − p)
-                part = xp.matmul(g.swapaxes(-1, -2), kept).swapaxes(-1, -2)    # (dOᵀ P̃)ᵀ (…, k_end, Dv)
-                grad_v = _add_keys(grad_v, part, k_end)
+                kept = p if keep is None else p * tile_keep     # P ⊙ M; P̃ = that / (1 − p)
+                part = xp.matmul(g.swapaxes(-1, -2), kept).swapaxes(-1, -2)     # (dOᵀ P̃)ᵀ (n, k_end, Dv)
+                if one_tile:
+                    grad_v = part.reshape(lead + part.shape[-2:])
+                else:
+                    grad_v3[b0:b1, :k_end] += part
             if want_q or want_k:
-                grad_scores = xp.matmul(g, v[..., :k_end, :].swapaxes(-1, -2))  # dP̃ = dO Vᵀ
-                _softmax_rows_backward_(grad_scores, p, self.causal, block_keep, keep_scale)  # now dS
+                grad_scores = xp.matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2))  # dP̃ = dO Vᵀ
+                _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale)  # now dS
                 if want_q:
-                    xp.matmul(grad_scores, k[..., :k_end, :], out=grad_q[..., r0:r1, :])      # dS K
+                    xp.matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q3[b0:b1, r0:r1])     # dS K
                 if want_k:
-                    part = xp.matmul(q_scaled[..., r0:r1, :].swapaxes(-1, -2), grad_scores)
-                    grad_k = _add_keys(grad_k, part.swapaxes(-1, -2), k_end)  # (s Qᵀ dS)ᵀ
+                    part = xp.matmul(q3[b0:b1, r0:r1].swapaxes(-1, -2), grad_scores).swapaxes(-1, -2)
+                    if one_tile:
+                        grad_k = part.reshape(lead + part.shape[-2:])
+                    else:
+                        grad_k3[b0:b1, :k_end] += part
         if want_q:
             grad_q *= grad_q.dtype.type(self.scale)
         if want_v and keep is not None:
             grad_v *= keep_scale
         return grad_q, grad_k, grad_v
-
-
-def _add_keys(total, part, k_end: int):
-    """total[..., :k_end, :] += part, where the first part (k_end = Tk) becomes the total."""
-    if total is None:
-        return part
-    total[..., :k_end, :] += part
-    return total
 
 
 def _check_attention_args(q, k, v, causal, dropout_p, scale, op_name):

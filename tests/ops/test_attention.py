@@ -145,29 +145,36 @@ def test_backward_saves_one_attention_sized_float_buffer(device):
 # ------------------------------------------------------------------ causal query blocks (CPU)
 
 
-@pytest.mark.parametrize("block", [1, 2, 3])
-@pytest.mark.parametrize("tq,tk,p", [(7, 7, 0.0), (3, 7, 0.0), (5, 6, 0.3)])
-def test_causal_query_blocks_give_the_same_function(block, tq, tk, p, monkeypatch):
-    """On the CPU causal attention skips masked keys block by block; values and grads are unchanged."""
+@pytest.mark.parametrize("rows,scores", [(1, 1), (2, 10), (3, 1000)])
+@pytest.mark.parametrize("causal,tq,tk,p", [(True, 7, 7, 0.0), (True, 3, 7, 0.0), (True, 5, 6, 0.3),
+                                            (False, 5, 4, 0.0), (False, 4, 4, 0.3)])
+def test_cpu_tiles_give_the_same_function(rows, scores, causal, tq, tk, p, monkeypatch):
+    """On the CPU attention runs tile by tile (skipping masked keys); values and grads are unchanged."""
     from minillm.ops import attention  # noqa: PLC0415
 
-    monkeypatch.setattr(attention, "CPU_CAUSAL_BLOCK", block)
-    assert len(attention._query_blocks(tq, tk, True, "cpu")) == -(-tq // block)
+    monkeypatch.setattr(attention, "CPU_TILE_ROWS", rows)
+    monkeypatch.setattr(attention, "CPU_TILE_SCORES", scores)
+    tiles = attention._tiles(4, tq, tk, causal, "cpu")
+    covered = np.zeros((4, tq, tk), int)
+    for b0, b1, r0, r1, k_end in tiles:
+        covered[b0:b1, r0:r1, :k_end] += 1
+    needed = ~causal_mask(tq, tk) if causal else np.ones((tq, tk), bool)
+    assert covered.max() == 1 and (covered[:, needed] == 1).all()   # each needed score exactly once
     (q, k, v), tensors = qkv((2, 2), tq, tk, 3)
     keep = keep_mask_for(5, (2, 2, tq, tk), p, "cpu") if p else None
     mm.manual_seed(5)
-    out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
-    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, True, keep=keep, p=p), rtol=1e-10)
+    out = F.scaled_dot_product_attention(*tensors, causal=causal, dropout_p=p)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, k, v, causal, keep=keep, p=p), rtol=1e-10)
 
     def attention_fn(a, b, c):
         mm.manual_seed(5)
-        return F.scaled_dot_product_attention(a, b, c, dropout_p=p)
+        return F.scaled_dot_product_attention(a, b, c, causal=causal, dropout_p=p)
 
     assert mm.gradcheck(attention_fn, *tensors)
 
 
-def test_default_blocks_on_a_longer_sequence():
-    """T = 150 (blocks of 64, 64, 22) against the formula and the composed op."""
+def test_default_tiles_on_a_longer_sequence():
+    """T = 150 (query rows in tiles of 64, 64, 22) against the formula and the composed op."""
     (q, k, v), _ = qkv((1, 2), 150, 150, 8)
     results = []
     for fn in (F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed):
