@@ -1,0 +1,86 @@
+"""Example 7: GPT-2 checkpoints in and out (the Hugging Face layout: config.json + model.safetensors).
+
+Builds a small random GPT, writes it as a GPT-2 directory with save_hf_gpt2,
+shows what is inside (GPT-2's names, Conv1D weights stored transposed), loads
+it back with load_hf_gpt2 and checks that the logits are bit-for-bit the same.
+
+Given the path of a real GPT-2 directory (e.g. one downloaded from the Hugging
+Face hub: config.json + model.safetensors), it then loads GPT-2 and continues a
+prompt with GPT-2's tokenizer (from that directory, or from ../shared/data/gpt2):
+
+    python examples/07_gpt2_weights.py
+    python examples/07_gpt2_weights.py path/to/gpt2 --prompt "The meaning of life is"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import minillm as mm  # noqa: E402
+from minillm.generate_commands import load_hf  # noqa: E402
+from minillm.models import GPT, GPTConfig  # noqa: E402
+from minillm.weights import load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from minillm.weights.safetensors import read_header  # noqa: E402
+
+SHARED_GPT2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gpt2"
+
+
+def round_trip() -> float:
+    """Save a random GPT as GPT-2, load it back; returns the largest logit difference (0.0)."""
+    mm.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_gpt2(model, tmp)
+        path = Path(tmp)
+        print(f"wrote {sorted(p.name for p in path.iterdir())}")
+        entries, metadata, _ = read_header(path / "model.safetensors")
+        print(f"  metadata {metadata}, {len(entries)} tensors, e.g.")
+        for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"):
+            print(f"    {name:38s} {entries[name]['dtype']} {entries[name]['shape']}")
+        print(f"  ours: h.0.attn.c_attn.weight {model.h[0].attn.c_attn.weight.shape} (Linear: out, in)")
+        loaded = load_hf_gpt2(path)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 16))
+    with mm.no_grad():
+        difference = float(np.abs(model(ids).numpy() - loaded(ids).numpy()).max())
+    print(f"loaded back: max |logits difference| = {difference}")
+    return difference
+
+
+def gpt2_demo(directory: str, prompt: str, max_new_tokens: int, device: str) -> str:
+    """Load a real GPT-2 directory and continue ``prompt`` (greedy); returns the text."""
+    tokenizer_spec = None
+    has_own = (Path(directory) / "vocab.json").is_file() or (Path(directory) / "encoder.json").is_file()
+    if not has_own and (SHARED_GPT2 / "encoder.json").is_file():
+        tokenizer_spec = f"gpt2:{SHARED_GPT2}"
+    model, tokenizer = load_hf(directory, tokenizer_spec, device)
+    print(f"GPT-2 from {directory}: {model.num_parameters():,} parameters")
+    ids = tokenizer.encode(prompt)
+    out = model.generate(np.asarray([ids]), max_new_tokens=max_new_tokens, temperature=0)
+    text = tokenizer.decode(out[0].tolist())
+    print(text)
+    return text
+
+
+def main(argv=None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gpt2_dir", nargs="?", help="a Hugging Face GPT-2 directory (optional)")
+    parser.add_argument("--prompt", default="The meaning of life is")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    difference = round_trip()
+    assert difference == 0.0
+    if args.gpt2_dir:
+        gpt2_demo(args.gpt2_dir, args.prompt, args.max_new_tokens, args.device)
+    return difference
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Generation: continue a prompt one token at a time, with a KV cache.
+
+    out = generate(model, ids, max_new_tokens=50, temperature=0.8, top_k=50, seed=0)
+    # ids (B, T) -> out (B, T + n), n <= max_new_tokens (fewer only when every row hit eos_id)
+
+The loop (``use_cache=True``, the default):
+
+    cache = model.new_kv_cache(B, T + max_new_tokens - 1)
+    logits = model(prompt, cache=cache)[:, -1]       # prefill: all T prompt positions in ONE forward
+    repeat:
+        next = sample_next(logits, ...)              # (B,) ids
+        logits = model(next[:, None], cache=cache)[:, -1]   # one new position per step
+
+Each step runs the model on ONE position; the keys and values of the earlier
+positions come from the cache, so a step costs O(context) for attention plus the
+fixed O(parameters) of the matmuls, instead of rerunning all T + t positions
+(``use_cache=False``, kept as the reference: it must give the same logits).
+docs/generation.md has the details.
+
+Sampling (``sample_next``) turns the last position's logits (B, V) into one id per row:
+
+- ``temperature == 0``: greedy, the argmax.
+- otherwise p = softmax(logits / temperature); lower temperature sharpens p.
+- ``top_k``: keep the k most likely tokens (exactly k), zero the rest.
+- ``top_p`` (nucleus): keep the smallest set of most likely tokens whose mass
+  reaches p (always at least one), zero the rest; then renormalise.
+- draw u ~ U[0, 1) and take the first token whose cumulative probability exceeds
+  u (inverse-CDF sampling).
+
+Reproducibility on every device: the random numbers come from a NumPy
+``Generator`` on the CPU, seeded by ``seed`` (one draw per row per step), and
+the filtering and inverse CDF run on the host in float64 on the (B, V) logits
+copied there. GPU and CPU random streams differ (CuPy's generators are not
+NumPy's), and a float32 cumulative sum on the GPU rounds differently from
+NumPy's; doing this small step on the host makes the tokens a pure function of
+(logits, seed): identical logits give identical tokens on the CPU and on any
+GPU. The copy is B·V floats per step (0.2 MB for GPT-2 at B = 1), negligible
+beside the forward. Greedy decoding takes the argmax where the logits live.
+
+No sliding window: a prompt plus ``max_new_tokens`` longer than the model's
+``context_length`` is an error, not silently cropped.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import backend
+from .backend import array_module
+from .tensor import Tensor, no_grad
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def check_sampling_args(temperature, top_k, top_p) -> None:
+    """Raise ValueError (naming the value) for a temperature < 0, top_k < 1 or top_p outside (0, 1]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sampling_probs(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """The distribution the next token is drawn from: (B, V) logits -> (B, V) float64 host probabilities.
+
+    p = softmax(logits / temperature), restricted to the top_k most likely tokens
+    and then to the nucleus of mass top_p, renormalised (rows sum to 1).
+
+    >>> sampling_probs(np.log([[0.5, 0.3, 0.2]]), top_p=0.7).round(3).tolist()
+    [[0.625, 0.375, 0.0]]
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("sampling_probs: temperature 0 is greedy decoding (argmax), not a distribution")
+    scores = backend.to_numpy(logits).astype(np.float64)             # (B, V), a host copy we own
+    if scores.ndim != 2:
+        raise ValueError(f"sampling_probs: expected logits of shape (batch, vocab), got {scores.shape}")
+    vocab = scores.shape[-1]
+    scores /= temperature
+    if top_k is not None and top_k < vocab:
+        # indices of the V - k smallest scores in each row (exactly k survive, ties broken by position)
+        dropped = np.argpartition(scores, vocab - top_k, axis=-1)[:, :vocab - top_k]
+        np.put_along_axis(scores, dropped, -np.inf, axis=-1)
+    scores -= scores.max(axis=-1, keepdims=True)                      # the largest is 0: exp cannot overflow
+    probs = np.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-probs, axis=-1, kind="stable")            # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs[mass_before >= top_p] = 0.0                      # the nucleus already reached p without them
+        np.put_along_axis(probs, order, sorted_probs, axis=-1)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def inverse_cdf_sample(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """For each row, the first token whose cumulative probability exceeds u · (row total).
+
+    A token of probability 0 is never chosen (its cumulative sum equals its
+    predecessor's, so an earlier token always wins).
+
+    >>> inverse_cdf_sample(np.array([[0.2, 0.0, 0.8]]), np.array([0.5])).tolist()
+    [2]
+    """
+    cdf = np.cumsum(probs, axis=-1)                                   # (B, V), non-decreasing
+    thresholds = uniforms * cdf[:, -1]                                # (B,), in [0, total)
+    ids = (cdf <= thresholds[:, None]).sum(axis=-1)                   # = searchsorted(cdf, u, "right")
+    last_possible = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
+    return np.minimum(ids, last_possible).astype(np.int64)            # guard against u·total rounding to total
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                rng: np.random.Generator | None = None) -> np.ndarray:
+    """One token per row from (B, V) logits (NumPy or CuPy) -> (B,) int64 NumPy ids.
+
+    ``temperature == 0`` is greedy (argmax, no random draw). Otherwise exactly one
+    uniform is drawn from ``rng`` per row, on the CPU; see the module docstring
+    for why this makes the tokens identical on every device.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        xp = array_module(logits)
+        return backend.to_numpy(xp.argmax(logits, axis=-1)).astype(np.int64)
+    if rng is None:
+        rng = _default_rng()
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return inverse_cdf_sample(probs, rng.random(probs.shape[0]))
+
+
+def _default_rng(seed=None) -> np.random.Generator:
+    """A Generator from ``seed``; with None, seeded from minillm's CPU stream (so mm.manual_seed governs it)."""
+    if seed is None:
+        seed = int(backend.cpu_generator().integers(2**63))
+    return np.random.default_rng(seed)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _prompt_array(ids, vocab_size: int) -> tuple[np.ndarray, bool]:
+    """``ids`` (list, array or Tensor; (T,) or (B, T)) -> int64 host array (B, T), and whether it was 1-D."""
+    if isinstance(ids, Tensor):
+        ids = ids.data
+    ids = backend.to_numpy(ids) if hasattr(ids, "dtype") else np.asarray(ids)
+    squeeze = ids.ndim == 1
+    if squeeze:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"generate: the prompt must be a non-empty (T,) or (batch, T) array of ids, "
+                         f"got shape {tuple(ids.shape)} (rows of a batch must have equal length)")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"generate: token ids must be integers, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"generate: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+    return ids.astype(np.int64), squeeze
+
+
+def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
+             use_cache: bool = True, stream=None) -> np.ndarray:
+    """Continue ``ids`` by up to ``max_new_tokens`` sampled tokens; returns the ids, prompt included.
+
+    ``ids``: (T,) or (B, T) integer ids (rows of a batch have equal length).
+    Returns an int64 NumPy array of the same rank, (B, T + n). ``n ==
+    max_new_tokens`` unless ``eos_id`` is given and every row produced it: a row
+    that emits ``eos_id`` stops (its later columns are ``eos_id``), and the loop
+    ends when all rows have stopped.
+
+    ``temperature`` 0 is greedy; ``top_k``/``top_p`` filter the distribution;
+    ``seed`` makes sampling reproducible (on any device: see the module
+    docstring; None draws a seed from minillm's CPU stream, set by
+    ``mm.manual_seed``). ``use_cache=False`` reruns the whole sequence every step
+    (the slow reference). ``stream(column)`` is called with each new (B,) column
+    of ids as soon as it is sampled. The model runs in eval mode under
+    ``mm.no_grad()``; its previous mode is restored afterwards.
+    """
+    config = model.config
+    prompt, squeeze = _prompt_array(ids, config.vocab_size)
+    check_sampling_args(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < config.vocab_size):
+        raise ValueError(f"generate: eos_id must be a token id in [0, {config.vocab_size}), got {eos_id!r}")
+    batch, prompt_len = prompt.shape
+    total = prompt_len + int(max_new_tokens)
+    if total > config.context_length:
+        raise ValueError(
+            f"generate: the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) is {total}, "
+            f"more than the model's context_length={config.context_length}; shorten the prompt or ask "
+            f"for at most {max(config.context_length - prompt_len, 0)} new tokens"
+        )
+    out = np.empty((batch, total), dtype=np.int64)
+    out[:, :prompt_len] = prompt
+    length = prompt_len
+    if max_new_tokens > 0:
+        rng = _default_rng(seed) if temperature != 0 else None
+        finished = np.zeros(batch, dtype=bool)
+        modes = [(module, module.training) for module in model.modules()]   # restored exactly below
+        model.eval()
+        try:
+            with no_grad():
+                # the last new token is never fed back, so the cache needs total - 1 positions
+                cache = model.new_kv_cache(batch, total - 1) if use_cache else None
+                logits = model(prompt, cache=cache).data[:, -1]           # prefill: (B, V)
+                while True:
+                    next_ids = sample_next(logits, temperature, top_k, top_p, rng)   # (B,) on the host
+                    if eos_id is not None:
+                        next_ids[finished] = eos_id                           # stopped rows pad with eos
+                        finished |= next_ids == eos_id
+                    out[:, length] = next_ids
+                    length += 1
+                    if stream is not None:
+                        stream(next_ids.copy())
+                    if length == total or finished.all():
+                        break
+                    if cache is not None:
+                        logits = model(next_ids[:, None], cache=cache).data[:, -1]   # one position
+                    else:
+                        logits = model(out[:, :length]).data[:, -1]                  # all positions again
+        finally:
+            for module, training in modes:
+                module.training = training
+    result = out[:, :length]
+    return result[0] if squeeze else result
