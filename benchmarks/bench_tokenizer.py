@@ -1,5 +1,8 @@
-"""Tokenizer figures: encode MB/s (1 process, encode_batch), train time and
-bytes/token at vocab 4096, peak memory training on ~100 MB.
+"""Tokenizer figures: encode MB/s with GPT-2's vocabulary on tinyshakespeare
+(1 process and encode_batch; the first call of a freshly loaded tokenizer,
+empty cache, loading not timed, and the same text again), train time and
+bytes/token at vocab 4096, peak memory training on ~100 MB. Run it on an
+idle machine: it prints the load average first.
 
     python benchmarks/bench_tokenizer.py            # same as: minillm bench tokenizer
     python benchmarks/bench_tokenizer.py --memory-mb 0   # skip the 100 MB run

@@ -54,7 +54,7 @@ from pathlib import Path
 import regex
 
 from .gpt2 import bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
-from .pretokenize import GPT2_PATTERN, compile_pattern, count_chunks, resolve_pattern
+from .pretokenize import GPT2_PATTERN, chunk_finder, count_chunks, resolve_pattern
 from .train import learn_merges
 
 FORMAT_NAME = "minillm-bpe-tokenizer"
@@ -103,7 +103,7 @@ class BPETokenizer:
         # bytes -> ids in C with bytes.translate (GPT-2 permutes ids 0-255)
         self._byte_table = bytes(self._byte_ids) if sorted(self._byte_ids) == list(range(256)) else None
         self.pattern = pattern
-        self._split = compile_pattern(pattern).findall if pattern is not None else None
+        self._split = chunk_finder(pattern) if pattern is not None else None
         self.special_tokens = special_tokens
         self._special_by_id = {i: s for s, i in special_tokens.items()}
 

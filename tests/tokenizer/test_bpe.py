@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -20,7 +21,13 @@ from minillm.tokenizer import (
     load_tokenizer,
 )
 from minillm.tokenizer import bpe, parallel
-from minillm.tokenizer.pretokenize import GPT2_PATTERN_FAST, compile_pattern, split_blocks
+from minillm.tokenizer.pretokenize import (
+    GPT2_PATTERN_ASCII,
+    GPT2_PATTERN_FAST,
+    chunk_finder,
+    compile_pattern,
+    split_blocks,
+)
 from minillm.tokenizer.train import learn_merges
 
 SAMPLE = (
@@ -274,9 +281,12 @@ def test_encode_batch_in_workers_cuts_long_texts_exactly(name, request, monkeypa
     tok = request.getfixturevalue(name)
     monkeypatch.setattr(parallel, "MIN_PARALLEL_CHARS", 0)  # use the pool even for this small batch
     long_text = CORPUS[:40_000]  # cut into pieces at line breaks
-    assert len(list(parallel._tasks(tok, [long_text], 5_000, "none_raise", "all"))) > 4
+    shares = parallel._share_out(tok, [long_text], 4, "none_raise", "all")
+    assert len(shares) == 4 and all(len(share) == 1 for share in shares)  # cut in 4 pieces
     texts = [long_text, "", "short one", SAMPLE, "x" * 9_000, CORPUS[40_000:50_000]]
     assert tok.encode_batch(texts, num_workers=2) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(["", ""], num_workers=2) == [[], []]
+    assert tok.encode_batch([], num_workers=2) == []
 
 
 def test_encode_batch_in_workers_keeps_special_token_rules(trained, monkeypatch):
@@ -333,9 +343,22 @@ def test_fast_gpt2_pattern_finds_the_published_chunks(text):
     assert compile_pattern("gpt2").findall(text) == regex.findall(GPT2_PATTERN, text)
 
 
-def test_fast_gpt2_pattern_on_a_real_corpus():
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60)
+       | st.text(alphabet=" \t\n\r\x0b\x0c\x1c\x1f\x85'sdtmlvreA1_-!.,", max_size=60))
+def test_ascii_gpt2_pattern_finds_the_published_chunks_in_ascii_text(text):
+    if text.isascii():
+        assert re.findall(GPT2_PATTERN_ASCII, text) == regex.findall(GPT2_PATTERN, text)
+    assert chunk_finder("gpt2")(text) == regex.findall(GPT2_PATTERN, text)
+
+
+def test_fast_gpt2_patterns_on_a_real_corpus():
     assert compile_pattern("gpt2").pattern == GPT2_PATTERN_FAST
     assert regex.findall(GPT2_PATTERN_FAST, CORPUS) == regex.findall(GPT2_PATTERN, CORPUS)
+    ascii_part = "".join(c for c in CORPUS if c.isascii())
+    assert len(ascii_part) > 100_000 and not CORPUS.isascii()
+    assert re.findall(GPT2_PATTERN_ASCII, ascii_part) == regex.findall(GPT2_PATTERN, ascii_part)
+    assert chunk_finder("gpt2")(CORPUS) == regex.findall(GPT2_PATTERN, CORPUS)
 
 
 def test_full_chunk_cache_is_cleared_but_results_stay_exact(trained, monkeypatch):
@@ -418,3 +441,13 @@ def test_load_tokenizer_missing_file_is_clear(tmp_path):
         load_tokenizer(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match="encoder.json"):
         load_tokenizer(f"gpt2:{tmp_path}")
+
+
+def test_encode_batch_with_spawned_workers(trained, monkeypatch):
+    """macOS and Windows start workers with spawn: the tokenizer is pickled."""
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_CHARS", 0)
+    monkeypatch.setattr(parallel.mp, "get_all_start_methods", lambda: ["spawn"])
+    texts = [SAMPLE, SAMPLE.upper(), "<|endoftext|> as text"]
+    assert trained.encode_batch(texts, num_workers=2, allowed_special="none") == [
+        trained.encode(t, allowed_special="none") for t in texts
+    ]
