@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..tensor import Tensor
+
 
 def unbroadcast(grad, shape: tuple[int, ...]):
     """Sum ``grad`` down to ``shape``: the backward of NumPy broadcasting.
@@ -38,3 +42,19 @@ def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"repeated axis in {axis}")
     return tuple(sorted(out))
+
+
+def as_int_array(values, op_name: str, what: str):
+    """Integer ids (a Tensor, array, list or number) as an integer array; TypeError otherwise.
+
+    Shared by the ops that take ids rather than values (embedding, cross_entropy).
+    An empty Python list becomes an empty integer array (NumPy would make it float64).
+    """
+    data = values.data if isinstance(values, Tensor) else values
+    if not hasattr(data, "dtype") or isinstance(data, np.generic):
+        data = np.asarray(data)
+        if data.size == 0 and data.dtype.kind == "f":
+            data = data.astype(np.int64)
+    if data.dtype.kind not in "iu":
+        raise TypeError(f"{op_name}: {what} must be integers, got dtype {data.dtype}")
+    return data

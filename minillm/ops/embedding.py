@@ -33,6 +33,7 @@ import numpy as np
 from .. import backend
 from ..backend import array_module
 from ..tensor import Function, Tensor
+from .common import as_int_array
 from .shape import scatter_add
 
 
@@ -62,14 +63,7 @@ class Embedding(Function):
 
 def _check_ids(ids, vocab_size: int):
     """``ids`` as an integer array; TypeError for non-integers, IndexError for ids outside [0, V)."""
-    if isinstance(ids, Tensor):
-        ids = ids.data
-    if not hasattr(ids, "dtype") or isinstance(ids, np.generic):
-        ids = np.asarray(ids)
-        if ids.size == 0 and ids.dtype.kind == "f":  # np.asarray([]) is float64
-            ids = ids.astype(np.intp)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    ids = as_int_array(ids, "embedding", "ids")
     if ids.size:
         xp = array_module(ids)
         lowest, highest = backend.to_numpy(xp.stack([ids.min(), ids.max()])).tolist()  # one sync on a GPU

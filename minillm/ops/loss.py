@@ -30,6 +30,7 @@ import numpy as np
 from .. import backend, kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
+from .common import as_int_array
 from .activation import log_softmax_composed
 from .elementwise import where
 
@@ -121,14 +122,7 @@ def _check_targets(logits: Tensor, targets, ignore_index: int, reduction: str):
         raise TypeError(f"cross_entropy: logits must be a Tensor, got {type(logits).__name__}")
     if logits.ndim < 1 or logits.shape[-1] == 0:
         raise ValueError(f"cross_entropy: logits of shape {logits.shape} have no class axis")
-    if isinstance(targets, Tensor):
-        targets = targets.data
-    if not hasattr(targets, "dtype") or isinstance(targets, np.generic):
-        targets = np.asarray(targets)
-        if targets.size == 0 and targets.dtype.kind == "f":       # np.asarray([]) is float64
-            targets = targets.astype(np.int64)
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {targets.dtype}")
+    targets = as_int_array(targets, "cross_entropy", "targets (class ids)")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"cross_entropy: targets of shape {targets.shape} do not match logits of shape "
