@@ -1,0 +1,107 @@
+"""``minillm train`` and ``minillm bench train`` through ``minillm.cli.main``."""
+
+import json
+
+import pytest
+
+from minillm.cli import main
+from minillm.train import load_checkpoint, read_metrics
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16", "--batch-size", "2", "--quiet"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
+    return path
+
+
+def run(argv):
+    return main([str(a) for a in argv])
+
+
+def usage_error(argv, capsys):
+    """argparse rejects ``argv``: exit code 2; returns the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
+    (["--tokenizer", "bpe:100"], "argument --tokenizer: bpe:100: the vocabulary needs the 256 bytes"),
+    (["--tokenizer", "bpe:big"], "bpe:N needs an integer vocabulary size"),
+    (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["--lr", "-1"], "argument --lr: expected a positive number"),
+    (["--dropout", "1.5"], "argument --dropout: expected a probability in [0, 1)"),
+    (["--preset", "gpt5"], "argument --preset: unknown preset 'gpt5'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    assert message in usage_error(["train", *argv], capsys)
+
+
+def test_inconsistent_arguments_get_one_clear_line(tmp_path, text_file, capsys):
+    assert run(["train", "--data", text_file, "--n-head", "3", "--d-model", "16", "--out", tmp_path / "r"]) == 2
+    assert "minillm: error: --d-model 16 must be divisible by --n-head 3" in capsys.readouterr().err
+    assert run(["train", "--resume"]) == 2
+    assert "--resume needs a run directory" in capsys.readouterr().err
+    assert run(["train", "--resume", tmp_path / "empty"]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    assert run(["train", "--data", tmp_path / "missing.txt", "--out", tmp_path / "r2"]) == 2
+    assert "missing.txt: no such file or directory" in capsys.readouterr().err
+    assert run(["train", "--tokenizer", tmp_path / "nope.json", "--data", text_file, "--out", tmp_path / "r3"]) == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+def test_train_end_to_end_then_resume(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--data", text_file, "--tokenizer", "bytes", *TINY, "--steps", "3", "--out", out,
+                "--samples", "2", "--sample-tokens", "5", "--prompt", "To be"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("--- sample") == 2 and "To be" in captured.out
+    assert "done: step 3" in captured.err
+    assert load_checkpoint(out).step == 3
+    assert load_checkpoint(out).metadata["tokenizer"] == {"spec": "bytes", "file": "tokenizer.json"}
+    assert {p.name for p in out.iterdir()} >= {"checkpoint.json", "metrics.jsonl", "run.json", "tokenizer.json",
+                                               "tokens.bin"}
+
+    # the same --out again without --resume would overwrite a run
+    assert run(["train", "--data", text_file, "--tokenizer", "bytes", *TINY, "--out", out]) == 2
+    assert "already holds a run: add --resume" in capsys.readouterr().err
+    # resuming cannot change the model or the data ...
+    assert run(["train", "--resume", out, "--n-layer", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change the model when resuming" in err and "n_layer: checkpoint has 1, given 2" in err
+    assert run(["train", "--resume", out, "--tokenizer", "bpe:300"]) == 2
+    assert "cannot change --tokenizer" in capsys.readouterr().err
+    # ... but can train for longer, with a note when a training option changes what the steps compute
+    assert run(["train", "--resume", out, "--steps", "5", "--lr", "5e-4", "--samples", "0", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "note: resuming with changed training options" in err
+    assert "lr: checkpoint has 0.002, given 0.0005" in err and "steps" not in err.split("note:")[1].split("\n")[0]
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3, 4, 5]
+    assert json.loads((out / "checkpoint.json").read_text())["train_config"]["steps"] == 5
+
+
+def test_train_on_the_builtin_corpus_with_a_bpe_tokenizer(tmp_path, capsys):
+    out = tmp_path / "pydoc"
+    assert run(["train", "--tokenizer", "bpe:300", *TINY, "--steps", "2", "--out", out, "--samples", "1",
+                "--sample-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "trained a BPE tokenizer of 300 tokens" in captured.err
+    assert captured.out.count("--- sample") == 1
+    assert load_checkpoint(out).metadata["model_config"]["vocab_size"] == 300
+
+
+def test_bench_train_reports_throughput_and_memory(capsys):
+    assert run(["bench", "train", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16",
+                "--vocab-size", "50", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["n_layer"] == 1 and result["config"]["vocab_size"] == 50
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 10
+    assert result["ms_per_step_min"] <= result["ms_per_step_mean"]
+    assert "argument --steps: expected a positive integer" in usage_error(["bench", "train", "--steps", "0"], capsys)
