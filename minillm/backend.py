@@ -138,6 +138,39 @@ def synchronize(device: str = "cuda") -> None:
         _cupy.cuda.get_current_stream().synchronize()
 
 
+def tune_cpu_allocator() -> bool:
+    """Keep freed array memory in the process heap instead of returning it to the OS.
+
+    NumPy allocates a fresh array for every temporary. glibc serves blocks above
+    its mmap threshold (128 KiB, rising adaptively) with ``mmap`` and unmaps them
+    on free, so the next temporary of that size page-faults all its pages in
+    again (zeroed by the kernel). In a training step of a 6-layer, 384-wide
+    model that is ~55,000 page faults and ~30% of the step's time. Raising the
+    mmap threshold to 32 MiB and the trim threshold to 1 GiB lets temporaries
+    reuse warm heap pages (measured: 1.35 -> 1.05 s per step on 2 cores).
+
+    Process-wide and harmless to results (it changes where memory comes from,
+    never what is computed); the Trainer and the ``minillm`` command call it.
+    Returns False where it does not apply (not glibc).
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    _allocator_tuned = ok
+    return ok
+
+
+_allocator_tuned = False
+
+
 # ------------------------------------------------------------------ dtypes
 
 

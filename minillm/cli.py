@@ -53,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backend import tune_cpu_allocator
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_cpu_allocator()
     try:
         result = args.func(args)
     except KeyboardInterrupt:
