@@ -8,7 +8,7 @@ what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest --device cuda -q -p no:cacheprovider -x tests 2>&1 | tail -25 > "$OUT/pytest_cuda.log"
+  python3 -m pytest --device cuda -q -p no:cacheprovider -p no:warnings tests > "$OUT/pytest_cuda.log" 2>&1
   tail -3 "$OUT/pytest_cuda.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
@@ -19,6 +19,6 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
         python3 -m minillm bench generate --preset "$preset" --batch-size "$batch" --new-tokens 128 --device cuda --cache-only
       done
     done
-    python3 -m minillm train --device cuda --steps 300 --out "$OUT/run" --quiet --samples 1
+    python3 -m minillm train --device cuda --steps 300 --out /tmp/minillm-gpu-run --quiet --samples 1
   } 2>&1 | tee "$OUT/bench_gpu.log"
 fi
