@@ -112,7 +112,7 @@ def device_context(device: str):
     """Context in which new arrays land on ``device`` (a no-op for the CPU)."""
     if device == "cpu":
         return contextlib.nullcontext()
-    return _cupy.cuda.Device(int(device[5:]))
+    return _import_cupy().cuda.Device(int(parse_device(device)[5:]))
 
 
 def to_device(array, device: str):
@@ -223,6 +223,7 @@ def cpu_generator() -> np.random.Generator:
 
 
 def _cuda_rng(device: str):
+    device = parse_device(device)
     rng = _cuda_rngs.get(device)
     if rng is None:
         with device_context(device):

@@ -13,12 +13,17 @@ SETTINGS = settings(max_examples=25, deadline=None)
 RNG = np.random.default_rng(0)
 
 
+def const(array, device):
+    """A constant on the test's device (minillm never moves arrays between devices silently)."""
+    return mm.Tensor(np.asarray(array, dtype=np.float64), device=device)
+
+
 def test_reshape_and_view(device):
     a = RNG.standard_normal((2, 3, 4))
     ta = t(a, device)
     np.testing.assert_array_equal(as_np(ta.reshape(4, 6)), a.reshape(4, 6))
     np.testing.assert_array_equal(as_np(ta.reshape((-1, 2))), a.reshape(-1, 2))
-    assert mm.gradcheck(lambda x: x.reshape(6, 4) * np.arange(24.0).reshape(6, 4), ta)
+    assert mm.gradcheck(lambda x: x.reshape(6, 4) * const(np.arange(24.0).reshape(6, 4), device), ta)
     with pytest.raises(ValueError, match=r"cannot reshape a tensor of shape \(2, 3, 4\)"):
         ta.reshape(5, 5)
 
@@ -31,7 +36,7 @@ def test_permute(data, device):
     a = data.draw(arrays(shape))
     ta = t(a, device)
     np.testing.assert_array_equal(as_np(ta.permute(*perm)), a.transpose(perm))
-    weights = np.arange(a.size, dtype=float).reshape(a.transpose(perm).shape)
+    weights = const(np.arange(a.size, dtype=float).reshape(a.transpose(perm).shape), device)
     assert mm.gradcheck(lambda x: x.permute(*perm) * weights, ta)
 
 
@@ -81,7 +86,7 @@ def test_concat_stack_split(device):
     assert mm.gradcheck(lambda x, y: mm.stack([x, y], axis=0).sum(axis=0) * x, ta, c)
     pieces = mm.split(tb, [1, 4], axis=1)
     assert [p.shape for p in pieces] == [(2, 1), (2, 3), (2, 1)]
-    assert mm.gradcheck(lambda x: mm.concat(mm.split(x, [1, 4], axis=1)[::-1], axis=1) * np.arange(10.0).reshape(2, 5), tb)
+    assert mm.gradcheck(lambda x: mm.concat(mm.split(x, [1, 4], axis=1)[::-1], axis=1) * const(np.arange(10.0).reshape(2, 5), device), tb)
     with pytest.raises(ValueError, match="differ off that axis"):
         mm.concat([ta, tb], axis=0)
     with pytest.raises(ValueError, match="equal parts"):
@@ -94,7 +99,7 @@ def test_expand_squeeze_unsqueeze(device):
     a = RNG.standard_normal((3, 1))
     ta = t(a, device)
     np.testing.assert_array_equal(as_np(ta.expand(2, 3, 4)), np.broadcast_to(a, (2, 3, 4)))
-    assert mm.gradcheck(lambda x: x.expand(2, 3, 4) * np.arange(24.0).reshape(2, 3, 4), ta)
+    assert mm.gradcheck(lambda x: x.expand(2, 3, 4) * const(np.arange(24.0).reshape(2, 3, 4), device), ta)
     assert ta.squeeze().shape == (3,) and ta.squeeze(1).shape == (3,)
     assert ta.unsqueeze(0).shape == (1, 3, 1) and ta.unsqueeze(-1).shape == (3, 1, 1)
     assert mm.gradcheck(lambda x: x.squeeze(1).unsqueeze(0) * 3.0, ta)
