@@ -23,16 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
+    from .generate_commands import add_bench_generate_parser, add_generate_parser
+    from .ops_bench import add_bench_ops_parser
     from .train.commands import add_bench_train_parser, add_train_parser
 
     add_train_parser(commands)
 
-    try:
-        from .generate_commands import add_generate_parser
-    except ImportError:  # pragma: no cover - generation lands with its own issue
-        add_generate_parser = None
-    if add_generate_parser is not None:
-        add_generate_parser(commands)
+    add_generate_parser(commands)
 
     add_tokenizer_parser(commands)
 
@@ -43,12 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_bench_arguments(tok)
     tok.set_defaults(func=run_tokenizer_bench)
     add_bench_train_parser(benches)
-    try:
-        from .generate_commands import add_bench_generate_parser
-    except ImportError:  # pragma: no cover
-        add_bench_generate_parser = None
-    if add_bench_generate_parser is not None:
-        add_bench_generate_parser(benches)
+    add_bench_generate_parser(benches)
+    add_bench_ops_parser(benches)
     return parser
 
 

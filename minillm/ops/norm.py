@@ -31,6 +31,7 @@ import numpy as np
 from .. import kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
+from .common import row_ranges, run_parallel
 
 
 _BLOCK_ELEMENTS = 1 << 18   # 1 MB of float32, about a core's L2 cache
@@ -47,6 +48,11 @@ def _row_blocks(n_rows: int, n_cols: int, xp):
     step = max(1, _BLOCK_ELEMENTS // max(n_cols, 1)) if xp is np else max(n_rows, 1)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
+
+
+def _thread_ranges(n_rows: int, n_cols: int, xp) -> list[slice]:
+    """On the CPU, one range of rows per thread (``run_parallel``); on a GPU all rows at once."""
+    return row_ranges(n_rows, n_cols) if xp is np else [slice(0, n_rows)]
 
 
 def _row_sum(a):
@@ -95,21 +101,26 @@ class LayerNorm(Function):
         out_rows = out.reshape(-1, n_features)
         mean = xp.empty((rows.shape[0], 1), dtype=x.dtype)         # (N, 1)
         rstd = xp.empty((rows.shape[0], 1), dtype=x.dtype)         # (N, 1)
-        for block in _row_blocks(rows.shape[0], n_features, xp):
-            x_block, y = rows[block], out_rows[block]
-            mu = _row_sum(x_block)
-            mu *= 1.0 / n_features                                # μ
-            xp.subtract(x_block, mu, out=y)                       # x - μ
-            r = _row_dot(y, y)
-            r *= 1.0 / n_features                                 # σ²
-            r += self.eps
-            xp.sqrt(r, out=r)
-            xp.divide(1.0, r, out=r)                              # r = 1/√(σ² + ε)
-            y *= r                                                # x̂
-            y *= weight
-            if bias is not None:
-                y += bias                                         # y = x̂ w + b
-            mean[block], rstd[block] = mu, r
+
+        def normalize(part):                                      # rows part.start .. part.stop - 1
+            for block in _row_blocks(part.stop - part.start, n_features, xp):
+                block = slice(part.start + block.start, part.start + block.stop)
+                x_block, y = rows[block], out_rows[block]
+                mu = _row_sum(x_block)
+                mu *= 1.0 / n_features                                # μ
+                xp.subtract(x_block, mu, out=y)                       # x - μ
+                r = _row_dot(y, y)
+                r *= 1.0 / n_features                                 # σ²
+                r += self.eps
+                xp.sqrt(r, out=r)
+                xp.divide(1.0, r, out=r)                              # r = 1/√(σ² + ε)
+                y *= r                                                # x̂
+                y *= weight
+                if bias is not None:
+                    y += bias                                         # y = x̂ w + b
+                mean[block], rstd[block] = mu, r
+
+        run_parallel(normalize, _thread_ranges(rows.shape[0], n_features, xp))
         self.save(x, weight, mean, rstd)
         return out
 
@@ -133,27 +144,37 @@ class LayerNorm(Function):
         grad_rows = grad.reshape(-1, n_features)                  # (N, C)
         grad_x = xp.empty(x.shape, dtype=x.dtype)
         grad_x_rows = grad_x.reshape(-1, n_features)
-        grad_w = xp.zeros(n_features, dtype=x.dtype)
-        grad_b = xp.zeros(n_features, dtype=x.dtype)
-        blocks = list(_row_blocks(rows.shape[0], n_features, xp))
-        block_rows = blocks[0].stop - blocks[0].start if blocks else 0
-        x_hat_buffer = xp.empty((block_rows, n_features), dtype=x.dtype)
-        for block in blocks:
-            g, dx, r = grad_rows[block], grad_x_rows[block], rstd[block]
-            x_hat = x_hat_buffer[: g.shape[0]]
-            xp.subtract(rows[block], mean[block], out=x_hat)
-            x_hat *= r                                            # x̂, rebuilt
-            grad_w += _column_dot(g, x_hat)                       # Σ g x̂
-            grad_b += _column_sum(g)                              # Σ g
-            g_w = xp.multiply(g, weight, out=dx)                  # g_w = g w
-            mean_g_w = _row_sum(g_w)
-            mean_g_w *= inv_c                                     # mean(g_w)          (R, 1)
-            mean_g_w_x_hat = _row_dot(g_w, x_hat)
-            mean_g_w_x_hat *= inv_c                               # mean(g_w x̂)       (R, 1)
-            x_hat *= mean_g_w_x_hat
-            g_w -= x_hat
-            g_w -= mean_g_w
-            g_w *= r                                              # dx = r (g_w - mean(g_w) - x̂ mean(g_w x̂))
+
+        def backward_rows(part):                                  # rows part.start .. part.stop - 1
+            grad_w = xp.zeros(n_features, dtype=x.dtype)
+            grad_b = xp.zeros(n_features, dtype=x.dtype)
+            blocks = list(_row_blocks(part.stop - part.start, n_features, xp))
+            block_rows = blocks[0].stop - blocks[0].start if blocks else 0
+            x_hat_buffer = xp.empty((block_rows, n_features), dtype=x.dtype)
+            for block in blocks:
+                block = slice(part.start + block.start, part.start + block.stop)
+                g, dx, r = grad_rows[block], grad_x_rows[block], rstd[block]
+                x_hat = x_hat_buffer[: g.shape[0]]
+                xp.subtract(rows[block], mean[block], out=x_hat)
+                x_hat *= r                                        # x̂, rebuilt
+                grad_w += _column_dot(g, x_hat)                   # Σ g x̂
+                grad_b += _column_sum(g)                          # Σ g
+                g_w = xp.multiply(g, weight, out=dx)              # g_w = g w
+                mean_g_w = _row_sum(g_w)
+                mean_g_w *= inv_c                                 # mean(g_w)          (R, 1)
+                mean_g_w_x_hat = _row_dot(g_w, x_hat)
+                mean_g_w_x_hat *= inv_c                           # mean(g_w x̂)       (R, 1)
+                x_hat *= mean_g_w_x_hat
+                g_w -= x_hat
+                g_w -= mean_g_w
+                g_w *= r                                          # dx = r (g_w - mean(g_w) - x̂ mean(g_w x̂))
+            return grad_w, grad_b
+
+        partials = run_parallel(backward_rows, _thread_ranges(rows.shape[0], n_features, xp))
+        grad_w, grad_b = partials[0]
+        for more_w, more_b in partials[1:]:                       # each thread summed its own rows
+            grad_w += more_w
+            grad_b += more_b
         return grad_x, grad_w, grad_b
 
 
