@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
+from .common import row_ranges, run_parallel
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)      # 0.7978845608...
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -214,18 +217,8 @@ class GELU(Function):
             self.save(x, None)
             return kernels.gelu_forward(x, self.approximate)
         xp = array_module(x)
-        if self.approximate == "tanh":
-            t = x * x                                    # x²
-            t *= SQRT_2_OVER_PI * GELU_CUBIC
-            t += SQRT_2_OVER_PI
-            t *= x                                       # u = k x (1 + c x²)
-            xp.tanh(t, out=t)                            # t = tanh(u)
-            out = t + 1.0
-            out *= x
-            out *= 0.5                                   # y = ½ x (1 + t)
-        else:
-            t = normal_cdf_array(x)                      # Φ(x)
-            out = x * t                                  # y = x Φ(x)
+        t, out = xp.empty_like(x), xp.empty_like(x)
+        _elementwise_in_threads(_gelu_forward_into, (x,), (t, out), self.approximate)
         self.save(x, t)
         return out
 
@@ -233,27 +226,61 @@ class GELU(Function):
         x, t = self.saved
         if t is None:
             return (kernels.gelu_backward(grad, x, self.approximate),)
-        xp = array_module(x)
-        if self.approximate == "tanh":
-            d = x * x
-            d *= 1.5 * SQRT_2_OVER_PI * GELU_CUBIC
-            d += 0.5 * SQRT_2_OVER_PI
-            d *= x                                       # ½ x du/dx = ½ k x (1 + 3c x²)
-            one_minus_t2 = t * t
-            xp.subtract(1.0, one_minus_t2, out=one_minus_t2)
-            d *= one_minus_t2                            # ½ x (1 - t²) du/dx
-            half_t = xp.multiply(t, 0.5, out=one_minus_t2)
-            d += half_t
-            d += 0.5                                     # + ½ (1 + t)
-        else:
-            d = x * x
-            d *= -0.5
-            xp.exp(d, out=d)
-            d *= INV_SQRT_2PI                            # φ(x)
-            d *= x
-            d += t                                       # Φ + x φ
-        d *= grad
+        d = array_module(x).empty_like(x)
+        _elementwise_in_threads(_gelu_backward_into, (x, t, grad), (d,), self.approximate)
         return (d,)
+
+
+def _gelu_forward_into(x, t, out, approximate: str) -> None:
+    """t, out <- tanh(u) (or Φ(x)) and y = GELU(x), written into the given arrays."""
+    xp = array_module(x)
+    if approximate == "tanh":
+        xp.multiply(x, x, out=t)                     # x²
+        t *= SQRT_2_OVER_PI * GELU_CUBIC
+        t += SQRT_2_OVER_PI
+        t *= x                                       # u = k x (1 + c x²)
+        xp.tanh(t, out=t)                            # t = tanh(u)
+        xp.add(t, 1.0, out=out)
+        out *= x
+        out *= 0.5                                   # y = ½ x (1 + t)
+    else:
+        t[...] = normal_cdf_array(x)                 # Φ(x)
+        xp.multiply(x, t, out=out)                   # y = x Φ(x)
+
+
+def _gelu_backward_into(x, t, grad, d, approximate: str) -> None:
+    """d <- dL/dx from x and the saved t (no transcendental function in the tanh form)."""
+    xp = array_module(x)
+    if approximate == "tanh":
+        xp.multiply(x, x, out=d)
+        d *= 1.5 * SQRT_2_OVER_PI * GELU_CUBIC
+        d += 0.5 * SQRT_2_OVER_PI
+        d *= x                                       # ½ x du/dx = ½ k x (1 + 3c x²)
+        one_minus_t2 = t * t
+        xp.subtract(1.0, one_minus_t2, out=one_minus_t2)
+        d *= one_minus_t2                            # ½ x (1 - t²) du/dx
+        half_t = xp.multiply(t, 0.5, out=one_minus_t2)
+        d += half_t
+        d += 0.5                                     # + ½ (1 + t)
+    else:
+        xp.multiply(x, x, out=d)
+        d *= -0.5
+        xp.exp(d, out=d)
+        d *= INV_SQRT_2PI                            # φ(x)
+        d *= x
+        d += t                                       # Φ + x φ
+    d *= grad
+
+
+def _elementwise_in_threads(work, inputs, outputs, *args) -> None:
+    """``work(*inputs, *outputs, *args)`` over contiguous pieces of the flattened arrays, one
+    piece per CPU thread (``run_parallel``); a single call for non-contiguous arrays."""
+    arrays = inputs + outputs
+    if not all(a.flags.c_contiguous for a in arrays) or array_module(arrays[0]) is not np:
+        work(*arrays, *args)
+        return
+    flat = [a.reshape(-1) for a in arrays]
+    run_parallel(lambda part: work(*(a[part] for a in flat), *args), row_ranges(flat[0].size, 1))
 
 
 class Erf(Function):
