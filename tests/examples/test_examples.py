@@ -48,3 +48,14 @@ def test_05_pretrain_shakespeare(tmp_path, capsys):
     assert "val loss on all" in out and "ROMEO:" in out
     assert val_loss < math.log(256) - 0.5   # 30 small steps on one repeated line already beat uniform
     assert (tmp_path / "run" / "checkpoint.json").is_file()
+
+
+def test_06_generate(capsys):
+    speedup = load("06_generate").main(["--new-tokens", "16"])
+    assert speedup > 0
+    out = capsys.readouterr().out
+    assert "seed 42 twice" in out and "eos_id=" in out
+
+
+def test_07_gpt2_weights():
+    assert load("07_gpt2_weights").main([]) == 0.0   # save_hf_gpt2 -> load_hf_gpt2 gives identical logits
