@@ -91,10 +91,20 @@ def _softmax_rows_(scores, causal: bool):
 def _softmax_rows_cpu_(scores, causal: bool) -> None:
     tq, tk = scores.shape[-2:]
     if causal:  # every masked key is among the last Tq: mask that (Tq, Tq) corner only
-        np.copyto(scores[..., tk - tq:], -np.inf, where=causal_mask(tq, tq))   # e^{-inf} = 0 below
+        corner = scores[..., tk - tq:]
+        np.add(corner, _causal_bias(tq, scores.dtype), out=corner)   # −∞ above the diagonal, e^{−∞} = 0
     scores -= scores.max(axis=-1, keepdims=True)                    # (…, Tq, 1): stable exp
     np.exp(scores, out=scores)
-    scores *= 1 / scores.sum(axis=-1, keepdims=True)
+    row_sums = scores @ np.ones(tk, dtype=scores.dtype)             # (…, Tq), through BLAS: ~4x .sum(-1)
+    scores *= (1 / row_sums)[..., None]
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(t: int, dtype) -> np.ndarray:
+    """(T, T) float array: 0 where query i may see key j (j <= i), −∞ where it may not."""
+    bias = np.where(causal_mask(t, t), -np.inf, 0.0).astype(dtype)
+    bias.flags.writeable = False
+    return bias
 
 
 def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_scale=1.0):
