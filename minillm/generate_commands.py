@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
-from .train.commands import _device, _non_negative_float, _non_negative_int, _positive_int, _preset
+from . import argtypes
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -101,27 +101,17 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                         "the tokenizer files in the model's directory")
     p.add_argument("--prompt", help=f"the text to continue (default: start from {EOS_TOKEN}, if the "
                                     f"tokenizer has it)")
-    p.add_argument("--max-new-tokens", type=_non_negative_int, default=100,
+    p.add_argument("--max-new-tokens", type=argtypes.non_negative_int, default=100,
                    help="tokens to generate (default 100; fewer if the context is shorter)")
-    p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=_non_negative_int, default=50, help="sample among the k most likely (0 = off; default 50)")
-    p.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass in (0, 1] (default off)")
+    p.add_argument("--temperature", type=argtypes.non_negative_float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=argtypes.non_negative_int, default=50, help="sample among the k most likely (0 = off; default 50)")
+    p.add_argument("--top-p", type=argtypes.top_p, default=None, help="nucleus sampling mass in (0, 1] (default off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible, on any device")
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--device", type=argtypes.device, default="cpu")
     p.add_argument("--ignore-eos", action="store_true", help=f"do not stop at {EOS_TOKEN}")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence every step (slow reference)")
     p.set_defaults(func=run_generate)
     return p
-
-
-def _top_p(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
 
 
 def run_generate(args: argparse.Namespace, out=None) -> int:
@@ -183,11 +173,11 @@ def add_bench_generate_parser(bench_subparsers) -> argparse.ArgumentParser:
         "generate", help="generation tokens/s, with and without the KV cache",
         description="Generate from a randomly initialised GPT (greedy, so both ways produce the same "
                     "tokens) and report tokens/s with the KV cache, without it, and the speed-up.")
-    p.add_argument("--preset", type=_preset, default="gpt2-124m", help="a GPTConfig preset (default gpt2-124m)")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
-    p.add_argument("--new-tokens", type=_positive_int, default=256, help="tokens generated per row (default 256)")
-    p.add_argument("--prompt-len", type=_positive_int, default=16, help="prompt length (default 16)")
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--preset", type=argtypes.preset, default="gpt2-124m", help="a GPTConfig preset (default gpt2-124m)")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=1)
+    p.add_argument("--new-tokens", type=argtypes.positive_int, default=256, help="tokens generated per row (default 256)")
+    p.add_argument("--prompt-len", type=argtypes.positive_int, default=16, help="prompt length (default 16)")
+    p.add_argument("--device", type=argtypes.device, default="cpu")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--no-cache", action="store_true", help="measure only generation without the cache")
     which.add_argument("--cache-only", action="store_true", help="measure only generation with the cache")

@@ -7,6 +7,8 @@ gradient broadcasts), then broadcast to the input's shape.
 
 from __future__ import annotations
 
+import math
+
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .common import normalize_axes
@@ -20,14 +22,22 @@ def _expand_reduced(grad, axes: tuple[int, ...], keepdims: bool):
     return xp.expand_dims(grad, axes) if axes else grad
 
 
-class Sum(Function):
-    """z = Σ_axes x.   dz/dx = 1 for every summed element: grad broadcast back."""
+class Reduction(Function):
+    """What every reduction shares: the axes to reduce, whether to keep them, how many elements."""
 
     def __init__(self, axis=None, keepdims=False):
         self.axis, self.keepdims = axis, keepdims
 
-    def forward(self, x):
+    def set_axes(self, x) -> None:
         self.axes = normalize_axes(self.axis, x.ndim)
+        self.count = math.prod(x.shape[a] for a in self.axes)   # elements per reduced group
+
+
+class Sum(Reduction):
+    """z = Σ_axes x.   dz/dx = 1 for every summed element: grad broadcast back."""
+
+    def forward(self, x):
+        self.set_axes(x)
         self.save(x.shape)
         return x.sum(axis=self.axes, keepdims=self.keepdims)
 
@@ -37,17 +47,11 @@ class Sum(Function):
         return (xp.broadcast_to(_expand_reduced(grad, self.axes, self.keepdims), shape),)
 
 
-class Mean(Function):
+class Mean(Reduction):
     """z = (1/n) Σ_axes x.   dz/dx = 1/n, n the number of elements reduced."""
 
-    def __init__(self, axis=None, keepdims=False):
-        self.axis, self.keepdims = axis, keepdims
-
     def forward(self, x):
-        self.axes = normalize_axes(self.axis, x.ndim)
-        self.count = 1
-        for a in self.axes:
-            self.count *= x.shape[a]
+        self.set_axes(x)
         self.save(x.shape)
         return x.mean(axis=self.axes, keepdims=self.keepdims)
 
@@ -58,14 +62,11 @@ class Mean(Function):
         return (xp.broadcast_to(scaled, shape),)
 
 
-class Max(Function):
+class Max(Reduction):
     """z = max_axes x.   dz/dx = 1 where x equals the max (split evenly between ties), else 0."""
 
-    def __init__(self, axis=None, keepdims=False):
-        self.axis, self.keepdims = axis, keepdims
-
     def forward(self, x):
-        self.axes = normalize_axes(self.axis, x.ndim)
+        self.set_axes(x)
         if x.size == 0:
             raise ValueError("max of an empty tensor")
         out = x.max(axis=self.axes, keepdims=True)
@@ -79,17 +80,11 @@ class Max(Function):
         return (is_max * _expand_reduced(grad, self.axes, self.keepdims),)
 
 
-class Var(Function):
+class Var(Reduction):
     """z = (1/n) Σ (x − μ)², ddof = 0 like NumPy.   dz/dx = (2/n)(x − μ)."""
 
-    def __init__(self, axis=None, keepdims=False):
-        self.axis, self.keepdims = axis, keepdims
-
     def forward(self, x):
-        self.axes = normalize_axes(self.axis, x.ndim)
-        self.count = 1
-        for a in self.axes:
-            self.count *= x.shape[a]
+        self.set_axes(x)
         centered = x - x.mean(axis=self.axes, keepdims=True)
         self.save(centered)
         return (centered * centered).mean(axis=self.axes, keepdims=self.keepdims)

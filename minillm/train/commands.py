@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import backend
+from .. import argtypes, backend
 from .checkpoint import CheckpointError, config_differences, has_checkpoint, read_metadata
 from .trainer import TrainConfig, Trainer
 
@@ -53,53 +53,6 @@ SAME_RUN_TRAIN_FIELDS = {"steps", "device", "progress", "eval_interval", "eval_b
 # ================================================================ argument types
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text}")
-    return value
-
-
 def _tokenizer_spec(text: str) -> str:
     """bytes | bpe:N | gpt2:DIR | PATH (existence of DIR/PATH is checked when it is loaded)."""
     if text.startswith("bpe:"):
@@ -112,21 +65,6 @@ def _tokenizer_spec(text: str) -> str:
                 f"bpe:{size}: the vocabulary needs the 256 bytes plus <|endoftext|>, so N >= 257")
     elif not text:
         raise argparse.ArgumentTypeError("empty tokenizer spec: use bytes, bpe:N, gpt2:DIR or a file")
-    return text
-
-
-def _device(text: str) -> str:
-    text = text.strip().lower()
-    if text not in ("cpu", "cuda", "gpu") and not (text.startswith("cuda:") and text[5:].isdigit()):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def _preset(text: str) -> str:
-    from ..models.gpt import PRESET_ALIASES, PRESETS  # noqa: PLC0415
-
-    if text not in PRESETS and text not in PRESET_ALIASES:
-        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose one of {', '.join(PRESETS)}")
     return text
 
 
@@ -145,32 +83,32 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", type=_tokenizer_spec, metavar="SPEC",
                       help=f"bytes | bpe:N (train one, N tokens) | gpt2:DIR | a tokenizer file "
                            f"(default {DEFAULT_TOKENIZER})")
-    data.add_argument("--val-fraction", metavar="X", type=_probability, help="held-out tail of the tokens (default 0.1)")
-    data.add_argument("--stride", metavar="N", type=_positive_int,
+    data.add_argument("--val-fraction", metavar="X", type=argtypes.probability, help="held-out tail of the tokens (default 0.1)")
+    data.add_argument("--stride", metavar="N", type=argtypes.positive_int,
                       help="distance between training windows (default 1: every start position)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--preset", metavar="NAME", type=_preset, help="a GPTConfig preset (tiny, gpt2-124m, ...); sizes below override it")
-    model.add_argument("--n-layer", metavar="N", type=_positive_int, help=f"blocks (default {DEFAULT_MODEL['n_layer']})")
-    model.add_argument("--n-head", metavar="N", type=_positive_int, help=f"attention heads (default {DEFAULT_MODEL['n_head']})")
-    model.add_argument("--d-model", metavar="N", type=_positive_int, help=f"width (default {DEFAULT_MODEL['d_model']})")
-    model.add_argument("--context", metavar="N", type=_positive_int,
+    model.add_argument("--preset", metavar="NAME", type=argtypes.preset, help="a GPTConfig preset (tiny, gpt2-124m, ...); sizes below override it")
+    model.add_argument("--n-layer", metavar="N", type=argtypes.positive_int, help=f"blocks (default {DEFAULT_MODEL['n_layer']})")
+    model.add_argument("--n-head", metavar="N", type=argtypes.positive_int, help=f"attention heads (default {DEFAULT_MODEL['n_head']})")
+    model.add_argument("--d-model", metavar="N", type=argtypes.positive_int, help=f"width (default {DEFAULT_MODEL['d_model']})")
+    model.add_argument("--context", metavar="N", type=argtypes.positive_int,
                        help=f"context length, also the training window (default {DEFAULT_MODEL['context_length']})")
-    model.add_argument("--dropout", metavar="X", type=_probability, help="dropout probability (default 0)")
+    model.add_argument("--dropout", metavar="X", type=argtypes.probability, help="dropout probability (default 0)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--steps", metavar="N", type=_positive_int, help=f"optimizer steps (default {DEFAULT_TRAIN['steps']})")
-    train.add_argument("--batch-size", metavar="N", type=_positive_int, help=f"windows per micro-batch (default {DEFAULT_TRAIN['batch_size']})")
-    train.add_argument("--grad-accum", metavar="N", type=_positive_int, help="micro-batches per step (default 1)")
-    train.add_argument("--lr", metavar="X", type=_positive_float, help=f"peak learning rate (default {DEFAULT_TRAIN['lr']})")
-    train.add_argument("--min-lr", metavar="X", type=_non_negative_float, help=f"final learning rate (default {DEFAULT_TRAIN['min_lr']})")
-    train.add_argument("--warmup", metavar="N", type=_non_negative_int, help=f"warmup steps (default {DEFAULT_TRAIN['warmup']})")
-    train.add_argument("--weight-decay", metavar="X", type=_non_negative_float, help="AdamW weight decay (default 0.1)")
-    train.add_argument("--clip", metavar="X", type=_non_negative_float, help="gradient-norm clip, 0 = off (default 1.0)")
-    train.add_argument("--eval-interval", metavar="N", type=_non_negative_int, help="steps between evaluations (0: only at the end)")
-    train.add_argument("--eval-batches", metavar="N", type=_positive_int, help="validation batches per evaluation")
-    train.add_argument("--checkpoint-interval", metavar="N", type=_non_negative_int, help="steps between checkpoints (0: only at the end)")
-    train.add_argument("--device", metavar="DEVICE", type=_device, help="cpu, cuda or cuda:N (default cpu)")
+    train.add_argument("--steps", metavar="N", type=argtypes.positive_int, help=f"optimizer steps (default {DEFAULT_TRAIN['steps']})")
+    train.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, help=f"windows per micro-batch (default {DEFAULT_TRAIN['batch_size']})")
+    train.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int, help="micro-batches per step (default 1)")
+    train.add_argument("--lr", metavar="X", type=argtypes.positive_float, help=f"peak learning rate (default {DEFAULT_TRAIN['lr']})")
+    train.add_argument("--min-lr", metavar="X", type=argtypes.non_negative_float, help=f"final learning rate (default {DEFAULT_TRAIN['min_lr']})")
+    train.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, help=f"warmup steps (default {DEFAULT_TRAIN['warmup']})")
+    train.add_argument("--weight-decay", metavar="X", type=argtypes.non_negative_float, help="AdamW weight decay (default 0.1)")
+    train.add_argument("--clip", metavar="X", type=argtypes.non_negative_float, help="gradient-norm clip, 0 = off (default 1.0)")
+    train.add_argument("--eval-interval", metavar="N", type=argtypes.non_negative_int, help="steps between evaluations (0: only at the end)")
+    train.add_argument("--eval-batches", metavar="N", type=argtypes.positive_int, help="validation batches per evaluation")
+    train.add_argument("--checkpoint-interval", metavar="N", type=argtypes.non_negative_int, help="steps between checkpoints (0: only at the end)")
+    train.add_argument("--device", metavar="DEVICE", type=argtypes.device, help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--seed", metavar="N", type=int, help="random seed (default 1337)")
 
     run = p.add_argument_group("run directory")
@@ -179,9 +117,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                      help="continue the run in RUN_DIR (or in --out) from its checkpoint")
 
     sample = p.add_argument_group("samples printed at the end")
-    sample.add_argument("--samples", metavar="N", type=_non_negative_int, default=3, help="how many (default 3; 0: none)")
-    sample.add_argument("--sample-tokens", metavar="N", type=_positive_int, default=100, help="new tokens per sample (default 100)")
-    sample.add_argument("--temperature", metavar="X", type=_non_negative_float, default=0.8, help="0 = greedy (default 0.8)")
+    sample.add_argument("--samples", metavar="N", type=argtypes.non_negative_int, default=3, help="how many (default 3; 0: none)")
+    sample.add_argument("--sample-tokens", metavar="N", type=argtypes.positive_int, default=100, help="new tokens per sample (default 100)")
+    sample.add_argument("--temperature", metavar="X", type=argtypes.non_negative_float, default=0.8, help="0 = greedy (default 0.8)")
     sample.add_argument("--prompt", action="append", metavar="TEXT",
                         help=f"a prompt (repeatable; default {DEFAULT_PROMPTS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -403,18 +341,18 @@ def add_bench_train_parser(bench_subparsers) -> argparse.ArgumentParser:
         description="Time full training steps (forward, backward, clip, AdamW) on random tokens. "
                     "Default: 6 layers, 6 heads, 384 dims, context 256, batch 8, vocab 65, fp32 "
                     "(the CPU figure in the README); --preset gpt2-124m --device cuda for the GPU one.")
-    p.add_argument("--preset", metavar="NAME", type=_preset, help="a GPTConfig preset; the sizes below override it")
-    p.add_argument("--n-layer", metavar="N", type=_positive_int)
-    p.add_argument("--n-head", metavar="N", type=_positive_int)
-    p.add_argument("--d-model", metavar="N", type=_positive_int)
-    p.add_argument("--context", metavar="N", type=_positive_int, help="sequence length (default 256, or the preset's)")
-    p.add_argument("--vocab-size", metavar="N", type=_positive_int, help="default 65, or the preset's")
-    p.add_argument("--batch-size", metavar="N", type=_positive_int, default=8)
-    p.add_argument("--grad-accum", metavar="N", type=_positive_int, default=1)
-    p.add_argument("--dropout", metavar="X", type=_probability, default=0.0)
-    p.add_argument("--device", metavar="DEVICE", type=_device, default="cpu")
-    p.add_argument("--steps", metavar="N", type=_positive_int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", metavar="N", type=_non_negative_int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--preset", metavar="NAME", type=argtypes.preset, help="a GPTConfig preset; the sizes below override it")
+    p.add_argument("--n-layer", metavar="N", type=argtypes.positive_int)
+    p.add_argument("--n-head", metavar="N", type=argtypes.positive_int)
+    p.add_argument("--d-model", metavar="N", type=argtypes.positive_int)
+    p.add_argument("--context", metavar="N", type=argtypes.positive_int, help="sequence length (default 256, or the preset's)")
+    p.add_argument("--vocab-size", metavar="N", type=argtypes.positive_int, help="default 65, or the preset's")
+    p.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, default=8)
+    p.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int, default=1)
+    p.add_argument("--dropout", metavar="X", type=argtypes.probability, default=0.0)
+    p.add_argument("--device", metavar="DEVICE", type=argtypes.device, default="cpu")
+    p.add_argument("--steps", metavar="N", type=argtypes.positive_int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--seed", metavar="N", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run_bench_train)
