@@ -161,6 +161,21 @@ def run_tokenizer_bench(args: argparse.Namespace) -> int:
     print(f"encode_batch ({args.workers} processes): first call {megabytes / batch_cold:5.2f} MB/s, "
           f"again {megabytes / batch_warm:5.2f} MB/s  (ids identical to encode: {batch_ids == [ids]})")
 
+    # a bigger batch: 8 documents of ~1 MB of generated text (distinct chunks, like new
+    # text), each run on a fresh tokenizer: the processes now have enough work to pay off
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = []
+        for seed in range(8):
+            path = Path(tmp) / f"doc{seed}.txt"
+            generate_corpus(path, 1, text, seed=seed)
+            docs.append(path.read_text(encoding="utf-8"))
+    docs_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    serial, serial_ids, _ = first_call(lambda tok: [tok.encode(d) for d in docs])
+    parallel, parallel_ids, _ = first_call(lambda tok: tok.encode_batch(docs, num_workers=args.workers))
+    print(f"8 documents, {docs_mb:.1f} MB, first call: encode one by one {docs_mb / serial:5.2f} MB/s, "
+          f"encode_batch ({args.workers} processes) {docs_mb / parallel:5.2f} MB/s  "
+          f"(ids identical: {serial_ids == parallel_ids})")
+
     # train
     seconds, tok = _best_time(
         lambda: BPETokenizer.train(text, args.vocab_size, pattern="gpt2", progress=False), args.repeat)
