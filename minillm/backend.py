@@ -21,6 +21,7 @@ its own dtype (float64 data is how ``gradcheck`` gets float64).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from typing import Any
 
@@ -169,6 +170,56 @@ def tune_cpu_allocator() -> bool:
 
 
 _allocator_tuned = False
+
+
+@functools.lru_cache(maxsize=None)
+def _openblas_thread_functions():
+    """(get, set) for the thread count of the OpenBLAS that NumPy loaded, or None.
+
+    NumPy's wheels bundle OpenBLAS with prefixed symbols (``scipy_openblas_*64_``);
+    other builds use the plain names. Found among the libraries this process has
+    mapped (Linux); anywhere else, or with another BLAS, there is nothing to set.
+    """
+    try:
+        import ctypes  # noqa: PLC0415
+
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    return get, set_
+    except OSError:
+        pass
+    return None
+
+
+def can_limit_blas_threads() -> bool:
+    return _openblas_thread_functions() is not None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Within this block NumPy's BLAS uses ``n`` threads (when it is an OpenBLAS we can reach).
+
+    For many small matrix products, running them in our own threads, each with a
+    single-threaded BLAS, beats one multi-threaded BLAS splitting every small
+    product (CPU attention: ~35% faster on 2 cores). The count is restored after.
+    """
+    functions = _openblas_thread_functions()
+    if functions is None:
+        yield False
+        return
+    get, set_ = functions
+    previous = get()
+    set_(n)
+    try:
+        yield True
+    finally:
+        set_(previous)
 
 
 # ------------------------------------------------------------------ dtypes

@@ -10,9 +10,10 @@ Cases (GPT-2-124M sizes):
     gelu           x (8192, 3072), approximate="tanh"
     attention      q, k, v (8, 12, 256, 64), causal
 
-Each variant runs once to warm up, then ``--repeat`` times, fused and composed
-taking turns so that both see the same machine load; the figures are the best
-wall-clock time of each. With ``--memory``, the peak memory of one forward +
+Each variant runs in blocks of one warm-up and ``--repeat`` timed runs, two
+blocks each, fused and composed taking turns (so both see the same drift in
+machine load, and neither starts while BLAS threads of the other still spin);
+the figures are the best wall-clock time of each. With ``--memory``, the peak memory of one forward +
 backward is measured for each variant in a fresh process (so the two do not
 share allocator state): on the CPU with ``tracemalloc`` (NumPy reports its
 arrays to it), on a GPU as the growth of CuPy's memory pool; both net of the
@@ -74,13 +75,14 @@ def time_case(name: str, device: str = "cpu", repeat: int = 5) -> dict:
     arrays, fused, composed = CASES[name](device, np.random.default_rng(0))
     inputs = [Tensor(a, requires_grad=True, device=device) for a in arrays]
     best = {"fused": float("inf"), "composed": float("inf")}
-    for i in range(repeat + 1):
+    for _ in range(2):                              # two rounds: both variants see the same drift in load
         for variant, fn in (("fused", fused), ("composed", composed)):
-            seconds = _step(fn, inputs, device)
-            for t in inputs:
-                t.grad = None
-            if i:                                   # the first round is the warm-up
-                best[variant] = min(best[variant], seconds)
+            for i in range(repeat + 1):             # the first run of each block is a warm-up
+                seconds = _step(fn, inputs, device)
+                for t in inputs:
+                    t.grad = None
+                if i:
+                    best[variant] = min(best[variant], seconds)
     return {"case": name, "device": device, "fused_ms": best["fused"] * 1e3,
             "composed_ms": best["composed"] * 1e3, "speedup": best["composed"] / best["fused"]}
 

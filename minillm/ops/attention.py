@@ -83,8 +83,7 @@ def _softmax_rows_(scores, causal: bool):
     """In place: scores (…, Tq, Tk) -> P = softmax over keys of the (causally masked) scores."""
     if backend.device_of(scores) != "cpu":
         return kernels.attention_softmax_forward_(scores, causal)   # one launch on the GPU
-    n, rows = scores.shape[0], scores[0].size                      # threads share out the matrices
-    run_parallel(lambda part: _softmax_rows_cpu_(scores[part], causal), row_ranges(n, rows))
+    _softmax_rows_cpu_(scores, causal)
     return scores
 
 
@@ -111,10 +110,7 @@ def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_sca
     """In place: grad_probs (dL/dP̃) -> dL/dS = P ⊙ (dP − rowsum(dP ⊙ P)), dP = dP̃ ⊙ M · keep_scale."""
     if backend.device_of(grad_probs) != "cpu":
         return kernels.attention_softmax_backward_(grad_probs, probs, causal, keep, keep_scale)
-    def work(part):
-        _softmax_rows_backward_cpu_(grad_probs[part], probs[part], None if keep is None else keep[part], keep_scale)
-
-    run_parallel(work, row_ranges(grad_probs.shape[0], grad_probs[0].size))
+    _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale)
     return grad_probs
 
 
@@ -129,8 +125,8 @@ def _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale) -> None:
 
 # On the CPU the (N, Tq, Tk) score matrices are processed in tiles of at most this many
 # query rows and (about) this many scores: small enough for a tile's softmax passes to run
-# in cache, large enough for good GEMMs (see _tiles). The softmax passes of a tile run
-# in CPU threads, each on its own matrices (``run_parallel``).
+# in cache, large enough for good GEMMs (see _tiles). The matrices are shared out between
+# CPU threads, each running its tiles with a single-threaded BLAS (``_tile_groups``).
 CPU_TILE_ROWS = 128
 CPU_TILE_SCORES = 1 << 18
 
@@ -157,6 +153,29 @@ def _tiles(n: int, tq: int, tk: int, causal: bool, device: str, start: int = 0) 
     return tiles
 
 
+def _tile_groups(n: int, tq: int, tk: int, causal: bool, device: str) -> list[list[tuple]]:
+    """The tiles, in groups over disjoint matrices that threads can run at the same time.
+
+    The CPU's elementwise passes use one core each and its BLAS splits every small
+    product between its own threads, poorly; so each CPU thread takes a share of
+    the matrices and runs all their work (products and softmax) with a
+    single-threaded BLAS. Where BLAS threads cannot be set, and on a GPU, one group.
+    """
+    if device != "cpu" or not backend.can_limit_blas_threads():
+        return [_tiles(n, tq, tk, causal, device)]
+    return [_tiles(part.stop - part.start, tq, tk, causal, device, start=part.start)
+            for part in row_ranges(n, tq * tk)]
+
+
+def _run_tile_groups(work, groups) -> None:
+    """``work(tiles)`` for every group: directly for one group, else in threads, BLAS single-threaded."""
+    if len(groups) == 1:
+        work(groups[0])
+        return
+    with backend.blas_threads(1):
+        run_parallel(work, groups)
+
+
 class ScaledDotProductAttention(Function):
     """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward.
 
@@ -171,7 +190,7 @@ class ScaledDotProductAttention(Function):
         lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
         q3 = (q * q.dtype.type(self.scale)).reshape(-1, tq, d)  # (N, Tq, D): scale the small operand
         k3, v3 = k.reshape(-1, tk, d), v.reshape(-1, tk, dv)
-        tiles = _tiles(q3.shape[0], tq, tk, self.causal, backend.device_of(q))
+        groups = _tile_groups(q3.shape[0], tq, tk, self.causal, backend.device_of(q))
         # P (N, Tq, Tk); entries right of a tile's k_end are never written nor read
         probs = xp.empty((q3.shape[0], tq, tk), dtype=q.dtype)
         out = xp.empty((q3.shape[0], tq, dv), dtype=q.dtype)                          # (N, Tq, Dv)
@@ -179,16 +198,20 @@ class ScaledDotProductAttention(Function):
         if self.dropout_p > 0:
             keep = dropout_keep_mask(lead + (tq, tk), self.dropout_p, backend.device_of(q)).reshape(probs.shape)
 
-        for b0, b1, r0, r1, k_end in tiles:
-            p = probs[b0:b1, r0:r1, :k_end]                   # a view: this tile's scores, then P
-            xp.matmul(q3[b0:b1, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
-            _softmax_rows_(p, self.causal)                    # in place
-            if keep is not None:
-                p = p * keep[b0:b1, r0:r1, :k_end]            # P ⊙ M (the 1/(1 − p) comes below)
-            xp.matmul(p, v3[b0:b1, :k_end], out=out[b0:b1, r0:r1])
+
+        def forward_tiles(tiles):
+            for b0, b1, r0, r1, k_end in tiles:
+                p = probs[b0:b1, r0:r1, :k_end]               # a view: this tile's scores, then P
+                xp.matmul(q3[b0:b1, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
+                _softmax_rows_(p, self.causal)                # in place
+                if keep is not None:
+                    p = p * keep[b0:b1, r0:r1, :k_end]        # P ⊙ M (the 1/(1 − p) comes below)
+                xp.matmul(p, v3[b0:b1, :k_end], out=out[b0:b1, r0:r1])
+
+        _run_tile_groups(forward_tiles, groups)
         if keep is not None:
             out *= out.dtype.type(1.0 / (1.0 - self.dropout_p))   # O = (P ⊙ M) V / (1 − p)
-        self.save(q3, k3, v3, probs, keep, tiles)
+        self.save(q3, k3, v3, probs, keep, groups)
         return out.reshape(lead + (tq, dv))
 
     def backward(self, grad):                                   # grad = dO (…, Tq, Dv)
@@ -196,41 +219,47 @@ class ScaledDotProductAttention(Function):
         # products, but only the small (…, T, D) operands are transposed. CuPy would copy a
         # transposed (…, Tk, Tq) view before its GEMM (measured: +400 MiB and 3x the time at
         # B=8, H=12, T=1024); NumPy's BLAS runs both forms at the same speed.
-        q3, k3, v3, probs, keep, tiles = self.saved
+        q3, k3, v3, probs, keep, groups = self.saved
         xp = array_module(grad)
         lead = grad.shape[:-2]
         grad3 = grad.reshape(-1, *grad.shape[-2:])              # (N, Tq, Dv)
         keep_scale = probs.dtype.type(1.0 / (1.0 - self.dropout_p))
         want_q, want_k, want_v = self.needs_input_grad
-        one_tile = len(tiles) == 1                              # then each gradient is one product
+        one_tile = len(groups) == 1 and len(groups[0]) == 1    # then each gradient is one product
         # gradients are allocated in their input's shape and filled through (N, T, ·) views
         grad_q = xp.empty(lead + q3.shape[1:], dtype=grad.dtype) if want_q else None
         grad_k = xp.zeros(lead + k3.shape[1:], dtype=grad.dtype) if want_k and not one_tile else None
         grad_v = xp.zeros(lead + v3.shape[1:], dtype=grad.dtype) if want_v and not one_tile else None
         grad_q3, grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:])
                                      for g in (grad_q, grad_k, grad_v))
-        for b0, b1, r0, r1, k_end in tiles:
-            p = probs[b0:b1, r0:r1, :k_end]                     # (n, rows, k_end)
-            tile_keep = None if keep is None else keep[b0:b1, r0:r1, :k_end]
-            g = grad3[b0:b1, r0:r1]                             # (n, rows, Dv)
-            if want_v:
-                kept = p if keep is None else p * tile_keep     # P ⊙ M; P̃ = that / (1 − p)
-                part = xp.matmul(g.swapaxes(-1, -2), kept).swapaxes(-1, -2)     # (dOᵀ P̃)ᵀ (n, k_end, Dv)
-                if one_tile:
-                    grad_v = part.reshape(lead + part.shape[-2:])
-                else:
-                    grad_v3[b0:b1, :k_end] += part
-            if want_q or want_k:
-                grad_scores = xp.matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2))  # dP̃ = dO Vᵀ
-                _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale)  # now dS
-                if want_q:
-                    xp.matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q3[b0:b1, r0:r1])     # dS K
-                if want_k:
-                    part = xp.matmul(q3[b0:b1, r0:r1].swapaxes(-1, -2), grad_scores).swapaxes(-1, -2)
+        one_tile_grads = {}                                     # with one tile, dK and dV are whole products
+
+        def backward_tiles(tiles):
+            for b0, b1, r0, r1, k_end in tiles:
+                p = probs[b0:b1, r0:r1, :k_end]                     # (n, rows, k_end)
+                tile_keep = None if keep is None else keep[b0:b1, r0:r1, :k_end]
+                g = grad3[b0:b1, r0:r1]                             # (n, rows, Dv)
+                if want_v:
+                    kept = p if keep is None else p * tile_keep     # P ⊙ M; P̃ = that / (1 − p)
+                    part = xp.matmul(g.swapaxes(-1, -2), kept).swapaxes(-1, -2)     # (dOᵀ P̃)ᵀ (n, k_end, Dv)
                     if one_tile:
-                        grad_k = part.reshape(lead + part.shape[-2:])
+                        one_tile_grads["v"] = part.reshape(lead + part.shape[-2:])
                     else:
-                        grad_k3[b0:b1, :k_end] += part
+                        grad_v3[b0:b1, :k_end] += part
+                if want_q or want_k:
+                    grad_scores = xp.matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2))  # dP̃ = dO Vᵀ
+                    _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale)  # now dS
+                    if want_q:
+                        xp.matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q3[b0:b1, r0:r1])     # dS K
+                    if want_k:
+                        part = xp.matmul(q3[b0:b1, r0:r1].swapaxes(-1, -2), grad_scores).swapaxes(-1, -2)
+                        if one_tile:
+                            one_tile_grads["k"] = part.reshape(lead + part.shape[-2:])
+                        else:
+                            grad_k3[b0:b1, :k_end] += part
+
+        _run_tile_groups(backward_tiles, groups)
+        grad_k, grad_v = one_tile_grads.get("k", grad_k), one_tile_grads.get("v", grad_v)
         if want_q:
             grad_q *= grad_q.dtype.type(self.scale)
         if want_v and keep is not None:
