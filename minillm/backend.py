@@ -238,10 +238,6 @@ def set_default_dtype(dtype) -> None:
     _default_dtype = dtype
 
 
-def is_floating(dtype) -> bool:
-    return np.dtype(dtype).kind == "f"
-
-
 # ------------------------------------------------------------------ random numbers
 #
 # One seed drives every device. The CPU stream is a NumPy PCG64 Generator; each

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
-from . import argtypes
-
-EOS_TOKEN = "<|endoftext|>"
+from . import argtypes, backend
+from .data.dataset import END_OF_TEXT
 
 
 # ================================================================ loading models
@@ -99,7 +97,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="for --hf-gpt2: gpt2:DIR (encoder.json + vocab.bpe) or a tokenizer file; default: "
                         "the tokenizer files in the model's directory")
-    p.add_argument("--prompt", help=f"the text to continue (default: start from {EOS_TOKEN}, if the "
+    p.add_argument("--prompt", help=f"the text to continue (default: start from {END_OF_TEXT}, if the "
                                     f"tokenizer has it)")
     p.add_argument("--max-new-tokens", type=argtypes.non_negative_int, default=100,
                    help="tokens to generate (default 100; fewer if the context is shorter)")
@@ -108,7 +106,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=argtypes.top_p, default=None, help="nucleus sampling mass in (0, 1] (default off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible, on any device")
     p.add_argument("--device", type=argtypes.device, default="cpu")
-    p.add_argument("--ignore-eos", action="store_true", help=f"do not stop at {EOS_TOKEN}")
+    p.add_argument("--ignore-eos", action="store_true", help=f"do not stop at {END_OF_TEXT}")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence every step (slow reference)")
     p.set_defaults(func=run_generate)
     return p
@@ -126,13 +124,13 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
     else:
         model, tokenizer = load_hf(args.hf_gpt2, args.tokenizer, device)
 
-    eos_id = tokenizer.special_tokens.get(EOS_TOKEN)
+    eos_id = tokenizer.special_tokens.get(END_OF_TEXT)
     if args.prompt:
         ids = tokenizer.encode(args.prompt, allowed_special="all")
     elif eos_id is not None:
         ids = [eos_id]                       # GPT-2's convention for an unconditional sample
     else:
-        raise ValueError(f"give a --prompt (this tokenizer has no {EOS_TOKEN} to start from)")
+        raise ValueError(f"give a --prompt (this tokenizer has no {END_OF_TEXT} to start from)")
     context = model.config.context_length
     if len(ids) >= context:
         raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {context}")

@@ -4,8 +4,8 @@
     >>> print(mm.draw_graph((x * 2).sum()))
     Sum -> () float64
     └── Mul -> (2, 3) float64
-        ├── x (2, 3) float64  [leaf, requires grad]
-        └── const (1,)... 
+        ├── x (2, 3) float64  [requires grad]
+        └── const () float64
 
 No graphviz dependency: paste the DOT text into any Graphviz viewer.
 """
@@ -26,21 +26,21 @@ def _label(t: Tensor) -> str:
 
 def _text(root: Tensor) -> str:
     lines: list[str] = []
-    seen: dict[int, int] = {}
-    stack = [(root, "", "", True)]  # tensor, prefix for this line, prefix for children, is_root
+    seen: set[int] = set()
+    stack = [(root, "", "")]  # tensor, prefix for this line, prefix for children
     while stack:
-        t, prefix, child_prefix, _ = stack.pop()
+        t, prefix, child_prefix = stack.pop()
         key = id(t._ctx) if t._ctx is not None else id(t)
         if key in seen and t._ctx is not None:
             lines.append(f"{prefix}{_label(t)}  (shared, shown above)")
             continue
-        seen[key] = len(lines)
+        seen.add(key)
         lines.append(prefix + _label(t))
         children = list(t._ctx.inputs) if t._ctx is not None else []
         for i in reversed(range(len(children))):
             last = i == len(children) - 1
             stack.append((children[i], child_prefix + ("└── " if last else "├── "),
-                          child_prefix + ("    " if last else "│   "), False))
+                          child_prefix + ("    " if last else "│   ")))
     return "\n".join(lines)
 
 

@@ -89,7 +89,7 @@ class Function:
                 out = fn.forward(*(t.data for t in tensors))
         if isinstance(out, np.generic):  # NumPy turns 0-d results into scalars
             out = np.asarray(out)
-        result = Tensor._from_op(out, requires_grad, device)
+        result = Tensor._from_op(out, requires_grad)
         if requires_grad:
             fn.inputs = tensors
             result._ctx = fn
@@ -133,7 +133,7 @@ def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple["Tensor", ...]:
             arr = xp.asarray(np.asarray(x))
         if arr.dtype.kind in "fiu" and arr.dtype != float_dtype:
             arr = arr.astype(float_dtype)  # constants take the dtype of the tensors they meet
-        out.append(Tensor._from_op(arr, False, device))
+        out.append(Tensor._from_op(arr, False))
     return tuple(out)
 
 
@@ -175,7 +175,7 @@ class Tensor:
         self.name = name
 
     @classmethod
-    def _from_op(cls, data, requires_grad: bool, device: str) -> "Tensor":
+    def _from_op(cls, data, requires_grad: bool) -> "Tensor":
         t = object.__new__(cls)
         t.data, t.grad, t.requires_grad, t._ctx, t.name = data, None, requires_grad, None, None
         return t
@@ -234,7 +234,7 @@ class Tensor:
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph."""
-        return Tensor._from_op(self.data, False, self.device)
+        return Tensor._from_op(self.data, False)
 
     def to(self, device=None, dtype=None) -> "Tensor":
         """Copy to another device and/or dtype (a differentiable copy when this needs grad)."""
@@ -346,7 +346,7 @@ def _compare(ufunc, a, b) -> Tensor:
     b_data = b.data if isinstance(b, Tensor) else b
     xp = backend.array_module(a_data if isinstance(a, Tensor) else b_data)
     result = getattr(xp, ufunc.__name__)(a_data, b_data)
-    return Tensor._from_op(result, False, backend.device_of(result))
+    return Tensor._from_op(result, False)
 
 
 # ================================================================ backward

@@ -6,7 +6,6 @@ device-aware tests on CuPy (and skips them with a reason when no GPU is there).
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hypothesis import HealthCheck, settings

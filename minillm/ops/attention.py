@@ -198,7 +198,6 @@ class ScaledDotProductAttention(Function):
         if self.dropout_p > 0:
             keep = dropout_keep_mask(lead + (tq, tk), self.dropout_p, backend.device_of(q)).reshape(probs.shape)
 
-
         def forward_tiles(tiles):
             for b0, b1, r0, r1, k_end in tiles:
                 p = probs[b0:b1, r0:r1, :k_end]               # a view: this tile's scores, then P

@@ -84,7 +84,7 @@ class PowScalar(Function):
     """z = a ** p for a constant p.   dz/da = p · a^(p-1).
 
     Small integer powers are written as products: ``x ** 3`` through ``pow``
-    is ~300x slower than ``x * x * x`` in NumPy (see PERF.md).
+    is ~300x slower than ``x * x * x`` in NumPy.
     """
 
     def __init__(self, exponent: float):

@@ -12,7 +12,6 @@ vector, as NumPy does, and the added axis is removed again.
 
 from __future__ import annotations
 
-from ..backend import array_module
 from ..tensor import Function, Tensor
 from .common import unbroadcast
 

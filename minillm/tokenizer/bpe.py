@@ -105,7 +105,6 @@ class BPETokenizer:
         self.pattern = pattern
         self._split = chunk_finder(pattern) if pattern is not None else None
         self.special_tokens = special_tokens
-        self._special_by_id = {i: s for s, i in special_tokens.items()}
 
         # merges -> rank lookups for the encode loop
         self._merges: list[tuple[int, int]] = []

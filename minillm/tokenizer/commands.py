@@ -1,6 +1,6 @@
 """``minillm tokenizer train|encode|decode`` and ``minillm bench tokenizer``.
 
-The lead's cli.py calls :func:`add_tokenizer_parser` with its subparsers
+``minillm/cli.py`` calls :func:`add_tokenizer_parser` with its subparsers
 object and :func:`add_tokenizer_bench_arguments` on the ``bench tokenizer``
 parser; handlers are set with ``set_defaults(func=...)`` and run as
 ``args.func(args)``.

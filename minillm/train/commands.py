@@ -240,6 +240,7 @@ def _read_texts(data: list[str] | None) -> list[str]:
 
 def _prepare_tokenizer(plan: RunPlan, texts: list[str], quiet: bool):
     """The run's tokenizer: read back from the run directory, else built from the spec and saved there."""
+    from ..data.dataset import END_OF_TEXT  # noqa: PLC0415
     from ..tokenizer import BPETokenizer, load_tokenizer  # noqa: PLC0415
 
     path = plan.run_dir / TOKENIZER_FILE
@@ -247,7 +248,7 @@ def _prepare_tokenizer(plan: RunPlan, texts: list[str], quiet: bool):
         return BPETokenizer.load(path)
     if plan.tokenizer.startswith("bpe:"):
         start = time.perf_counter()
-        tokenizer = BPETokenizer.train(texts, int(plan.tokenizer[4:]), special_tokens=["<|endoftext|>"],
+        tokenizer = BPETokenizer.train(texts, int(plan.tokenizer[4:]), special_tokens=[END_OF_TEXT],
                                        progress=not quiet)
         _say(f"trained a BPE tokenizer of {tokenizer.vocab_size} tokens in {time.perf_counter() - start:.1f} s")
     else:

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import minillm as mm
-from minillm import functional as F
 
 from helpers import arrays, as_np, shapes, t
 
