@@ -43,6 +43,21 @@ def device(text: str) -> str:
     return text
 
 
+def tokenizer_spec(text: str) -> str:
+    """bytes | bpe:N | gpt2:DIR | PATH (existence of DIR/PATH is checked when it is loaded)."""
+    if text.startswith("bpe:"):
+        try:
+            size = int(text[4:])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bpe:N needs an integer vocabulary size, got {text!r}") from None
+        if size < 257:
+            raise argparse.ArgumentTypeError(
+                f"bpe:{size}: the vocabulary needs the 256 bytes plus <|endoftext|>, so N >= 257")
+    elif not text:
+        raise argparse.ArgumentTypeError("empty tokenizer spec: use bytes, bpe:N, gpt2:DIR or a file")
+    return text
+
+
 def preset(text: str) -> str:
     """A GPTConfig preset name (or one of its aliases)."""
     from .models.gpt import PRESET_ALIASES, PRESETS  # noqa: PLC0415

@@ -50,24 +50,6 @@ DEFAULT_PROMPTS = ["The ", "If the ", "A "]
 SAME_RUN_TRAIN_FIELDS = {"steps", "device", "progress", "eval_interval", "eval_batches", "checkpoint_interval"}
 
 
-# ================================================================ argument types
-
-
-def _tokenizer_spec(text: str) -> str:
-    """bytes | bpe:N | gpt2:DIR | PATH (existence of DIR/PATH is checked when it is loaded)."""
-    if text.startswith("bpe:"):
-        try:
-            size = int(text[4:])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bpe:N needs an integer vocabulary size, got {text!r}") from None
-        if size < 257:
-            raise argparse.ArgumentTypeError(
-                f"bpe:{size}: the vocabulary needs the 256 bytes plus <|endoftext|>, so N >= 257")
-    elif not text:
-        raise argparse.ArgumentTypeError("empty tokenizer spec: use bytes, bpe:N, gpt2:DIR or a file")
-    return text
-
-
 # ================================================================ minillm train
 
 
@@ -80,7 +62,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="FILE",
                       help="UTF-8 text files or folders of *.txt (default: the built-in Python docs corpus)")
-    data.add_argument("--tokenizer", type=_tokenizer_spec, metavar="SPEC",
+    data.add_argument("--tokenizer", type=argtypes.tokenizer_spec, metavar="SPEC",
                       help=f"bytes | bpe:N (train one, N tokens) | gpt2:DIR | a tokenizer file "
                            f"(default {DEFAULT_TOKENIZER})")
     data.add_argument("--val-fraction", metavar="X", type=argtypes.probability, help="held-out tail of the tokens (default 0.1)")
