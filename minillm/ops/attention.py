@@ -28,15 +28,17 @@ The softmax line: P_ij = e^{S_ij} / Σ_k e^{S_ik}, so ∂P_ij/∂S_il = P_ij (δ
 and dS_il = Σ_j dP_ij P_ij (δ_jl − P_il) = P_il (dP_il − Σ_j dP_ij P_ij). A masked
 key has P = 0, so it gets no gradient and backward needs no mask.
 
-The fused op saves Q·s, K, V and P (plus the 1-byte dropout mask): one
-(…, Tq, Tk) float buffer, the smallest set backward can work from. It works in
-place on the big (…, Tq, Tk) buffers (mask and softmax in the scores buffer,
-the softmax backward in the dP buffer). On the CPU it goes tile by tile
-(blocks of queries × groups of matrices, ``_tiles``): causal tiles skip the
-keys no query of theirs can see, and each tile's softmax passes run in cache.
-On a GPU one tile covers everything, and the mask + softmax and the softmax
-backward are one CUDA kernel each (``minillm.kernels``), so a call is two
-GEMMs + one kernel forward and four GEMMs + one kernel backward.
+On the CPU the fused op saves Q·s, K, V and P (plus the 1-byte dropout mask):
+one (…, Tq, Tk) float buffer. On a GPU it saves only Q·s, K and V (and the
+mask) and recomputes P in backward (``RECOMPUTE_PROBS``). It works in place
+on the big (…, Tq, Tk) buffers (mask and softmax in the scores buffer, the
+softmax backward in the dP buffer). On the CPU it goes tile by tile (blocks of
+queries × groups of matrices, ``_tiles``): causal tiles skip the keys no query
+of theirs can see, and each tile's softmax passes run in cache; threads share
+out the matrices (``_tile_groups``). On a GPU one tile covers everything, and
+the mask + softmax and the softmax backward are one CUDA kernel each
+(``minillm.kernels``), so a call is two GEMMs + one kernel forward and five
+GEMMs + two kernels backward.
 
 ``scaled_dot_product_attention_composed`` builds the same function from
 primitive ops (matmul, transpose, where, softmax_composed, dropout); it is
@@ -176,6 +178,13 @@ def _run_tile_groups(work, groups) -> None:
         run_parallel(work, groups)
 
 
+# What backward works from: the CPU keeps P (one (N, Tq, Tk) array per call), because
+# recomputing it would add a matrix product to an op bound by its matrix products; a GPU
+# recomputes P from Q and K in backward (one GEMM + one kernel: ~3% of a GPT-2-small step)
+# rather than keeping 400 MB per layer alive between the forward and the backward pass.
+RECOMPUTE_PROBS = {"cpu": False, "cuda": True}
+
+
 class ScaledDotProductAttention(Function):
     """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward.
 
@@ -210,7 +219,8 @@ class ScaledDotProductAttention(Function):
         _run_tile_groups(forward_tiles, groups)
         if keep is not None:
             out *= out.dtype.type(1.0 / (1.0 - self.dropout_p))   # O = (P ⊙ M) V / (1 − p)
-        self.save(q3, k3, v3, probs, keep, groups)
+        recompute = RECOMPUTE_PROBS[backend.device_of(q).split(":")[0]]
+        self.save(q3, k3, v3, None if recompute else probs, keep, groups)
         return out.reshape(lead + (tq, dv))
 
     def backward(self, grad):                                   # grad = dO (…, Tq, Dv)
@@ -222,7 +232,7 @@ class ScaledDotProductAttention(Function):
         xp = array_module(grad)
         lead = grad.shape[:-2]
         grad3 = grad.reshape(-1, *grad.shape[-2:])              # (N, Tq, Dv)
-        keep_scale = probs.dtype.type(1.0 / (1.0 - self.dropout_p))
+        keep_scale = grad.dtype.type(1.0 / (1.0 - self.dropout_p))
         want_q, want_k, want_v = self.needs_input_grad
         one_tile = len(groups) == 1 and len(groups[0]) == 1    # then each gradient is one product
         # gradients are allocated in their input's shape and filled through (N, T, ·) views
@@ -235,7 +245,11 @@ class ScaledDotProductAttention(Function):
 
         def backward_tiles(tiles):
             for b0, b1, r0, r1, k_end in tiles:
-                p = probs[b0:b1, r0:r1, :k_end]                     # (n, rows, k_end)
+                if probs is None:                                   # recompute P, as in forward
+                    p = xp.matmul(q3[b0:b1, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2))
+                    _softmax_rows_(p, self.causal)
+                else:
+                    p = probs[b0:b1, r0:r1, :k_end]                 # (n, rows, k_end)
                 tile_keep = None if keep is None else keep[b0:b1, r0:r1, :k_end]
                 g = grad3[b0:b1, r0:r1]                             # (n, rows, Dv)
                 if want_v:

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import minillm as mm
 from minillm import functional as F
+from minillm.ops import attention
 from minillm.ops.attention import causal_mask
 
 from helpers import as_np, t
@@ -284,3 +285,21 @@ def test_gpu_kernels_equal_the_array_module_version(device):
                     cupy.asarray(grad), cupy.asarray(probs_cpu), causal,
                     None if mask is None else cupy.asarray(mask), scale)
                 np.testing.assert_allclose(cupy.asnumpy(got), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_recomputing_probabilities_in_backward_gives_the_same_gradients(p, device, monkeypatch):
+    """The GPU's policy (recompute P in backward instead of saving it) equals saving it."""
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal((2, 3, 5, 4)) for _ in range(3)]
+
+    def grads(recompute):
+        monkeypatch.setitem(attention.RECOMPUTE_PROBS, device.split(":")[0], recompute)
+        q, k, v = (mm.Tensor(a, requires_grad=True, device=device) for a in arrays)
+        mm.manual_seed(11)
+        out = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=p)
+        out.backward(mm.backend.module_for(q.device).ones_like(out.data))
+        return [mm.backend.to_numpy(t.grad) for t in (q, k, v)]
+
+    for saved, recomputed in zip(grads(False), grads(True)):
+        np.testing.assert_allclose(recomputed, saved, rtol=1e-12, atol=1e-12)
