@@ -133,13 +133,16 @@ def test_gradient_of_only_some_inputs(device):
     assert mm.gradcheck(lambda a, c: F.scaled_dot_product_attention(a, tk_, c), tq_, tv_)
 
 
-def test_backward_saves_one_attention_sized_float_buffer(device):
-    """Memory: of the (…, Tq, Tk) arrays, only P (and the bool dropout mask) are kept for backward."""
+@pytest.mark.parametrize("recompute", [False, True])
+def test_backward_keeps_at_most_one_attention_sized_float_buffer(recompute, device, monkeypatch):
+    """Memory: of the (…, Tq, Tk) arrays, only P (or nothing, when P is recomputed in backward)
+    and the bool dropout mask are kept for backward."""
+    monkeypatch.setitem(attention.RECOMPUTE_PROBS, device.split(":")[0], recompute)
     _, tensors = qkv((2, 3), 6, 6, 4, device=device)
     for p, expected_bool in ((0.0, 0), (0.5, 1)):
         out = F.scaled_dot_product_attention(*tensors, dropout_p=p)
         big = [a for a in out._ctx.saved if hasattr(a, "shape") and a.shape[-2:] == (6, 6)]
-        assert sum(a.dtype.kind == "f" for a in big) == 1
+        assert sum(a.dtype.kind == "f" for a in big) == (0 if recompute else 1)
         assert sum(a.dtype == np.bool_ for a in big) == expected_bool
 
 
