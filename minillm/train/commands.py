@@ -269,6 +269,9 @@ def run_train(args: argparse.Namespace) -> int:
                       tokenizer={"spec": plan.tokenizer, "file": TOKENIZER_FILE})
     if plan.resume:
         trainer.resume()
+        if trainer.step >= cfg.steps:
+            raise ValueError(f"{plan.run_dir} is already at step {trainer.step} (--steps {cfg.steps}): "
+                             f"pass a larger --steps to train further")
         _say(f"resuming {plan.run_dir} at step {trainer.step} of {cfg.steps}")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.context_length
     _say(f"model: {model.num_parameters():,} parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "

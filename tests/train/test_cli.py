@@ -85,6 +85,9 @@ def test_train_end_to_end_then_resume(tmp_path, text_file, capsys):
     assert "lr: checkpoint has 0.002, given 0.0005" in err and "steps" not in err.split("note:")[1].split("\n")[0]
     assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3, 4, 5]
     assert json.loads((out / "checkpoint.json").read_text())["train_config"]["steps"] == 5
+    # a finished run has nothing left to do unless --steps goes further
+    assert run(["train", "--resume", out, "--steps", "4", "--quiet"]) == 2
+    assert "is already at step 5 (--steps 4): pass a larger --steps" in capsys.readouterr().err
 
 
 def test_train_on_the_builtin_corpus_with_a_bpe_tokenizer(tmp_path, capsys):
