@@ -72,7 +72,7 @@ def as_int_array(values, op_name: str, what: str):
 # uses every core.) Only the CPU paths of a few hot ops use this.
 
 CPU_THREADS = max(1, min(os.cpu_count() or 1, 8))
-PARALLEL_MIN_ELEMENTS = 1 << 16   # below this, a thread hand-off costs more than it saves
+PARALLEL_MIN_ELEMENTS = 1 << 18   # below this, handing work to threads costs more than it saves
 _pool: ThreadPoolExecutor | None = None
 
 
