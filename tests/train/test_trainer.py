@@ -127,19 +127,28 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(params(second.model)[name], value, err_msg=name)
 
 
+def during_step(trainer, step: int, event, monkeypatch) -> None:
+    """Make ``event()`` happen while step ``step`` (1-based) fetches its training batch."""
+    real_get_batch = trainer.data.get_batch
+
+    def get_batch(split, batch_size, rng=None):
+        if split == "train" and trainer.step == step - 1:
+            event()
+        return real_get_batch(split, batch_size, rng)
+
+    monkeypatch.setattr(trainer.data, "get_batch", get_batch)
+
+
 def test_resume_after_a_crash_drops_the_metrics_logged_after_the_checkpoint(tmp_path, monkeypatch):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     make_trainer(straight, steps=12, checkpoint_interval=5).fit()
 
     trainer = make_trainer(crashed, steps=12, checkpoint_interval=5)
-    real_get_batch = trainer.data.get_batch
 
-    def crash_at_step_8(split, batch_size, rng=None):
-        if split == "train" and trainer.step == 7:
-            raise OSError("disk on fire")
-        return real_get_batch(split, batch_size, rng)
+    def crash():
+        raise OSError("disk on fire")
 
-    monkeypatch.setattr(trainer.data, "get_batch", crash_at_step_8)
+    during_step(trainer, 8, crash, monkeypatch)
     with pytest.raises(OSError, match="disk on fire"):
         trainer.fit()
     assert [r["step"] for r in read_metrics(crashed, "train")][-1] == 7   # logged past the checkpoint at 5
@@ -155,14 +164,8 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, monkeypatch):
     make_trainer(straight, steps=10, checkpoint_interval=0).fit()
 
     trainer = make_trainer(interrupted, steps=10, checkpoint_interval=0)
-    real_get_batch = trainer.data.get_batch
-
-    def press_ctrl_c_during_step_4(split, batch_size, rng=None):
-        if split == "train" and trainer.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)    # the real signal, handled by the trainer
-        return real_get_batch(split, batch_size, rng)
-
-    monkeypatch.setattr(trainer.data, "get_batch", press_ctrl_c_during_step_4)
+    # the real signal, handled by the trainer
+    during_step(trainer, 4, lambda: os.kill(os.getpid(), signal.SIGINT), monkeypatch)
     result = trainer.fit()
     assert result.interrupted and result.step == 4       # the step in flight was finished
     assert load_checkpoint(interrupted).step == 4
