@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .. import kernels
+from ..kernels import activation as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .common import row_ranges, run_parallel

@@ -37,7 +37,7 @@ queries × groups of matrices, ``_tiles``): causal tiles skip the keys no query
 of theirs can see, and each tile's softmax passes run in cache; threads share
 out the matrices (``_tile_groups``). On a GPU one tile covers everything, and
 the mask + softmax and the softmax backward are one CUDA kernel each
-(``minillm.kernels``), so a call is two GEMMs + one kernel forward and five
+(``minillm/kernels/attention.py``), so a call is two GEMMs + one kernel forward and five
 GEMMs + two kernels backward.
 
 ``scaled_dot_product_attention_composed`` builds the same function from
@@ -53,7 +53,8 @@ import math
 
 import numpy as np
 
-from .. import backend, kernels
+from .. import backend
+from ..kernels import attention as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .activation import softmax_composed

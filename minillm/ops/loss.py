@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, kernels
+from .. import backend
+from ..kernels import loss as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .common import as_int_array

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import kernels
+from ..kernels import norm as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .common import row_ranges, run_parallel

@@ -25,7 +25,7 @@ Implementation: the two bias corrections are folded into two Python floats,
 only float32 multiplies. On the CPU the update is 13 in-place NumPy passes (12 without weight decay)
 over the parameter with one shared scratch buffer and no other temporary; on
 the GPU it is one fused CUDA kernel per parameter
-(:func:`minillm.kernels.adamw_update_`).
+(:func:`minillm.kernels.optim.adamw_update_`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class AdamW(Optimizer):
                     self._update_cpu(p.data, grad, state["exp_avg"], state["exp_avg_sq"],
                                      beta1, beta2, step_size, eps_hat, decay)
                 else:
-                    from ..kernels import adamw_update_  # noqa: PLC0415 (CuPy only)
+                    from ..kernels.optim import adamw_update_  # noqa: PLC0415 (CuPy only)
 
                     with backend.device_context(backend.device_of(p.data)):
                         adamw_update_(p.data, grad, state["exp_avg"], state["exp_avg_sq"],

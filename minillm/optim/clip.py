@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from .. import backend, kernels
+from .. import backend
+from ..kernels import optim as kernels
 
 
 def clip_grad_norm_(params: Iterable[Any], max_norm: float) -> float:

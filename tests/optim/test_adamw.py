@@ -183,7 +183,7 @@ def test_minimises_a_quadratic_through_autograd():
 def test_fused_gpu_kernel_equals_numpy_path(device):
     if device == "cpu":
         pytest.skip("the fused AdamW kernel runs on CuPy arrays only (pytest --device cuda)")
-    from minillm.kernels import adamw_update_
+    from minillm.kernels.optim import adamw_update_
 
     rng = np.random.default_rng(2)
     p, g, m = (rng.standard_normal((64, 33)).astype(np.float32) for _ in range(3))

@@ -55,7 +55,7 @@ def test_non_finite_norm_is_reported_and_nothing_scaled():
 def test_multi_tensor_kernels_equal_the_array_version(device, dtype):
     if device == "cpu":
         pytest.skip("the multi-tensor kernels run on CuPy arrays only (pytest --device cuda)")
-    from minillm import kernels
+    from minillm.kernels import optim as kernels
 
     rng = np.random.default_rng(3)
     host = [rng.standard_normal(n).astype(dtype) for n in (0, 1, 65_536, 65_537, 200_003)]
