@@ -11,6 +11,12 @@ output back to the leaves, in reverse topological order:
         for input, g in zip(fn.inputs, grad_ins):
             accumulate g into grads[input]     # a tensor used twice gets the sum
 
+A leaf can ask to be told when its gradient is final for this backward pass:
+``t.register_post_accumulate_grad_hook(hook)`` calls ``hook(t)`` right after
+the last edge into ``t`` has been accumulated (the engine counts the edges into
+each hooked leaf before the walk and counts them down). Data parallelism uses
+it to start all-reducing a bucket of gradients while the backward still runs.
+
 Every edge's gradient is checked to have its input's shape. A node's saved
 arrays and gradient are dropped as soon as it has run, so memory falls during
 backward; running backward a second time through the freed graph raises.
@@ -148,7 +154,7 @@ class Tensor:
     array([[2., 2., 2.], [2., 2., 2.]])
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "name", "_grad_hooks", "__weakref__")
     __array_priority__ = 1000  # numpy_array + tensor -> Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, device=None, dtype=None, name: str | None = None):
@@ -173,11 +179,13 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._ctx: Function | None = None
         self.name = name
+        self._grad_hooks: list | None = None
 
     @classmethod
     def _from_op(cls, data, requires_grad: bool) -> "Tensor":
         t = object.__new__(cls)
         t.data, t.grad, t.requires_grad, t._ctx, t.name = data, None, requires_grad, None, None
+        t._grad_hooks = None
         return t
 
     # ------------------------------------------------------------ properties
@@ -278,9 +286,23 @@ class Tensor:
                 raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
         if self._ctx is None:
             _accumulate_leaf(self, grad, None)
+            _run_grad_hooks(self)
             return
         with backend.device_context(self.device):
             _run_backward(self._ctx, grad, retain_graph)
+
+    def register_post_accumulate_grad_hook(self, hook) -> None:
+        """Call ``hook(self)`` each time a backward pass has finished accumulating into ``self.grad``.
+
+        Only for leaves that require grad (parameters). The hook runs during
+        the backward, as soon as no edge that is still to run leads to this
+        leaf, so ``self.grad`` is final for this pass (PyTorch's name).
+        """
+        if self._ctx is not None or not self.requires_grad:
+            raise RuntimeError("gradient hooks are for leaf tensors that require grad")
+        if self._grad_hooks is None:
+            self._grad_hooks = []
+        self._grad_hooks.append(hook)
 
     def graph(self, format: str = "text") -> str:
         """This tensor's computation graph as a text tree or Graphviz DOT (see ``draw_graph``)."""
@@ -380,12 +402,41 @@ def _topological_order(root: Function) -> list[Function]:
     return order
 
 
+def _hooked_leaf_edges(order: list[Function]) -> dict[int, int]:
+    """For each leaf with a grad hook: how many edges of ``order`` lead into it."""
+    pending: dict[int, int] = {}
+    for fn in order:
+        for tensor in fn.inputs:
+            if tensor._grad_hooks and tensor._ctx is None:
+                pending[id(tensor)] = pending.get(id(tensor), 0) + 1
+    return pending
+
+
+def _count_down_hooked_leaves(fn: Function, pending: dict[int, int]) -> None:
+    """``fn`` has run (or been skipped): its edges into hooked leaves are done; fire the finished ones."""
+    for tensor in fn.inputs:
+        key = id(tensor)
+        if key in pending:
+            pending[key] -= 1
+            if pending[key] == 0:
+                del pending[key]
+                _run_grad_hooks(tensor)
+
+
+def _run_grad_hooks(tensor: Tensor) -> None:
+    for hook in tensor._grad_hooks or ():
+        hook(tensor)
+
+
 def _run_backward(root: Function, grad, retain_graph: bool) -> None:
     order = _topological_order(root)
+    pending = _hooked_leaf_edges(order)       # usually empty: then the walk below is unchanged
     grads: dict[int, Any] = {id(root): grad}
     for fn in order:
         grad_out = grads.pop(id(fn), None)
         if grad_out is None:  # no gradient reached this node
+            if pending:
+                _count_down_hooked_leaves(fn, pending)
             continue
         grad_ins = fn.backward(grad_out)
         if not isinstance(grad_ins, tuple):
@@ -409,6 +460,8 @@ def _run_backward(root: Function, grad, retain_graph: bool) -> None:
                 key = id(parent)
                 previous = grads.get(key)
                 grads[key] = g if previous is None else previous + g
+        if pending:
+            _count_down_hooked_leaves(fn, pending)
         if not retain_graph:
             fn.saved = ()
             fn.inputs = ()

@@ -180,3 +180,57 @@ def test_draw_graph_text_and_dot():
     assert dot.startswith("digraph") and dot.count("->") >= 3 + 3  # 3 edges + labels with arrows
     with pytest.raises(ValueError):
         mm.draw_graph(y, format="png")
+
+
+def test_post_accumulate_grad_hook_sees_the_final_gradient_once_per_backward():
+    """The hook fires after the LAST edge into a leaf: a tensor used at both ends of the graph
+    (like GPT's tied embedding) is reported once, with both contributions summed."""
+    w = mm.Tensor(np.array([0.5, -1.0]), requires_grad=True)
+    x = mm.Tensor(np.array([2.0, 3.0]), requires_grad=False)
+    seen = []
+    w.register_post_accumulate_grad_hook(lambda t: seen.append(t.grad.copy()))
+    y = ((x * w).tanh() * w).sum()          # w feeds the first and the last op
+    y.backward()
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], w.grad)
+    t = np.tanh(np.array([2.0, 3.0]) * w.data)
+    np.testing.assert_allclose(w.grad, t + w.data * (1 - t * t) * np.array([2.0, 3.0]))
+    (x * w).sum().backward()                 # a second pass: fires again, with the accumulated grad
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[1], w.grad)
+
+
+def test_post_accumulate_grad_hooks_fire_in_backward_order_before_the_walk_ends():
+    """Leaves near the output are final first: the later layer's hook runs while the earlier
+    layer's backward has not run yet (what lets data parallelism overlap its all-reduce)."""
+    a = mm.Tensor(np.ones(3), requires_grad=True)   # first layer
+    b = mm.Tensor(np.ones(3), requires_grad=True)   # last layer
+    events = []
+    a.register_post_accumulate_grad_hook(lambda t: events.append(("a", t.grad is not None)))
+    b.register_post_accumulate_grad_hook(lambda t: events.append(("b", a.grad is None)))
+    x = mm.Tensor(np.arange(3.0))
+    ((x * a).exp() * b).sum().backward()
+    assert events == [("b", True), ("a", True)]
+
+
+def test_post_accumulate_grad_hook_fires_for_a_leaf_no_gradient_reached():
+    """A node that got no gradient still counts its edges down, so the hook is never left waiting."""
+    from minillm.tensor import Function
+
+    class StopGradient(Function):          # identity forward, no gradient backward
+        def forward(self, x):
+            return x.copy()
+
+        def backward(self, grad):
+            return (None,)
+
+    w = mm.Tensor(np.ones(2), requires_grad=True)
+    v = mm.Tensor(np.ones(2), requires_grad=True)
+    fired = []
+    w.register_post_accumulate_grad_hook(lambda t: fired.append(t.grad))
+    out = StopGradient.apply(w * 2.0).sum() + (v * 1.0).sum()   # (w * 2.0) is reached by no gradient
+    out.backward()
+    assert fired == [None] and w.grad is None
+    np.testing.assert_array_equal(v.grad, np.ones(2))
+    with pytest.raises(RuntimeError, match="leaf"):
+        (w * 2.0).register_post_accumulate_grad_hook(print)
