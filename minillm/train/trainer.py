@@ -137,12 +137,24 @@ class Trainer:
     ``tokenizer`` (JSON-serialisable: e.g. {"spec": ..., "file": ...}) and
     ``model_config`` (default ``model.config.to_dict()``) go into checkpoints.
     The model is moved to ``config.device``.
+
+    Two hooks let the same loop train other objectives (fine-tuning, DPO):
+
+    - ``loss_fn(model, batch) -> scalar Tensor``: the loss of one micro-batch
+      (``batch`` is the tuple ``data.get_batch`` returned, on the device).
+      Default: language modelling, ``model(inputs, targets)``'s loss.
+    - ``evaluate_fn(model) -> {name: number}``: what an evaluation measures,
+      called in eval mode without a graph; each name goes into the eval
+      record of metrics.jsonl (``val_loss``, if present, is the run's
+      validation loss). Default: ``evaluate()``'s mean validation loss.
     """
 
     def __init__(self, model, config: TrainConfig, data, run_dir: str | os.PathLike | None = None,
                  optimizer=None, tokenizer: dict[str, Any] | None = None,
-                 model_config: dict[str, Any] | None = None) -> None:
+                 model_config: dict[str, Any] | None = None, loss_fn=None, evaluate_fn=None) -> None:
         self.config = config
+        self.loss_fn = loss_fn if loss_fn is not None else language_model_loss
+        self.evaluate_fn = evaluate_fn
         self.device = backend.parse_device(config.device)
         if self.device == "cpu":
             backend.tune_cpu_allocator()  # temporaries reuse warm pages: ~25% faster steps on a CPU
@@ -177,11 +189,11 @@ class Trainer:
         self.optimizer.zero_grad()
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
-            inputs, targets = self._to_device(self.data.get_batch("train", cfg.batch_size))
-            _, loss = model(inputs, targets)
+            batch = self._to_device(self.data.get_batch("train", cfg.batch_size))
+            loss = self.loss_fn(model, batch)
             loss.backward(1.0 / cfg.grad_accum)        # d(loss / grad_accum): gradients add up over micro-batches
             loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
-            self.tokens_seen += inputs.size
+            self.tokens_seen += batch[0].size
         loss_value = float(loss_sum) / cfg.grad_accum   # the one host sync of the step
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
@@ -242,7 +254,34 @@ class Trainer:
             self.model.train(was_training)
         return float(total) / count
 
+    def measure(self) -> dict[str, float]:
+        """One evaluation's metrics: ``evaluate_fn(model)`` (eval mode, no graph), else ``{"val_loss": ...}``."""
+        if self.evaluate_fn is None:
+            return {"val_loss": self.evaluate()}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with no_grad():
+                metrics = dict(self.evaluate_fn(self.model))
+        finally:
+            self.model.train(was_training)
+        return metrics
+
+    def log_evaluation(self) -> dict[str, float]:
+        """Evaluate now, log an eval record at the current step, and return its metrics.
+
+        ``fit`` calls this on schedule; call it before ``fit`` to record where a run starts.
+        """
+        metrics = self.measure()
+        if "val_loss" in metrics:
+            self.last_val_loss = metrics["val_loss"]
+            metrics.setdefault("val_perplexity", math.exp(min(metrics["val_loss"], 700.0)))
+        self._log({"kind": "eval", "step": self.step, **metrics})
+        return metrics
+
     def has_validation(self) -> bool:
+        if self.evaluate_fn is not None:
+            return True
         try:
             self.data.split("val")
         except (ValueError, AttributeError):
@@ -287,12 +326,9 @@ class Trainer:
                                 refresh=False)
                 last = self.step == cfg.steps
                 if evaluate and (last or (cfg.eval_interval and self.step % cfg.eval_interval == 0)):
-                    self.last_val_loss = self.evaluate()
-                    self._log({"kind": "eval", "step": self.step, "val_loss": self.last_val_loss,
-                               "val_perplexity": math.exp(min(self.last_val_loss, 700.0))})
+                    metrics = self.log_evaluation()
                     if cfg.progress:
-                        bar.write(f"step {self.step}: train loss {train_loss:.4f}, "
-                                  f"val loss {self.last_val_loss:.4f}")
+                        bar.write(f"step {self.step}: train loss {train_loss:.4f}, " + format_metrics(metrics))
                 if last or self.step == stop or (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0):
                     self.save()
             if self._stop_requested and self.step < stop:
@@ -387,6 +423,24 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)
+
+
+def language_model_loss(model, batch):
+    """The default objective: mean next-token cross-entropy, ``model(inputs, targets)``'s loss."""
+    inputs, targets = batch
+    _, loss = model(inputs, targets)
+    return loss
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``val loss 2.3456, val_acc 0.9100``: an evaluation as one line (perplexity left out)."""
+    parts = []
+    for name, value in metrics.items():
+        if name == "val_perplexity":
+            continue
+        label = "val loss" if name == "val_loss" else name
+        parts.append(f"{label} {value:.4f}" if isinstance(value, float) else f"{label} {value}")
+    return ", ".join(parts)
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
