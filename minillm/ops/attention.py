@@ -62,7 +62,7 @@ from .common import row_ranges, run_parallel
 from .elementwise import where
 from .embedding import _check_p, dropout, dropout_keep_mask
 from .matmul import matmul
-from .shape import transpose
+from .shape import reshape, transpose
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,7 +134,8 @@ CPU_TILE_ROWS = 128
 CPU_TILE_SCORES = 1 << 18
 
 
-def _tiles(n: int, tq: int, tk: int, causal: bool, device: str, start: int = 0) -> list[tuple[int, int, int, int, int]]:
+def _tiles(n: int, tq: int, tk: int, causal: bool, device: str, start: int = 0,
+           group: int = 1) -> list[tuple[int, int, int, int, int]]:
     """Tiles (b0, b1, r0, r1, k_end): matrices b0..b1-1, queries r0..r1-1, keys 0..k_end-1.
 
     Causal query i sees keys j <= i + (Tk − Tq), so a tile of queries ending at r1
@@ -144,6 +145,8 @@ def _tiles(n: int, tq: int, tk: int, causal: bool, device: str, start: int = 0) 
     queries again being the last positions. Small tiles also keep the softmax
     passes in cache. On a GPU one tile covers everything: there the number of
     kernel launches matters more than either. ``start`` offsets the matrices.
+    With grouped-query attention a "matrix" is one key/value head and the ``group``
+    query heads that share it: a tile holds ``group`` score blocks per matrix.
     """
     if device != "cpu":
         return [(start, start + n, 0, tq, tk)]
@@ -151,12 +154,12 @@ def _tiles(n: int, tq: int, tk: int, causal: bool, device: str, start: int = 0) 
     for r0 in range(0, tq, CPU_TILE_ROWS):
         r1 = min(r0 + CPU_TILE_ROWS, tq)
         k_end = r1 + tk - tq if causal else tk
-        per_tile = max(1, CPU_TILE_SCORES // max(1, (r1 - r0) * k_end))   # matrices per tile
+        per_tile = max(1, CPU_TILE_SCORES // max(1, group * (r1 - r0) * k_end))   # matrices per tile
         tiles += [(b0, min(b0 + per_tile, start + n), r0, r1, k_end) for b0 in range(start, start + n, per_tile)]
     return tiles
 
 
-def _tile_groups(n: int, tq: int, tk: int, causal: bool, device: str) -> list[list[tuple]]:
+def _tile_groups(n: int, tq: int, tk: int, causal: bool, device: str, group: int = 1) -> list[list[tuple]]:
     """The tiles, in groups over disjoint matrices that threads can run at the same time.
 
     The CPU's elementwise passes use one core each and its BLAS splits every small
@@ -165,9 +168,9 @@ def _tile_groups(n: int, tq: int, tk: int, causal: bool, device: str) -> list[li
     single-threaded BLAS. Where BLAS threads cannot be set, and on a GPU, one group.
     """
     if device != "cpu" or not backend.can_limit_blas_threads():
-        return [_tiles(n, tq, tk, causal, device)]
-    return [_tiles(part.stop - part.start, tq, tk, causal, device, start=part.start)
-            for part in row_ranges(n, tq * tk)]
+        return [_tiles(n, tq, tk, causal, device, group=group)]
+    return [_tiles(part.stop - part.start, tq, tk, causal, device, start=part.start, group=group)
+            for part in row_ranges(n, group * tq * tk)]
 
 
 def _run_tile_groups(work, groups) -> None:
@@ -186,42 +189,93 @@ def _run_tile_groups(work, groups) -> None:
 RECOMPUTE_PROBS = {"cpu": False, "cuda": True}
 
 
+def _merge_groups(a):
+    """(n, G, R, X) -> (n, G·R, X) as a view when the G and R axes merge without a copy, else None.
+
+    They merge when G = 1, or when each group's rows follow the previous group's
+    (stride of G = R · stride of R): a whole (…, G, Tq, ·) array or all query rows of a tile.
+    """
+    n, group, rows, cols = a.shape
+    if group == 1 or a.strides[1] == rows * a.strides[2]:
+        return a.reshape(n, group * rows, cols)
+    return None
+
+
+def _grouped_matmul(a, b, out):
+    """out[:, g] = a[:, g] @ b for every group g; b (n, X, Y) is shared by the G groups of a (n, G, R, X).
+
+    This is how grouped-query attention uses one key/value head for G query heads
+    without repeating it: when the group and row axes merge (always for G = 1, and
+    for a tile of all query rows, as on a GPU) it is one batched GEMM
+    (n, G·R, X) @ (n, X, Y); otherwise b is broadcast over the group axis, a
+    stride-0 view that NumPy's matmul reads in place.
+    """
+    xp = array_module(a)
+    a2, out2 = _merge_groups(a), _merge_groups(out)
+    if a2 is not None and out2 is not None:
+        xp.matmul(a2, b, out=out2)
+    else:
+        xp.matmul(a, b[:, None], out=out)
+    return out
+
+
+def _group_summed_matmul(a, b):
+    """Σ_g a[:, g]ᵀ @ b[:, g] for a (n, G, R, X), b (n, G, R, Y) -> (n, X, Y).
+
+    The gradient of a key/value head shared by G query heads is the sum of the G
+    heads' contributions. With merged (G·R) rows the sum is the GEMM's own inner
+    sum; otherwise the G products are formed and summed over the group axis.
+    """
+    xp = array_module(a)
+    a2, b2 = _merge_groups(a), _merge_groups(b)
+    if a2 is not None and b2 is not None:
+        return xp.matmul(a2.swapaxes(-1, -2), b2)
+    return xp.matmul(a.swapaxes(-1, -2), b).sum(axis=1)
+
+
 class ScaledDotProductAttention(Function):
     """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward.
 
-    The leading axes are flattened into one, N: Q (N, Tq, D), K (N, Tk, D), V (N, Tk, Dv).
+    The leading axes are flattened: K (N, Tk, D), V (N, Tk, Dv) with N key/value
+    heads, and Q (N, G, Tq, D): the G query heads that share each key/value head
+    (grouped-query attention; G = 1 is ordinary multi-head attention). Every
+    product below pairs a (n, G, rows, ·) query-side block with one (n, ·, ·)
+    key/value block (``_grouped_matmul``), and dK, dV sum over the group
+    (``_group_summed_matmul``): repeated keys and values are never formed.
     """
 
-    def __init__(self, causal: bool, dropout_p: float, scale: float):
-        self.causal, self.dropout_p, self.scale = causal, dropout_p, scale
+    def __init__(self, causal: bool, dropout_p: float, scale: float, group: int = 1):
+        self.causal, self.dropout_p, self.scale, self.group = causal, dropout_p, scale, group
 
     def forward(self, q, k, v):
         xp = array_module(q)
         lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
-        q3 = (q * q.dtype.type(self.scale)).reshape(-1, tq, d)  # (N, Tq, D): scale the small operand
-        k3, v3 = k.reshape(-1, tk, d), v.reshape(-1, tk, dv)
-        groups = _tile_groups(q3.shape[0], tq, tk, self.causal, backend.device_of(q))
-        # P (N, Tq, Tk); entries right of a tile's k_end are never written nor read
-        probs = xp.empty((q3.shape[0], tq, tk), dtype=q.dtype)
-        out = xp.empty((q3.shape[0], tq, dv), dtype=q.dtype)                          # (N, Tq, Dv)
+        k3, v3 = k.reshape(-1, tk, d), v.reshape(-1, tk, dv)      # (N, Tk, D), (N, Tk, Dv)
+        n, group = k3.shape[0], self.group
+        q4 = (q * q.dtype.type(self.scale)).reshape(n, group, tq, d)  # (N, G, Tq, D): scale the small operand
+        groups = _tile_groups(n, tq, tk, self.causal, backend.device_of(q), group=group)
+        # P (N, G, Tq, Tk); entries right of a tile's k_end are never written nor read
+        probs = xp.empty((n, group, tq, tk), dtype=q.dtype)
+        out = xp.empty((n, group, tq, dv), dtype=q.dtype)                              # (N, G, Tq, Dv)
         keep = None
         if self.dropout_p > 0:
             keep = dropout_keep_mask(lead + (tq, tk), self.dropout_p, backend.device_of(q)).reshape(probs.shape)
 
         def forward_tiles(tiles):
             for b0, b1, r0, r1, k_end in tiles:
-                p = probs[b0:b1, r0:r1, :k_end]               # a view: this tile's scores, then P
-                xp.matmul(q3[b0:b1, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
+                p = probs[b0:b1, :, r0:r1, :k_end]           # a view: this tile's scores, then P
+                _grouped_matmul(q4[b0:b1, :, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
                 _softmax_rows_(p, self.causal)                # in place
                 if keep is not None:
-                    p = p * keep[b0:b1, r0:r1, :k_end]        # P ⊙ M (the 1/(1 − p) comes below)
-                xp.matmul(p, v3[b0:b1, :k_end], out=out[b0:b1, r0:r1])
+                    p = p * keep[b0:b1, :, r0:r1, :k_end]     # P ⊙ M (the 1/(1 − p) comes below)
+                _grouped_matmul(p, v3[b0:b1, :k_end], out=out[b0:b1, :, r0:r1])
 
         _run_tile_groups(forward_tiles, groups)
         if keep is not None:
             out *= out.dtype.type(1.0 / (1.0 - self.dropout_p))   # O = (P ⊙ M) V / (1 − p)
         recompute = RECOMPUTE_PROBS[backend.device_of(q).split(":")[0]]
-        self.save(q3, k3, v3, None if recompute else probs, keep, groups)
+        self.kv_shapes = k.shape, v.shape
+        self.save(q4, k3, v3, None if recompute else probs, keep, groups)
         return out.reshape(lead + (tq, dv))
 
     def backward(self, grad):                                   # grad = dO (…, Tq, Dv)
@@ -229,46 +283,50 @@ class ScaledDotProductAttention(Function):
         # products, but only the small (…, T, D) operands are transposed. CuPy would copy a
         # transposed (…, Tk, Tq) view before its GEMM (measured: +400 MiB and 3x the time at
         # B=8, H=12, T=1024); NumPy's BLAS runs both forms at the same speed.
-        q3, k3, v3, probs, keep, groups = self.saved
+        q4, k3, v3, probs, keep, groups = self.saved
         xp = array_module(grad)
-        lead = grad.shape[:-2]
-        grad3 = grad.reshape(-1, *grad.shape[-2:])              # (N, Tq, Dv)
+        k_shape, v_shape = self.kv_shapes
+        n, group, tq, _ = q4.shape
+        grad4 = grad.reshape(n, group, tq, grad.shape[-1])      # (N, G, Tq, Dv)
         keep_scale = grad.dtype.type(1.0 / (1.0 - self.dropout_p))
         want_q, want_k, want_v = self.needs_input_grad
         one_tile = len(groups) == 1 and len(groups[0]) == 1    # then each gradient is one product
-        # gradients are allocated in their input's shape and filled through (N, T, ·) views
-        grad_q = xp.empty(lead + q3.shape[1:], dtype=grad.dtype) if want_q else None
-        grad_k = xp.zeros(lead + k3.shape[1:], dtype=grad.dtype) if want_k and not one_tile else None
-        grad_v = xp.zeros(lead + v3.shape[1:], dtype=grad.dtype) if want_v and not one_tile else None
-        grad_q3, grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:])
-                                     for g in (grad_q, grad_k, grad_v))
+        # gradients are allocated in their input's shape and filled through (N, ·, T, ·) views
+        grad_q = xp.empty(grad.shape[:-1] + q4.shape[-1:], dtype=grad.dtype) if want_q else None
+        grad_k = xp.zeros(k_shape, dtype=grad.dtype) if want_k and not one_tile else None
+        grad_v = xp.zeros(v_shape, dtype=grad.dtype) if want_v and not one_tile else None
+        grad_q4 = None if grad_q is None else grad_q.reshape(q4.shape)
+        grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:]) for g in (grad_k, grad_v))
         one_tile_grads = {}                                     # with one tile, dK and dV are whole products
 
         def backward_tiles(tiles):
             for b0, b1, r0, r1, k_end in tiles:
+                q_tile = q4[b0:b1, :, r0:r1]                        # (n, G, rows, D)
                 if probs is None:                                   # recompute P, as in forward
-                    p = xp.matmul(q3[b0:b1, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2))
+                    p = xp.empty(q_tile.shape[:-1] + (k_end,), dtype=q4.dtype)
+                    _grouped_matmul(q_tile, k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
                     _softmax_rows_(p, self.causal)
                 else:
-                    p = probs[b0:b1, r0:r1, :k_end]                 # (n, rows, k_end)
-                tile_keep = None if keep is None else keep[b0:b1, r0:r1, :k_end]
-                g = grad3[b0:b1, r0:r1]                             # (n, rows, Dv)
+                    p = probs[b0:b1, :, r0:r1, :k_end]              # (n, G, rows, k_end)
+                tile_keep = None if keep is None else keep[b0:b1, :, r0:r1, :k_end]
+                g = grad4[b0:b1, :, r0:r1]                          # (n, G, rows, Dv)
                 if want_v:
                     kept = p if keep is None else p * tile_keep     # P ⊙ M; P̃ = that / (1 − p)
-                    part = xp.matmul(g.swapaxes(-1, -2), kept).swapaxes(-1, -2)     # (dOᵀ P̃)ᵀ (n, k_end, Dv)
+                    part = _group_summed_matmul(g, kept).swapaxes(-1, -2)   # Σ_g (dOᵀ P̃)ᵀ (n, k_end, Dv)
                     if one_tile:
-                        one_tile_grads["v"] = part.reshape(lead + part.shape[-2:])
+                        one_tile_grads["v"] = part.reshape(v_shape)
                     else:
                         grad_v3[b0:b1, :k_end] += part
                 if want_q or want_k:
-                    grad_scores = xp.matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2))  # dP̃ = dO Vᵀ
+                    grad_scores = xp.empty(p.shape, dtype=p.dtype)
+                    _grouped_matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2), out=grad_scores)  # dP̃ = dO Vᵀ
                     _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale)  # now dS
                     if want_q:
-                        xp.matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q3[b0:b1, r0:r1])     # dS K
+                        _grouped_matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q4[b0:b1, :, r0:r1])  # dS K
                     if want_k:
-                        part = xp.matmul(q3[b0:b1, r0:r1].swapaxes(-1, -2), grad_scores).swapaxes(-1, -2)
+                        part = _group_summed_matmul(q_tile, grad_scores).swapaxes(-1, -2)   # Σ_g (s Qᵀ dS)ᵀ
                         if one_tile:
-                            one_tile_grads["k"] = part.reshape(lead + part.shape[-2:])
+                            one_tile_grads["k"] = part.reshape(k_shape)
                         else:
                             grad_k3[b0:b1, :k_end] += part
 
@@ -287,10 +345,17 @@ def _check_attention_args(q, k, v, causal, dropout_p, scale, op_name):
             raise TypeError(f"{op_name}: {name} must be a Tensor")
         if t.ndim < 2:
             raise ValueError(f"{op_name}: {name} needs at least 2 dims (…, T, D), got shape {t.shape}")
-    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
-        raise ValueError(
-            f"{op_name}: q, k, v must share their leading dims, got {q.shape}, {k.shape}, {v.shape}"
-        )
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"{op_name}: k and v must share their leading dims, got {k.shape} and {v.shape}")
+    group = 1
+    if q.shape[:-2] != k.shape[:-2]:   # grouped-query attention: (…, Hq, T, D) queries, (…, Hkv, T, D) keys
+        if q.ndim < 3 or q.ndim != k.ndim or q.shape[:-3] != k.shape[:-3] or q.shape[-3] % max(k.shape[-3], 1):
+            raise ValueError(
+                f"{op_name}: q, k, v must share their leading dims, or differ only in the head axis "
+                f"(-3) with the key/value heads dividing the query heads (grouped-query attention); "
+                f"got {q.shape}, {k.shape}, {v.shape}"
+            )
+        group = q.shape[-3] // k.shape[-3]
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{op_name}: q and k need the same last dim, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
@@ -302,7 +367,7 @@ def _check_attention_args(q, k, v, causal, dropout_p, scale, op_name):
         )
     dropout_p = _check_p(dropout_p, op_name)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return dropout_p, scale
+    return dropout_p, scale, group
 
 
 def scaled_dot_product_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None) -> Tensor:
@@ -312,16 +377,32 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, dropout_p: float 
     last Tq positions (Tq < Tk when decoding with a KV cache). ``dropout_p`` is
     applied to the attention probabilities (pass 0 in eval mode). ``scale``
     defaults to 1/√D.
+
+    Grouped-query attention: k and v may have fewer heads than q, q (…, Hq, Tq, D)
+    with k, v (…, Hkv, Tk, ·) and Hkv dividing Hq; query heads h·G … h·G + G − 1
+    (G = Hq / Hkv) all use key/value head h. The keys and values are not repeated.
     """
-    dropout_p, scale = _check_attention_args(q, k, v, causal, dropout_p, scale, "scaled_dot_product_attention")
-    return ScaledDotProductAttention.apply(q, k, v, causal=bool(causal), dropout_p=dropout_p, scale=scale)
+    dropout_p, scale, group = _check_attention_args(q, k, v, causal, dropout_p, scale,
+                                                     "scaled_dot_product_attention")
+    return ScaledDotProductAttention.apply(q, k, v, causal=bool(causal), dropout_p=dropout_p, scale=scale,
+                                           group=group)
 
 
 def scaled_dot_product_attention_composed(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None) -> Tensor:
-    """The same attention, composed from primitive ops (for reading; its gradient comes from them)."""
-    dropout_p, scale = _check_attention_args(
+    """The same attention, composed from primitive ops (for reading; its gradient comes from them).
+
+    Grouped-query attention is a broadcast: q becomes (…, Hkv, G, Tq, D) and k, v
+    (…, Hkv, 1, Tk, ·), so matmul pairs every query head of a group with its
+    key/value head, and matmul's backward sums the group's gradients back into it.
+    """
+    dropout_p, scale, group = _check_attention_args(
         q, k, v, causal, dropout_p, scale, "scaled_dot_product_attention_composed"
     )
+    out_shape = q.shape[:-1] + v.shape[-1:]
+    if group > 1:
+        q = reshape(q, k.shape[:-2] + (group,) + q.shape[-2:])         # (…, Hkv, G, Tq, D)
+        k = reshape(k, k.shape[:-2] + (1,) + k.shape[-2:])             # (…, Hkv, 1, Tk, D)
+        v = reshape(v, v.shape[:-2] + (1,) + v.shape[-2:])             # (…, Hkv, 1, Tk, Dv)
     axes = list(range(k.ndim))
     axes[-1], axes[-2] = axes[-2], axes[-1]
     scores = matmul(q, transpose(k, *axes)) * scale                   # (…, Tq, Tk)
@@ -330,4 +411,4 @@ def scaled_dot_product_attention_composed(q, k, v, causal: bool = True, dropout_
         scores = where(future, -np.inf, scores)
     probs = softmax_composed(scores, axis=-1)
     probs = dropout(probs, dropout_p)                                 # the same mask as the fused op
-    return matmul(probs, v)                                           # (…, Tq, Dv)
+    return reshape(matmul(probs, v), out_shape)                       # (…, Tq, Dv)

@@ -306,3 +306,112 @@ def test_recomputing_probabilities_in_backward_gives_the_same_gradients(p, devic
 
     for saved, recomputed in zip(grads(False), grads(True)):
         np.testing.assert_allclose(recomputed, saved, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ grouped-query attention
+
+
+def repeat_heads(x, group):
+    """(…, Hkv, T, D) -> (…, Hkv·G, T, D): each key/value head repeated for its G query heads."""
+    return np.repeat(x, group, axis=-3)
+
+
+def gqa_arrays(lead, hq, hkv, tq, tk, d=3, dv=2, device="cpu"):
+    arrays = (RNG.standard_normal(lead + (hq, tq, d)), RNG.standard_normal(lead + (hkv, tk, d)),
+              RNG.standard_normal(lead + (hkv, tk, dv)))
+    return arrays, tuple(t(a, device) for a in arrays)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lead,hq,hkv,tq,tk", [((2,), 4, 2, 5, 5), ((), 6, 2, 3, 7), ((1,), 4, 1, 1, 6),
+                                               ((2,), 3, 3, 4, 4)])
+def test_gqa_equals_attention_over_repeated_heads(lead, hq, hkv, tq, tk, causal, device):
+    """Values: the reference repeats k and v per group; gradients: dK, dV are the group sums of
+    the repeated-head gradients (the plain op run on explicitly repeated k, v)."""
+    (q, k, v), tensors = gqa_arrays(lead, hq, hkv, tq, tk, device=device)
+    group = hq // hkv
+    out = F.scaled_dot_product_attention(*tensors, causal=causal)
+    assert out.shape == lead + (hq, tq, 2)
+    np.testing.assert_allclose(as_np(out), reference_attention(q, repeat_heads(k, group), repeat_heads(v, group),
+                                                               causal), rtol=1e-10, atol=1e-12)
+    cotangent = RNG.standard_normal(out.shape)
+    out.backward(mm.backend.to_device(cotangent, out.device))
+    repeated = [t(q, device), t(repeat_heads(k, group), device), t(repeat_heads(v, group), device)]
+    F.scaled_dot_product_attention(*repeated, causal=causal).backward(mm.backend.to_device(cotangent, out.device))
+    np.testing.assert_allclose(as_np(tensors[0].grad), as_np(repeated[0].grad), rtol=1e-10, atol=1e-12)
+    for grouped, plain in zip(tensors[1:], repeated[1:]):
+        summed = as_np(plain.grad).reshape(lead + (hkv, group) + plain.shape[-2:]).sum(axis=-3)
+        np.testing.assert_allclose(as_np(grouped.grad), summed, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,tq,tk", [(True, 4, 4), (False, 3, 5), (True, 2, 5)])
+def test_gqa_gradcheck(causal, tq, tk, device):
+    _, tensors = gqa_arrays((2,), 4, 2, tq, tk, device=device)
+    assert mm.gradcheck(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), *tensors)
+
+
+@pytest.mark.parametrize("rows,scores", [(1, 1), (2, 10), (3, 1000)])
+@pytest.mark.parametrize("causal,tq,tk,p", [(True, 5, 5, 0.0), (True, 3, 6, 0.3), (False, 4, 4, 0.0)])
+def test_gqa_cpu_tiles_give_the_same_function(rows, scores, causal, tq, tk, p, monkeypatch):
+    """Tiles of some query rows cannot merge the group axis (broadcast path); all rows can (one GEMM)."""
+    monkeypatch.setattr(attention, "CPU_TILE_ROWS", rows)
+    monkeypatch.setattr(attention, "CPU_TILE_SCORES", scores)
+    (q, k, v), tensors = gqa_arrays((2,), 6, 2, tq, tk)
+    keep = keep_mask_for(5, (2, 6, tq, tk), p, "cpu") if p else None
+    mm.manual_seed(5)
+    out = F.scaled_dot_product_attention(*tensors, causal=causal, dropout_p=p)
+    expected = reference_attention(q, repeat_heads(k, 3), repeat_heads(v, 3), causal, keep=keep, p=p)
+    np.testing.assert_allclose(as_np(out), expected, rtol=1e-10)
+
+    def attention_fn(a, b, c):
+        mm.manual_seed(5)
+        return F.scaled_dot_product_attention(a, b, c, causal=causal, dropout_p=p)
+
+    assert mm.gradcheck(attention_fn, *tensors)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gqa_fused_equals_composed(p, device):
+    (q, k, v), _ = gqa_arrays((2,), 6, 3, 4, 5)
+    results = []
+    for fn in (F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed):
+        tensors = [t(a, device) for a in (q, k, v)]
+        mm.manual_seed(11)
+        out = fn(*tensors, causal=True, dropout_p=p)
+        out.backward(mm.backend.to_device(np.cos(np.arange(out.size)).reshape(out.shape), out.device))
+        results.append([as_np(out)] + [as_np(x.grad) for x in tensors])
+    for fused, composed in zip(*results):
+        np.testing.assert_allclose(fused, composed, rtol=1e-9, atol=1e-11)
+
+
+def test_gqa_keeps_the_keys_and_values_it_was_given(device):
+    """No repeated copy: what backward keeps of k and v is a view of the caller's arrays."""
+    _, (q, k, v) = gqa_arrays((2,), 8, 2, 5, 5, device=device)
+    out = F.scaled_dot_product_attention(q, k, v)
+    _, k3, v3 = out._ctx.saved[:3]
+    assert k3.shape == (4, 5, 3) and v3.shape == (4, 5, 2)
+    xp = mm.backend.module_for(device)
+    assert xp.shares_memory(k3, k.data) and xp.shares_memory(v3, v.data)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), hkv=st.integers(1, 3), group=st.integers(1, 3), tq=st.integers(1, 4),
+       extra=st.integers(0, 3), causal=st.booleans())
+def test_gqa_random_shapes(batch, hkv, group, tq, extra, causal, device):
+    (q, k, v), tensors = gqa_arrays((batch,), hkv * group, hkv, tq, tq + extra, device=device)
+    out = F.scaled_dot_product_attention(*tensors, causal=causal)
+    expected = reference_attention(q, repeat_heads(k, group), repeat_heads(v, group), causal)
+    np.testing.assert_allclose(as_np(out), expected, rtol=1e-10, atol=1e-12)
+    assert mm.gradcheck(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, causal=causal), *tensors,
+                        elementwise_max=48)
+
+
+@pytest.mark.parametrize("fn", [F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed])
+def test_gqa_errors(fn):
+    q, k, v = (t(np.ones(s)) for s in ((2, 6, 3, 4), (2, 4, 3, 4), (2, 4, 3, 4)))
+    with pytest.raises(ValueError, match=r"key/value heads dividing the query heads.*\(2, 6, 3, 4\), \(2, 4, 3, 4\)"):
+        fn(q, k, v)
+    with pytest.raises(ValueError, match="k and v must share"):
+        fn(q, t(np.ones((2, 2, 3, 4))), t(np.ones((2, 3, 3, 4))))
+    with pytest.raises(ValueError, match="differ only in the head axis"):
+        fn(q, t(np.ones((1, 2, 3, 4))), t(np.ones((1, 2, 3, 4))))
