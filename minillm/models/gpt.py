@@ -158,6 +158,20 @@ class GPT(Module):
         With a ``cache`` (inference under ``mm.no_grad()``), ``ids`` are the
         positions after the ``cache.pos`` already cached; the cache is advanced by T.
         """
+        x = self.hidden_states(ids, cache)                           # (B, T, C)
+        logits = F.linear(x, self.wte.weight)                        # (B, T, V): tied head, x @ wteᵀ
+        if cache is not None:
+            cache.advance(x.shape[1])
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits, targets)
+
+    def hidden_states(self, ids, cache: KVCache | None = None):
+        """ids (B, T) -> the final-norm hidden states (B, T, C) that the LM head reads.
+
+        Other heads (a classifier's) read these too. With a ``cache``, the
+        caller advances it afterwards (``forward`` does).
+        """
         ids = self._check_ids(ids)
         B, T = ids.shape
         start = cache.pos if cache is not None else 0
@@ -173,13 +187,7 @@ class GPT(Module):
         x = self.drop(tokens + positions)                            # (B, T, C)
         for index, block in enumerate(self.h):
             x = block(x, cache=cache, layer_index=index)             # (B, T, C)
-        x = self.ln_f(x)                                             # (B, T, C)
-        logits = F.linear(x, self.wte.weight)                        # (B, T, V): tied head, x @ wteᵀ
-        if cache is not None:
-            cache.advance(T)
-        if targets is None:
-            return logits
-        return logits, F.cross_entropy(logits, targets)
+        return self.ln_f(x)                                          # (B, T, C)
 
     def _check_ids(self, ids):
         """``ids`` as a 2-D integer array on the model's device (range is checked by the embedding)."""
