@@ -273,7 +273,8 @@ class MultiHeadAttention(Module):
         dropout_p = self.dropout if self.training else 0.0
         # causal with Tq = T <= Tk keys: the queries are the LAST T positions of the key sequence
         y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, Dh)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)                  # heads side by side: (B, T, C)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)             # heads side by side: (B, T, C)
+                                                                     # (H * Dh = C/tp under tensor parallelism)
         return self.resid_dropout(self.c_proj(y))                    # (B, T, C)
 
     def extra_repr(self) -> str:
