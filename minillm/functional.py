@@ -24,3 +24,4 @@ from .ops.attention import (  # noqa: F401
     scaled_dot_product_attention, scaled_dot_product_attention_composed,
 )
 from .ops.embedding import dropout, embedding  # noqa: F401
+from .ops.rope import rope, rope_composed  # noqa: F401
