@@ -12,10 +12,12 @@ from .layers import (
     GELU, Dropout, Embedding, FeedForward, LayerNorm, Linear, ModuleList, MultiHeadAttention,
     Sequential, TransformerBlock,
 )
+from .lora import LoRALinear, apply_lora, load_adapters, merge_lora, save_adapters, unmerge_lora
 from .module import LoadResult, Module
 from .parameter import Parameter
 
 __all__ = [
     "Module", "Parameter", "LoadResult", "Linear", "Embedding", "LayerNorm", "Dropout", "GELU",
     "Sequential", "ModuleList", "FeedForward", "MultiHeadAttention", "TransformerBlock", "KVCache",
+    "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "save_adapters", "load_adapters",
 ]
