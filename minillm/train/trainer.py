@@ -7,7 +7,8 @@ One optimizer step, with ``grad_accum`` micro-batches of ``batch_size`` windows:
         loss = cross_entropy(model(x), y)                       mean over B*T positions
         backward(loss / grad_accum)                             gradients ADD UP in p.grad
     check the loss is finite                                    else stop: TrainingDiverged
-    clip_grad_norm_(params, clip)                               global L2 norm <= clip
+    clip_grad_norm_(params, clip)                               global L2 norm <= clip; a non-finite
+                                                                norm stops too (measured when clip is off)
     optimizer.step(); optimizer.zero_grad()
 
 Dividing each micro-batch loss by ``grad_accum`` makes the summed gradient the
@@ -178,10 +179,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ one step
-    def train_step(self) -> tuple[float, float | None]:
+    def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm).
 
-        Raises TrainingDiverged, leaving the weights untouched, when the loss is not finite.
+        Raises TrainingDiverged, leaving the weights untouched, when the loss or the gradient norm
+        is not finite.
         """
         cfg, model = self.config, self.model
         lr = optim.cosine_schedule(self.step, cfg.warmup, cfg.steps, cfg.lr, cfg.min_lr)
@@ -198,12 +200,12 @@ class Trainer:
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
             raise TrainingDiverged(self._diverged_message(loss_value))
-        grad_norm = None
-        if cfg.clip:
-            grad_norm = optim.clip_grad_norm_(model.parameters(), cfg.clip)
-            if not math.isfinite(grad_norm):
-                self.optimizer.zero_grad()
-                raise TrainingDiverged(self._diverged_message(loss_value, grad_norm))
+        # without clipping the norm is still measured (max_norm inf scales nothing): a finite loss can
+        # still have an overflowed gradient, and one update with it would poison every weight
+        grad_norm = optim.clip_grad_norm_(model.parameters(), cfg.clip or math.inf)
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad()
+            raise TrainingDiverged(self._diverged_message(loss_value, grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1

@@ -1,0 +1,207 @@
+"""The Trainer's documented promises (docs/training.md), each checked so that breaking it fails a test:
+AdamW's parameter groups, a non-finite gradient norm, evaluation with dropout on, a second Ctrl-C,
+and the fsync order of a checkpoint write."""
+
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from minillm import backend, optim
+from minillm.tensor import Tensor
+from minillm.train import Trainer, TrainingDiverged, load_checkpoint, read_metrics
+from minillm.train import checkpoint as checkpoint_module
+
+from train_helpers import make_config, make_dataset, make_model, make_trainer
+
+
+def params(model):
+    return {name: backend.to_numpy(value).copy() for name, value in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ AdamW groups
+
+
+def expected_decay(name: str) -> bool:
+    """docs/training.md, "What not to decay", written out for the GPT's names: only the four
+    weight matrices of each block decay; biases, norm gains and both embedding tables do not."""
+    return name.endswith(".weight") and name.split(".")[-2] in ("c_attn", "c_proj", "c_fc")
+
+
+def test_trainer_gives_adamw_groups_without_decay_on_biases_norms_and_embeddings():
+    trainer = make_trainer(weight_decay=0.25)
+    named = dict(trainer.model.named_parameters())
+    by_id = {id(p): name for name, p in named.items()}
+    decayed = {by_id[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.25 for p in g["params"]}
+    spared = {by_id[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == {n for n in named if expected_decay(n)}
+    assert spared == {n for n in named if not expected_decay(n)}
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.bias"} <= spared
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(named)
+
+
+def test_first_adamw_step_matches_numpy_with_decay_only_on_matrices():
+    """One real training step against AdamW's first step written in float64 NumPy:
+    m̂ = g, v̂ = g², so p1 = p0 (1 − lr·wd) − lr · g / (|g| + eps), wd = 0 for the spared tensors."""
+    wd = 0.5
+    trainer = make_trainer(weight_decay=wd, warmup=0, lr=1e-2, clip=None)
+    model = trainer.model
+    before = params(model)
+    grads = {}
+    real_step = trainer.optimizer.step
+
+    def step_recording_grads():
+        grads.update({name: backend.to_numpy(p.grad).astype(np.float64) for name, p in model.named_parameters()})
+        real_step()
+
+    trainer.optimizer.step = step_recording_grads
+    trainer.train_step()
+    lr, eps = trainer.config.lr, trainer.config.eps   # warmup 0: step 0 runs at the peak lr
+    for name, after in params(model).items():
+        p0, g = before[name].astype(np.float64), grads[name]
+        decay = wd if expected_decay(name) else 0.0
+        expected = p0 * (1 - lr * decay) - lr * g / (np.abs(g) + eps)
+        np.testing.assert_allclose(after, expected, rtol=2e-6, atol=1e-7, err_msg=name)
+        if decay:   # the decay term is far above the tolerance: one group for all would show
+            assert np.abs(lr * wd * p0).max() > 1e-5
+
+
+# ------------------------------------------------------------------ a non-finite gradient norm
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_gradient_norm_stops_before_the_update(clip, bad, tmp_path, monkeypatch):
+    """The loss stays finite; one gradient entry turns nan/inf after backward (as an overflow in a
+    backward pass would). Training must stop with a clear message, weights and Adam state untouched."""
+    trainer = make_trainer(tmp_path, steps=10, checkpoint_interval=3, clip=clip)
+    trainer.fit(stop_at=3)
+    target = trainer.model.h[1].mlp.c_fc.weight
+    real_backward = Tensor.backward
+
+    def backward_then_poison(self, *args, **kwargs):
+        real_backward(self, *args, **kwargs)
+        target.grad[0, 0] = bad
+
+    monkeypatch.setattr(Tensor, "backward", backward_then_poison)
+    before = params(trainer.model)
+    adam_steps = [s["step"] for s in trainer.optimizer.state.values()]
+    with pytest.raises(TrainingDiverged) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert f"diverged at step 4: gradient norm is {float(bad)} (loss " in message
+    loss = float(message.split("(loss ")[1].split(")")[0])
+    assert math.isfinite(loss)
+    assert "the last good checkpoint (step 3)" in message and "Try a lower --lr" in message
+    for name, value in params(trainer.model).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert [s["step"] for s in trainer.optimizer.state.values()] == adam_steps
+    assert trainer.step == 3 and load_checkpoint(tmp_path).step == 3
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ evaluation and the random streams
+
+
+def test_evaluation_with_dropout_on_does_not_change_training(tmp_path):
+    """With dropout, every training step draws masks from the model's random stream; an evaluation
+    that drew from it too (a forward pass left in training mode, a stray draw) would shift every
+    later mask, and the losses would differ."""
+    runs = {}
+    for name, interval in (("rare", 0), ("every step", 1)):
+        trainer = make_trainer(tmp_path / str(interval), dropout=0.3, steps=6, eval_interval=interval,
+                               checkpoint_interval=0)
+        trainer.fit()
+        runs[name] = ([r["loss"] for r in read_metrics(trainer.run_dir, "train")], params(trainer.model))
+        assert len(read_metrics(trainer.run_dir, "eval")) == (1 if interval == 0 else 6)
+    assert runs["every step"][0] == runs["rare"][0]                       # bit for bit
+    for name, value in runs["rare"][1].items():
+        np.testing.assert_array_equal(runs["every step"][1][name], value, err_msg=name)
+    no_dropout = make_trainer(steps=6, eval_interval=0)
+    assert [no_dropout.train_step()[0] for _ in range(6)] != runs["rare"][0]   # the masks are really drawn
+
+
+# ------------------------------------------------------------------ a second Ctrl-C
+
+
+def test_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Two real SIGINTs during a step that would last 30 s: the first only asks for a stop, the
+    second raises KeyboardInterrupt at once: the step is not finished and nothing is saved."""
+    trainer = make_trainer(tmp_path, steps=10, checkpoint_interval=2, eval_interval=0)
+    real_get_batch = trainer.data.get_batch
+    saves = []
+    real_save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda: saves.append(trainer.step) or real_save())
+
+    def get_batch(split, batch_size, rng=None):
+        if split == "train" and trainer.step == 3:           # step 4: Ctrl-C, Ctrl-C, then a long wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)                                  # two separate deliveries, not one coalesced
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        return real_get_batch(split, batch_size, rng)
+
+    monkeypatch.setattr(trainer.data, "get_batch", get_batch)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert time.perf_counter() - start < 10                   # the 30 s sleep was cut short
+    assert trainer.step == 3 and saves == [2]                 # step 4 never finished, no save after it
+    assert load_checkpoint(tmp_path).step == 2                # the previous checkpoint, intact
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------ fsync before the commit rename
+
+
+def test_checkpoint_fsyncs_arrays_and_directory_before_the_commit_rename(tmp_path, monkeypatch):
+    """docs/training.md §8: arrays -> .tmp, fsync, rename; the directory entry made durable; then
+    metadata -> .tmp, fsync, rename over checkpoint.json (the commit); then the run directory."""
+    trainer = make_trainer(tmp_path, steps=2)
+    trainer.train_step()
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    inodes = {}
+
+    def name_of(inode):
+        return inodes.get(inode, f"inode {inode}")
+
+    def fsync(fd):
+        events.append(("fsync", name_of(os.fstat(fd).st_ino)))
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.path.relpath(src, tmp_path), os.path.relpath(dst, tmp_path)))
+        real_replace(src, dst, *args, **kwargs)
+
+    def record_inode(path):
+        inodes[os.stat(path).st_ino] = os.path.relpath(path, tmp_path)
+
+    real_open = open
+
+    def open_recording(path, mode="r", *args, **kwargs):   # names the temp files by inode as they are made
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            record_inode(path)
+        return f
+
+    (tmp_path / "checkpoints").mkdir()
+    record_inode(tmp_path)
+    record_inode(tmp_path / "checkpoints")
+    monkeypatch.setattr(checkpoint_module.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    monkeypatch.setattr(checkpoint_module, "open", open_recording, raising=False)
+    trainer.save()
+    arrays = "checkpoints/step-000001.npz"
+    assert events == [
+        ("fsync", arrays + ".tmp"),                      # 1. the arrays' bytes are on disk ...
+        ("replace", arrays + ".tmp", arrays),            #    ... before their name appears
+        ("fsync", "checkpoints"),                        #    ... and the name itself is durable
+        ("fsync", "checkpoint.json.tmp"),                # 2. the metadata's bytes ...
+        ("replace", "checkpoint.json.tmp", "checkpoint.json"),   # ... then the commit
+        ("fsync", "."),                                  #    ... made durable
+    ]
+    assert load_checkpoint(tmp_path).step == 1
