@@ -30,7 +30,7 @@ from minillm.data.dataset import TokenDataset, encode_documents  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.tokenizer import BPETokenizer  # noqa: E402
 from minillm.train import TrainConfig, Trainer, has_checkpoint  # noqa: E402
-from minillm.train.commands import print_samples  # noqa: E402
+from minillm.train.run import print_samples  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 SOURCE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

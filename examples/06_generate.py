@@ -65,7 +65,7 @@ def eos_demo(model: GPT) -> None:
 
 
 def run_demo(run_dir: str, prompt: str, new_tokens: int) -> None:
-    from minillm.generate_commands import load_run
+    from minillm.train.run import load_run
 
     model, tokenizer = load_run(run_dir)
     ids = tokenizer.encode(prompt) or [0]

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
-from minillm.generate_commands import load_hf  # noqa: E402
+from minillm.weights.pretrained import load_pretrained  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.weights import load_hf_gpt2, save_hf_gpt2  # noqa: E402
 from minillm.weights.safetensors import read_header  # noqa: E402
@@ -59,7 +59,7 @@ def gpt2_demo(directory: str, prompt: str, max_new_tokens: int, device: str) -> 
     has_own = (Path(directory) / "vocab.json").is_file() or (Path(directory) / "encoder.json").is_file()
     if not has_own and (SHARED_GPT2 / "encoder.json").is_file():
         tokenizer_spec = f"gpt2:{SHARED_GPT2}"
-    model, tokenizer = load_hf(directory, tokenizer_spec, device)
+    model, tokenizer = load_pretrained(directory, tokenizer_spec, device)
     print(f"GPT-2 from {directory}: {model.num_parameters():,} parameters")
     ids = tokenizer.encode(prompt)
     out = model.generate(np.asarray([ids]), max_new_tokens=max_new_tokens, temperature=0)

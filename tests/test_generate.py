@@ -1,7 +1,5 @@
 """Generation: the KV cache against full recomputation, the samplers against their definitions."""
 
-import json
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -234,36 +232,3 @@ def test_inverse_cdf_never_picks_a_zero_probability_token(weights, u):
         assert probs[0, token] > 0
         assert (cdf[token - 1] if token else 0.0) <= x                      # u falls in token's interval
         assert x < cdf[token] or token == last_positive                     # (or rounded up past the end)
-
-
-# ------------------------------------------------------------------ the command line
-
-
-def test_generate_command_streams_text(tmp_path, capsys):
-    from minillm.cli import main
-    from minillm.tokenizer import BPETokenizer
-    from minillm.weights import save_hf_gpt2
-
-    model = make_model(config=GPTConfig(vocab_size=257, context_length=32, n_layer=1, n_head=2, d_model=16))
-    save_hf_gpt2(model, tmp_path / "hf")
-    tokenizer = BPETokenizer.bytes(special_tokens=["<|endoftext|>"])
-    tokenizer.save(tmp_path / "tok.json")
-    argv = ["generate", "--hf-gpt2", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok.json"),
-            "--prompt", "hé", "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    prompt_ids = tokenizer.encode("hé")
-    expected = generate(model, [prompt_ids], 8, temperature=0)[0]
-    assert printed == tokenizer.decode(expected.tolist()) + "\n"
-    argv[argv.index("--max-new-tokens") + 1] = "100"
-    assert main(argv) == 0                                      # clipped to the context, not an error
-
-
-def test_bench_generate_reports_both_ways(capsys):
-    from minillm.cli import main
-
-    assert main(["bench", "generate", "--preset", "tiny", "--new-tokens", "8", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["same_tokens"] is True
-    assert result["cache_tokens_per_s"] > 0 and result["no_cache_tokens_per_s"] > 0
-    assert result["speedup"] == pytest.approx(result["cache_tokens_per_s"] / result["no_cache_tokens_per_s"])

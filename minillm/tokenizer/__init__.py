@@ -8,7 +8,8 @@
 
 Layers, each one idea: gpt2.py (the byte-level alphabet, GPT-2's files),
 pretokenize.py (regex chunks, streaming), train.py (learning merges),
-bpe.py (the tokenizer), parallel.py (encode_batch), commands.py (CLI, bench).
+bpe.py (the tokenizer), parallel.py (encode_batch); the command line is
+minillm/commands/tokenizer.py.
 Independent of the tensor engine: it needs only ``regex`` and ``tqdm``.
 """
 

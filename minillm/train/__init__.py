@@ -5,7 +5,7 @@
     trainer.resume()   # optional: continue from runs/demo's checkpoint
     trainer.fit()
 
-``commands.py`` holds ``minillm train`` and ``minillm bench train``.
+``run.py`` resolves, builds and loads the run directories of ``minillm train`` (minillm/commands/train.py).
 """
 
 from .checkpoint import (

@@ -1,4 +1,4 @@
-"""``minillm train`` and ``minillm bench train`` through ``minillm.cli.main``."""
+"""``minillm train`` through ``minillm.cli.main``."""
 
 import json
 
@@ -98,13 +98,3 @@ def test_train_on_the_builtin_corpus_with_a_bpe_tokenizer(tmp_path, capsys):
     assert "trained a BPE tokenizer of 300 tokens" in captured.err
     assert captured.out.count("--- sample") == 1
     assert load_checkpoint(out).metadata["model_config"]["vocab_size"] == 300
-
-
-def test_bench_train_reports_throughput_and_memory(capsys):
-    assert run(["bench", "train", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16",
-                "--vocab-size", "50", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["config"]["n_layer"] == 1 and result["config"]["vocab_size"] == 50
-    assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 10
-    assert result["ms_per_step_min"] <= result["ms_per_step_mean"]
-    assert "argument --steps: expected a positive integer" in usage_error(["bench", "train", "--steps", "0"], capsys)

@@ -1,4 +1,4 @@
-"""``minillm bench ops``: fused ops against their compositions, forward + backward, float32.
+"""Fused ops against their compositions, forward + backward, float32 (``minillm bench ops``).
 
     minillm bench ops                              # CPU: all four cases
     minillm bench ops --case attention --repeat 10
@@ -22,7 +22,6 @@ inputs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -30,9 +29,9 @@ import time
 
 import numpy as np
 
-from . import backend
-from . import functional as F
-from .tensor import Tensor
+from .. import backend
+from .. import functional as F
+from ..tensor import Tensor
 
 V_GPT2 = 50257
 
@@ -114,41 +113,9 @@ def peak_memory_here(name: str, variant: str, device: str) -> int:
 
 
 def peak_memory(name: str, variant: str, device: str) -> int:
-    command = [sys.executable, "-m", "minillm.ops_bench", "--measure-memory", name, variant, device]
+    command = [sys.executable, "-m", "minillm.bench.ops", "--measure-memory", name, variant, device]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return int(result.stdout.strip().splitlines()[-1])
-
-
-def run_bench_ops(args: argparse.Namespace) -> int:
-    device = backend.parse_device(args.device)
-    backend.tune_cpu_allocator()
-    results = []
-    print(f"fused vs composed, forward + backward, float32, best of {args.repeat}, on {device}")
-    for name in args.case or list(CASES):
-        result = time_case(name, device, args.repeat)
-        line = (f"  {name:<14} fused {result['fused_ms']:8.1f} ms   composed {result['composed_ms']:8.1f} ms"
-                f"   speed-up {result['speedup']:.2f}x")
-        if args.memory:
-            result["fused_peak_mib"] = peak_memory(name, "fused", device) / 2**20
-            result["composed_peak_mib"] = peak_memory(name, "composed", device) / 2**20
-            line += f"   peak {result['fused_peak_mib']:.0f} vs {result['composed_peak_mib']:.0f} MiB"
-        print(line, flush=True)
-        results.append(result)
-    if args.json:
-        print(json.dumps(results))
-    return 0
-
-
-def add_bench_ops_parser(bench_subparsers) -> argparse.ArgumentParser:
-    p = bench_subparsers.add_parser("ops", help="fused ops vs their compositions (time, peak memory)",
-                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", action="append", choices=list(CASES), help="repeatable; default: all")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh process per variant)")
-    p.add_argument("--json", action="store_true", help="also print the results as JSON")
-    p.set_defaults(func=run_bench_ops)
-    return p
 
 
 if __name__ == "__main__":  # the fresh process of peak_memory()

@@ -60,7 +60,7 @@ def tokenizer_spec(text: str) -> str:
 
 def preset(text: str) -> str:
     """A GPTConfig preset name (or one of its aliases)."""
-    from .models.gpt import PRESET_ALIASES, PRESETS  # noqa: PLC0415
+    from ..models.gpt import PRESET_ALIASES, PRESETS  # noqa: PLC0415
 
     if text not in PRESETS and text not in PRESET_ALIASES:
         raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose one of {', '.join(PRESETS)}")

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from minillm.tokenizer import BPETokenizer
-from minillm.tokenizer.commands import add_tokenizer_bench_arguments, add_tokenizer_parser
+from minillm.commands import tokenizer as tokenizer_command
 
 TEXT = "Hello world! Hello tokenizer.\nSecond line, with ünïcödé and 日本語.\r\n" * 50
 
 
 def run(argv, stdin=""):
     parser = argparse.ArgumentParser(prog="minillm")
-    add_tokenizer_parser(parser.add_subparsers(dest="command"))
+    tokenizer_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     old_in, old_out = sys.stdin, sys.stdout
     sys.stdin, sys.stdout = io.StringIO(stdin), io.StringIO()
@@ -57,11 +57,6 @@ def test_encode_refuses_special_token_by_default():
         spec.encode("a<|endoftext|>")
     with pytest.raises(FileNotFoundError, match="encoder.json"):
         run(["tokenizer", "encode", "--tokenizer", "gpt2:/nonexistent"], stdin="x")
-
-
-def test_bench_arguments_parse():
-    args = add_tokenizer_bench_arguments(argparse.ArgumentParser()).parse_args(["--memory-mb", "0"])
-    assert args.memory_mb == 0 and callable(args.func)
 
 
 def test_example_runs(capsys):

@@ -1,0 +1,98 @@
+"""Training-step throughput and peak memory (``minillm bench train``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from .. import backend
+
+BENCH_DEFAULT = dict(n_layer=6, n_head=6, d_model=384, context_length=256, vocab_size=65)
+
+
+def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device: str = "cpu", steps: int = 10,
+                       warmup: int = 2, seed: int = 0) -> dict:
+    """Time ``steps`` full training steps (forward, backward, clip, AdamW) on random tokens, after
+    ``warmup`` untimed ones; returns tokens/s, ms per step and peak memory as a dict."""
+    from .. import manual_seed  # noqa: PLC0415
+    from ..data.dataset import TokenDataset  # noqa: PLC0415
+    from ..models import GPT  # noqa: PLC0415
+    from ..train import TrainConfig, Trainer  # noqa: PLC0415
+
+    device = backend.parse_device(device)
+    rss_before = peak_rss_bytes()
+    manual_seed(seed)
+    T, B = config.context_length, batch_size
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, size=max(16 * T, 4096), dtype=np.int64)
+    dataset = TokenDataset(tokens, T, stride=1, val_fraction=0.0, seed=seed)
+    model = GPT(config)
+    train_cfg = TrainConfig(steps=warmup + steps + 1, batch_size=B, grad_accum=grad_accum, warmup=0, device=device,
+                            progress=False)
+    trainer = Trainer(model, train_cfg, dataset)
+    pool = None
+    if device != "cpu":
+        import cupy  # noqa: PLC0415
+
+        pool = cupy.get_default_memory_pool()
+    for _ in range(warmup):
+        trainer.train_step()
+    backend.synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step()
+        backend.synchronize(device)
+        times.append(time.perf_counter() - start)
+    tokens_per_step = B * grad_accum * T
+    total = sum(times)
+    result = {
+        "config": config.to_dict(), "batch_size": B, "grad_accum": grad_accum, "device": device,
+        "dtype": str(backend.get_default_dtype()), "parameters": model.num_parameters(),
+        "steps": steps, "warmup": warmup, "tokens_per_s": tokens_per_step * steps / total,
+        "ms_per_step_mean": 1000 * total / steps, "ms_per_step_min": 1000 * min(times),
+        "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_model_mib": rss_before / 2**20,
+        "threads_hint": os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default",
+    }
+    if pool is not None:
+        result["gpu_pool_peak_gib"] = pool.total_bytes() / 2**30  # the pool keeps freed blocks: its size is the peak
+        result["gpu_peak_in_use_gib"] = _gpu_peak_in_use(trainer, pool) / 2**30
+    return result
+
+
+def _gpu_peak_in_use(trainer, pool) -> int:
+    """Most bytes held by live arrays during one more (untimed) step, like PyTorch's max_memory_allocated.
+
+    The pool's size is only an upper bound (it keeps freed blocks for reuse), so
+    this step runs through an allocator that records ``pool.used_bytes()`` after
+    every allocation.
+    """
+    import cupy  # noqa: PLC0415
+
+    peak = pool.used_bytes()
+
+    def recording_malloc(size):
+        nonlocal peak
+        memory = pool.malloc(size)
+        peak = max(peak, pool.used_bytes())
+        return memory
+
+    cupy.cuda.set_allocator(recording_malloc)
+    try:
+        trainer.train_step()
+        backend.synchronize(trainer.device)
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+    return peak
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS; 0 on Windows)."""
+    try:
+        import resource  # noqa: PLC0415 (POSIX only)
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

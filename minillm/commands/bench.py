@@ -1,0 +1,221 @@
+"""``minillm bench tokenizer|train|generate|ops``: speed and memory, measured by ``minillm.bench``.
+
+    minillm bench train                             # tokens/s and peak memory, 6L/6H/384d, T=256, B=8
+    minillm bench train --preset gpt2-124m --context 1024 --device cuda
+    minillm bench generate                          # gpt2-124m, batch 1, 256 tokens, CPU
+    minillm bench generate --preset gpt2-medium --batch-size 8 --device cuda --cache-only
+    minillm bench ops --case attention --repeat 10
+    minillm bench tokenizer --memory-mb 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from . import argtypes
+from .common import HelpFormatter, add_command, add_device_option, add_json_option, add_seed_option
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    bench = add_command(subparsers, "bench", help="measure speed and memory (tokenizer, training step, generation, ops)")
+    benches = bench.add_subparsers(dest="bench", metavar="WHAT")
+    benches.required = True
+    _register_tokenizer(benches)
+    _register_train(benches)
+    _register_generate(benches)
+    _register_ops(benches)
+    return bench
+
+
+# ---------------------------------------------------------------- bench tokenizer
+
+
+def _register_tokenizer(benches) -> None:
+    p = add_command(benches, "tokenizer", help="tokenizer encode/train speed and memory on tinyshakespeare")
+    p.add_argument("--data", metavar="DIR", type=Path, default=None,
+                   help="folder with tinyshakespeare.txt and gpt2/ (default: ../shared/data)")
+    p.add_argument("--workers", metavar="N", type=argtypes.positive_int, default=os.cpu_count() or 1,
+                   help="processes for encode_batch (default: the number of CPUs)")
+    p.add_argument("--vocab-size", metavar="N", type=argtypes.positive_int, default=4096,
+                   help="vocabulary of the training benchmark (default: 4096)")
+    p.add_argument("--memory-mb", metavar="N", type=argtypes.non_negative_int, default=100,
+                   help="size of the generated corpus for the peak-memory run, 0 = skip (default: 100)")
+    p.add_argument("--repeat", metavar="N", type=argtypes.positive_int, default=3,
+                   help="timed repetitions; the best is reported (default: 3)")
+    p.set_defaults(func=run_bench_tokenizer)
+
+
+def run_bench_tokenizer(args: argparse.Namespace) -> int:
+    from ..bench.tokenizer import run_tokenizer_bench  # noqa: PLC0415
+
+    return run_tokenizer_bench(args.data, args.workers, args.vocab_size, args.memory_mb, args.repeat)
+
+
+# ---------------------------------------------------------------- bench train
+
+
+def _register_train(benches) -> None:
+    from ..bench.train import BENCH_DEFAULT  # noqa: PLC0415
+
+    d = BENCH_DEFAULT
+    p = add_command(
+        benches, "train", help="training-step throughput (tokens/s) and peak memory",
+        description=f"Time full training steps (forward, backward, clip, AdamW) on random tokens. "
+                    f"Default: {d['n_layer']} layers, {d['n_head']} heads, {d['d_model']} dims, context "
+                    f"{d['context_length']}, batch 8, vocab {d['vocab_size']}, fp32 (the CPU figure in the "
+                    f"README); --preset gpt2-124m --device cuda for the GPU one.")
+    p.add_argument("--preset", metavar="NAME", type=argtypes.preset,
+                   help="a GPTConfig preset; the sizes below override it")
+    p.add_argument("--n-layer", metavar="N", type=argtypes.positive_int,
+                   help=f"blocks (default: {d['n_layer']}, or the preset's)")
+    p.add_argument("--n-head", metavar="N", type=argtypes.positive_int,
+                   help=f"attention heads (default: {d['n_head']}, or the preset's)")
+    p.add_argument("--d-model", metavar="N", type=argtypes.positive_int,
+                   help=f"width (default: {d['d_model']}, or the preset's)")
+    p.add_argument("--context", dest="context_length", metavar="N", type=argtypes.positive_int,
+                   help=f"sequence length (default: {d['context_length']}, or the preset's)")
+    p.add_argument("--vocab-size", metavar="N", type=argtypes.positive_int,
+                   help=f"vocabulary size (default: {d['vocab_size']}, or the preset's)")
+    p.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, default=8,
+                   help="windows per micro-batch (default: 8)")
+    p.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int, default=1,
+                   help="micro-batches per step (default: 1)")
+    p.add_argument("--dropout", metavar="X", type=argtypes.probability, default=0.0,
+                   help="dropout probability (default: 0)")
+    add_device_option(p)
+    p.add_argument("--steps", metavar="N", type=argtypes.positive_int, default=10, help="timed steps (default: 10)")
+    p.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, default=2,
+                   help="untimed steps first (default: 2)")
+    add_seed_option(p, 0, "seeds the weights and the random tokens (default: 0)")
+    add_json_option(p)
+    p.set_defaults(func=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    from ..bench.train import BENCH_DEFAULT, measure_train_step  # noqa: PLC0415
+    from ..models import GPTConfig  # noqa: PLC0415
+    from ..train.run import check_model_shape  # noqa: PLC0415
+
+    fields = dict(BENCH_DEFAULT) if args.preset is None else GPTConfig.from_preset(args.preset).to_dict()
+    for name in ("n_layer", "n_head", "d_model", "context_length", "vocab_size"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    fields["dropout"] = args.dropout
+    check_model_shape(fields)
+    config = GPTConfig.from_dict(fields)
+    result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
+                                args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    c, B = config, args.batch_size
+    print(f"train step: {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, context {c.context_length}, "
+          f"vocab {c.vocab_size}, batch {B} x {args.grad_accum}, {result['dtype']}, {result['device']}, "
+          f"{result['parameters']:,} parameters")
+    print(f"  {result['tokens_per_s']:,.0f} tokens/s  ({result['ms_per_step_mean']:.1f} ms/step mean, "
+          f"{result['ms_per_step_min']:.1f} min, over {args.steps} steps after {args.warmup} warmup)")
+    print(f"  peak RSS {result['peak_rss_mib']:,.0f} MiB (process; {result['rss_before_model_mib']:,.0f} MiB "
+          f"before the model was built)")
+    if "gpu_peak_in_use_gib" in result:
+        print(f"  peak GPU memory {result['gpu_peak_in_use_gib']:.2f} GiB in use by arrays, "
+              f"{result['gpu_pool_peak_gib']:.2f} GiB held by CuPy's memory pool")
+    return 0
+
+
+# ---------------------------------------------------------------- bench generate
+
+
+def _register_generate(benches) -> None:
+    p = add_command(
+        benches, "generate", help="generation tokens/s, with and without the KV cache",
+        description="Generate from a randomly initialised GPT (greedy, so both ways produce the same "
+                    "tokens) and report tokens/s with the KV cache, without it, and the speed-up.")
+    p.add_argument("--preset", metavar="NAME", type=argtypes.preset, default="gpt2-124m",
+                   help="a GPTConfig preset (default: gpt2-124m)")
+    p.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, default=1,
+                   help="rows generated at once (default: 1)")
+    p.add_argument("--new-tokens", metavar="N", type=argtypes.positive_int, default=256,
+                   help="tokens generated per row (default: 256)")
+    p.add_argument("--prompt-len", metavar="N", type=argtypes.positive_int, default=16,
+                   help="prompt length in tokens (default: 16)")
+    add_device_option(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--no-cache", action="store_true", help="measure only generation without the cache")
+    which.add_argument("--cache-only", action="store_true", help="measure only generation with the cache")
+    add_seed_option(p, 0, "seeds the weights and the prompt (default: 0)")
+    add_json_option(p)
+    p.set_defaults(func=run_bench_generate)
+
+
+def run_bench_generate(args: argparse.Namespace) -> int:
+    from ..bench.generate import measure_generation  # noqa: PLC0415
+    from ..models import GPTConfig  # noqa: PLC0415
+
+    config = GPTConfig.from_preset(args.preset)
+    total = args.prompt_len + args.new_tokens
+    if total > config.context_length:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = {total} exceeds "
+                         f"{args.preset}'s context length {config.context_length}")
+    modes = (True,) if args.cache_only else (False,) if args.no_cache else (True, False)
+    result = measure_generation(args.preset, args.batch_size, args.new_tokens, args.prompt_len, args.device, modes,
+                                args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.preset} ({result['parameters']:,} parameters, {result['dtype']}) on {result['device']}: "
+          f"batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    for name, label in (("cache", "with KV cache"), ("no_cache", "without cache")):
+        if f"{name}_seconds" in result:
+            print(f"  {label:14s} {result[f'{name}_tokens_per_s']:10.1f} tokens/s "
+                  f"({result[f'{name}_seconds']:.2f} s)")
+    if "speedup" in result:
+        print(f"  speed-up       {result['speedup']:10.1f}x   (same tokens: {result['same_tokens']})")
+    return 0
+
+
+# ---------------------------------------------------------------- bench ops
+
+
+def _register_ops(benches) -> None:
+    from ..bench import ops  # noqa: PLC0415
+
+    p = add_command(benches, "ops", help="fused ops vs their compositions (time, peak memory)",
+                    description=ops.__doc__, formatter_class=_RawDescriptionFormatter)
+    p.add_argument("--case", action="append", choices=list(ops.CASES), metavar="CASE",
+                   help=f"one of {', '.join(ops.CASES)}; repeatable (default: all)")
+    add_device_option(p)
+    p.add_argument("--repeat", metavar="N", type=argtypes.positive_int, default=5,
+                   help="timed runs per block; the best is reported (default: 5)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh process per variant)")
+    add_json_option(p, "also print the results as JSON")
+    p.set_defaults(func=run_bench_ops)
+
+
+class _RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """Keeps the line breaks of a long description (the case table of ``bench ops``)."""
+
+
+def run_bench_ops(args: argparse.Namespace) -> int:
+    from .. import backend  # noqa: PLC0415
+    from ..bench.ops import CASES, peak_memory, time_case  # noqa: PLC0415
+
+    device = backend.parse_device(args.device)
+    backend.tune_cpu_allocator()
+    results = []
+    print(f"fused vs composed, forward + backward, float32, best of {args.repeat}, on {device}")
+    for name in args.case or list(CASES):
+        result = time_case(name, device, args.repeat)
+        line = (f"  {name:<14} fused {result['fused_ms']:8.1f} ms   composed {result['composed_ms']:8.1f} ms"
+                f"   speed-up {result['speedup']:.2f}x")
+        if args.memory:
+            result["fused_peak_mib"] = peak_memory(name, "fused", device) / 2**20
+            result["composed_peak_mib"] = peak_memory(name, "composed", device) / 2**20
+            line += f"   peak {result['fused_peak_mib']:.0f} vs {result['composed_peak_mib']:.0f} MiB"
+        print(line, flush=True)
+        results.append(result)
+    if args.json:
+        print(json.dumps(results))
+    return 0

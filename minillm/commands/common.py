@@ -1,0 +1,66 @@
+"""Pieces every ``minillm`` subcommand shares: how a parser is made, common options, messages.
+
+A subcommand module calls :func:`add_command` instead of ``subparsers.add_parser``
+so that every command formats its help the same way, and uses the option helpers
+here (``--device``, ``--json``, ``--run``, ``--seed``) so that an option means the
+same thing, with the same metavar and help, wherever it appears.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from . import argtypes
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter with wider option columns (long option names fit on one line)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def add_command(subparsers, name: str, help: str, description: str | None = None,
+                **kwargs) -> argparse.ArgumentParser:
+    """``subparsers.add_parser`` with the shared formatter; ``description`` defaults to ``help``."""
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    return subparsers.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                                 **kwargs)
+
+
+def add_device_option(parser, default: str | None = "cpu") -> None:
+    shown = f" (default: {default})" if default else " (default: cpu)"
+    parser.add_argument("--device", metavar="DEVICE", type=argtypes.device, default=default,
+                        help=f"cpu, cuda or cuda:N{shown}")
+
+
+def add_json_option(parser, what: str = "print one JSON object instead of text") -> None:
+    parser.add_argument("--json", action="store_true", help=what)
+
+
+def add_seed_option(parser, default: int | None, help: str) -> None:
+    parser.add_argument("--seed", metavar="N", type=argtypes.non_negative_int, default=default, help=help)
+
+
+def add_run_option(parser, required: bool = True,
+                   help: str = "a run directory written by `minillm train`") -> None:
+    """``--run RUN_DIR``: the run to read a model (and its tokenizer) from."""
+    parser.add_argument("--run", metavar="RUN_DIR", required=required, help=help)
+
+
+def given_fields(args: argparse.Namespace, config_class) -> dict[str, Any]:
+    """The fields of the dataclass ``config_class`` that were given on the command line.
+
+    An option whose ``dest`` is a field name (``--batch-size`` -> ``batch_size``) and whose value
+    is not None counts as given, so a new config field only needs an option of the same name.
+    """
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)
+            if getattr(args, field.name, None) is not None}
+
+
+def say(message: str) -> None:
+    """A progress or status line for the user: stderr, so that stdout stays the command's output."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,93 @@
+"""``minillm tokenizer train|encode|decode``.
+
+    minillm tokenizer train --input a.txt b.txt --vocab-size 4096 --out tok.json
+    echo "Hello world" | minillm tokenizer encode --tokenizer gpt2:../shared/data/gpt2
+    echo "15496 995" | minillm tokenizer decode --tokenizer gpt2:../shared/data/gpt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import argtypes
+from .common import add_command, say
+
+SPEC_HELP = "bytes, gpt2:DIR (encoder.json + vocab.bpe) or a saved tokenizer file"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = add_command(subparsers, "tokenizer", help="train a BPE tokenizer, encode or decode text")
+    actions = parser.add_subparsers(dest="tokenizer_command", metavar="{train,encode,decode}")
+    actions.required = True
+
+    train = add_command(actions, "train", help="learn a byte-level BPE tokenizer from text files")
+    train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files (streamed)")
+    train.add_argument("--vocab-size", metavar="N", type=argtypes.positive_int, required=True,
+                       help="total tokens, special tokens included (at least 256 + the special tokens)")
+    train.add_argument("--out", metavar="FILE", required=True, help="where to write the tokenizer (JSON)")
+    train.add_argument("--pattern", metavar="PATTERN", default="gpt2",
+                       help="gpt2, gpt4 or a regular expression (default: gpt2)")
+    train.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
+                       help="add a special token, e.g. '<|endoftext|>' (repeatable)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=run_train)
+
+    encode = add_command(actions, "encode", help="text (stdin or file) -> token ids")
+    encode.add_argument("--tokenizer", metavar="SPEC", required=True, help=SPEC_HELP)
+    encode.add_argument("input", metavar="FILE", nargs="?", help="text file (default: stdin)")
+    encode.add_argument("--allowed-special", metavar="WHICH", default="none_raise",
+                        help="none_raise (refuse special tokens in the text), none (encode them as plain text), "
+                             "all, or comma-separated special tokens (default: none_raise)")
+    encode.add_argument("--json", action="store_true", help="print a JSON list instead of space-separated ids")
+    encode.set_defaults(func=run_encode)
+
+    decode = add_command(actions, "decode", help="token ids (stdin or file; spaces, lines or JSON) -> text")
+    decode.add_argument("--tokenizer", metavar="SPEC", required=True, help=SPEC_HELP)
+    decode.add_argument("input", metavar="FILE", nargs="?", help="file of ids (default: stdin)")
+    decode.set_defaults(func=run_decode)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..tokenizer import BPETokenizer, iter_text_files  # noqa: PLC0415
+
+    start = time.perf_counter()
+    tok = BPETokenizer.train(
+        iter_text_files(args.input), args.vocab_size, pattern=args.pattern,
+        special_tokens=args.special_token, progress=not args.quiet,
+    )
+    tok.save(args.out)
+    say(f"trained {tok!r} in {time.perf_counter() - start:.1f} s -> {args.out}")
+    return 0
+
+
+def _read_input(path: str | None) -> str:
+    if path is None:
+        return sys.stdin.read()
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from ..tokenizer import load_tokenizer  # noqa: PLC0415
+
+    tok = load_tokenizer(args.tokenizer)
+    allowed = args.allowed_special
+    if allowed not in ("none_raise", "none", "all"):
+        allowed = {s for s in allowed.split(",") if s}
+    ids = tok.encode(_read_input(args.input), allowed_special=allowed)
+    print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from ..tokenizer import load_tokenizer  # noqa: PLC0415
+
+    text = _read_input(args.input).strip()
+    ids = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
+    sys.stdout.write(load_tokenizer(args.tokenizer).decode(ids))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,138 @@
+"""``minillm train``: train a GPT (by default a small one on the built-in corpus), then print samples.
+
+    minillm train                                   # BPE + small GPT on the Python docs, ~5 min on 2 cores
+    minillm train --data input.txt --tokenizer bytes --steps 2000 --out runs/mine
+    minillm train --resume runs/mine                # continue exactly where it stopped
+
+Every option defaults to None here (not given) and is resolved by
+:func:`minillm.train.run.resolve_run`: a new run starts from the library's
+defaults, a resumed one from what its run directory saved. An option whose
+``dest`` is a ``GPTConfig`` or ``TrainConfig`` field name reaches the config
+without further code (see :func:`~minillm.commands.common.given_fields`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, build_run, print_samples, \
+    resolve_run
+from . import argtypes
+from .common import add_command, given_fields, say
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = add_command(
+        subparsers, "train", help="train a GPT (default: a small one on the built-in corpus), then print samples",
+        description="Train a GPT. With no arguments: a BPE tokenizer and a small GPT on the Python "
+                    "reference docs that ship with CPython (about 5 minutes on a 2-core CPU), then samples.")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", nargs="+", metavar="FILE",
+                      help="UTF-8 text files or folders of *.txt (default: the built-in Python docs corpus)")
+    data.add_argument("--tokenizer", type=argtypes.tokenizer_spec, metavar="SPEC",
+                      help=f"bytes | bpe:N (train one, N tokens) | gpt2:DIR | a tokenizer file "
+                           f"(default: {DEFAULT_TOKENIZER})")
+    data.add_argument("--val-fraction", metavar="X", type=argtypes.probability,
+                      help="held-out tail of the tokens (default: 0.1)")
+    data.add_argument("--stride", metavar="N", type=argtypes.positive_int,
+                      help="distance between training windows (default: 1, every start position)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", metavar="NAME", type=argtypes.preset,
+                       help="a GPTConfig preset (tiny, gpt2-124m, ...); the sizes below override it")
+    model.add_argument("--n-layer", metavar="N", type=argtypes.positive_int,
+                       help=f"blocks (default: {DEFAULT_MODEL['n_layer']})")
+    model.add_argument("--n-head", metavar="N", type=argtypes.positive_int,
+                       help=f"attention heads (default: {DEFAULT_MODEL['n_head']})")
+    model.add_argument("--d-model", metavar="N", type=argtypes.positive_int,
+                       help=f"width (default: {DEFAULT_MODEL['d_model']})")
+    model.add_argument("--context", dest="context_length", metavar="N", type=argtypes.positive_int,
+                       help=f"context length, also the training window (default: {DEFAULT_MODEL['context_length']})")
+    model.add_argument("--dropout", metavar="X", type=argtypes.probability, help="dropout probability (default: 0)")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--steps", metavar="N", type=argtypes.positive_int,
+                       help=f"optimizer steps (default: {DEFAULT_TRAIN['steps']})")
+    train.add_argument("--batch-size", metavar="N", type=argtypes.positive_int,
+                       help=f"windows per micro-batch (default: {DEFAULT_TRAIN['batch_size']})")
+    train.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int,
+                       help="micro-batches per step (default: 1)")
+    train.add_argument("--lr", metavar="X", type=argtypes.positive_float,
+                       help=f"peak learning rate (default: {DEFAULT_TRAIN['lr']})")
+    train.add_argument("--min-lr", metavar="X", type=argtypes.non_negative_float,
+                       help=f"final learning rate (default: {DEFAULT_TRAIN['min_lr']})")
+    train.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int,
+                       help=f"warmup steps (default: {DEFAULT_TRAIN['warmup']}, at most a tenth of --steps)")
+    train.add_argument("--weight-decay", metavar="X", type=argtypes.non_negative_float,
+                       help="AdamW weight decay (default: 0.1)")
+    train.add_argument("--clip", metavar="X", type=argtypes.non_negative_float,
+                       help="gradient-norm clip, 0 = off (default: 1.0)")
+    train.add_argument("--eval-interval", metavar="N", type=argtypes.non_negative_int,
+                       help=f"steps between evaluations, 0 = only at the end "
+                            f"(default: {DEFAULT_TRAIN['eval_interval']})")
+    train.add_argument("--eval-batches", metavar="N", type=argtypes.positive_int,
+                       help=f"validation batches per evaluation (default: {DEFAULT_TRAIN['eval_batches']})")
+    train.add_argument("--checkpoint-interval", metavar="N", type=argtypes.non_negative_int,
+                       help=f"steps between checkpoints, 0 = only at the end "
+                            f"(default: {DEFAULT_TRAIN['checkpoint_interval']})")
+    train.add_argument("--device", metavar="DEVICE", type=argtypes.device, help="cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument("--seed", metavar="N", type=argtypes.non_negative_int, help="random seed (default: 1337)")
+
+    run = p.add_argument_group("run directory")
+    run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<data name>, numbered if taken)")
+    run.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR (or in --out) from its checkpoint")
+
+    sample = p.add_argument_group("samples printed at the end")
+    sample.add_argument("--samples", metavar="N", type=argtypes.non_negative_int, default=3,
+                        help="how many, 0 = none (default: 3)")
+    sample.add_argument("--sample-tokens", metavar="N", type=argtypes.positive_int, default=100,
+                        help="new tokens per sample (default: 100)")
+    sample.add_argument("--temperature", metavar="X", type=argtypes.non_negative_float, default=0.8,
+                        help="0 = greedy (default: 0.8)")
+    sample.add_argument("--prompt", action="append", metavar="TEXT",
+                        help=f"a prompt, repeatable (default: {' '.join(repr(p) for p in DEFAULT_PROMPTS)})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def plan_from_args(args: argparse.Namespace):
+    """The :class:`~minillm.train.run.RunPlan` the options describe (shared with commands that train too)."""
+    from ..models import GPTConfig  # noqa: PLC0415
+    from ..train import TrainConfig  # noqa: PLC0415
+
+    train = given_fields(args, TrainConfig)
+    if getattr(args, "quiet", False):
+        train["progress"] = False
+    model = {k: v for k, v in given_fields(args, GPTConfig).items() if k != "vocab_size"}
+    return resolve_run(out=args.out, resume=args.resume, data=args.data, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, stride=args.stride, preset=args.preset, model=model,
+                       train=train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    trainer, tokenizer = build_run(plan)
+    cfg, model = plan.train, trainer.model
+    model_config = model.config
+    if plan.resume:
+        say(f"resuming {plan.run_dir} at step {trainer.step} of {cfg.steps}")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.context_length
+    dataset = trainer.data
+    say(f"model: {model.num_parameters():,} parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
+        f"d_model {model_config.d_model}, context {model_config.context_length}, vocab {model_config.vocab_size}); "
+        f"data: {len(dataset.train.tokens):,} train / {len(dataset.val.tokens):,} val tokens; "
+        f"{tokens_per_step:,} tokens per step on {trainer.device}; run dir {plan.run_dir}")
+    result = trainer.fit()
+    if result.interrupted:
+        say(f"stopped at step {result.step}; continue with: minillm train --resume {plan.run_dir}")
+        return 130
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    if result.train_loss is not None:
+        say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; {result.seconds:.0f} s "
+            f"({result.tokens_per_second:,.0f} tokens/s overall); checkpoint in {plan.run_dir}")
+    if args.samples:
+        print_samples(model, tokenizer, args.prompt or DEFAULT_PROMPTS, args.samples, args.sample_tokens,
+                      args.temperature, seed=cfg.seed)
+    return 0

@@ -1,0 +1,8 @@
+"""``minillm.bench.ops``: both variants of a case are timed (figures come from running it, not from tests)."""
+
+from minillm.bench import ops
+
+
+def test_time_case_returns_both_variants():
+    result = ops.time_case("layer_norm", repeat=1)
+    assert result["fused_ms"] > 0 and result["composed_ms"] > 0

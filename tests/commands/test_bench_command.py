@@ -1,0 +1,55 @@
+"""``minillm bench tokenizer|train|generate|ops`` through ``minillm.cli.main``."""
+
+import json
+import re
+
+import pytest
+
+from minillm.cli import main
+
+
+def run(argv):
+    return main([str(a) for a in argv])
+
+
+def usage_error(argv, capsys):
+    """argparse rejects ``argv``: exit code 2; returns the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bench_ops_layer_norm(capsys):
+    assert main(["bench", "ops", "--case", "layer_norm", "--repeat", "1", "--memory"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.strip().startswith("layer_norm"))
+    fused, composed, speedup = map(float, re.findall(r"([\d.]+) ms.*?([\d.]+) ms.*?([\d.]+)x", line)[0])
+    assert abs(speedup - composed / fused) < 0.02 * speedup
+    peak_fused, peak_composed = map(float, re.findall(r"peak (\d+) vs (\d+) MiB", line)[0])
+    assert peak_fused < peak_composed   # the fused op keeps fewer arrays alive
+
+
+def test_bench_train_reports_throughput_and_memory(capsys):
+    assert run(["bench", "train", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16",
+                "--vocab-size", "50", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["n_layer"] == 1 and result["config"]["vocab_size"] == 50
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 10
+    assert result["ms_per_step_min"] <= result["ms_per_step_mean"]
+    assert "argument --steps: expected a positive integer" in usage_error(["bench", "train", "--steps", "0"], capsys)
+
+
+def test_bench_generate_reports_both_ways(capsys):
+    assert main(["bench", "generate", "--preset", "tiny", "--new-tokens", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["same_tokens"] is True
+    assert result["cache_tokens_per_s"] > 0 and result["no_cache_tokens_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["cache_tokens_per_s"] / result["no_cache_tokens_per_s"])
+
+
+def test_bench_tokenizer_arguments_parse():
+    from minillm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "tokenizer", "--memory-mb", "0"])
+    assert args.memory_mb == 0 and callable(args.func)
