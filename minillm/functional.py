@@ -25,3 +25,4 @@ from .ops.attention import (  # noqa: F401
 )
 from .ops.embedding import dropout, embedding  # noqa: F401
 from .ops.rope import rope, rope_composed  # noqa: F401
+from .ops.swiglu import swiglu, swiglu_composed  # noqa: F401

@@ -153,9 +153,25 @@ def rope(x, positions, theta: float = 10000.0, scaling=None) -> Tensor:
     other than "llama3" is an error). Features i and i + D/2 form a pair, as in
     Hugging Face's Llama and Qwen3 checkpoints.
     """
+    consecutive = positions if isinstance(positions, range) and positions.step == 1 else None
     positions = _check_rope_args(x, positions, "rope")
-    cos, sin = rope_tables(positions, x.shape[-1], theta, scaling, x.dtype, x.device)
+    if consecutive is not None:     # the model's case: reuse the tables of every layer and step
+        cos, sin = _consecutive_tables(consecutive.start, consecutive.stop, x.shape[-1], float(theta),
+                                       _scaling_key(scaling), x.dtype, x.device)
+    else:
+        cos, sin = rope_tables(positions, x.shape[-1], theta, scaling, x.dtype, x.device)
     return Rope.apply(x, cos=cos, sin=sin)
+
+
+@functools.lru_cache(maxsize=64)
+def _consecutive_tables(start, stop, head_dim, theta, scaling_key, dtype, device):
+    """Cached ``rope_tables`` for positions start … stop − 1 (a ``range``); read-only on the CPU."""
+    scaling = None if scaling_key is None else dict(zip(LLAMA3_SCALING_KEYS, scaling_key))
+    tables = rope_tables(np.arange(start, stop), head_dim, theta, scaling, dtype, device)
+    for table in tables:
+        if isinstance(table, np.ndarray):
+            table.flags.writeable = False
+    return tables
 
 
 def rope_composed(x, positions, theta: float = 10000.0, scaling=None) -> Tensor:

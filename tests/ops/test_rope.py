@@ -83,6 +83,9 @@ def test_position_offset_equals_the_tail_of_a_longer_pass(device):
     full = as_np(F.rope(t(x, device), np.arange(7)))
     tail = as_np(F.rope(t(x[..., 4:, :], device), np.arange(4, 7)))
     np.testing.assert_allclose(tail, full[..., 4:, :], rtol=1e-14, atol=1e-14)
+    for scaling in (None, LLAMA3):              # a range takes the cached tables: the same numbers
+        cached = as_np(F.rope(t(x[..., 4:, :], device), range(4, 7), scaling=scaling))
+        np.testing.assert_array_equal(cached, as_np(F.rope(t(x[..., 4:, :], device), [4, 5, 6], scaling=scaling)))
 
 
 @pytest.mark.parametrize("scaling", [None, LLAMA3])
