@@ -13,6 +13,7 @@ from . import functional
 from .functional import concat, maximum, minimum, split, stack, where
 from .gradcheck import GradcheckError, gradcheck
 from .graph import draw_graph
+from .precision import autocast, get_float32_matmul_precision, set_float32_matmul_precision
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "Tensor", "Function", "no_grad", "is_grad_enabled", "manual_seed", "get_default_dtype",
     "set_default_dtype", "functional", "concat", "stack", "split", "where", "maximum", "minimum",
     "gradcheck", "GradcheckError", "draw_graph", "backend",
+    "autocast", "set_float32_matmul_precision", "get_float32_matmul_precision",
 ]

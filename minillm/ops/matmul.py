@@ -8,16 +8,41 @@ For Z = A @ B (last two axes are the matrices, leading axes broadcast):
 with A (…, m, k), B (…, k, n), Z (…, m, n); broadcast batch axes are summed
 back with ``unbroadcast``. A 1-D operand is treated as a row (A) or column (B)
 vector, as NumPy does, and the added axis is removed again.
+
+Every product here goes through ``_product(a, b, trans_a, trans_b)``: NumPy's
+``@`` on the CPU; on a GPU one cuBLAS call (``minillm/kernels/matmul.py``) that
+reads a transposed operand in place (a flag, not a copy: CuPy's ``matmul``
+copies a transposed view, and sends 3-D products down a slower path), runs
+float32 on TF32 tensor cores after ``mm.set_float32_matmul_precision("high")``,
+and, under ``mm.autocast``, multiplies bf16/fp16 operands with float32
+accumulation and a float32 result. Under autocast both ops save their cast
+operands, so backward runs in the same precision and the gradients of float32
+inputs come back float32.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from .. import precision
+from ..kernels.matmul import matmul as _gpu_matmul
 from ..tensor import Function, Tensor
 from .common import unbroadcast
 
 
-def _swap_last(x):
-    return x.swapaxes(-1, -2)
+def _product(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None):
+    """op(a) @ op(b), op = transpose of the last two axes where asked; batch axes broadcast.
+
+    On a GPU the result has ``out_dtype`` (default a's dtype): bf16 operands can give float32.
+    """
+    if isinstance(a, np.ndarray):
+        return (a.swapaxes(-1, -2) if trans_a else a) @ (b.swapaxes(-1, -2) if trans_b else b)
+    return _gpu_matmul(a, b, trans_a, trans_b, out_dtype=out_dtype, tf32=precision.tf32_enabled())
+
+
+def _as_grad_operand(grad, saved):
+    """The incoming gradient in the dtype the forward product ran in (bf16/fp16 under autocast)."""
+    return grad if grad.dtype == saved.dtype else grad.astype(saved.dtype)
 
 
 class MatMul(Function):
@@ -33,23 +58,32 @@ class MatMul(Function):
                 f"matmul: shapes {a.shape} and {b.shape} do not align: "
                 f"{k_a} (last axis of the first) != {k_b} (second-to-last of the second)"
             )
+        self.out_dtype = a.dtype
+        a, b = precision.autocast_operands(a, b)       # bf16/fp16 copies under autocast
         self.save(a, b)
-        return a @ b
+        if isinstance(a, np.ndarray):
+            return a @ b
+        z = _product(a[None, :] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b, out_dtype=self.out_dtype)
+        if b.ndim == 1:
+            z = z[..., 0]
+        if a.ndim == 1:
+            z = z[..., 0, :]
+        return z
 
     def backward(self, grad):
         a, b = self.saved
         a2 = a[None, :] if a.ndim == 1 else a          # (…, m, k)
         b2 = b[:, None] if b.ndim == 1 else b          # (…, k, n)
-        g = grad
+        g = _as_grad_operand(grad, a)
         if b.ndim == 1:
             g = g[..., None]
         if a.ndim == 1:
             g = g[..., None, :]                        # (…, m, n)
         grad_a = grad_b = None
-        if self.needs_input_grad[0]:
-            grad_a = unbroadcast(g @ _swap_last(b2), a2.shape).reshape(a.shape)
-        if self.needs_input_grad[1]:
-            grad_b = unbroadcast(_swap_last(a2) @ g, b2.shape).reshape(b.shape)
+        if self.needs_input_grad[0]:                   # dZ @ Bᵀ
+            grad_a = unbroadcast(_product(g, b2, trans_b=True, out_dtype=self.out_dtype), a2.shape).reshape(a.shape)
+        if self.needs_input_grad[1]:                   # Aᵀ @ dZ
+            grad_b = unbroadcast(_product(a2, g, trans_a=True, out_dtype=self.out_dtype), b2.shape).reshape(b.shape)
         return grad_a, grad_b
 
 
@@ -72,22 +106,24 @@ class Linear(Function):
             )
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ValueError(f"linear: bias shape {bias.shape} != ({weight.shape[0]},)")
-        self.save(x, weight)
         self.has_bias = bias is not None
-        x2d = x.reshape(-1, x.shape[-1])                    # (N, in)
-        y = x2d @ weight.T                                  # (N, out)
+        self.x_shape, self.out_dtype = x.shape, x.dtype
+        x2d, weight = precision.autocast_operands(x.reshape(-1, x.shape[-1]), weight)   # (N, in), (out, in)
+        self.save(x2d, weight)
+        y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)  # (N, out)
         if bias is not None:
             y += bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, grad):
-        x, weight = self.saved
+        x2d, weight = self.saved
         grad2d = grad.reshape(-1, grad.shape[-1])           # (N, out)
+        g = _as_grad_operand(grad2d, weight)
         grad_x = grad_w = grad_b = None
         if self.needs_input_grad[0]:
-            grad_x = (grad2d @ weight).reshape(x.shape)
+            grad_x = _product(g, weight, out_dtype=self.out_dtype).reshape(self.x_shape)   # dy @ W
         if self.needs_input_grad[1]:
-            grad_w = grad2d.T @ x.reshape(-1, x.shape[-1])
+            grad_w = _product(g, x2d, trans_a=True, out_dtype=self.out_dtype)              # dyᵀ @ x
         if self.has_bias and self.needs_input_grad[2]:
             grad_b = grad2d.sum(axis=0)
         return (grad_x, grad_w, grad_b) if self.has_bias else (grad_x, grad_w)

@@ -19,11 +19,12 @@ from typing import Any, Iterable
 
 from .adamw import AdamW
 from .clip import clip_grad_norm_
+from .grad_scaler import GradScaler
 from .optimizer import Optimizer
 from .schedule import apply_lr, cosine_schedule
 from .sgd import SGD
 
-__all__ = ["Optimizer", "AdamW", "SGD", "clip_grad_norm_", "cosine_schedule", "apply_lr", "weight_decay_groups"]
+__all__ = ["Optimizer", "AdamW", "SGD", "GradScaler", "clip_grad_norm_", "cosine_schedule", "apply_lr", "weight_decay_groups"]
 
 EMBEDDING_NAME_MARKERS = ("wte", "wpe", "emb")
 
