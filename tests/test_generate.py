@@ -1,5 +1,7 @@
 """Generation: the KV cache against full recomputation, the samplers against their definitions."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -156,13 +158,49 @@ def test_seed_makes_sampling_reproducible():
     np.testing.assert_array_equal(d, generate(model, [[1, 2]], 20))   # seed=None follows mm.manual_seed
 
 
+def reference_sample(logits, uniforms, temperature=1.0, top_k=None, top_p=None):
+    """The sampler from its definition, row by row in Python floats: sort, keep the top k, keep the
+    nucleus (tokens whose more likely predecessors hold < top_p of the mass), renormalise, then the
+    first token (in vocabulary order) whose cumulative probability exceeds u."""
+    ids = []
+    for row, u in zip(np.asarray(logits, dtype=np.float64).tolist(), uniforms):
+        if temperature == 0:
+            ids.append(max(range(len(row)), key=lambda i: (row[i], -i)))
+            continue
+        order = sorted(range(len(row)), key=lambda i: -row[i])[:top_k]    # most likely first
+        weights = {i: math.exp((row[i] - row[order[0]]) / temperature) for i in order}
+        if top_p is not None:
+            total, mass_before, nucleus = sum(weights.values()), 0.0, {}
+            for i in order:
+                if mass_before >= top_p:
+                    break
+                nucleus[i] = weights[i]
+                mass_before += weights[i] / total
+            weights = nucleus
+        total, cumulative = sum(weights.values()), 0.0
+        chosen = max(weights)                                             # if u rounds up to the total
+        for i in sorted(weights):
+            cumulative += weights[i] / total
+            if u < cumulative:
+                chosen = i
+                break
+        ids.append(chosen)
+    return np.array(ids)
+
+
 def test_sampling_is_identical_on_every_device(device):
-    logits = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32) * 3
+    """sample_next on the device's logits, and on a float64 host copy, against the reference sampler
+    above fed the same uniforms (one per row from the Generator): the same ids, row for row."""
+    logits = np.random.default_rng(0).standard_normal((64, 100)).astype(np.float32) * 3
     on_device = mm.Tensor(logits, device=device).data
-    for kwargs in (dict(), dict(top_k=7), dict(top_p=0.6, temperature=0.7), dict(temperature=0)):
-        a = sample_next(logits, rng=np.random.default_rng(9), **kwargs)
-        b = sample_next(on_device, rng=np.random.default_rng(9), **kwargs)
-        np.testing.assert_array_equal(a, b)
+    host_float64 = logits.astype(np.float64)
+    for kwargs in (dict(), dict(top_k=7), dict(top_p=0.6, temperature=0.7), dict(top_k=20, top_p=0.9),
+                   dict(temperature=2.5, top_k=3), dict(temperature=0)):
+        for seed in (9, 10):
+            expected = reference_sample(logits, np.random.default_rng(seed).random(len(logits)), **kwargs)
+            for x in (on_device, host_float64):
+                np.testing.assert_array_equal(sample_next(x, rng=np.random.default_rng(seed), **kwargs), expected,
+                                              err_msg=str(kwargs))
 
 
 def test_temperature_zero_is_argmax():
