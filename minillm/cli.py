@@ -4,6 +4,7 @@
     minillm generate              sample from a trained run or a GPT-2 checkpoint
     minillm tokenizer train|encode|decode
     minillm bench tokenizer|train|generate|ops
+    minillm plot RUN_DIR...         training curves of runs, into a PNG or SVG
 
 Each subcommand lives in ``minillm/commands/NAME.py``, whose ``register(subparsers)``
 adds its parser with ``set_defaults(func=handler)``. This file only assembles
@@ -27,9 +28,9 @@ import argparse
 import os
 import sys
 
-from .commands import bench, generate, tokenizer, train
+from .commands import bench, generate, plot, tokenizer, train
 
-COMMANDS = [train, generate, tokenizer, bench]
+COMMANDS = [train, generate, tokenizer, bench, plot]
 
 # an OSError of these kinds means the user named the wrong path: a usage problem (exit 2)
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)

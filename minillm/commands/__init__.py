@@ -4,6 +4,7 @@
     generate.py   minillm generate
     tokenizer.py  minillm tokenizer train|encode|decode
     bench.py      minillm bench tokenizer|train|generate|ops
+    plot.py       minillm plot
     argtypes.py   argument types that parse one value or say clearly why not
     common.py     the shared parser formatter, common options and messages
 

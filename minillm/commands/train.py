@@ -14,6 +14,8 @@ without further code (see :func:`~minillm.commands.common.given_fields`).
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, build_run, print_samples, \
     resolve_run
@@ -135,4 +137,15 @@ def run_train(args: argparse.Namespace) -> int:
     if args.samples:
         print_samples(model, tokenizer, args.prompt or DEFAULT_PROMPTS, args.samples, args.sample_tokens,
                       args.temperature, seed=cfg.seed)
+    say(next_steps(plan.run_dir, (args.prompt or DEFAULT_PROMPTS)[0]))
     return 0
+
+
+def next_steps(run_dir, prompt: str) -> str:
+    """Where the metrics are, and the commands to try next (printed at the end of a run)."""
+    from ..train.trainer import METRICS_FILE  # noqa: PLC0415
+
+    run = shlex.quote(str(run_dir))
+    return (f"metrics: {Path(run_dir) / METRICS_FILE}\n"
+            f"plot them:  minillm plot {run}\n"
+            f"sample:     minillm generate --run {run} --prompt {shlex.quote(prompt)}")
