@@ -1,4 +1,4 @@
-"""GPT: GPT-2's architecture, with parameter names that match GPT-2's checkpoints.
+"""GPT: one configurable decoder — GPT-2's architecture by default, Llama's and Qwen3's by configuration.
 
     ids (B, T) ──wte──> token embeddings (B, T, C)
                + wpe[0:T]  position embeddings (T, C), broadcast over the batch
@@ -26,6 +26,23 @@ Parameter count, C = d_model, L = context_length, with biases:
 which is 124,439,808 for gpt2-124m. Without biases a block has 12·C² + 2·C
 and ln_f C.
 
+The same decoder, configured (``GPTConfig``'s second group of fields; presets
+``llama-tiny``, ``llama-3.2-1b``, ``qwen3-0.6b``), is a Llama or a Qwen3:
+
+    GPT-2                              Llama 3 / Qwen3
+    learned positions wpe              rotary positions on q and k (positions="rope", rope_theta)
+    LayerNorm (with bias)              RMSNorm (norm="rmsnorm"), no biases anywhere (bias=False)
+    GELU MLP, c_fc (4C)                SwiGLU MLP (mlp="swiglu"): c_fc packs [gate | up]
+    n_head k/v heads                   n_kv_head < n_head (grouped-query attention)
+    head_dim = C / n_head              any head_dim (Qwen3-0.6B: 128)
+    —                                  Qwen3: RMSNorm of q and k per head (qk_norm; attn.q_norm, attn.k_norm)
+    tied head                          tied or a separate lm_head (tie_embeddings)
+
+The names stay GPT-2's (``minillm.weights`` maps Hugging Face's Llama/Qwen3
+names — q_proj/k_proj/v_proj packed into c_attn, gate_proj/up_proj into c_fc,
+input_layernorm = ln_1, … — onto them). ``gpt_num_parameters`` counts any
+configuration.
+
 Initialisation (GPT-2 / nanoGPT): every Linear and Embedding weight ~ N(0, 0.02²),
 biases 0, LayerNorm weight 1 and bias 0, and the two projections that write into
 the residual stream (``attn.c_proj.weight``, ``mlp.c_proj.weight``) ~ N(0, (0.02 /
@@ -43,7 +60,9 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
-from ..nn import Dropout, Embedding, KVCache, LayerNorm, Module, ModuleList, TransformerBlock
+from ..nn import Dropout, Embedding, KVCache, Linear, Module, ModuleList, TransformerBlock
+from ..nn.layers import MLP_ACTIVATIONS, NORMS, make_norm
+from ..ops.rope import rope_frequencies
 from ..tensor import Tensor
 
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
@@ -62,6 +81,18 @@ class GPTConfig:
     bias: bool = True              # biases in Linear and LayerNorm layers (GPT-2 has them)
     layer_norm_eps: float = 1e-5   # epsilon inside LayerNorm's square root (GPT-2: 1e-5)
     gelu_approximate: str = "tanh"  # GELU form in the MLP: "tanh" (GPT-2's) or "none" (exact, erf)
+    # The modern decoder (Llama, Qwen3): the defaults below are GPT-2's choices.
+    positions: str = "learned"     # "learned" (wpe, GPT-2) or "rope" (rotary, applied to q and k)
+    norm: str = "layernorm"        # "layernorm" (GPT-2) or "rmsnorm"; layer_norm_eps is its epsilon
+    mlp: str = "gelu"              # "gelu" (Linear-GELU-Linear) or "swiglu" (silu(x W_gate) ⊙ x W_up, then down)
+    mlp_hidden: int | None = None  # the MLP's inner width; None = 4 * d_model
+    n_kv_head: int | None = None   # key/value heads (grouped-query attention); None = n_head
+    head_dim: int | None = None    # features per head; None = d_model // n_head (Qwen3-0.6B: 128 with d_model 1024)
+    qk_norm: bool = False          # RMSNorm over head_dim on q and k before rope (Qwen3)
+    tie_embeddings: bool = True    # output head = wte (GPT-2, small Llamas, Qwen3-0.6B); False: its own lm_head
+    rope_theta: float = 10000.0    # base of the rotary frequencies (Llama 3: 500,000; Qwen3: 1,000,000)
+    rope_scaling: dict | None = None  # Llama 3 frequency scaling: factor, low_freq_factor, high_freq_factor,
+                                      # original_max_position_embeddings (None = off)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
@@ -69,7 +100,7 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
             setattr(self, name, int(value))
-        if self.d_model % self.n_head:
+        if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(
                 f"GPTConfig: d_model={self.d_model} must be divisible by n_head={self.n_head} "
                 f"(each head gets d_model // n_head dimensions)"
@@ -85,10 +116,44 @@ class GPTConfig:
         self.layer_norm_eps = float(self.layer_norm_eps)
         if self.gelu_approximate not in ("tanh", "none"):
             raise ValueError(f"GPTConfig: gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}")
+        for name, choices in (("positions", ("learned", "rope")), ("norm", NORMS), ("mlp", MLP_ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GPTConfig: {name} must be one of {', '.join(map(repr, choices))}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("mlp_hidden", "n_kv_head", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
+                raise ValueError(f"GPTConfig: {name} must be a positive integer or None, got {value!r}")
+        self.n_kv_head = self.n_head if self.n_kv_head is None else int(self.n_kv_head)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head} "
+                             f"(each key/value head serves n_head // n_kv_head query heads)")
+        self.head_dim = self.d_model // self.n_head if self.head_dim is None else int(self.head_dim)
+        if self.mlp_hidden is not None:
+            self.mlp_hidden = int(self.mlp_hidden)
+        for name in ("qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"GPTConfig: {name} must be True or False, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        if self.positions == "rope":
+            if self.head_dim % 2:
+                raise ValueError(f"GPTConfig: rotary positions need an even head_dim, got {self.head_dim}")
+            if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+                raise ValueError(f"GPTConfig: rope_theta must be a positive number, got {self.rope_theta!r}")
+            self.rope_theta = float(self.rope_theta)
+            if self.rope_scaling is not None:
+                rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)   # raises, naming the problem
+                self.rope_scaling = dict(self.rope_scaling)
+        elif self.rope_scaling is not None:
+            raise ValueError("GPTConfig: rope_scaling needs positions='rope'")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def kv_cache_bytes(self, length: int, batch: int = 1, dtype=np.float32) -> int:
+        """Bytes of a KV cache holding ``length`` positions of ``batch`` sequences.
+
+        Keys and values, every layer: 2 · n_layer · batch · n_kv_head · length · head_dim
+        numbers. Grouped-query attention divides it by n_head / n_kv_head.
+        """
+        return 2 * self.n_layer * batch * self.n_kv_head * length * self.head_dim * np.dtype(dtype).itemsize
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -113,14 +178,31 @@ class GPTConfig:
         return cls(**values)
 
 
-# GPT-2's published sizes (Radford et al. 2019; the released checkpoints), and a
-# tiny one that runs in milliseconds for tests and examples.
+# The choices that make the decoder a Llama (Qwen3 adds qk_norm): no biases, rotary
+# positions, RMSNorm, SwiGLU. ``LLAMA_STYLE`` turns any GPT-2 shape into its Llama twin.
+LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+# GPT-2's published sizes (Radford et al. 2019; the released checkpoints), a tiny
+# one that runs in milliseconds for tests and examples, and the shapes of two
+# current open models (random init; load the real weights with minillm.weights.load_hf).
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=256, context_length=64, n_layer=2, n_head=2, d_model=32),
     "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024),   # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280),    # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600),       # 1558M
+    "llama-tiny": dict(vocab_size=256, context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                       mlp_hidden=88, layer_norm_eps=1e-5, **LLAMA_STYLE),
+    # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters
+    "llama-3.2-1b": dict(vocab_size=128256, context_length=131072, n_layer=16, n_head=32, n_kv_head=8,
+                         d_model=2048, mlp_hidden=8192, layer_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         **LLAMA_STYLE),
+    # Qwen/Qwen3-0.6B: 596,049,920 parameters (head_dim 128 > d_model / n_head = 64)
+    "qwen3-0.6b": dict(vocab_size=151936, context_length=40960, n_layer=28, n_head=16, n_kv_head=8,
+                       d_model=1024, head_dim=128, mlp_hidden=3072, layer_norm_eps=1e-6, rope_theta=1000000.0,
+                       qk_norm=True, **LLAMA_STYLE),
 }
 PRESET_ALIASES = {"gpt2": "gpt2-124m", "gpt2-small": "gpt2-124m"}
 
@@ -140,16 +222,27 @@ class GPT(Module):
         self.config = config
         C = config.d_model
         init = dict(init_std=INIT_STD, device=device, dtype=dtype)
-        self.wte = Embedding(config.vocab_size, C, **init)          # token embeddings, also the output head
-        self.wpe = Embedding(config.context_length, C, **init)      # learned position embeddings
+        self.wte = Embedding(config.vocab_size, C, **init)          # token embeddings (and the tied output head)
+        if config.positions == "learned":
+            self.wpe = Embedding(config.context_length, C, **init)  # learned position embeddings
+        else:
+            self.wpe = None                                         # rotary: positions enter inside attention
         self.drop = Dropout(config.dropout)
         residual_std = INIT_STD / math.sqrt(2 * config.n_layer)     # for the projections into the stream
+        rope = config.positions == "rope"
         self.h = ModuleList(
             TransformerBlock(C, config.n_head, config.dropout, config.bias, config.layer_norm_eps,
-                             gelu_approximate=config.gelu_approximate, proj_init_std=residual_std, **init)
+                             hidden=config.mlp_hidden, gelu_approximate=config.gelu_approximate,
+                             norm=config.norm, activation=config.mlp, n_kv_head=config.n_kv_head,
+                             head_dim=config.head_dim, qk_norm=config.qk_norm,
+                             rope_theta=config.rope_theta if rope else None,
+                             rope_scaling=config.rope_scaling if rope else None,
+                             proj_init_std=residual_std, **init)
             for _ in range(config.n_layer)
         )
-        self.ln_f = LayerNorm(C, config.layer_norm_eps, config.bias, device=device, dtype=dtype)
+        self.ln_f = make_norm(config.norm, C, config.layer_norm_eps, config.bias, device=device, dtype=dtype)
+        # untied: a separate (V, C) output matrix (HF's lm_head); tied: logits = x @ wteᵀ
+        self.lm_head = None if config.tie_embeddings else Linear(C, config.vocab_size, bias=False, **init)
 
     # ------------------------------------------------------------ forward
     def forward(self, ids, targets=None, cache: KVCache | None = None):
@@ -159,7 +252,7 @@ class GPT(Module):
         positions after the ``cache.pos`` already cached; the cache is advanced by T.
         """
         x = self.hidden_states(ids, cache)                           # (B, T, C)
-        logits = F.linear(x, self.wte.weight)                        # (B, T, V): tied head, x @ wteᵀ
+        logits = F.linear(x, self.output_weight)                     # (B, T, V): x @ Wᵀ, W = wte when tied
         if cache is not None:
             cache.advance(x.shape[1])
         if targets is None:
@@ -182,12 +275,18 @@ class GPT(Module):
                 f"context_length={self.config.context_length}; crop the input to the last "
                 f"{self.config.context_length} tokens"
             )
-        tokens = self.wte(ids)                                       # (B, T, C)
-        positions = self.wpe.weight[start:start + T]                 # (T, C): rows start .. start+T-1 of wpe
-        x = self.drop(tokens + positions)                            # (B, T, C)
+        x = self.wte(ids)                                            # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[start:start + T]                 # (T, C): rows start .. start+T-1 of wpe
+        x = self.drop(x)                                             # (B, T, C)
         for index, block in enumerate(self.h):
             x = block(x, cache=cache, layer_index=index)             # (B, T, C)
         return self.ln_f(x)                                          # (B, T, C)
+
+    @property
+    def output_weight(self):
+        """The (V, C) matrix of the output head: ``lm_head.weight``, or ``wte.weight`` when tied."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def _check_ids(self, ids):
         """``ids`` as a 2-D integer array on the model's device (range is checked by the embedding)."""
@@ -212,7 +311,9 @@ class GPT(Module):
         if max_len > cfg.context_length:
             raise ValueError(f"GPT: a cache of {max_len} positions exceeds context_length={cfg.context_length}")
         weight = self.wte.weight
-        return KVCache(cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim, dtype=weight.dtype, device=weight.device)
+        # one (B, n_kv_head, max_len, head_dim) array each for keys and values per layer: GQA's saving
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype=weight.dtype,
+                       device=weight.device)
 
     def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  seed=None, use_cache=True):
@@ -227,8 +328,14 @@ class GPT(Module):
 
 
 def gpt_num_parameters(config: GPTConfig) -> int:
-    """The parameter count from the formula in the module docstring (no model built)."""
-    C, V, L = config.d_model, config.vocab_size, config.context_length
-    per_block = 12 * C * C + (13 * C if config.bias else 2 * C)
-    final_norm = 2 * C if config.bias else C
-    return V * C + L * C + config.n_layer * per_block + final_norm
+    """The parameter count from the configuration (no model built); the module docstring has GPT-2's case."""
+    C, V, L, bias = config.d_model, config.vocab_size, config.context_length, config.bias
+    q_width, kv_width = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    hidden = 4 * C if config.mlp_hidden is None else config.mlp_hidden
+    norm = 2 * C if config.norm == "layernorm" and bias else C                # weight (+ bias)
+    attention = C * (q_width + 2 * kv_width) + q_width * C + (q_width + 2 * kv_width + C if bias else 0)
+    attention += 2 * config.head_dim if config.qk_norm else 0
+    up_width = 2 * hidden if config.mlp == "swiglu" else hidden               # [gate | up] or c_fc
+    mlp = C * up_width + hidden * C + (up_width + C if bias else 0)
+    embeddings = V * C * (1 if config.tie_embeddings else 2) + (L * C if config.positions == "learned" else 0)
+    return embeddings + config.n_layer * (attention + mlp + 2 * norm) + norm

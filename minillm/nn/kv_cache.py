@@ -6,7 +6,8 @@ step (O(T²) work per token); with one, each step runs only the new position
 and reads the rest from here.
 
 The cache is PREALLOCATED to ``max_len`` positions, one (B, H, max_len, Dh)
-array for the keys and one for the values per layer, with a position counter
+array for the keys and one for the values per layer (H = the model's key/value
+heads: fewer than its query heads under grouped-query attention), with a position counter
 ``pos`` (positions filled so far). A forward over T new positions writes each
 layer's new keys/values into the slot [pos, pos + T) — an in-place copy, no
 re-concatenation of the growing history — and attends over [0, pos + T); then
@@ -72,6 +73,11 @@ class KVCache:
         keys[:, :, self.pos:end] = k                                  # in place: no re-concatenation
         values[:, :, self.pos:end] = v
         return keys[:, :, :end], values[:, :, :end]                   # (B, H, pos + T, Dh) views
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the key and value arrays (all layers, all ``max_len`` positions)."""
+        return sum(a.nbytes for a in self.keys + self.values)
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as filled (called by the model after its last layer)."""

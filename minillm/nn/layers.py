@@ -107,6 +107,33 @@ class LayerNorm(Module):
         return f"({self.dim},), eps={self.eps}, bias={self.bias is not None}"
 
 
+class RMSNorm(Module):
+    """Divide the last axis by its root mean square, then scale by ``weight`` (Llama, Qwen): no centring, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = constant_parameter((dim,), 1.0, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"({self.dim},), eps={self.eps}"
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True, *, device=None, dtype=None) -> Module:
+    """``LayerNorm`` (GPT-2) or ``RMSNorm`` (Llama, Qwen; it has no bias) by name."""
+    if kind == "layernorm":
+        return LayerNorm(dim, eps, bias, device=device, dtype=dtype)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps, device=device, dtype=dtype)
+    raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+
+
 class Dropout(Module):
     """Zero each element with probability ``p`` while training (scaling the rest by 1/(1-p)); identity in eval."""
 
@@ -197,28 +224,43 @@ class ModuleList(Module):
 # ------------------------------------------------------------------ transformer layers
 
 
+MLP_ACTIVATIONS = ("gelu", "swiglu")
+
+
 class FeedForward(Module):
-    """The position-wise MLP of a transformer block: Linear -> GELU -> Linear -> Dropout.
+    """The position-wise MLP of a transformer block: Linear -> GELU (or SwiGLU) -> Linear -> Dropout.
 
-        (B, T, C) --c_fc--> (B, T, hidden) --gelu--> --c_proj--> (B, T, C) --dropout-->
+        gelu:   (B, T, C) --c_fc--> (B, T, hidden) --gelu--> --c_proj--> (B, T, C) --dropout-->
+        swiglu: (B, T, C) --c_fc--> (B, T, 2·hidden) = [gate | up] --silu(gate) ⊙ up--> (B, T, hidden)
+                          --c_proj--> (B, T, C) --dropout-->
 
+    SwiGLU (Llama, Qwen) keeps the gate and up projections packed in one ``c_fc``
+    (rows [W_gate; W_up]: one GEMM) and applies the fused ``F.swiglu``.
     ``hidden`` defaults to 4 * d_model (GPT-2). ``c_fc`` is drawn with ``init_std``,
     ``c_proj`` with ``proj_init_std`` (GPT scales it down: it feeds the residual stream).
     """
 
     def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.0, bias: bool = True, *,
-                 approximate: str = "tanh", init_std: float = 0.02, proj_init_std: float | None = None,
-                 device=None, dtype=None):
+                 approximate: str = "tanh", activation: str = "gelu", init_std: float = 0.02,
+                 proj_init_std: float | None = None, device=None, dtype=None):
         super().__init__()
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"FeedForward: activation must be one of {', '.join(MLP_ACTIVATIONS)}, "
+                             f"got {activation!r}")
         hidden = 4 * d_model if hidden is None else hidden
         proj_init_std = init_std if proj_init_std is None else proj_init_std
-        self.c_fc = Linear(d_model, hidden, bias, init_std=init_std, device=device, dtype=dtype)
-        self.gelu = GELU(approximate)
+        self.activation, self.hidden = activation, hidden
+        width = 2 * hidden if activation == "swiglu" else hidden
+        self.c_fc = Linear(d_model, width, bias, init_std=init_std, device=device, dtype=dtype)
+        if activation == "gelu":
+            self.gelu = GELU(approximate)
         self.c_proj = Linear(hidden, d_model, bias, init_std=proj_init_std, device=device, dtype=dtype)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))   # (B, T, C)
+        h = self.c_fc(x)                                            # (B, T, hidden) or (B, T, 2·hidden)
+        h = F.swiglu(h) if self.activation == "swiglu" else self.gelu(h)   # (B, T, hidden)
+        return self.dropout(self.c_proj(h))                         # (B, T, C)
 
 
 class MultiHeadAttention(Module):
@@ -229,6 +271,15 @@ class MultiHeadAttention(Module):
         y = softmax(q kᵀ / sqrt(Dh) + causal mask) v      (B, H, T, Dh)   (F.scaled_dot_product_attention)
         heads side by side again                 (B, T, C) --c_proj--> --resid_dropout--> (B, T, C)
 
+    The modern options (Llama, Qwen3): ``n_kv_head`` < ``n_head`` key/value heads
+    (grouped-query attention: c_attn then packs [q | k | v] as n_head·Dh,
+    n_kv_head·Dh, n_kv_head·Dh columns, and each key/value head serves
+    n_head / n_kv_head query heads); ``head_dim`` other than d_model / n_head;
+    ``qk_norm`` (Qwen3: RMSNorm over each head's Dh features of q and k, weights
+    ``q_norm``, ``k_norm``); and ``rope_theta`` (rotary positions applied to q and
+    k after the norm, at positions cache.pos … cache.pos + T − 1, so the cache
+    holds keys already rotated; ``rope_scaling``: Llama 3's).
+
     Attention-probability dropout (``dropout``) is applied inside the attention
     op while training. With a ``KVCache`` (inference, under ``mm.no_grad()``),
     the new keys and values are written into the cache's preallocated slot for
@@ -238,65 +289,106 @@ class MultiHeadAttention(Module):
     """
 
     def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True, *,
+                 n_kv_head: int | None = None, head_dim: int | None = None, qk_norm: bool = False,
+                 norm_eps: float = 1e-6, rope_theta: float | None = None, rope_scaling: dict | None = None,
                  init_std: float = 0.02, proj_init_std: float | None = None, device=None, dtype=None):
         super().__init__()
-        if d_model % n_head:
+        if head_dim is None and d_model % n_head:
             raise ValueError(f"MultiHeadAttention: d_model={d_model} is not divisible by n_head={n_head}")
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_kv_head <= 0 or n_head % n_kv_head:
+            raise ValueError(f"MultiHeadAttention: n_kv_head={n_kv_head} must divide n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
-        self.d_model, self.n_head, self.head_dim = d_model, n_head, d_model // n_head
+        self.d_model, self.n_head, self.n_kv_head = d_model, n_head, n_kv_head
+        self.head_dim = d_model // n_head if head_dim is None else head_dim
         self.dropout = float(dropout)
+        self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
         proj_init_std = init_std if proj_init_std is None else proj_init_std
-        self.c_attn = Linear(d_model, 3 * d_model, bias, init_std=init_std, device=device, dtype=dtype)
-        self.c_proj = Linear(d_model, d_model, bias, init_std=proj_init_std, device=device, dtype=dtype)
+        q_width, kv_width = n_head * self.head_dim, n_kv_head * self.head_dim
+        self.c_attn = Linear(d_model, q_width + 2 * kv_width, bias, init_std=init_std, device=device, dtype=dtype)
+        self.c_proj = Linear(q_width, d_model, bias, init_std=proj_init_std, device=device, dtype=dtype)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, norm_eps, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps, device=device, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
         self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, cache=None, layer_index: int = 0) -> Tensor:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MultiHeadAttention: expected input (B, T, {self.d_model}), got shape {x.shape}")
         B, T, C = x.shape
-        H, Dh = self.n_head, self.head_dim
-        qkv = self.c_attn(x)                                         # (B, T, 3C)
-        # one reshape (a view) and one transpose (a view) put the three projections
-        # and the heads on leading axes; indexing the first axis then picks q, k, v
-        # without copying: (B, T, 3, H, Dh) -> (3, B, H, T, Dh)
-        qkv = qkv.reshape(B, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                             # each (B, H, T, Dh)
+        H, Hkv, Dh = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_attn(x)                                         # (B, T, (H + 2·Hkv)·Dh)
+        if Hkv == H:
+            # one reshape (a view) and one transpose (a view) put the three projections
+            # and the heads on leading axes; indexing the first axis then picks q, k, v
+            # without copying: (B, T, 3, H, Dh) -> (3, B, H, T, Dh)
+            qkv = qkv.reshape(B, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]                         # each (B, H, T, Dh)
+        else:                                                        # GQA: [q | k | v] of unequal widths
+            parts = F.split(qkv, [H * Dh, (H + Hkv) * Dh], axis=-1)
+            q, k, v = (part.reshape(B, T, heads, Dh).transpose(0, 2, 1, 3)
+                       for part, heads in zip(parts, (H, Hkv, Hkv)))  # q (B, H, T, Dh); k, v (B, Hkv, T, Dh)
+        if self.q_norm is not None:                                  # Qwen3: RMSNorm per head, before rope
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:                              # rotate q, k by their absolute positions
+            start = cache.pos if cache is not None else 0
+            positions = range(start, start + T)
+            q = F.rope(q, positions, self.rope_theta, self.rope_scaling)
+            k = F.rope(k, positions, self.rope_theta, self.rope_scaling)
         if cache is not None:
             if is_grad_enabled():
                 raise RuntimeError(
                     "the KV cache is for inference only: run the model under `with mm.no_grad():` "
                     "(cached keys/values are plain arrays, outside the autograd graph)"
                 )
-            keys, values = cache.update(layer_index, k.data, v.data)  # (B, H, pos + T, Dh)
+            keys, values = cache.update(layer_index, k.data, v.data)  # (B, Hkv, pos + T, Dh)
             k, v = Tensor(keys), Tensor(values)                       # constants: no graph under no_grad
         dropout_p = self.dropout if self.training else 0.0
         # causal with Tq = T <= Tk keys: the queries are the LAST T positions of the key sequence
+        # k, v may have Hkv < H heads: the op shares each among H / Hkv query heads
         y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, Dh)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)             # heads side by side: (B, T, C)
                                                                      # (H * Dh = C/tp under tensor parallelism)
         return self.resid_dropout(self.c_proj(y))                    # (B, T, C)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_head={self.n_head}, dropout={self.dropout}"
+        extra = f", n_kv_head={self.n_kv_head}" if self.n_kv_head != self.n_head else ""
+        if self.rope_theta is not None:
+            extra += f", rope_theta={self.rope_theta}"
+        return f"d_model={self.d_model}, n_head={self.n_head}{extra}, dropout={self.dropout}"
 
 
 class TransformerBlock(Module):
-    """A pre-norm GPT-2 block: two residual branches, each reading a layer-normed copy of the stream.
+    """A pre-norm block: two residual branches, each reading a normalised copy of the stream.
 
         x = x + attn(ln_1(x))        # tokens exchange information
         x = x + mlp(ln_2(x))         # each token is processed on its own
+
+    GPT-2's block by default (LayerNorm, GELU MLP); ``norm="rmsnorm"``,
+    ``activation="swiglu"`` and the attention options (``n_kv_head``,
+    ``head_dim``, ``qk_norm``, ``rope_theta``, ``rope_scaling``) make it a Llama or
+    Qwen3 block (there ln_1 / ln_2 are ``input_layernorm`` /
+    ``post_attention_layernorm``).
     """
 
     def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True,
                  layer_norm_eps: float = 1e-5, *, hidden: int | None = None, gelu_approximate: str = "tanh",
-                 init_std: float = 0.02, proj_init_std: float | None = None, device=None, dtype=None):
+                 norm: str = "layernorm", activation: str = "gelu", n_kv_head: int | None = None,
+                 head_dim: int | None = None, qk_norm: bool = False, rope_theta: float | None = None,
+                 rope_scaling: dict | None = None, init_std: float = 0.02, proj_init_std: float | None = None,
+                 device=None, dtype=None):
         super().__init__()
         init = dict(init_std=init_std, proj_init_std=proj_init_std, device=device, dtype=dtype)
-        self.ln_1 = LayerNorm(d_model, layer_norm_eps, bias, device=device, dtype=dtype)
-        self.attn = MultiHeadAttention(d_model, n_head, dropout, bias, **init)
-        self.ln_2 = LayerNorm(d_model, layer_norm_eps, bias, device=device, dtype=dtype)
-        self.mlp = FeedForward(d_model, hidden, dropout, bias, approximate=gelu_approximate, **init)
+        self.ln_1 = make_norm(norm, d_model, layer_norm_eps, bias, device=device, dtype=dtype)
+        self.attn = MultiHeadAttention(d_model, n_head, dropout, bias, n_kv_head=n_kv_head, head_dim=head_dim,
+                                       qk_norm=qk_norm, norm_eps=layer_norm_eps, rope_theta=rope_theta,
+                                       rope_scaling=rope_scaling, **init)
+        self.ln_2 = make_norm(norm, d_model, layer_norm_eps, bias, device=device, dtype=dtype)
+        self.mlp = FeedForward(d_model, hidden, dropout, bias, approximate=gelu_approximate,
+                               activation=activation, **init)
 
     def forward(self, x: Tensor, cache=None, layer_index: int = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache=cache, layer_index=layer_index)   # (B, T, C)
