@@ -213,13 +213,41 @@ def test_whole_model_gradcheck_loss_with_dropout():
     assert mm.gradcheck(loss, *params)
 
 
-def test_tied_head_gradient_includes_both_uses():
-    """d loss / d wte = (embedding lookup part) + (output head part); check against the head part alone."""
+def test_tied_head_gradient_includes_both_uses(monkeypatch):
+    """d loss / d wte = head part + lookup part, each worked out by hand in NumPy:
+
+        head:   logits = x Wᵀ, loss = mean CE  ->  dW = dlogitsᵀ x,  dlogits = (softmax − onehot) / N
+        lookup: h0[t] = W[ids[t]] + wpe[t]    ->  dW[v] = Σ_{t: ids[t] = v} dh0[t],  dh0[t] = d wpe[t]
+
+    (one sequence, so wpe's gradient row t is exactly dh0[t]). x, the final hidden states, is what
+    the head is given, recorded on its way in."""
     cfg = tiny()
     model = GPT(cfg).to(dtype=np.float64)
-    ids, targets = random_ids(cfg, (1, 4)), random_ids(cfg, (1, 4), seed=1)
+    ids = np.array([[5, 9, 5, 200, 9, 5]])                         # repeats: the lookup part adds up rows
+    targets = random_ids(cfg, (1, 6), seed=1)
+    head_inputs = []
+    real_linear = mm.functional.linear
+
+    def recording_linear(x, weight, *args, **kwargs):
+        if weight is model.wte.weight:
+            head_inputs.append(to_numpy(x.data).copy())
+        return real_linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(mm.functional, "linear", recording_linear)
     model(ids, targets)[1].backward()
+    (x,) = head_inputs                                               # (1, T, C): the head ran once, on wte
+    W = to_numpy(model.wte.weight.data)                              # (V, C)
+    logits = x[0] @ W.T                                              # (T, V)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    dlogits = (probs - np.eye(cfg.vocab_size)[targets[0]]) / targets.size
+    head_part = dlogits.T @ x[0]                                     # (V, C)
+    lookup_part = np.zeros_like(W)
+    np.add.at(lookup_part, ids[0], to_numpy(model.wpe.weight.grad)[:ids.shape[1]])
     grad = to_numpy(model.wte.weight.grad)
+    np.testing.assert_allclose(grad, head_part + lookup_part, rtol=1e-9, atol=1e-13)
+    for part in (head_part, lookup_part):                            # each use matters: dropping one would show
+        assert np.abs(part).max() > 0.01 * np.abs(grad).max()
     unused = np.setdiff1d(np.arange(cfg.vocab_size), ids)
     assert np.abs(grad[unused]).max() > 0                          # rows never looked up still learn (head)
 
