@@ -37,8 +37,12 @@ queries × groups of matrices, ``_tiles``): causal tiles skip the keys no query
 of theirs can see, and each tile's softmax passes run in cache; threads share
 out the matrices (``_tile_groups``). On a GPU one tile covers everything, and
 the mask + softmax and the softmax backward are one CUDA kernel each
-(``minillm/kernels/attention.py``), so a call is two GEMMs + one kernel forward and five
-GEMMs + two kernels backward.
+(``minillm/kernels/attention.py``). Per tile (so per call on a GPU), forward is two
+GEMMs (s·Q Kᵀ, P̃ V) + one softmax pass; backward is four GEMMs (dV, dP̃, dQ, dK)
++ one softmax-backward pass where P is kept (the CPU), and five GEMMs + two
+passes where P is recomputed first (a GPU: one more GEMM and the softmax kernel
+again). Elementwise scalings (s on Q and dQ; dropout's M and 1/(1 − p)) come on
+top. tests/ops/test_attention.py counts them.
 
 ``scaled_dot_product_attention_composed`` builds the same function from
 primitive ops (matmul, transpose, where, softmax_composed, dropout); it is

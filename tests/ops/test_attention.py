@@ -177,8 +177,12 @@ def test_cpu_tiles_give_the_same_function(rows, scores, causal, tq, tk, p, monke
     assert mm.gradcheck(attention_fn, *tensors)
 
 
-def test_default_tiles_on_a_longer_sequence():
-    """T = 150 (query rows in tiles of 64, 64, 22) against the formula and the composed op."""
+def test_default_tiles_on_a_longer_sequence(monkeypatch):
+    """T = 150 with the default tiles (CPU_TILE_ROWS = 128 query rows): rows 0-127 over keys 0-127,
+    then rows 128-149 over all 150 keys; against the formula and the composed op."""
+    used = []
+    real_tile_groups = attention._tile_groups
+    monkeypatch.setattr(attention, "_tile_groups", lambda *a, **kw: used.append(real_tile_groups(*a, **kw)) or used[-1])
     (q, k, v), _ = qkv((1, 2), 150, 150, 8)
     results = []
     for fn in (F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed):
@@ -189,6 +193,36 @@ def test_default_tiles_on_a_longer_sequence():
     np.testing.assert_allclose(results[0][0], reference_attention(q, k, v), rtol=1e-10, atol=1e-12)
     for fused, composed in zip(results[0], results[1]):
         np.testing.assert_allclose(fused, composed, rtol=1e-9, atol=1e-11)
+    assert sorted({tile[2:] for group in used[0] for tile in group}) == [(0, 128, 128), (128, 150, 150)]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_products_and_softmax_passes_per_tile(recompute, monkeypatch):
+    """What the module docstring and docs/autograd.md count, per tile (a GPU call is one tile):
+    forward 2 GEMMs (S = sQ Kᵀ, O = P̃ V) + 1 softmax pass; backward 4 GEMMs (dV, dP̃, dQ, dK) + the
+    softmax-backward pass when P is kept, 5 GEMMs + 2 passes when P is recomputed first."""
+    assert attention.RECOMPUTE_PROBS == {"cpu": False, "cuda": True}   # the documented policy
+    monkeypatch.setitem(attention.RECOMPUTE_PROBS, "cpu", recompute)
+    calls = []
+
+    def counted(name):
+        real = getattr(attention, name)
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+
+    for name in ("_grouped_matmul", "_group_summed_matmul", "_softmax_rows_", "_softmax_rows_backward_"):
+        monkeypatch.setattr(attention, name, counted(name))
+    _, tensors = qkv((2, 3), 6, 6, 4)
+    out = F.scaled_dot_product_attention(*tensors)
+    tiles = sum(len(group) for group in out._ctx.saved[-1])
+    forward, calls[:] = list(calls), []
+    out.backward(np.ones(out.shape))
+
+    def gemms(names):
+        return sum(n in ("_grouped_matmul", "_group_summed_matmul") for n in names)
+
+    assert (gemms(forward), forward.count("_softmax_rows_")) == (2 * tiles, tiles)
+    assert gemms(calls) == (5 if recompute else 4) * tiles
+    assert (calls.count("_softmax_rows_"), calls.count("_softmax_rows_backward_")) == (tiles if recompute else 0, tiles)
 
 
 # ------------------------------------------------------------------ dropout
