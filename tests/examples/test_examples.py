@@ -50,9 +50,9 @@ def test_05_pretrain_shakespeare(tmp_path, capsys):
     assert (tmp_path / "run" / "checkpoint.json").is_file()
 
 
-def test_06_generate(capsys):
+def test_06_generate_smoke(capsys):
     speedup = load("06_generate").main(["--new-tokens", "16"])
-    assert speedup > 0
+    assert speedup > 0          # any number: a smoke test (the KV cache's speed-up is a benchmark figure)
     out = capsys.readouterr().out
     assert "seed 42 twice" in out and "eos_id=" in out
 
