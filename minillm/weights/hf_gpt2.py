@@ -39,8 +39,6 @@ with an error rather than silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -49,10 +47,7 @@ import numpy as np
 
 from .. import backend
 from ..models.gpt import INIT_STD, GPT, GPTConfig
-from .safetensors import load_file, save_file
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 PREFIX = "transformer."
 # our names of the four Conv1D layers, whose weights are stored transposed
 _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -115,6 +110,13 @@ def config_to_hf(config: GPTConfig, dtype=np.float32) -> dict:
     if not config.bias:
         raise ValueError("save_hf_gpt2: GPT-2's format has biases in every Linear and LayerNorm; "
                          "this model was built with bias=False")
+    gpt2_values = dict(positions="learned", norm="layernorm", mlp="gelu", n_kv_head=config.n_head,
+                       head_dim=config.d_model // config.n_head, qk_norm=False, tie_embeddings=True)
+    off = [f"{name}={getattr(config, name)!r}" for name, value in gpt2_values.items() if getattr(config, name) != value]
+    if config.mlp_hidden not in (None, 4 * config.d_model):
+        off.append(f"mlp_hidden={config.mlp_hidden}")
+    if off:
+        raise ValueError(f"save_hf_gpt2: GPT-2's format cannot hold {', '.join(off)}")
     hf = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -202,41 +204,19 @@ def state_dict_to_hf(model: GPT) -> dict[str, np.ndarray]:
     return tensors
 
 
-# ------------------------------------------------------------------ directories
+# ------------------------------------------------------------------ directories (the general reader/writer)
 
 
 def load_hf_gpt2(directory: str | os.PathLike, device=None, dtype=np.float32, dropout: float | None = None) -> GPT:
-    """A GPT from a Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors``).
+    """A GPT from a Hugging Face GPT-2 directory: ``minillm.weights.load_hf`` restricted to model_type gpt2.
 
     The weights are converted to ``dtype`` (bfloat16 and float16 files included)
     and placed on ``device``. ``dropout`` overrides the config's ``resid_pdrop``.
     The model is returned in eval mode, ready to generate.
     """
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (expected a Hugging Face GPT-2 directory)")
-    if not weights_path.is_file():
-        hint = ""
-        if (directory / "pytorch_model.bin").is_file():
-            hint = " (pytorch_model.bin is a pickle, which minillm does not read: convert it to safetensors)"
-        elif (directory / (WEIGHTS_FILE + ".index.json")).is_file():
-            hint = " (sharded checkpoints are not supported)"
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE}{hint}")
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
-    config = config_from_hf(hf_config)
-    if dropout is not None:
-        config = dataclasses.replace(config, dropout=dropout)
-    tensors = load_file(weights_path)
-    model = GPT(config, dtype=dtype)                     # built on the CPU; moved once loaded
-    model.load_state_dict(hf_to_state_dict(tensors, model, source=str(weights_path)))
-    del tensors
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    from .hf import load_hf  # noqa: PLC0415 (hf imports this module for its GPT-2 case)
+
+    return load_hf(directory, device=device, dtype=dtype, dropout=dropout, model_types=("gpt2",))
 
 
 def save_hf_gpt2(model: GPT, directory: str | os.PathLike) -> Path:
@@ -244,13 +224,11 @@ def save_hf_gpt2(model: GPT, directory: str | os.PathLike) -> Path:
 
     The tensors keep the model's dtype; ``lm_head.weight`` is not written (it is
     tied to ``transformer.wte.weight``, and Hugging Face's own safetensors files
-    omit it too). Returns the directory.
+    omit it too). Returns the directory. ``minillm.weights.save_hf`` does the writing.
     """
+    from .hf import save_hf  # noqa: PLC0415 (hf imports this module for its GPT-2 case)
+
     if not isinstance(model, GPT):
         raise TypeError(f"save_hf_gpt2: expected a minillm GPT, got {type(model).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    hf_config = config_to_hf(model.config, dtype=model.wte.weight.dtype)
-    save_file(state_dict_to_hf(model), directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-    return directory
+    config_to_hf(model.config)                           # refuses what GPT-2's format cannot hold, by name
+    return save_hf(model, directory)

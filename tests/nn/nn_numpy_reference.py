@@ -83,3 +83,67 @@ def cross_entropy(logits, targets, ignore_index=-100):
     log_probs = log_probs - np.log(np.exp(log_probs).sum(axis=-1, keepdims=True))
     valid = t != ignore_index
     return -log_probs[np.arange(len(t))[valid], t[valid]].mean()
+
+
+# ------------------------------------------------------------------ Llama / Qwen3 (rotary, RMSNorm, SwiGLU, GQA)
+
+def rms_norm(x, weight, eps):
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def inv_freq(dim, theta, scaling):
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    if scaling is None:
+        return freqs
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for w in freqs:
+        wavelen = 2 * math.pi / w
+        smooth = (old / wavelen - low) / (high - low)
+        out.append(w if wavelen < old / high else w / factor if wavelen > old / low
+                   else (1 - smooth) * w / factor + smooth * w)
+    return np.array(out)
+
+
+def llama_logits(ids, sd, cfg):
+    """Hugging Face's LlamaForCausalLM / Qwen3ForCausalLM forward, written out with separate projections.
+
+    ``sd`` has minillm's names (c_attn = [q; k; v] rows, c_fc = [gate; up] rows); ``cfg`` a GPTConfig."""
+    B, T = ids.shape
+    H, Hkv, Dh, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
+    freqs = np.arange(T)[:, None] * inv_freq(Dh, cfg.rope_theta, cfg.rope_scaling)
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = np.cos(emb), np.sin(emb)                           # (T, Dh)
+    x = sd["wte.weight"][ids]
+    for i in range(cfg.n_layer):
+        p = lambda name: sd[f"h.{i}.{name}"]                      # noqa: E731
+        h = rms_norm(x, p("ln_1.weight"), cfg.layer_norm_eps)
+        w = p("attn.c_attn.weight")
+        q_proj, k_proj, v_proj = w[:H * Dh], w[H * Dh:(H + Hkv) * Dh], w[(H + Hkv) * Dh:]
+        q = (h @ q_proj.T).reshape(B, T, H, Dh)
+        k = (h @ k_proj.T).reshape(B, T, Hkv, Dh)
+        v = (h @ v_proj.T).reshape(B, T, Hkv, Dh).transpose(0, 2, 1, 3)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p("attn.q_norm.weight"), cfg.layer_norm_eps), rms_norm(k, p("attn.k_norm.weight"),
+                                                                                    cfg.layer_norm_eps)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)   # repeat_kv
+        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(Dh)
+        scores = np.where(np.triu(np.ones((T, T), bool), 1), -np.inf, scores)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        y = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
+        x = x + y @ p("attn.c_proj.weight").T
+        h = rms_norm(x, p("ln_2.weight"), cfg.layer_norm_eps)
+        hidden = p("mlp.c_proj.weight").shape[1]
+        gate, up = h @ p("mlp.c_fc.weight")[:hidden].T, h @ p("mlp.c_fc.weight")[hidden:].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ p("mlp.c_proj.weight").T
+    x = rms_norm(x, sd["ln_f.weight"], cfg.layer_norm_eps)
+    return x @ sd["wte.weight" if cfg.tie_embeddings else "lm_head.weight"].T
