@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .. import backend
 from ..tensor import Tensor
 
 
@@ -63,16 +64,19 @@ def as_int_array(values, op_name: str, what: str):
     return data
 
 
-# ------------------------------------------------------------ CPU threads for elementwise passes
+# ------------------------------------------------------------ CPU threads
 #
 # NumPy runs each elementwise pass (exp, tanh, +, *) on one core, but releases
 # the GIL while it runs. So a chain of passes over a big array goes ~2x faster
 # on 2 cores when the rows are shared out between threads, each thread running
-# the whole chain on its own rows. (Matrix products need no help: BLAS already
-# uses every core.) Only the CPU paths of a few hot ops use this.
+# the whole chain on its own rows. Matrix products are shared out the same way
+# (``cpu_matmul``): one block of rows per thread, each a single-threaded BLAS
+# call, rather than one call that the BLAS splits between its own threads.
+# Only the CPU paths of a few hot ops use this.
 
 CPU_THREADS = max(1, min(os.cpu_count() or 1, 8))
 PARALLEL_MIN_ELEMENTS = 1 << 18   # below this, handing work to threads costs more than it saves
+PARALLEL_MIN_MULTIPLY_ADDS = 1 << 22   # the same for a matrix product (m·k·n): ~40 µs of one core
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -85,10 +89,43 @@ def row_ranges(n_rows: int, n_cols: int) -> list[slice]:
 
 
 def run_parallel(work, pieces: list) -> list:
-    """``[work(piece) for piece in pieces]``, the pieces running on a thread pool when several."""
+    """``[work(piece) for piece in pieces]``, the pieces running on a thread pool when several.
+
+    While they run, the BLAS is single-threaded: a product inside a piece (a row
+    sum through BLAS, an attention tile) would otherwise start the BLAS's own
+    threads too, more busy threads than cores.
+    """
     global _pool
     if len(pieces) <= 1:
         return [work(piece) for piece in pieces]
     if _pool is None:
         _pool = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="minillm-cpu")
-    return [future.result() for future in [_pool.submit(work, piece) for piece in pieces]]
+    with backend.blas_threads(1):
+        return [future.result() for future in [_pool.submit(work, piece) for piece in pieces]]
+
+
+def cpu_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for NumPy arrays; a large 2-D product runs as one block per CPU thread.
+
+    The result's rows (or, when it has more columns than rows, its columns) are
+    shared out: thread i computes ``out[rows_i] = a[rows_i] @ b`` with a
+    single-threaded BLAS, and the threads meet once, at the end. Left to
+    itself, OpenBLAS splits one product between its threads panel by panel and
+    makes them wait for each other at every panel: on a busy machine a thread
+    that is descheduled stalls the other, which spins (CPU time spent on
+    nothing), and for the weight gradient of a linear layer (dyᵀ x: a small
+    (out, in) result over a long inner axis of B·T) its split ran at 14–60
+    GFLOP/s where one core alone gives ~150. Each block costs one extra packing
+    of ``b`` (k·n of m·k·n work: nothing for these shapes). Small products,
+    batched ones, other dtypes, or no way to limit the BLAS's threads: ``a @ b``.
+    """
+    m, n = (a.shape[0], b.shape[-1]) if a.ndim == 2 == b.ndim else (0, 0)
+    if (m * a.shape[-1] * n < PARALLEL_MIN_MULTIPLY_ADDS or CPU_THREADS == 1 or a.dtype != b.dtype
+            or a.dtype.kind != "f" or not backend.can_limit_blas_threads()):
+        return a @ b
+    out = np.empty((m, n), dtype=a.dtype)
+    if m >= n:      # blocks of rows: out[s] = a[s] @ b
+        run_parallel(lambda s: np.matmul(a[s], b, out=out[s]), row_ranges(m, PARALLEL_MIN_ELEMENTS))
+    else:           # blocks of columns: out[:, s] = a @ b[:, s]
+        run_parallel(lambda s: np.matmul(a, b[:, s], out=out[:, s]), row_ranges(n, PARALLEL_MIN_ELEMENTS))
+    return out

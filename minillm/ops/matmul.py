@@ -27,7 +27,7 @@ import numpy as np
 from .. import precision
 from ..kernels.matmul import matmul as _gpu_matmul
 from ..tensor import Function, Tensor
-from .common import unbroadcast
+from .common import cpu_matmul, unbroadcast
 
 
 def _product(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None):
@@ -35,8 +35,8 @@ def _product(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None)
 
     On a GPU the result has ``out_dtype`` (default a's dtype): bf16 operands can give float32.
     """
-    if isinstance(a, np.ndarray):
-        return (a.swapaxes(-1, -2) if trans_a else a) @ (b.swapaxes(-1, -2) if trans_b else b)
+    if isinstance(a, np.ndarray):   # 2-D products shared out between the CPU's threads
+        return cpu_matmul(a.swapaxes(-1, -2) if trans_a else a, b.swapaxes(-1, -2) if trans_b else b)
     return _gpu_matmul(a, b, trans_a, trans_b, out_dtype=out_dtype, tf32=precision.tf32_enabled())
 
 

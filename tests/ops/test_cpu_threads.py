@@ -1,0 +1,63 @@
+"""The CPU's own threading (ops/common.py): products shared out in blocks, BLAS single-threaded inside."""
+
+import numpy as np
+import pytest
+
+import minillm as mm
+from minillm import backend
+from minillm.ops import common
+from minillm.ops.common import cpu_matmul, run_parallel
+
+needs_threads = pytest.mark.skipif(common.CPU_THREADS < 2 or not backend.can_limit_blas_threads(),
+                                   reason="needs 2+ CPU threads and an OpenBLAS whose threads can be set")
+
+
+def _reference(a, b):
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(a.dtype)
+
+
+@pytest.mark.parametrize("m, k, n", [(600, 300, 500),    # more rows: blocks of rows
+                                     (64, 256, 2048),     # more columns: blocks of columns
+                                     (7, 5, 3)])          # small: one plain product
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False), (False, True)])
+def test_cpu_matmul_equals_the_product(m, k, n, transpose_a, transpose_b):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n), dtype=np.float32)
+    a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)   # transposed views, as Linear passes them
+    out = cpu_matmul(a, b)
+    assert out.shape == (m, n) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out, _reference(a, b), rtol=2e-5, atol=2e-5 * np.sqrt(k))
+
+
+def test_cpu_matmul_float64_and_integers():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 400))
+    np.testing.assert_allclose(cpu_matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    ai, bi = rng.integers(-5, 5, (300, 200)), rng.integers(-5, 5, (200, 400))
+    np.testing.assert_array_equal(cpu_matmul(ai, bi), ai @ bi)
+
+
+@needs_threads
+def test_products_are_shared_out_with_a_single_threaded_blas():
+    get, _ = backend._openblas_thread_functions()
+    before = get()
+    seen = run_parallel(lambda piece: (piece, get()), [0, 1])
+    assert seen == [(0, 1), (1, 1)]                  # each piece ran with one BLAS thread
+    assert get() == before                           # and the count is restored after
+
+
+def test_linear_gradients_through_the_blocked_products():
+    """Linear with shapes above the threading threshold, against the NumPy formulas."""
+    rng = np.random.default_rng(2)
+    x = mm.Tensor(rng.standard_normal((4, 128, 96), dtype=np.float32), requires_grad=True)
+    w = mm.Tensor(rng.standard_normal((384, 96), dtype=np.float32), requires_grad=True)
+    b = mm.Tensor(rng.standard_normal(384, dtype=np.float32), requires_grad=True)
+    g = rng.standard_normal((4, 128, 384), dtype=np.float32)
+    y = mm.functional.linear(x, w, b)
+    y.backward(g)
+    x2, g2 = x.data.reshape(-1, 96).astype(np.float64), g.reshape(-1, 384).astype(np.float64)
+    np.testing.assert_allclose(y.data, (x2 @ w.data.T.astype(np.float64) + b.data).reshape(4, 128, 384), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x.grad, (g2 @ w.data.astype(np.float64)).reshape(x.shape), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(w.grad, g2.T @ x2, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(b.grad, g2.sum(axis=0), rtol=1e-4, atol=1e-4)
