@@ -157,3 +157,390 @@ def attention_softmax_backward_(grad_probs, probs, causal: bool, keep=None, keep
            (grad_probs, probs, keep if keep is not None else np.uintp(0), accumulate(keep_scale),
             np.int32(tq), np.int32(tk), np.int32(causal), np.int32(tk - tq)))
     return grad_probs
+
+
+# ================================================================ flash attention
+#
+# One fused kernel for the forward pass and two for the backward, in the manner
+# of FlashAttention-2 (Dao, 2023), written for clarity on the CUDA cores (SIMT,
+# no tensor cores): every float is accumulated in float32 (float64 for float64
+# inputs), whatever the input dtype (float32, float64, float16, bf16).
+#
+# Forward: a block of FLASH_THREADS threads owns FLASH_THREADS query rows of one
+# head, one row per thread (q row and output accumulator in registers). It walks
+# the keys in tiles of BN rows staged in shared memory and keeps, per row, the
+# running max m and sum l of exp(s - m) ("online softmax"): a chunk of 16 keys
+# with max m' > m rescales l and the accumulator by exp(m - m') once. The T×T
+# score matrix is never formed; the output is acc / l, and the row's log-sum-exp
+# lse = m + log l is all that backward needs (O(T) memory). Causal blocks stop
+# at the last key their last query may see.
+#
+# Backward, with P_ij = exp(s_ij - lse_i) recomputed tile by tile and
+# Δ_i = Σ_c dO_ic O_ic (= Σ_j P_ij dP_ij):
+#   dQ kernel   one thread per query row:   dQ_i = scale Σ_j dS_ij K_j
+#   dKV kernel  one thread per key row:     dV_j = Σ_i P_ij dO_i,  dK_j = scale Σ_i dS_ij Q_i
+# with dP_ij = dO_i · V_j and dS_ij = P_ij (dP_ij − Δ_i). Each thread owns its
+# output row, so there are no atomics and the result is deterministic. For
+# grouped-query attention the dKV thread also sums over the G query heads that
+# share its key/value head. docs/autograd.md derives these lines.
+
+_FLASH_SOURCE = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename A> __device__ __forceinline__ A minus_inf();
+template <> __device__ __forceinline__ float minus_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double minus_inf<double>() { return __longlong_as_double(0xfff0000000000000ULL); }
+
+#define CHUNK 16
+
+// q (NQ, tq, d), k (NQ/group, tk, d), v (NQ/group, tk, dv) of T; o (NQ, tq, dv), lse (NQ, tq) of A.
+// Grid (ceil(tq / BM), NQ); BM threads, one query row each; BN keys per shared-memory tile.
+template <typename T, typename A, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM) flash_forward(
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+        A* __restrict__ o, A* __restrict__ lse, int tq, int tk, int d, int dv, int group, int causal, A scale) {
+    __shared__ A k_tile[BN][D];
+    __shared__ A v_tile[BN][D];
+    const long long n = blockIdx.y, kv = n / group;
+    const int row0 = blockIdx.x * BM, i = row0 + threadIdx.x, offset = tk - tq;
+    const bool active = i < tq;
+    const T* k_head = k + kv * tk * d;
+    const T* v_head = v + kv * tk * dv;
+    A q_row[D], acc[D];
+#pragma unroll
+    for (int c = 0; c < D; ++c) {
+        q_row[c] = (active && c < d) ? to_acc(q[(n * tq + i) * d + c]) * scale : A(0);
+        acc[c] = A(0);
+    }
+    const int last = !active ? -1 : (causal ? i + offset : tk - 1);          // this row's last key
+    const int k_end = causal ? min(tk, min(row0 + BM, tq) - 1 + offset + 1) : tk;
+    A m = minus_inf<A>(), l = A(0);
+    for (int j0 = 0; j0 < k_end; j0 += BN) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BN * D; e += BM) {
+            const int r = e / D, c = e % D, j = j0 + r;
+            k_tile[r][c] = (j < tk && c < d) ? to_acc(k_head[(long long)j * d + c]) : A(0);
+            v_tile[r][c] = (j < tk && c < dv) ? to_acc(v_head[(long long)j * dv + c]) : A(0);
+        }
+        __syncthreads();
+        for (int jc = 0; jc < BN; jc += CHUNK) {
+            if (j0 + jc > last) break;                  // keys j0 + jc <= last: at least one visible
+            A s[CHUNK];
+            A chunk_max = minus_inf<A>();
+#pragma unroll
+            for (int u = 0; u < CHUNK; ++u) {
+                A dot = A(0);
+#pragma unroll
+                for (int c = 0; c < D; ++c) dot += q_row[c] * k_tile[jc + u][c];
+                s[u] = (j0 + jc + u <= last) ? dot : minus_inf<A>();
+                chunk_max = s[u] > chunk_max ? s[u] : chunk_max;
+            }
+            const A m_new = m > chunk_max ? m : chunk_max;
+            const A correction = exp(m - m_new);        // 0 on the first chunk (m = -inf)
+            l *= correction;
+#pragma unroll
+            for (int c = 0; c < D; ++c) acc[c] *= correction;
+#pragma unroll
+            for (int u = 0; u < CHUNK; ++u) {
+                const A p = exp(s[u] - m_new);
+                l += p;
+#pragma unroll
+                for (int c = 0; c < D; ++c) acc[c] += p * v_tile[jc + u][c];
+            }
+            m = m_new;
+        }
+    }
+    if (active) {
+        const A inv = A(1) / l;
+#pragma unroll
+        for (int c = 0; c < D; ++c)
+            if (c < dv) o[(n * tq + i) * dv + c] = acc[c] * inv;
+        lse[n * tq + i] = m + log(l);
+    }
+}
+
+// dQ: grid (ceil(tq / BM), NQ), one thread per query row, key tiles of BN rows in shared memory.
+template <typename T, typename A, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM) flash_backward_dq(
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+        const A* __restrict__ grad_out, const A* __restrict__ lse, const A* __restrict__ delta,
+        A* __restrict__ grad_q, int tq, int tk, int d, int dv, int group, int causal, A scale) {
+    __shared__ A k_tile[BN][D];
+    __shared__ A v_tile[BN][D];
+    const long long n = blockIdx.y, kv = n / group;
+    const int row0 = blockIdx.x * BM, i = row0 + threadIdx.x, offset = tk - tq;
+    const bool active = i < tq;
+    const T* k_head = k + kv * tk * d;
+    const T* v_head = v + kv * tk * dv;
+    A q_row[D], g_row[D], dq[D];
+#pragma unroll
+    for (int c = 0; c < D; ++c) {
+        q_row[c] = (active && c < d) ? to_acc(q[(n * tq + i) * d + c]) * scale : A(0);
+        g_row[c] = (active && c < dv) ? grad_out[(n * tq + i) * dv + c] : A(0);
+        dq[c] = A(0);
+    }
+    const A row_lse = active ? lse[n * tq + i] : A(0);
+    const A row_delta = active ? delta[n * tq + i] : A(0);
+    const int last = !active ? -1 : (causal ? i + offset : tk - 1);
+    const int k_end = causal ? min(tk, min(row0 + BM, tq) - 1 + offset + 1) : tk;
+    for (int j0 = 0; j0 < k_end; j0 += BN) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < BN * D; e += BM) {
+            const int r = e / D, c = e % D, j = j0 + r;
+            k_tile[r][c] = (j < tk && c < d) ? to_acc(k_head[(long long)j * d + c]) : A(0);
+            v_tile[r][c] = (j < tk && c < dv) ? to_acc(v_head[(long long)j * dv + c]) : A(0);
+        }
+        __syncthreads();
+        for (int u = 0; u < BN; ++u) {
+            if (j0 + u > last) break;
+            A s = A(0), dp = A(0);
+#pragma unroll
+            for (int c = 0; c < D; ++c) { s += q_row[c] * k_tile[u][c]; dp += g_row[c] * v_tile[u][c]; }
+            const A ds = exp(s - row_lse) * (dp - row_delta);          // dS = P (dP - Δ)
+#pragma unroll
+            for (int c = 0; c < D; ++c) dq[c] += ds * k_tile[u][c];
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int c = 0; c < D; ++c)
+            if (c < d) grad_q[(n * tq + i) * d + c] = dq[c] * scale;
+    }
+}
+
+// dK, dV: grid (ceil(tk / BN), NK), one thread per key row; query tiles of BM rows in shared memory,
+// for each of the group's query heads in turn.
+template <typename T, typename A, int D, int BM, int BN>
+__global__ void __launch_bounds__(BN) flash_backward_dkv(
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+        const A* __restrict__ grad_out, const A* __restrict__ lse, const A* __restrict__ delta,
+        A* __restrict__ grad_k, A* __restrict__ grad_v, int tq, int tk, int d, int dv, int group, int causal,
+        A scale) {
+    __shared__ A q_tile[BM][D];
+    __shared__ A g_tile[BM][D];
+    __shared__ A lse_tile[BM];
+    __shared__ A delta_tile[BM];
+    const long long kv = blockIdx.y;
+    const int key0 = blockIdx.x * BN, j = key0 + threadIdx.x, offset = tk - tq;
+    const bool active = j < tk;
+    A k_row[D], v_row[D], dk[D], dv_row[D];
+#pragma unroll
+    for (int c = 0; c < D; ++c) {
+        k_row[c] = (active && c < d) ? to_acc(k[(kv * tk + j) * d + c]) : A(0);
+        v_row[c] = (active && c < dv) ? to_acc(v[(kv * tk + j) * dv + c]) : A(0);
+        dk[c] = A(0);
+        dv_row[c] = A(0);
+    }
+    // causal: query i sees key j when i + offset >= j
+    const int first = !active ? tq : (causal ? max(0, j - offset) : 0);      // this key's first query
+    const int block_first = causal ? max(0, key0 - offset) : 0;
+    for (int g = 0; g < group; ++g) {
+        const long long n = kv * group + g;
+        for (int i0 = (block_first / BM) * BM; i0 < tq; i0 += BM) {
+            __syncthreads();
+            for (int e = threadIdx.x; e < BM * D; e += BN) {
+                const int r = e / D, c = e % D, i = i0 + r;
+                q_tile[r][c] = (i < tq && c < d) ? to_acc(q[(n * tq + i) * d + c]) * scale : A(0);
+                g_tile[r][c] = (i < tq && c < dv) ? grad_out[(n * tq + i) * dv + c] : A(0);
+            }
+            for (int r = threadIdx.x; r < BM; r += BN) {
+                const int i = i0 + r;
+                lse_tile[r] = i < tq ? lse[n * tq + i] : A(0);
+                delta_tile[r] = i < tq ? delta[n * tq + i] : A(0);
+            }
+            __syncthreads();
+            for (int r = 0; r < BM; ++r) {
+                const int i = i0 + r;
+                if (i < first || i >= tq) continue;
+                A s = A(0), dp = A(0);
+#pragma unroll
+                for (int c = 0; c < D; ++c) { s += q_tile[r][c] * k_row[c]; dp += g_tile[r][c] * v_row[c]; }
+                const A p = exp(s - lse_tile[r]);
+                const A ds = p * (dp - delta_tile[r]);
+#pragma unroll
+                for (int c = 0; c < D; ++c) { dv_row[c] += p * g_tile[r][c]; dk[c] += ds * q_tile[r][c]; }
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int c = 0; c < D; ++c) {
+            if (c < d) grad_k[(kv * tk + j) * d + c] = dk[c];
+            if (c < dv) grad_v[(kv * tk + j) * dv + c] = dv_row[c];
+        }
+    }
+}
+"""
+
+# input dtype -> (C type, accumulator C type); float16/bf16 accumulate (and return) float32
+_FLASH_TYPES = {"float32": ("float", "float"), "float64": ("double", "double"),
+                "float16": ("__half", "float"), "bfloat16": ("__nv_bfloat16", "float")}
+_FLASH_DIMS = (16, 32, 64, 128)          # head dims are padded up to one of these (registers)
+FLASH_THREADS = 64                        # query rows (forward, dQ) or key rows (dK, dV) per block
+
+
+def _flash_tile(dim: int, acc_itemsize: int) -> int:
+    """Rows per shared-memory tile: two (rows, dim) tiles within 32 KB, at most 64, a multiple of 16."""
+    return min(64, 16384 // (dim * acc_itemsize))
+
+
+def flash_supported(q, k, v) -> bool:
+    """True when the flash kernels take these CuPy arrays: a supported dtype, head dims <= 128."""
+    return (q.dtype.name in _FLASH_TYPES and q.dtype == k.dtype == v.dtype
+            and max(q.shape[-1], v.shape[-1]) <= _FLASH_DIMS[-1] and k.shape[-2] > 0)
+
+
+def _flash_instance(kind: str, dtype, dim: int):
+    """(kernel, padded head dim, query-tile rows, key-tile rows, accumulator dtype) for one kernel."""
+    import numpy as np  # noqa: PLC0415
+
+    from .common import compile_module  # noqa: PLC0415
+
+    t, a = _FLASH_TYPES[dtype.name]
+    acc = np.dtype(np.float64 if a == "double" else np.float32)
+    padded = next(p for p in _FLASH_DIMS if p >= dim)
+    tile = _flash_tile(padded, acc.itemsize)
+    bm, bn = (tile, FLASH_THREADS) if kind == "backward_dkv" else (FLASH_THREADS, tile)
+    name = f"flash_{kind}<{t}, {a}, {padded}, {bm}, {bn}>"
+    kernel = compile_module(_FLASH_SOURCE, (name,), ("--std=c++14",)).get_function(name)
+    return kernel, bm, bn, acc
+
+
+def _flash_args(q, k, v):
+    import numpy as np  # noqa: PLC0415
+
+    nq, tq, d = q.shape
+    nk, tk, dv = v.shape
+    return nq, nk, tq, tk, d, dv, np.int32(nq // nk)
+
+
+def flash_attention_forward(q, k, v, causal: bool, scale: float):
+    """softmax(mask(scale · Q Kᵀ)) V without the score matrix.
+
+    q (NQ, Tq, D), k (NK, Tk, D), v (NK, Tk, Dv): C-contiguous CuPy arrays of one dtype,
+    NQ = NK · G (query head n uses key/value head n // G). Returns (out (NQ, Tq, Dv),
+    lse (NQ, Tq)) in the accumulator dtype (float32; float64 for float64 inputs).
+    """
+    import cupy  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
+    nq, nk, tq, tk, d, dv, group = _flash_args(q, k, v)
+    kernel, bm, _, acc = _flash_instance("forward", q.dtype, max(d, dv))
+    out = cupy.empty((nq, tq, dv), dtype=acc)
+    lse = cupy.empty((nq, tq), dtype=acc)
+    if nq and tq:
+        kernel(((tq + bm - 1) // bm, nq), (bm,),
+               (q, k, v, out, lse, np.int32(tq), np.int32(tk), np.int32(d), np.int32(dv), group,
+                np.int32(causal), acc.type(scale)))
+    return out, lse
+
+
+def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: float):
+    """(dQ, dK, dV) of :func:`flash_attention_forward` given dO (NQ, Tq, Dv), recomputing P
+    tile by tile from Q, K and lse. Gradients in the accumulator dtype."""
+    import cupy  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
+    grad_out = cupy.ascontiguousarray(grad_out, dtype=out.dtype)
+    nq, nk, tq, tk, d, dv, group = _flash_args(q, k, v)
+    delta = cupy.sum(grad_out * out, axis=-1)                          # Δ_i = Σ_c dO_ic O_ic  (NQ, Tq)
+    dq_kernel, bm, _, acc = _flash_instance("backward_dq", q.dtype, max(d, dv))
+    dkv_kernel, _, bn, _ = _flash_instance("backward_dkv", q.dtype, max(d, dv))
+    grad_q = cupy.empty((nq, tq, d), dtype=acc)
+    grad_k = cupy.empty((nk, tk, d), dtype=acc)
+    grad_v = cupy.empty((nk, tk, dv), dtype=acc)
+    sizes = (np.int32(tq), np.int32(tk), np.int32(d), np.int32(dv), group, np.int32(causal), acc.type(scale))
+    if nq and tq:
+        dq_kernel(((tq + bm - 1) // bm, nq), (bm,), (q, k, v, grad_out, lse, delta, grad_q) + sizes)
+        dkv_kernel(((tk + bn - 1) // bn, nk), (bn,), (q, k, v, grad_out, lse, delta, grad_k, grad_v) + sizes)
+    else:
+        grad_k.fill(0)
+        grad_v.fill(0)
+    return grad_q, grad_k, grad_v
+
+
+def compile_check_sources():
+    """(label, source, template instances) of every kernel of this module, for an offline compile check."""
+    names = []
+    for t, a in _ATTENTION_TYPES.values():
+        names += [f"attention_softmax_forward<{t}, {a}>", f"attention_softmax_backward<{t}, {a}>"]
+    flash = []
+    for t, a in _FLASH_TYPES.values():
+        size = 8 if a == "double" else 4
+        for dim in _FLASH_DIMS:
+            tile = _flash_tile(dim, size)
+            flash += [f"flash_forward<{t}, {a}, {dim}, {FLASH_THREADS}, {tile}>",
+                      f"flash_backward_dq<{t}, {a}, {dim}, {FLASH_THREADS}, {tile}>",
+                      f"flash_backward_dkv<{t}, {a}, {dim}, {tile}, {FLASH_THREADS}>"]
+    return [("attention softmax", _ATTENTION_SOFTMAX_SOURCE, names), ("flash", _FLASH_SOURCE, flash)]
+
+
+# ================================================================ the score-matrix path
+#
+# Attention through cuBLAS products around the materialised (n, G·Tq, Tk) score
+# matrix, with the mask + softmax and the softmax backward as the row kernels
+# above: two products and one kernel forward, five products (P recomputed) and
+# one kernel backward. The products read q, k, v in place (transposes are
+# flags), fold the scale and the dropout factor into alpha, and accept bf16/fp16
+# operands with float32 results (autocast); the scores and P stay float32.
+# Memory O(Tq·Tk) per call while it runs (nothing of that size is kept unless P
+# is saved), and on tensor cores; the flash kernels above keep O(T) but run on
+# the CUDA cores.
+
+
+def _acc_dtype(dtype):
+    import numpy as np  # noqa: PLC0415
+
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
+
+
+def scores_attention_forward(q4, k3, v3, causal: bool, scale: float, keep=None, keep_scale: float = 1.0,
+                             tf32: bool = False):
+    """q4 (n, G, Tq, D), k3 (n, Tk, D), v3 (n, Tk, Dv) CuPy arrays of one dtype; ``keep`` (n, G, Tq, Tk)
+    bool dropout mask or None. Returns (out (n, G, Tq, Dv), P (n, G, Tq, Tk)), both in the
+    accumulator dtype (float32, or float64 for float64)."""
+    from .matmul import gemm  # noqa: PLC0415
+
+    n, group, tq, d = q4.shape
+    tk, dv = v3.shape[-2:]
+    acc = _acc_dtype(q4.dtype)
+    scores = gemm(q4.reshape(n, group * tq, d), k3, trans_b=True, alpha=scale, out_dtype=acc, tf32=tf32)
+    probs = attention_softmax_forward_(scores.reshape(n, group, tq, tk), causal)      # P, in place
+    kept = probs if keep is None else probs * keep                                     # P ⊙ M
+    out = gemm(kept.astype(q4.dtype, copy=False).reshape(n, group * tq, tk), v3,
+               alpha=keep_scale if keep is not None else 1.0, out_dtype=acc, tf32=tf32)
+    return out.reshape(n, group, tq, dv), probs
+
+
+def scores_attention_backward(grad4, q4, k3, v3, probs, causal: bool, scale: float, keep=None,
+                              keep_scale: float = 1.0, tf32: bool = False):
+    """(dQ (n, G, Tq, D), dK (n, Tk, D), dV (n, Tk, Dv)) given dO ``grad4`` (n, G, Tq, Dv); P is
+    recomputed when ``probs`` is None. Gradients in the accumulator dtype; dK, dV summed over G."""
+    from .matmul import gemm  # noqa: PLC0415
+
+    n, group, tq, d = q4.shape
+    tk, dv = v3.shape[-2:]
+    acc = _acc_dtype(q4.dtype)
+    rows = q4.reshape(n, group * tq, d)
+    if probs is None:
+        scores = gemm(rows, k3, trans_b=True, alpha=scale, out_dtype=acc, tf32=tf32)
+        probs = attention_softmax_forward_(scores.reshape(n, group, tq, tk), causal)
+    g = grad4.astype(q4.dtype, copy=False).reshape(n, group * tq, dv)                # dO as a product operand
+    kept = probs if keep is None else probs * keep
+    factor = keep_scale if keep is not None else 1.0
+    grad_v = gemm(kept.astype(q4.dtype, copy=False).reshape(n, group * tq, tk), g, trans_a=True,
+                  alpha=factor, out_dtype=acc, tf32=tf32)                              # P̃ᵀ dO   (n, Tk, Dv)
+    grad_scores = gemm(g, v3, trans_b=True, out_dtype=acc, tf32=tf32)                  # dP̃ = dO Vᵀ
+    attention_softmax_backward_(grad_scores.reshape(n, group, tq, tk), probs, causal, keep, keep_scale)  # dS
+    ds = grad_scores.astype(q4.dtype, copy=False)
+    grad_q = gemm(ds, k3, alpha=scale, out_dtype=acc, tf32=tf32)                       # s dS K    (n, G·Tq, D)
+    grad_k = gemm(ds, rows, trans_a=True, alpha=scale, out_dtype=acc, tf32=tf32)       # s dSᵀ Q   (n, Tk, D)
+    return grad_q.reshape(n, group, tq, d), grad_k, grad_v

@@ -57,7 +57,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, precision
 from ..kernels import attention as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
@@ -237,6 +237,21 @@ def _group_summed_matmul(a, b):
     return xp.matmul(a.swapaxes(-1, -2), b).sum(axis=1)
 
 
+# Which GPU implementation runs (minillm/kernels/attention.py): "flash" (fused kernels, O(T)
+# memory, fp32 accumulation on the CUDA cores), "scores" (cuBLAS products around the
+# materialised score matrix: tensor cores, TF32 and autocast, O(Tq·Tk) memory while it runs),
+# or "auto": flash once the score matrices would hold FLASH_MIN_SCORES elements or more.
+# Dropout always takes "scores" (the flash kernels have no dropout).
+GPU_ATTENTION = "auto"
+FLASH_MIN_SCORES = 1 << 28
+
+
+def _use_flash(q, k, v, n_scores: int, dropout_p: float) -> bool:
+    if dropout_p > 0 or GPU_ATTENTION == "scores" or not kernels.flash_supported(q, k, v):
+        return False
+    return GPU_ATTENTION == "flash" or n_scores >= FLASH_MIN_SCORES
+
+
 class ScaledDotProductAttention(Function):
     """O = dropout(softmax(mask(s · Q Kᵀ))) V, one fused op; the module docstring derives backward.
 
@@ -252,6 +267,8 @@ class ScaledDotProductAttention(Function):
         self.causal, self.dropout_p, self.scale, self.group = causal, dropout_p, scale, group
 
     def forward(self, q, k, v):
+        if backend.device_of(q) != "cpu":
+            return self._forward_gpu(q, k, v)
         xp = array_module(q)
         lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
         k3, v3 = k.reshape(-1, tk, d), v.reshape(-1, tk, dv)      # (N, Tk, D), (N, Tk, Dv)
@@ -287,6 +304,8 @@ class ScaledDotProductAttention(Function):
         # products, but only the small (…, T, D) operands are transposed. CuPy would copy a
         # transposed (…, Tk, Tq) view before its GEMM (measured: +400 MiB and 3x the time at
         # B=8, H=12, T=1024); NumPy's BLAS runs both forms at the same speed.
+        if self.on_gpu:
+            return self._backward_gpu(grad)
         q4, k3, v3, probs, keep, groups = self.saved
         xp = array_module(grad)
         k_shape, v_shape = self.kv_shapes
@@ -341,6 +360,52 @@ class ScaledDotProductAttention(Function):
         if want_v and keep is not None:
             grad_v *= keep_scale
         return grad_q, grad_k, grad_v
+
+    on_gpu = False
+
+    def _forward_gpu(self, q, k, v):
+        """On a GPU: the flash kernels or the score-matrix path (``GPU_ATTENTION``), both in
+        minillm/kernels/attention.py; under autocast on bf16/fp16 copies of q, k, v (saved for
+        backward), accumulating and returning float32."""
+        self.on_gpu = True
+        lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+        self.dtypes = q.dtype, k.dtype, v.dtype
+        self.kv_shapes = k.shape, v.shape
+        q, k, v = precision.autocast_operands(q, k, v)
+        n, group = int(np.prod(k.shape[:-2])), self.group
+        q4, k3, v3 = q.reshape(n, group, tq, d), k.reshape(n, tk, d), v.reshape(n, tk, dv)
+        self.flash = _use_flash(q, k, v, n * group * tq * tk, self.dropout_p)
+        if self.flash:
+            out, lse = kernels.flash_attention_forward(q4.reshape(n * group, tq, d), k3, v3, self.causal, self.scale)
+            self.save(q4, k3, v3, out, lse, None)
+        else:
+            keep = None
+            if self.dropout_p > 0:
+                keep = dropout_keep_mask(lead + (tq, tk), self.dropout_p, backend.device_of(q)).reshape(n, group, tq, tk)
+            out, probs = kernels.scores_attention_forward(q4, k3, v3, self.causal, self.scale, keep,
+                                                          1.0 / (1.0 - self.dropout_p), precision.tf32_enabled())
+            recompute = RECOMPUTE_PROBS["cuda"]
+            self.save(q4, k3, v3, None, None if recompute else probs, keep)
+        return out.reshape(lead + (tq, dv)).astype(self.dtypes[0], copy=False)
+
+    def _backward_gpu(self, grad):
+        q4, k3, v3, out, saved, keep = self.saved
+        n, group, tq, d = q4.shape
+        k_shape, v_shape = self.kv_shapes
+        grad4 = grad.reshape(n, group, tq, grad.shape[-1])
+        if self.flash:
+            grad_q, grad_k, grad_v = kernels.flash_attention_backward(
+                q4.reshape(n * group, tq, d), k3, v3, out, saved, grad4.reshape(n * group, tq, -1),
+                self.causal, self.scale)
+        else:
+            grad_q, grad_k, grad_v = kernels.scores_attention_backward(
+                grad4, q4, k3, v3, saved, self.causal, self.scale, keep, 1.0 / (1.0 - self.dropout_p),
+                precision.tf32_enabled())
+        want_q, want_k, want_v = self.needs_input_grad
+        dtype_q, dtype_k, dtype_v = self.dtypes
+        return (grad_q.reshape(grad.shape[:-1] + (d,)).astype(dtype_q, copy=False) if want_q else None,
+                grad_k.reshape(k_shape).astype(dtype_k, copy=False) if want_k else None,
+                grad_v.reshape(v_shape).astype(dtype_v, copy=False) if want_v else None)
 
 
 def _check_attention_args(q, k, v, causal, dropout_p, scale, op_name):

@@ -1,0 +1,136 @@
+"""TF32 and autocast (minillm/precision.py) and the cuBLAS products (minillm/kernels/matmul.py):
+every product that runs reduced is compared with its float32 path, with tolerances argued in each
+test. The GPU tests run with ``pytest --device cuda``; the switch's checks run everywhere."""
+
+import numpy as np
+import pytest
+
+import minillm as mm
+from minillm import functional as F
+from minillm.models import GPT, GPTConfig
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture
+def gpu(device):
+    if device == "cpu":
+        pytest.skip("reduced-precision products run with --device cuda")
+    return device
+
+
+@pytest.fixture(autouse=True)
+def _restore_precision():
+    yield
+    mm.set_float32_matmul_precision("highest")
+
+
+def relative_error(a, b):
+    a, b = (np.asarray(mm.backend.to_numpy(x), dtype=np.float64) for x in (a, b))
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_float32_matmul_precision_switch():
+    assert mm.get_float32_matmul_precision() == "highest"
+    mm.set_float32_matmul_precision("high")
+    assert mm.get_float32_matmul_precision() == "high"
+    with pytest.raises(ValueError, match="highest"):
+        mm.set_float32_matmul_precision("fast")
+
+
+def test_autocast_products_of_cpu_tensors_are_an_error(device):
+    if device != "cpu" or not mm.backend.cuda_available():
+        pytest.skip("needs a GPU machine running the CPU tests")
+    x = mm.Tensor(np.ones((2, 3), dtype=np.float32))
+    with mm.autocast("bf16"), pytest.raises(ValueError, match="GPU only"):
+        F.linear(x, x)
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("batch", [(), (3,), (1,)])
+def test_gemm_against_numpy(trans_a, trans_b, batch, gpu):
+    """The raw cuBLAS wrapper: transposes read in place, broadcast batches (a 2-D b against a
+    batched a), alpha, accumulate into out, float64 exactly (to rounding)."""
+    import cupy
+
+    from minillm.kernels.matmul import gemm
+
+    a = RNG.standard_normal(batch + ((7, 5) if trans_a else (5, 7)))
+    b = RNG.standard_normal((9, 7) if trans_b else (7, 9))
+    expected = 0.5 * (a.swapaxes(-1, -2) if trans_a else a) @ (b.T if trans_b else b)
+    got = gemm(cupy.asarray(a), cupy.asarray(b), trans_a, trans_b, alpha=0.5)
+    np.testing.assert_allclose(cupy.asnumpy(got), expected, rtol=1e-12, atol=1e-12)
+    gemm(cupy.asarray(a), cupy.asarray(b), trans_a, trans_b, out=got, accumulate=True)
+    np.testing.assert_allclose(cupy.asnumpy(got), 3 * expected, rtol=1e-12, atol=1e-12)
+    view = cupy.asarray(RNG.standard_normal((5, 20)))[:, 3:10]          # rows with a stride: no copy needed
+    np.testing.assert_allclose(cupy.asnumpy(gemm(view, cupy.asarray(b if not trans_b else b.T))),
+                               cupy.asnumpy(view) @ (b if not trans_b else b.T), rtol=1e-12)
+
+
+def _linear_and_matmul(device, dtype=np.float32, autocast=None):
+    x = mm.Tensor(RNG.standard_normal((4, 33, 96)).astype(dtype), requires_grad=True, device=device)
+    w = mm.Tensor(RNG.standard_normal((80, 96)).astype(dtype) * 0.1, requires_grad=True, device=device)
+    bias = mm.Tensor(RNG.standard_normal(80).astype(dtype), requires_grad=True, device=device)
+    m = mm.Tensor(RNG.standard_normal((4, 80, 16)).astype(dtype), requires_grad=True, device=device)
+    cot = mm.backend.to_device(RNG.standard_normal((4, 33, 16)).astype(dtype), device)
+    if autocast:
+        with mm.autocast(autocast):
+            out = F.linear(x, w, bias) @ m                 # linear, then a batched matmul
+    else:
+        out = F.linear(x, w, bias) @ m
+    out.backward(cot)
+    return out, [x.grad, w.grad, bias.grad, m.grad]
+
+
+@pytest.mark.parametrize("mode,tolerance", [("tf32", 2e-3), ("bf16", 1.5e-2), ("fp16", 2e-3)])
+def test_reduced_linear_and_matmul_close_to_float32(mode, tolerance, gpu):
+    """TF32 and fp16 keep 11 significant bits (unit roundoff u = 2^-11 = 4.9e-4), bf16 keeps 8
+    (u = 3.9e-3). Rounding both operands of a float32-accumulated product moves it by about
+    u·√2 norm-wise on random data; the gradients pass through two such products (x -> linear ->
+    matmul), so a few u: 2e-3 for TF32/fp16 and 1.5e-2 for bf16. Outputs, gradients and the
+    parameters stay float32 (master weights)."""
+    global RNG
+    RNG = np.random.default_rng(2)
+    exact_out, exact_grads = _linear_and_matmul(gpu)
+    RNG = np.random.default_rng(2)
+    if mode == "tf32":
+        mm.set_float32_matmul_precision("high")
+        out, grads = _linear_and_matmul(gpu)
+    else:
+        out, grads = _linear_and_matmul(gpu, autocast=mode)
+    assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
+    assert relative_error(out.data, exact_out.data) < tolerance
+    for g, e in zip(grads, exact_grads):
+        assert relative_error(g, e) < tolerance
+    assert relative_error(out.data, exact_out.data) > 0          # it did run reduced
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16", "fp16"])
+def test_gpt_training_step_in_reduced_precision(mode, gpu):
+    """A whole GPT forward + backward: loss within 1% of float32 (the loss averages many
+    logits, each off by a few u), gradients norm-wise within 5e-2 (bf16)."""
+    cfg = GPTConfig(vocab_size=97, context_length=32, n_layer=2, n_head=4, d_model=64, dropout=0.0)
+    ids = RNG.integers(0, 97, size=(4, 33))
+
+    def step(autocast=None):
+        mm.manual_seed(0)
+        model = GPT(cfg).to(gpu)
+        x, y = ids[:, :-1], ids[:, 1:]
+        if autocast:
+            with mm.autocast(autocast):
+                loss = F.cross_entropy(model(x), y)
+        else:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads = np.concatenate([mm.backend.to_numpy(p.grad).ravel() for p in model.parameters()])
+        return loss.item(), grads
+
+    exact_loss, exact_grads = step()
+    if mode == "tf32":
+        mm.set_float32_matmul_precision("high")
+        loss, grads = step()
+    else:
+        loss, grads = step(mode)
+    assert abs(loss - exact_loss) < 0.01 * exact_loss
+    assert relative_error(grads, exact_grads) < (5e-2 if mode == "bf16" else 1e-2)
