@@ -5,6 +5,7 @@
     minillm tokenizer train|encode|decode
     minillm bench tokenizer|train|generate|ops
     minillm plot RUN_DIR...         training curves of runs, into a PNG or SVG
+    minillm finetune classify|sft|dpo   post-train a run; minillm classify labels texts with one
 
 Each subcommand lives in ``minillm/commands/NAME.py``, whose ``register(subparsers)``
 adds its parser with ``set_defaults(func=handler)``. This file only assembles
@@ -28,9 +29,9 @@ import argparse
 import os
 import sys
 
-from .commands import bench, generate, plot, tokenizer, train
+from .commands import bench, classify, finetune, generate, plot, tokenizer, train
 
-COMMANDS = [train, generate, tokenizer, bench, plot]
+COMMANDS = [train, generate, tokenizer, bench, plot, finetune, classify]
 
 # an OSError of these kinds means the user named the wrong path: a usage problem (exit 2)
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
@@ -75,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        _silence_stdout()
-        return 141
     except MemoryError as error:
         return _fail(describe_memory_error(error), 1)
     except PATH_ERRORS as error:

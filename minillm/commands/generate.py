@@ -39,6 +39,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "(default: the tokenizer files in the model's directory)")
     p.add_argument("--prompt", metavar="TEXT",
                    help=f"the text to continue (default: start from {END_OF_TEXT}, if the tokenizer has it)")
+    p.add_argument("--instruction", metavar="TEXT",
+                   help="for an instruction-tuned run (minillm finetune sft): wrap TEXT in the Alpaca prompt "
+                        "and print only the response")
+    p.add_argument("--input", metavar="TEXT", help="the optional input that goes with --instruction")
     p.add_argument("--max-new-tokens", metavar="N", type=argtypes.non_negative_int, default=100,
                    help="tokens to generate (default: 100; fewer if the context is shorter)")
     p.add_argument("--temperature", metavar="X", type=argtypes.non_negative_float, default=1.0,
@@ -58,11 +62,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 def load_model(args: argparse.Namespace, device: str):
     """(model, tokenizer) from --run or --hf-gpt2."""
     if args.run is not None:
-        from ..train.run import load_run  # noqa: PLC0415
+        from ..finetune import load_language_model  # noqa: PLC0415 (a train run, or an SFT/DPO run)
 
         if args.tokenizer is not None:
             raise ValueError("--tokenizer is for --hf-gpt2; a run directory brings its own tokenizer")
-        return load_run(args.run, device)
+        return load_language_model(args.run, device)
     from ..weights.pretrained import load_pretrained  # noqa: PLC0415
 
     return load_pretrained(args.hf_gpt2, args.tokenizer, device)
@@ -76,7 +80,17 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
     model, tokenizer = load_model(args, device)
 
     eos_id = tokenizer.special_tokens.get(END_OF_TEXT)
-    if args.prompt:
+    shown = args.prompt or ""
+    if args.instruction is not None:
+        from ..finetune.sft import format_prompt  # noqa: PLC0415
+
+        if args.prompt is not None:
+            raise ValueError("--instruction and --prompt exclude each other")
+        ids = tokenizer.encode(format_prompt(args.instruction, args.input or ""), allowed_special="none")
+        shown = ""                           # the response alone
+    elif args.input is not None:
+        raise ValueError("--input goes with --instruction")
+    elif args.prompt:
         ids = tokenizer.encode(args.prompt, allowed_special="all")
     elif eos_id is not None:
         ids = [eos_id]                       # GPT-2's convention for an unconditional sample
@@ -90,7 +104,7 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
         print(f"(generating {max_new} tokens: the context holds {context})", file=sys.stderr)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out.write(args.prompt or "")
+    out.write(shown)
     out.flush()
 
     def show(column: np.ndarray) -> None:

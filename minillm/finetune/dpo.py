@@ -84,7 +84,11 @@ def _array(value):
 
 
 def preference_examples(tokenizer, records, context_length: int, truncate: bool):
-    """[(chosen ids, rejected ids, prompt length), ...]: prompt + response + end-of-text each."""
+    """[(chosen ids, rejected ids, prompt length), ...]: prompt + response + end-of-text each.
+
+    Too long: an error, or with ``truncate`` the response's tail is cut (a
+    record whose prompt alone fills the context is left out).
+    """
     require_fields(records, ("instruction", "chosen", "rejected"),
                    hint="preference data needs 'instruction', 'chosen', 'rejected' and optionally 'input'")
     eot = end_of_text_id(tokenizer)
@@ -96,8 +100,10 @@ def preference_examples(tokenizer, records, context_length: int, truncate: bool)
             prompt, response = encode_instruction(tokenizer, record, response_field=field)
             ids = prompt + response + [eot]
             if len(prompt) >= context_length:
+                if truncate:
+                    break                                  # left out: no room for a response
                 raise DataError(f"{where}: the prompt alone is {len(prompt)} tokens; the model's context is "
-                                f"{context_length}")
+                                f"{context_length} (--truncate leaves such records out)")
             if len(ids) - 1 > context_length:
                 if not truncate:
                     raise DataError(f"{where}: prompt + {field} response is {len(ids) - 1} tokens, longer than "
@@ -105,7 +111,8 @@ def preference_examples(tokenizer, records, context_length: int, truncate: bool)
                                     f"responses")
                 ids = ids[:context_length + 1]
             pair.append(ids)
-        examples.append((pair[0], pair[1], len(prompt)))
+        if len(pair) == 2:
+            examples.append((pair[0], pair[1], len(prompt)))
     return examples
 
 

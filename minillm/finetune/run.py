@@ -51,6 +51,8 @@ class FinetuneConfig:
     epochs: int = 3                    # passes over the training split
     trainable: str = "last-block"      # classify: "head", "last-block" (the book's) or "all"
     balance: bool = False              # classify: undersample every class to the smallest
+    text_column: str = "text"          # classify: the text and label fields of CSV/JSONL/headed TSV data
+    label_column: str = "label"
     truncate: bool = False             # cut texts longer than the context instead of stopping with an error
     mask_prompt: bool = False          # sft: no loss on the prompt's tokens
     beta: float = 0.1                  # dpo: how far the policy may move from the reference
@@ -96,7 +98,7 @@ def prepare_data(config: FinetuneConfig, tokenizer, context_length: int):
     fractions = SPLITS[config.task]
     extra: dict[str, Any] = {}
     if config.task == "classify":
-        texts, labels = read_labelled(config.data)
+        texts, labels = read_labelled(config.data, config.text_column, config.label_column)
         keep = balance(texts, labels, config.split_seed) if config.balance else list(range(len(texts)))
         names = sorted(set(labels))
         ids = cls.encode_texts(tokenizer, [texts[i] for i in keep], context_length, config.truncate,
@@ -116,6 +118,11 @@ def prepare_data(config: FinetuneConfig, tokenizer, context_length: int):
             pad = sft.end_of_text_id(tokenizer)
             collate = lambda batch: dpo.collate_preferences(batch, pad)  # noqa: E731
         extra["records"] = records
+        extra["left_out"] = len(records) - len(examples)
+        if config.task == "sft" and extra["left_out"]:   # keep records[i] <-> examples[i] for the test records
+            records = [r for r in records if len(tokenizer.encode(sft.format_prompt(
+                r["instruction"], r.get("input") or ""), allowed_special="none")) < context_length]
+            extra["records"] = records
     parts = split_indices(len(examples), fractions, config.split_seed)
     if len(parts[0]) == 0:
         raise DataError(f"{config.data}: {len(examples)} record(s) leave no training examples after the split")
@@ -211,6 +218,8 @@ def finetune(gpt, tokenizer, config: FinetuneConfig, train: dict[str, Any] | Tra
         if trainer.step >= train_config.steps:
             raise ValueError(f"{run_dir} is already at step {trainer.step} of {train_config.steps}: nothing to do")
         say(f"resuming {run_dir} at step {trainer.step} of {train_config.steps}")
+    if extra.get("left_out"):
+        say(f"note: {extra['left_out']} record(s) left out: their prompt alone fills the context of {context}")
     sizes = ", ".join(f"{k} {v}" for k, v in info["split_sizes"].items())
     say(f"{config.task}: {sizes} examples; {info['trainable_parameters']:,} of {info['total_parameters']:,} "
         f"parameters train; {train_config.steps} steps ({steps_per_epoch} per epoch) on {trainer.device}")

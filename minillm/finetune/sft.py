@@ -77,9 +77,9 @@ def end_of_text_id(tokenizer) -> int:
 def instruction_examples(tokenizer, records, context_length: int, truncate: bool) -> list[tuple[list[int], int]]:
     """[(prompt + response + end-of-text ids, prompt length), ...], each at most context_length + 1 ids.
 
-    A record that does not fit is an error, unless ``truncate`` cuts it (its
-    response's tail first); a prompt that leaves no room for a response is
-    always an error.
+    A record that does not fit is an error, unless ``truncate`` cuts the tail
+    of its response; a prompt that leaves no room for a response is an error
+    too, or with ``truncate`` the record is left out (the caller sees fewer examples).
     """
     require_fields(records, ("instruction", "output"), hint="instruction data needs 'instruction', "
                    "'output' and optionally 'input' per record")
@@ -90,8 +90,11 @@ def instruction_examples(tokenizer, records, context_length: int, truncate: bool
         ids = prompt + response + [eot]
         where = record.get("_where", "a record")
         if len(prompt) >= context_length:
+            if truncate:
+                continue
             raise DataError(f"{where}: the prompt alone is {len(prompt)} tokens; the model's context is "
-                            f"{context_length}, leaving no room for the response")
+                            f"{context_length}, leaving no room for the response (--truncate leaves such "
+                            f"records out)")
         if len(ids) - 1 > context_length:
             if not truncate:
                 raise DataError(f"{where} is {len(ids) - 1} tokens (prompt {len(prompt)} + response "
@@ -122,7 +125,7 @@ def collate_instructions(examples, pad_id: int, mask_prompt: bool = False, ignor
 
 
 def language_model_metrics(model, batches) -> dict[str, float]:
-    """{"val_loss": mean cross-entropy per counted target} over ``batches`` of (inputs, targets)."""
+    """Mean cross-entropy per counted target (and its exp, the perplexity) over ``batches`` of (inputs, targets)."""
     from .. import backend  # noqa: PLC0415
 
     device = model.wte.weight.device
@@ -134,7 +137,8 @@ def language_model_metrics(model, batches) -> dict[str, float]:
         _, loss = model(backend.to_device(inputs, device), backend.to_device(targets, device))
         total += float(loss.data) * counted
         count += counted
-    return {"val_loss": total / max(count, 1)}
+    val_loss = total / max(count, 1)
+    return {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 700.0)))}
 
 
 def respond(model, tokenizer, instruction: str, input_text: str = "", max_new_tokens: int = 128,
