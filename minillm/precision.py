@@ -153,3 +153,33 @@ def autocast_operands(*arrays):
             raise ValueError("autocast: this product's tensors are on the CPU; autocast runs on the GPU only")
         out.append(a.astype(reduced) if a.dtype == np.float32 else a)
     return tuple(out)
+
+
+# ---------------------------------------------------------------- one switch for --precision
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: str) -> str:
+    """Validate a ``--precision`` value for a device: any of PRECISIONS on a GPU, only fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and str(device).startswith("cpu"):
+        raise ValueError(f"precision {precision} needs a GPU (--device cuda); on the CPU only fp32 is available")
+    return precision
+
+
+@contextlib.contextmanager
+def use_precision(precision: str) -> Iterator[None]:
+    """Run the block in one of PRECISIONS: fp32 (nothing changes), tf32 (float32 products on TF32
+    tensor cores), bf16 or fp16 (``autocast``). The previous TF32 setting is restored after."""
+    check_precision(precision, "cuda")
+    previous = get_float32_matmul_precision()
+    if precision == "tf32":
+        set_float32_matmul_precision("high")
+    try:
+        with autocast(precision, enabled=precision in ("bf16", "fp16")):
+            yield
+    finally:
+        if precision == "tf32":
+            set_float32_matmul_precision(previous)

@@ -134,3 +134,42 @@ def test_gpt_training_step_in_reduced_precision(mode, gpu):
         loss, grads = step(mode)
     assert abs(loss - exact_loss) < 0.01 * exact_loss
     assert relative_error(grads, exact_grads) < (5e-2 if mode == "bf16" else 1e-2)
+
+
+def test_precision_option_is_fp32_only_on_the_cpu():
+    from minillm.train import TrainConfig
+
+    with pytest.raises(ValueError, match="needs a GPU"):
+        TrainConfig(precision="bf16", device="cpu")
+    with pytest.raises(ValueError, match="one of"):
+        TrainConfig(precision="int8", device="cpu")
+    assert TrainConfig(precision="fp32", device="cpu").precision == "fp32"
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_trainer_in_mixed_precision_learns_keeps_fp32_weights_and_resumes_in_fp32(mode, gpu, tmp_path):
+    """A repeating sequence is easy to learn: the loss must fall by half in 40 steps of bf16/fp16;
+    the parameters stay float32, the fp16 loss scale goes into the checkpoint, and an fp32 run
+    resumes from the mixed-precision checkpoint."""
+    from minillm.data.dataset import TokenDataset
+    from minillm.train import TrainConfig, Trainer
+
+    tokens = np.tile(np.arange(16), 200)
+    data = TokenDataset(tokens, 16, stride=1, val_fraction=0.1, seed=0)
+    cfg = GPTConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, d_model=32, dropout=0.0)
+
+    def trainer(steps, precision):
+        train_cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-2, min_lr=1e-3, warmup=0, device=gpu,
+                                progress=False, precision=precision, eval_interval=0, checkpoint_interval=0)
+        return Trainer(GPT(cfg), train_cfg, data, run_dir=tmp_path)
+
+    run = trainer(40, mode)
+    first, _ = run.train_step()
+    result = run.fit()
+    assert result.train_loss < 0.5 * first
+    assert all(p.dtype == np.float32 for p in run.model.parameters())
+    assert run.scaler.is_enabled() == (mode == "fp16")
+    resumed = trainer(41, "fp32")
+    assert resumed.resume() == 40
+    loss, _ = resumed.train_step()
+    assert abs(loss - result.train_loss) < 0.5 * result.train_loss
