@@ -66,6 +66,7 @@ class Function:
     needs_input_grad: tuple[bool, ...] = ()
     saved: tuple = ()
     freed: bool = False
+    float_only: bool = False      # True: every tensor input must be floating point (fused math ops)
 
     def forward(self, *arrays):  # pragma: no cover - interface
         raise NotImplementedError
@@ -85,6 +86,8 @@ class Function:
         """Run the op on tensors (or numbers/arrays, lifted to constants) and record it."""
         fn = cls(**params)
         tensors = _as_tensors(inputs, cls.__name__)
+        if cls.float_only:
+            _check_floating(tensors, cls.__name__)
         device = tensors[0].device
         requires_grad = _grad_enabled and any(t.requires_grad for t in tensors)
         fn.needs_input_grad = tuple(t.requires_grad and _grad_enabled for t in tensors)
@@ -100,6 +103,15 @@ class Function:
             fn.inputs = tensors
             result._ctx = fn
         return result
+
+
+def _check_floating(tensors: Sequence["Tensor"], op_name: str) -> None:
+    """TypeError in the user's words (not NumPy's casting rules) for an integer or bool input
+    (bfloat16, whose NumPy kind is "V", counts as floating point)."""
+    for t in tensors:
+        if t.data.dtype.kind in "iub":
+            raise TypeError(f"{op_name.lower()}: needs floating-point tensors, got dtype {t.data.dtype}; "
+                            f"convert first, e.g. x.to(dtype='float32')")
 
 
 def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple["Tensor", ...]:

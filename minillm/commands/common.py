@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import argtypes
@@ -64,3 +65,34 @@ def given_fields(args: argparse.Namespace, config_class) -> dict[str, Any]:
 def say(message: str) -> None:
     """A progress or status line for the user: stderr, so that stdout stays the command's output."""
     print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the command (exit code stays 0)."""
+    print(f"minillm: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- paths, checked before any work
+
+
+def check_input_files(paths, option: str) -> list[Path]:
+    """Each path names an existing file (not a folder): checked before the work starts, in the user's words."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise IsADirectoryError(21, f"{option} wants text files, and this is a folder "
+                                        f"(give the files in it, e.g. {path / '*.txt'})", str(path))
+        if not path.is_file():
+            raise FileNotFoundError(2, "No such file", str(path))
+        files.append(path)
+    return files
+
+
+def check_output_file(path, option: str, example: str = "out.json") -> Path:
+    """``path`` can be written as a file: not a folder, and its folder exists (checked before the work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, f"{option} names a folder; give a file name, e.g. {path / example}", str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(2, f"No such folder to write {option} into", str(path.parent))
+    return path

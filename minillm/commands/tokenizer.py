@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import argtypes
-from .common import add_command, say
+from .common import add_command, check_input_files, check_output_file, say, warn
 
 SPEC_HELP = "bytes, gpt2:DIR (encoder.json + vocab.bpe) or a saved tokenizer file"
 
@@ -54,13 +54,21 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     from ..tokenizer import BPETokenizer, iter_text_files  # noqa: PLC0415
 
+    files = check_input_files(args.input, "--input")
+    check_output_file(args.out, "--out", "tokenizer.json")
+    if all(f.stat().st_size == 0 for f in files):
+        raise ValueError(f"nothing to learn from: {', '.join(map(str, files))} "
+                         f"{'is' if len(files) == 1 else 'are'} empty")
     start = time.perf_counter()
     tok = BPETokenizer.train(
-        iter_text_files(args.input), args.vocab_size, pattern=args.pattern,
+        iter_text_files(files), args.vocab_size, pattern=args.pattern,
         special_tokens=args.special_token, progress=not args.quiet,
     )
     tok.save(args.out)
     say(f"trained {tok!r} in {time.perf_counter() - start:.1f} s -> {args.out}")
+    if tok.vocab_size < args.vocab_size:
+        warn(f"the text has too few distinct pairs to merge: the vocabulary stopped at {tok.vocab_size} tokens "
+             f"({len(tok.merges)} merges), not the {args.vocab_size} asked for; more text would reach it")
     return 0
 
 
@@ -72,22 +80,51 @@ def _read_input(path: str | None) -> str:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from ..tokenizer import load_tokenizer  # noqa: PLC0415
+    from ..tokenizer import DisallowedSpecialToken, load_tokenizer  # noqa: PLC0415
 
     tok = load_tokenizer(args.tokenizer)
     allowed = args.allowed_special
     if allowed not in ("none_raise", "none", "all"):
         allowed = {s for s in allowed.split(",") if s}
-    ids = tok.encode(_read_input(args.input), allowed_special=allowed)
+    text = _read_input(args.input)
+    try:
+        ids = tok.encode(text, allowed_special=allowed)
+    except DisallowedSpecialToken as error:
+        raise ValueError(
+            f"the text contains the special token {error.token!r} (at character {error.position}): pass "
+            f"--allowed-special all (or --allowed-special '{error.token}') to encode it as that token, or "
+            f"--allowed-special none to encode it as plain text") from None
     print(json.dumps(ids) if args.json else " ".join(map(str, ids)))
     return 0
+
+
+def parse_ids(text: str) -> list[int]:
+    """Token ids written as integers separated by spaces or lines, or as a JSON list; ValueError in the
+    user's words otherwise."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            ids = json.loads(text)
+        except ValueError:
+            raise ValueError(f"the input starts like a JSON list but is not one: {text[:40]!r}") from None
+    else:
+        ids = text.split()
+    parsed = []
+    for item in ids:
+        if isinstance(item, int) and not isinstance(item, bool):
+            parsed.append(item)
+        elif isinstance(item, str) and item.lstrip("-").isdigit():
+            parsed.append(int(item))
+        else:
+            raise ValueError(f"expected token ids (integers, separated by spaces, or a JSON list), got {item!r}")
+    return parsed
 
 
 def run_decode(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer  # noqa: PLC0415
 
-    text = _read_input(args.input).strip()
-    ids = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
-    sys.stdout.write(load_tokenizer(args.tokenizer).decode(ids))
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = parse_ids(_read_input(args.input))
+    sys.stdout.write(tokenizer.decode(ids))
     sys.stdout.flush()
     return 0

@@ -17,8 +17,8 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, build_run, print_samples, \
-    resolve_run
+from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, check_prompts, \
+    new_run_directory, prepare_run, print_samples, resolve_run, start_run
 from . import argtypes
 from .common import add_command, given_fields, say
 
@@ -114,19 +114,23 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    plan = plan_from_args(args)
-    trainer, tokenizer = build_run(plan)
-    cfg, model = plan.train, trainer.model
-    model_config = model.config
-    if plan.resume:
-        say(f"resuming {plan.run_dir} at step {trainer.step} of {cfg.steps}")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.context_length
-    dataset = trainer.data
-    say(f"model: {model.num_parameters():,} parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
-        f"d_model {model_config.d_model}, context {model_config.context_length}, vocab {model_config.vocab_size}); "
-        f"data: {len(dataset.train.tokens):,} train / {len(dataset.val.tokens):,} val tokens; "
-        f"{tokens_per_step:,} tokens per step on {trainer.device}; run dir {plan.run_dir}")
-    result = trainer.fit()
+    plan = plan_from_args(args)                   # options checked; nothing read or written yet
+    prepared = prepare_run(plan)                  # data read, tokenizer made; nothing written yet
+    prompts = args.prompt or DEFAULT_PROMPTS
+    if args.samples:
+        check_prompts(prepared.tokenizer, prompts, prepared.model_config.context_length)
+    with new_run_directory(plan):                 # a failed start leaves no folder behind
+        trainer = start_run(prepared)
+        cfg, model = plan.train, trainer.model
+        model_config, dataset = model.config, trainer.data
+        if plan.resume:
+            say(f"resuming {plan.run_dir} at step {trainer.step} of {cfg.steps}")
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.context_length
+        say(f"model: {model.num_parameters():,} parameters ({model_config.n_layer} layers, {model_config.n_head} "
+            f"heads, d_model {model_config.d_model}, context {model_config.context_length}, vocab "
+            f"{model_config.vocab_size}); data: {len(dataset.train.tokens):,} train / {len(dataset.val.tokens):,} "
+            f"val tokens; {tokens_per_step:,} tokens per step on {trainer.device}; run dir {plan.run_dir}")
+        result = trainer.fit()
     if result.interrupted:
         say(f"stopped at step {result.step}; continue with: minillm train --resume {plan.run_dir}")
         return 130
@@ -135,9 +139,9 @@ def run_train(args: argparse.Namespace) -> int:
         say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; {result.seconds:.0f} s "
             f"({result.tokens_per_second:,.0f} tokens/s overall); checkpoint in {plan.run_dir}")
     if args.samples:
-        print_samples(model, tokenizer, args.prompt or DEFAULT_PROMPTS, args.samples, args.sample_tokens,
-                      args.temperature, seed=cfg.seed)
-    say(next_steps(plan.run_dir, (args.prompt or DEFAULT_PROMPTS)[0]))
+        print_samples(model, prepared.tokenizer, prompts, args.samples, args.sample_tokens, args.temperature,
+                      seed=cfg.seed)
+    say(next_steps(plan.run_dir, prompts[0]))
     return 0
 
 

@@ -301,6 +301,9 @@ class GPT(Module):
                 f"GPT: token ids must have shape (batch, time), got {ids.ndim}-d shape {tuple(ids.shape)} "
                 f"(use ids[None] for a single sequence)"
             )
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"GPT: token ids of shape {tuple(ids.shape)} are empty: a model needs at least one "
+                             f"sequence of at least one token")
         return backend.to_device(ids, self.wte.weight.device)
 
     # ------------------------------------------------------------ inference helpers

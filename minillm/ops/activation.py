@@ -207,6 +207,8 @@ class GELU(Function):
     one computes dx from (grad, x), recomputing t: 2 launches, nothing extra saved.
     """
 
+    float_only = True
+
     def __init__(self, approximate: str = "tanh"):
         if approximate not in ("tanh", "none"):
             raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
@@ -272,19 +274,33 @@ def _gelu_backward_into(x, t, grad, d, approximate: str) -> None:
     d *= grad
 
 
+# Elements per call of an elementwise chain on the CPU: its ~10 passes then run over
+# arrays that stay in the core's L2 cache (5 arrays of 256 KiB) instead of main memory.
+CPU_BLOCK_ELEMENTS = 1 << 16
+
+
 def _elementwise_in_threads(work, inputs, outputs, *args) -> None:
     """``work(*inputs, *outputs, *args)`` over contiguous pieces of the flattened arrays, one
-    piece per CPU thread (``run_parallel``); a single call for non-contiguous arrays."""
+    piece per CPU thread (``run_parallel``), each piece in blocks of ``CPU_BLOCK_ELEMENTS``
+    (all the passes of one block while it is in cache); a single call for non-contiguous arrays."""
     arrays = inputs + outputs
     if not all(a.flags.c_contiguous for a in arrays) or array_module(arrays[0]) is not np:
         work(*arrays, *args)
         return
     flat = [a.reshape(-1) for a in arrays]
-    run_parallel(lambda part: work(*(a[part] for a in flat), *args), row_ranges(flat[0].size, 1))
+
+    def run_piece(part):
+        for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
+            block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
+            work(*(a[block] for a in flat), *args)
+
+    run_parallel(run_piece, row_ranges(flat[0].size, 1))
 
 
 class Erf(Function):
     """y = erf(x).   dy/dx = (2/√π) exp(-x²).   A primitive, for ``gelu_composed``."""
+
+    float_only = True
 
     def forward(self, x):
         self.save(x)
@@ -318,6 +334,8 @@ class Softmax(Function):
         dx_j = Σ_i g_i y_i (δ_ij - y_j) = y_j (g_j - Σ_i g_i y_i)
     (shape of x throughout; the sum is over ``axis`` with keepdims). Saves y.
     """
+
+    float_only = True
 
     def __init__(self, axis: int = -1, log: bool = False):
         self.axis, self.log = axis, log

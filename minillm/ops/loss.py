@@ -45,6 +45,8 @@ class CrossEntropy(Function):
     is a constant and gets no gradient.
     """
 
+    float_only = True
+
     def __init__(self, targets, ignore_index: int = -100, reduction: str = "mean"):
         self.targets, self.ignore_index, self.reduction = targets, ignore_index, reduction
 

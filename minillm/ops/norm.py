@@ -86,6 +86,8 @@ def _column_dot(a, b):
 class LayerNorm(Function):
     """y = (x - μ) / √(σ² + ε) ⊙ w + b over the last axis; see the module docstring."""
 
+    float_only = True
+
     def __init__(self, eps: float = 1e-5):
         self.eps = float(eps)
 
@@ -180,6 +182,8 @@ class LayerNorm(Function):
 
 class RMSNorm(Function):
     """y = x / √(mean(x²) + ε) ⊙ w over the last axis; see the module docstring."""
+
+    float_only = True
 
     def __init__(self, eps: float = 1e-6):
         self.eps = float(eps)

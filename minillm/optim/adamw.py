@@ -36,7 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import backend
-from .optimizer import Optimizer, params_with_grad
+from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
 
 class AdamW(Optimizer):
@@ -47,17 +47,18 @@ class AdamW(Optimizer):
     None are skipped (their step count does not advance).
     """
 
+    constraints = {
+        "lr": (finite_at_least(0.0), "a finite number >= 0"),
+        "betas": (lambda b: isinstance(b, (tuple, list)) and len(b) == 2 and all(map(finite_in_unit_interval, b)),
+                  "two numbers in [0, 1)"),
+        "eps": (finite_at_least(0.0), "a finite number >= 0"),
+        "weight_decay": (finite_at_least(0.0), "a finite number >= 0"),
+    }
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def step(self) -> None:
         """One update of every parameter that has a gradient."""

@@ -23,17 +23,39 @@ shapes.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+import numbers
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from .. import backend
 
 
+def finite_at_least(low: float):
+    """A hyper-parameter check: a real, finite number >= ``low`` (NaN and infinity fail every comparison
+    we care about, so they are refused here rather than turning the weights to NaN later)."""
+    return lambda v: _is_real(v) and math.isfinite(v) and v >= low
+
+
+def finite_in_unit_interval(v) -> bool:
+    """A check for one beta: a real number in [0, 1)."""
+    return _is_real(v) and 0.0 <= v < 1.0
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 class Optimizer:
-    """Base class: subclasses set the defaults and write ``step()``."""
+    """Base class: subclasses set the defaults, their ``constraints`` and write ``step()``."""
+
+    # hyper-parameter name -> (accept(value), what it must be): checked for the defaults and for
+    # every group added, so a group cannot bring a NaN learning rate either
+    constraints: dict[str, tuple[Callable[[Any], bool], str]] = {}
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._check_hyperparameters(defaults)
         self.defaults = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[int, dict[str, Any]] = {}  # id(param) -> that parameter's state
@@ -61,7 +83,14 @@ class Optimizer:
         if unknown:
             raise ValueError(f"unknown hyper-parameter(s) {sorted(unknown)} for {type(self).__name__}; "
                              f"it has {sorted(self.defaults)}")
-        self.param_groups.append({**self.defaults, **group, "params": params})
+        merged = {**self.defaults, **group, "params": params}
+        self._check_hyperparameters(merged, where=f" (parameter group {len(self.param_groups)})")
+        self.param_groups.append(merged)
+
+    def _check_hyperparameters(self, values: dict[str, Any], where: str = "") -> None:
+        for name, (accept, expected) in self.constraints.items():
+            if name in values and not accept(values[name]):
+                raise ValueError(f"{type(self).__name__}: {name} must be {expected}, got {values[name]!r}{where}")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the gradients: ``p.grad = None`` (or zero them in place)."""

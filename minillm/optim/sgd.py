@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .. import backend
-from .optimizer import Optimizer, params_with_grad
+from .optimizer import Optimizer, finite_at_least, params_with_grad
 
 
 class SGD(Optimizer):
@@ -28,14 +28,15 @@ class SGD(Optimizer):
     Per-parameter state (with momentum): ``momentum_buffer``.
     """
 
+    constraints = {
+        "lr": (finite_at_least(0.0), "a finite number >= 0"),
+        "momentum": (finite_at_least(0.0), "a finite number >= 0"),
+        "weight_decay": (finite_at_least(0.0), "a finite number >= 0"),
+        "nesterov": (lambda v: isinstance(v, bool), "True or False"),
+    }
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))

@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .bpe import BPETokenizer, TokenizerFileError
+from .bpe import BPETokenizer, DisallowedSpecialToken, TokenizerFileError
 from .gpt2 import bytes_to_unicode
 from .pretokenize import GPT2_PATTERN, GPT4_PATTERN, count_chunks, iter_text_files
 
 __all__ = [
     "BPETokenizer",
     "TokenizerFileError",
+    "DisallowedSpecialToken",
     "ByteTokenizer",
     "load_tokenizer",
     "bytes_to_unicode",

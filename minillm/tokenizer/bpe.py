@@ -68,6 +68,17 @@ class TokenizerFileError(ValueError):
     """A file is not a (readable) minillm tokenizer file."""
 
 
+class DisallowedSpecialToken(ValueError):
+    """``encode`` met a special token's text that it was not allowed to encode (see ``allowed_special``)."""
+
+    def __init__(self, token: str, position: int) -> None:
+        self.token, self.position = token, position
+        super().__init__(
+            f"text contains the special token {token!r} at position {position}, which is not allowed. "
+            f"Pass allowed_special={{{token!r}}} (or 'all') to encode it as a special token, or "
+            f"allowed_special='none' to encode it as ordinary text.")
+
+
 class BPETokenizer:
     """A byte-level BPE tokenizer: ``vocab`` + ranked ``merges`` + ``pattern``.
 
@@ -200,6 +211,14 @@ class BPETokenizer:
             merges.append((tokens[left], tokens[right]))
         return cls(vocab, merges, GPT2_PATTERN, specials)
 
+    @classmethod
+    def from_hf(cls, tokenizer_json: str | os.PathLike) -> BPETokenizer:
+        """A Hugging Face byte-level BPE ``tokenizer.json`` (GPT-2, Llama 3, Qwen): ``encode(text,
+        allowed_special="all")`` gives the ``tokenizers`` library's ids, token for token (see hf.py)."""
+        from .hf import read_tokenizer_json  # noqa: PLC0415 (hf builds on this module)
+
+        return read_tokenizer_json(tokenizer_json)
+
     # ------------------------------------------------------------ encoding
 
     @property
@@ -260,6 +279,7 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text``, special-token strings included as plain text."""
+        _check_text(text)
         if self._split is None:
             if self._bytes_are_ids and not self._merges:
                 return list(text.encode("utf-8"))
@@ -314,16 +334,12 @@ class BPETokenizer:
         >>> tok.encode("a<|eot|>", allowed_special="all")
         [97, 256]
         """
+        _check_text(text)
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         if disallowed and any(s in text for s in disallowed):  # `in` is a fast C scan
             match = self._special_regex(disallowed).search(text)
             if match:
-                raise ValueError(
-                    f"text contains the special token {match.group()!r} at position "
-                    f"{match.start()}, which is not allowed. Pass allowed_special={{{match.group()!r}}} "
-                    "(or 'all') to encode it as a special token, or allowed_special='none' "
-                    "to encode it as ordinary text."
-                )
+                raise DisallowedSpecialToken(match.group(), match.start())
         if not any(s in text for s in allowed):
             return self.encode_ordinary(text)
         ids: list[int] = []
@@ -388,6 +404,8 @@ class BPETokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes of the tokens, concatenated (special tokens as their text)."""
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode takes a sequence of integer token ids, got a {type(ids).__name__}: {ids[:40]!r}")
         if hasattr(ids, "tolist"):  # a NumPy array
             ids = ids.tolist()
         ids = list(ids)
@@ -397,8 +415,7 @@ class BPETokenizer:
                 raise IndexError
             return b"".join(map(table.__getitem__, ids))
         except (IndexError, TypeError):
-            bad = next(i for i in ids if not (0 <= i < len(table)) or table[i] is None)
-            raise ValueError(f"token id {bad} is not in this tokenizer's vocabulary") from None
+            raise ValueError(_bad_id_message(ids, table)) from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the tokens; bytes that are not valid UTF-8 become U+FFFD.
@@ -520,3 +537,19 @@ def _surrogate_error(text: str) -> ValueError:
         "character and has no UTF-8 bytes (was the text decoded with errors='surrogateescape' "
         "or built from UTF-16 halves?)"
     )
+
+
+def _check_text(text) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str of text, got {type(text).__name__} {text!r:.40}"
+                        + (" (decode turns ids into text)" if isinstance(text, (int, list, tuple)) else ""))
+
+
+def _bad_id_message(ids: list, table: list) -> str:
+    """Why ``ids`` cannot be decoded: the first one that is not an integer, or not in the vocabulary."""
+    for i in ids:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            return f"token ids are integers, got {i!r} ({type(i).__name__})"
+        if not 0 <= i < len(table) or table[i] is None:
+            return f"token id {i} is not in this tokenizer's vocabulary (ids 0 to {len(table) - 1})"
+    return "these token ids cannot be decoded"

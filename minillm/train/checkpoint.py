@@ -216,7 +216,12 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
     try:
         with np.load(arrays_path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
+    except ValueError:
+        # NumPy's own words here advise loading the file with pickle: not advice to give about a file
+        # this code did not write, so the message says what is wrong instead
+        raise CheckpointError(f"checkpoint arrays file {arrays_path} is not a minillm checkpoint (not an .npz "
+                              f"archive of plain arrays): corrupt, or replaced by another file") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
         raise CheckpointError(f"checkpoint arrays file {arrays_path} is corrupt or truncated "
                               f"({type(error).__name__}: {error})") from None
     model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}

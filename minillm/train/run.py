@@ -8,15 +8,21 @@ A run directory holds everything needed to resume or sample: ``run.json``
 :class:`RunPlan`: a new run starts from :data:`DEFAULT_MODEL` /
 ``TrainConfig()``'s defaults, a resumed one from what its run directory saved,
 and given options override either (a resumed model's shape cannot change).
-:func:`build_run` then reads the data, makes the tokenizer and returns a ready
-:class:`~minillm.train.Trainer`. ``minillm/commands/train.py`` is the command
-line around them.
+Then, so that a mistake costs nothing: :func:`prepare_run` reads the data and
+makes the tokenizer without writing anything; :func:`new_run_directory` creates
+the folder and removes it again if the run fails before its first step; and
+:func:`start_run` writes the run's files and returns a ready
+:class:`~minillm.train.Trainer`. A new run never goes into a folder that holds
+another run. ``minillm/commands/train.py`` is the command line around them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,8 +83,7 @@ def resolve_run(*, out: str | Path | None = None, resume: bool | str | Path | No
                                preset=preset, given_model=model, given_train=train)
 
     run_dir = Path(out) if out else _fresh_run_dir(data)
-    if has_checkpoint(run_dir):
-        raise ValueError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
+    check_run_directory(run_dir)
     fields = dict(DEFAULT_MODEL)
     if preset:
         from ..models import GPTConfig  # noqa: PLC0415
@@ -93,6 +98,7 @@ def resolve_run(*, out: str | Path | None = None, resume: bool | str | Path | No
                    tokenizer or DEFAULT_TOKENIZER, 0.1 if val_fraction is None else val_fraction, stride or 1,
                    fields, TrainConfig.from_dict(train_fields))
     check_model_shape(plan.model)
+    check_step_fits_memory(plan)
     return plan
 
 
@@ -122,8 +128,10 @@ def _resolve_resume(run_dir: Path, *, data, tokenizer, val_fraction, stride, pre
         _say("note: resuming with changed training options, so the run will differ from an uninterrupted "
              "one: " + "; ".join(changed))
     train.update(given_train)
-    return RunPlan(run_dir, True, saved["data"], saved["tokenizer"], saved["val_fraction"], saved["stride"],
+    plan = RunPlan(run_dir, True, saved["data"], saved["tokenizer"], saved["val_fraction"], saved["stride"],
                    model, TrainConfig.from_dict(train))
+    check_step_fits_memory(plan)
+    return plan
 
 
 def check_model_shape(model: dict[str, Any]) -> None:
@@ -148,42 +156,133 @@ def _read_texts(data: list[str] | None) -> list[str]:
 
 
 def _prepare_tokenizer(plan: RunPlan, texts: list[str], quiet: bool):
-    """The run's tokenizer: read back from the run directory, else built from the spec and saved there."""
+    """The run's tokenizer: on resume, read back from the run directory; else built from the spec
+    (in memory: :func:`start_run` saves it)."""
     from ..data.dataset import END_OF_TEXT  # noqa: PLC0415
     from ..tokenizer import BPETokenizer, load_tokenizer  # noqa: PLC0415
 
-    path = plan.run_dir / TOKENIZER_FILE
-    if path.is_file():
-        return BPETokenizer.load(path)
+    if plan.resume:
+        return BPETokenizer.load(plan.run_dir / TOKENIZER_FILE)
     if plan.tokenizer.startswith("bpe:"):
         start = time.perf_counter()
         tokenizer = BPETokenizer.train(texts, int(plan.tokenizer[4:]), special_tokens=[END_OF_TEXT],
                                        progress=not quiet)
         _say(f"trained a BPE tokenizer of {tokenizer.vocab_size} tokens in {time.perf_counter() - start:.1f} s")
-    else:
-        tokenizer = load_tokenizer(plan.tokenizer)
-    tokenizer.save(path)
-    return tokenizer
+        return tokenizer
+    return load_tokenizer(plan.tokenizer)
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_run(plan: RunPlan):
-    """(trainer, tokenizer) for ``plan``: reads the data, trains or loads the tokenizer, tokenizes
-    (cached in ``tokens.bin``), writes ``run.json`` and, on resume, restores the checkpoint."""
+# ---------------------------------------------------------------- checks before any work
+
+
+def check_run_directory(run_dir: Path) -> None:
+    """A new run goes into a folder that does not exist yet, or one that holds no run: never appends
+    to another run's metrics.jsonl or overwrites its checkpoint."""
+    from .trainer import METRICS_FILE  # noqa: PLC0415
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file; a run directory is a folder")
+    found = [name for name in (METRICS_FILE, RUN_FILE, "checkpoint.json") if (run_dir / name).exists()]
+    if found:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): add --resume to continue it, "
+                         f"or choose another --out")
+
+
+def check_step_fits_memory(plan: RunPlan) -> None:
+    """Refuse a step whose logits alone cannot fit in this machine's memory (CPU runs), before any work.
+
+    A lower bound, not an estimate: the int64 inputs and targets (16 bytes a
+    position) and the float32 logits with their gradient (8 bytes a position and
+    vocabulary entry, the vocabulary at least the 256 bytes) of one micro-batch.
+    """
+    if plan.train.device != "cpu":
+        return
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):   # not POSIX: let the allocation itself fail
+        return
+    spec = plan.tokenizer
+    vocab = int(spec[4:]) if spec.startswith("bpe:") and spec[4:].isdigit() else 256
+    positions = plan.train.batch_size * plan.model["context_length"]
+    needed = positions * (16 + 8 * vocab)
+    if needed > physical:
+        raise MemoryError(f"a micro-batch of --batch-size {plan.train.batch_size} x --context "
+                          f"{plan.model['context_length']} needs at least {_gib(needed)} for its logits alone, "
+                          f"and this machine has {_gib(physical)}")
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**40:,.1f} TiB" if size >= 2**40 else f"{size / 2**30:,.1f} GiB"
+
+
+def check_prompts(tokenizer, prompts: list[str], context_length: int) -> None:
+    """Every sample prompt fits in the context, checked before training rather than after it."""
+    for prompt in prompts:
+        n = len(tokenizer.encode(prompt, allowed_special="none"))
+        if n >= context_length:
+            raise ValueError(f"--prompt {prompt!r} is {n} tokens, and the model's context is {context_length}: "
+                             f"give a shorter prompt or a larger --context")
+
+
+# ---------------------------------------------------------------- building the run
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    """A run read and checked, with nothing written yet: its texts, tokenizer and model shape."""
+
+    plan: RunPlan
+    texts: list[str]
+    tokenizer: Any
+    model_config: Any
+
+
+def prepare_run(plan: RunPlan) -> PreparedRun:
+    """Read the data and make the tokenizer (train a BPE, or load one), writing nothing to disk."""
+    from ..models import GPTConfig  # noqa: PLC0415
+
+    backend.parse_device(plan.train.device)  # fail now, not after the tokenizer, when CUDA is missing
+    texts = _read_texts(plan.data)
+    tokenizer = _prepare_tokenizer(plan, texts, quiet=not plan.train.progress)
+    return PreparedRun(plan, texts, tokenizer, GPTConfig(vocab_size=tokenizer.vocab_size, **plan.model))
+
+
+@contextlib.contextmanager
+def new_run_directory(plan: RunPlan):
+    """Create a new run's folder for the block; if the block fails before the run logged a step or
+    saved a checkpoint, remove what it created, so that a failed start leaves no folder behind."""
+    from .trainer import METRICS_FILE  # noqa: PLC0415
+
+    if plan.resume:
+        yield plan.run_dir
+        return
+    created = next((d for d in [plan.run_dir, *plan.run_dir.parents][::-1] if not d.exists()), None)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield plan.run_dir
+    except BaseException:
+        metrics = plan.run_dir / METRICS_FILE
+        started = has_checkpoint(plan.run_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
+        if created is not None and not started:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def start_run(prepared: PreparedRun) -> Trainer:
+    """The trainer of a prepared run, inside :func:`new_run_directory`: saves the tokenizer, tokenizes
+    (cached in ``tokens.bin``), writes ``run.json``; on resume, restores the checkpoint instead."""
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
-    from ..models import GPT, GPTConfig  # noqa: PLC0415
+    from ..models import GPT  # noqa: PLC0415
 
-    cfg = plan.train
-    backend.parse_device(cfg.device)  # fail now, not after the tokenizer, when CUDA is missing
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    texts = _read_texts(plan.data)
-    tokenizer = _prepare_tokenizer(plan, texts, quiet=not cfg.progress)
-    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, **plan.model)
-    dataset = TokenDataset.from_texts(texts, tokenizer, model_config.context_length,
+    plan, cfg = prepared.plan, prepared.plan.train
+    if not plan.resume:
+        prepared.tokenizer.save(plan.run_dir / TOKENIZER_FILE)
+    dataset = TokenDataset.from_texts(prepared.texts, prepared.tokenizer, prepared.model_config.context_length,
                                       cache_path=plan.run_dir / TOKENS_FILE, stride=plan.stride,
                                       val_fraction=plan.val_fraction, seed=cfg.seed)
     if not plan.resume:
@@ -192,7 +291,7 @@ def build_run(plan: RunPlan):
         (plan.run_dir / RUN_FILE).write_text(json.dumps(run_info, indent=1) + "\n", encoding="utf-8")
 
     manual_seed(cfg.seed)
-    model = GPT(model_config)
+    model = GPT(prepared.model_config)
     trainer = Trainer(model, cfg, dataset, run_dir=plan.run_dir,
                       tokenizer={"spec": plan.tokenizer, "file": TOKENIZER_FILE})
     if plan.resume:
@@ -200,7 +299,7 @@ def build_run(plan: RunPlan):
         if trainer.step >= cfg.steps:
             raise ValueError(f"{plan.run_dir} is already at step {trainer.step} (--steps {cfg.steps}): "
                              f"pass a larger --steps to train further")
-    return trainer, tokenizer
+    return trainer
 
 
 def load_run(run_dir, device: str = "cpu"):

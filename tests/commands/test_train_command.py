@@ -71,7 +71,7 @@ def test_train_end_to_end_then_resume(tmp_path, text_file, capsys):
 
     # the same --out again without --resume would overwrite a run
     assert run(["train", "--data", text_file, "--tokenizer", "bytes", *TINY, "--out", out]) == 2
-    assert "already holds a run: add --resume" in capsys.readouterr().err
+    assert "already holds a run (metrics.jsonl, run.json, checkpoint.json): add --resume" in capsys.readouterr().err
     # resuming cannot change the model or the data ...
     assert run(["train", "--resume", out, "--n-layer", "2"]) == 2
     err = capsys.readouterr().err
