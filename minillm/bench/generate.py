@@ -10,9 +10,20 @@ from .. import backend
 
 
 def measure_generation(preset: str = "gpt2-124m", batch_size: int = 1, new_tokens: int = 256, prompt_len: int = 16,
-                       device: str = "cpu", modes: tuple[bool, ...] = (True, False), seed: int = 0) -> dict:
+                       device: str = "cpu", modes: tuple[bool, ...] = (True, False), seed: int = 0,
+                       precision: str = "fp32") -> dict:
     """Greedy generation from a randomly initialised GPT, timed once per mode (True: with the KV
-    cache); with both modes, also the speed-up and whether both produced the same tokens."""
+    cache), in ``precision``; with both modes, also the speed-up and whether both produced the
+    same tokens. On a GPU also the peak memory held by arrays."""
+    from ..precision import use_precision  # noqa: PLC0415
+
+    with use_precision(precision):
+        result = _measure_generation(preset, batch_size, new_tokens, prompt_len, device, modes, seed)
+    result["precision"] = precision
+    return result
+
+
+def _measure_generation(preset, batch_size, new_tokens, prompt_len, device, modes, seed) -> dict:
     from .. import manual_seed  # noqa: PLC0415
     from ..generate import generate  # noqa: PLC0415
     from ..models import GPT, GPTConfig  # noqa: PLC0415

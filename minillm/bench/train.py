@@ -12,11 +12,39 @@ from .. import backend
 
 BENCH_DEFAULT = dict(n_layer=6, n_head=6, d_model=384, context_length=256, vocab_size=65)
 
+# Dense peak TFLOP/s from NVIDIA's SXM datasheets (the H100 and H200 share one chip): fp32 on the
+# CUDA cores, TF32 and bf16/fp16 on the tensor cores, without structured sparsity. MFU is
+# measured against the peak of the precision the products run in.
+GPU_PEAK_TFLOPS = {"H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+                   "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}}
+
+
+def flops_per_token(config, parameters: int) -> float:
+    """Training FLOPs per token (forward + backward), as in PaLM's appendix B and nanoGPT:
+    6 N for the products with the N weights (N without the position table, which is a lookup;
+    the tied token table counts once, as the output layer) plus 12 · layers · d_model · T for the
+    attention scores and their use (causal masking not discounted)."""
+    n = parameters - config.context_length * config.d_model
+    return 6.0 * n + 12.0 * config.n_layer * config.d_model * config.context_length
+
+
+def gpu_peak_tflops(device: str, precision: str):
+    """(GPU name, dense peak TFLOP/s for the precision) or (name, None) for a GPU not in the table."""
+    import cupy  # noqa: PLC0415
+
+    name = cupy.cuda.runtime.getDeviceProperties(int(device.split(":")[1]))["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    for key, peaks in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return name, peaks[precision]
+    return name, None
+
 
 def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device: str = "cpu", steps: int = 10,
-                       warmup: int = 2, seed: int = 0) -> dict:
+                       warmup: int = 2, seed: int = 0, precision: str = "fp32") -> dict:
     """Time ``steps`` full training steps (forward, backward, clip, AdamW) on random tokens, after
-    ``warmup`` untimed ones; returns tokens/s, ms per step and peak memory as a dict."""
+    ``warmup`` untimed ones, in ``precision`` (fp32, tf32, bf16, fp16); returns tokens/s, ms per
+    step, peak memory and, on a GPU, MFU as a dict."""
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
     from ..models import GPT  # noqa: PLC0415
@@ -30,7 +58,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     dataset = TokenDataset(tokens, T, stride=1, val_fraction=0.0, seed=seed)
     model = GPT(config)
     train_cfg = TrainConfig(steps=warmup + steps + 1, batch_size=B, grad_accum=grad_accum, warmup=0, device=device,
-                            progress=False)
+                            progress=False, precision=precision)
     trainer = Trainer(model, train_cfg, dataset)
     pool = None
     if device != "cpu":
@@ -50,7 +78,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     total = sum(times)
     result = {
         "config": config.to_dict(), "batch_size": B, "grad_accum": grad_accum, "device": device,
-        "dtype": str(backend.get_default_dtype()), "parameters": model.num_parameters(),
+        "dtype": str(backend.get_default_dtype()), "precision": precision, "parameters": model.num_parameters(),
         "steps": steps, "warmup": warmup, "tokens_per_s": tokens_per_step * steps / total,
         "ms_per_step_mean": 1000 * total / steps, "ms_per_step_min": 1000 * min(times),
         "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_model_mib": rss_before / 2**20,
@@ -59,6 +87,9 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     if pool is not None:
         result["gpu_pool_peak_gib"] = pool.total_bytes() / 2**30  # the pool keeps freed blocks: its size is the peak
         result["gpu_peak_in_use_gib"] = _gpu_peak_in_use(trainer, pool) / 2**30
+        achieved = flops_per_token(config, model.num_parameters()) * result["tokens_per_s"] / 1e12
+        name, peak = gpu_peak_tflops(device, precision)
+        result.update(gpu=name, model_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None)
     return result
 
 

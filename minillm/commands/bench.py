@@ -16,7 +16,9 @@ import os
 from pathlib import Path
 
 from . import argtypes
-from .common import HelpFormatter, add_command, add_device_option, add_json_option, add_seed_option
+from ..precision import check_precision
+from .common import (HelpFormatter, add_command, add_device_option, add_json_option, add_precision_option,
+                     add_seed_option)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

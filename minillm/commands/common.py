@@ -38,6 +38,15 @@ def add_device_option(parser, default: str | None = "cpu") -> None:
                         help=f"cpu, cuda or cuda:N{shown}")
 
 
+def add_precision_option(parser, default: str | None = "fp32") -> None:
+    from ..precision import PRECISIONS  # noqa: PLC0415
+
+    parser.add_argument("--precision", choices=PRECISIONS, default=default,
+                        help="fp32; tf32 (float32 products on TF32 tensor cores); bf16 or fp16 (mixed precision: "
+                             "products in 16 bits with float32 accumulation, weights, reductions and optimizer "
+                             "in float32; fp16 with loss scaling). GPU only, except fp32 (default: fp32)")
+
+
 def add_json_option(parser, what: str = "print one JSON object instead of text") -> None:
     parser.add_argument("--json", action="store_true", help=what)
 

@@ -22,7 +22,7 @@ import numpy as np
 from .. import backend
 from ..data.dataset import END_OF_TEXT
 from . import argtypes
-from .common import add_command, add_device_option, add_seed_option
+from .common import add_command, add_device_option, add_precision_option, add_seed_option
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -53,6 +53,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="nucleus sampling mass in (0, 1] (default: off)")
     add_seed_option(p, None, "makes sampling reproducible, on any device (default: a fresh random seed)")
     add_device_option(p)
+    add_precision_option(p)
     p.add_argument("--ignore-eos", action="store_true", help=f"do not stop at {END_OF_TEXT}")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence every step (slow reference)")
     p.set_defaults(func=run_generate)
@@ -75,8 +76,11 @@ def load_model(args: argparse.Namespace, device: str):
 def run_generate(args: argparse.Namespace, out=None) -> int:
     from ..generate import generate  # noqa: PLC0415
 
+    from ..precision import check_precision, use_precision  # noqa: PLC0415
+
     out = out or sys.stdout
     device = backend.parse_device(args.device)
+    check_precision(args.precision, device)
     model, tokenizer = load_model(args, device)
 
     eos_id = tokenizer.special_tokens.get(END_OF_TEXT)
@@ -114,10 +118,11 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
             out.flush()
 
     start = time.perf_counter()
-    result = generate(model, np.asarray([ids]), max_new, temperature=args.temperature,
-                      top_k=args.top_k or None, top_p=args.top_p,
-                      eos_id=None if args.ignore_eos else eos_id, seed=args.seed,
-                      use_cache=not args.no_cache, stream=show)
+    with use_precision(args.precision):
+        result = generate(model, np.asarray([ids]), max_new, temperature=args.temperature,
+                          top_k=args.top_k or None, top_p=args.top_p,
+                          eos_id=None if args.ignore_eos else eos_id, seed=args.seed,
+                          use_cache=not args.no_cache, stream=show)
     seconds = time.perf_counter() - start
     out.write(decoder.decode(b"", final=True) + "\n")
     out.flush()
