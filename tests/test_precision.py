@@ -173,3 +173,13 @@ def test_trainer_in_mixed_precision_learns_keeps_fp32_weights_and_resumes_in_fp3
     assert resumed.resume() == 40
     loss, _ = resumed.train_step()
     assert abs(loss - result.train_loss) < 0.5 * result.train_loss
+
+
+@pytest.mark.parametrize("argv", [["train", "--precision", "bf16", "--steps", "1"],
+                                  ["bench", "train", "--precision", "tf32"],
+                                  ["bench", "generate", "--precision", "fp16"]])
+def test_commands_refuse_reduced_precision_on_the_cpu(argv, capsys):
+    from minillm.cli import main
+
+    assert main(argv) == 2
+    assert "needs a GPU" in capsys.readouterr().err

@@ -47,6 +47,10 @@ def _measure_generation(preset, batch_size, new_tokens, prompt_len, device, mode
         seconds = time.perf_counter() - start
         result[f"{name}_seconds"] = seconds
         result[f"{name}_tokens_per_s"] = batch_size * new_tokens / seconds
+    if device != "cpu":
+        import cupy  # noqa: PLC0415
+
+        result["gpu_pool_peak_gib"] = cupy.get_default_memory_pool().total_bytes() / 2**30   # the pool's high mark
     if len(outputs) == 2:
         result["speedup"] = result["cache_tokens_per_s"] / result["no_cache_tokens_per_s"]
         result["same_tokens"] = bool(np.array_equal(outputs["cache"], outputs["no_cache"]))

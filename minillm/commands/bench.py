@@ -88,6 +88,7 @@ def _register_train(benches) -> None:
     p.add_argument("--dropout", metavar="X", type=argtypes.probability, default=0.0,
                    help="dropout probability (default: 0)")
     add_device_option(p)
+    add_precision_option(p)
     p.add_argument("--steps", metavar="N", type=argtypes.positive_int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, default=2,
                    help="untimed steps first (default: 2)")
@@ -107,15 +108,16 @@ def run_bench_train(args: argparse.Namespace) -> int:
             fields[name] = getattr(args, name)
     fields["dropout"] = args.dropout
     check_model_shape(fields)
+    check_precision(args.precision, args.device)
     config = GPTConfig.from_dict(fields)
     result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
-                                args.seed)
+                                args.seed, args.precision)
     if args.json:
         print(json.dumps(result))
         return 0
     c, B = config, args.batch_size
     print(f"train step: {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, context {c.context_length}, "
-          f"vocab {c.vocab_size}, batch {B} x {args.grad_accum}, {result['dtype']}, {result['device']}, "
+          f"vocab {c.vocab_size}, batch {B} x {args.grad_accum}, {result['precision']}, {result['device']}, "
           f"{result['parameters']:,} parameters")
     print(f"  {result['tokens_per_s']:,.0f} tokens/s  ({result['ms_per_step_mean']:.1f} ms/step mean, "
           f"{result['ms_per_step_min']:.1f} min, over {args.steps} steps after {args.warmup} warmup)")
@@ -124,6 +126,10 @@ def run_bench_train(args: argparse.Namespace) -> int:
     if "gpu_peak_in_use_gib" in result:
         print(f"  peak GPU memory {result['gpu_peak_in_use_gib']:.2f} GiB in use by arrays, "
               f"{result['gpu_pool_peak_gib']:.2f} GiB held by CuPy's memory pool")
+        peak = (f"MFU {100 * result['mfu']:.1f}% of the {result['precision']} dense peak "
+                f"{result['peak_tflops']:.0f} TFLOP/s of the {result['gpu']}" if result["mfu"] is not None
+                else f"no {result['precision']} peak known for the {result['gpu']}")
+        print(f"  {result['model_tflops']:.1f} model TFLOP/s (6N + 12 L d T per token); {peak}")
     return 0
 
 
@@ -144,6 +150,7 @@ def _register_generate(benches) -> None:
     p.add_argument("--prompt-len", metavar="N", type=argtypes.positive_int, default=16,
                    help="prompt length in tokens (default: 16)")
     add_device_option(p)
+    add_precision_option(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--no-cache", action="store_true", help="measure only generation without the cache")
     which.add_argument("--cache-only", action="store_true", help="measure only generation with the cache")
@@ -161,13 +168,14 @@ def run_bench_generate(args: argparse.Namespace) -> int:
     if total > config.context_length:
         raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = {total} exceeds "
                          f"{args.preset}'s context length {config.context_length}")
+    check_precision(args.precision, args.device)
     modes = (True,) if args.cache_only else (False,) if args.no_cache else (True, False)
     result = measure_generation(args.preset, args.batch_size, args.new_tokens, args.prompt_len, args.device, modes,
-                                args.seed)
+                                args.seed, args.precision)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.preset} ({result['parameters']:,} parameters, {result['dtype']}) on {result['device']}: "
+    print(f"{args.preset} ({result['parameters']:,} parameters, {result['precision']}) on {result['device']}: "
           f"batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
     for name, label in (("cache", "with KV cache"), ("no_cache", "without cache")):
         if f"{name}_seconds" in result:

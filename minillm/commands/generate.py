@@ -3,6 +3,7 @@
     minillm generate --run runs/mine --prompt "The "             # a run trained by `minillm train`
     minillm generate --hf-gpt2 gpt2/ --prompt "Hello, I'm a language model,"
     minillm generate --hf-gpt2 gpt2/ --tokenizer gpt2:../shared/data/gpt2 --temperature 0 --prompt "..."
+    minillm generate --hf Qwen3-0.6B/ --prompt "The capital of France is"   # gpt2, llama or qwen3
 
 It prints the prompt and then each token as soon as it is sampled. Tokens are
 byte strings, and a UTF-8 character can span two tokens, so the bytes go
@@ -33,9 +34,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "config.json + model.safetensors).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a run directory written by 'minillm train'")
-    source.add_argument("--hf-gpt2", metavar="DIR", help="a Hugging Face GPT-2 directory")
+    source.add_argument("--hf", metavar="DIR",
+                        help="a Hugging Face model directory, model_type gpt2, llama or qwen3 (config.json + "
+                             "model.safetensors or a sharded index; its tokenizer.json is used)")
+    source.add_argument("--hf-gpt2", metavar="DIR", help="a Hugging Face GPT-2 directory (--hf accepting only gpt2)")
     p.add_argument("--tokenizer", metavar="SPEC",
-                   help="for --hf-gpt2: gpt2:DIR (encoder.json + vocab.bpe) or a tokenizer file "
+                   help="for --hf/--hf-gpt2: gpt2:DIR (encoder.json + vocab.bpe) or a tokenizer file "
                         "(default: the tokenizer files in the model's directory)")
     p.add_argument("--prompt", metavar="TEXT",
                    help=f"the text to continue (default: start from {END_OF_TEXT}, if the tokenizer has it)")
@@ -61,15 +65,17 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace, device: str):
-    """(model, tokenizer) from --run or --hf-gpt2."""
+    """(model, tokenizer) from --run, --hf or --hf-gpt2."""
     if args.run is not None:
         from ..finetune import load_language_model  # noqa: PLC0415 (a train run, or an SFT/DPO run)
 
         if args.tokenizer is not None:
-            raise ValueError("--tokenizer is for --hf-gpt2; a run directory brings its own tokenizer")
+            raise ValueError("--tokenizer is for --hf/--hf-gpt2; a run directory brings its own tokenizer")
         return load_language_model(args.run, device)
     from ..weights.pretrained import load_pretrained  # noqa: PLC0415
 
+    if args.hf is not None:
+        return load_pretrained(args.hf, args.tokenizer, device, model_types=None)
     return load_pretrained(args.hf_gpt2, args.tokenizer, device)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, check_prompts, \
     new_run_directory, prepare_run, print_samples, resolve_run, start_run
 from . import argtypes
-from .common import add_command, given_fields, say
+from .common import add_command, add_precision_option, given_fields, say
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -78,6 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help=f"steps between checkpoints, 0 = only at the end "
                             f"(default: {DEFAULT_TRAIN['checkpoint_interval']})")
     train.add_argument("--device", metavar="DEVICE", type=argtypes.device, help="cpu, cuda or cuda:N (default: cpu)")
+    add_precision_option(train, default=None)
     train.add_argument("--seed", metavar="N", type=argtypes.non_negative_int, help="random seed (default: 1337)")
 
     run = p.add_argument_group("run directory")

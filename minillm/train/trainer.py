@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .. import backend, optim
+from .. import backend, optim, precision
 from ..tensor import no_grad
 from .checkpoint import has_checkpoint, load_checkpoint, read_metadata, restore_checkpoint, save_checkpoint
 
@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 1337                   # seeds the model's random streams (dropout) and the eval batches
     device: str = "cpu"                # "cpu", "cuda" or "cuda:N"
     progress: bool = True              # show a tqdm bar
+    precision: str = "fp32"            # "fp32", "tf32", "bf16" or "fp16" (mixed precision; GPU only but fp32)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -100,6 +101,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: eval_batches must be >= 1 or None, got {self.eval_batches!r}")
         if self.clip is not None and self.clip < 0:
             raise ValueError(f"TrainConfig: clip must be >= 0 or None, got {self.clip!r}")
+        precision.check_precision(self.precision, self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +168,8 @@ class Trainer:
             groups = optim.weight_decay_groups(model.named_parameters(), config.weight_decay)
             optimizer = optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
         self.optimizer = optimizer
+        # fp16 needs loss scaling (its gradients underflow); the other precisions do not
+        self.scaler = optim.GradScaler(enabled=config.precision == "fp16")
         self.tokenizer = tokenizer
         if model_config is None and hasattr(model, "config") and hasattr(model.config, "to_dict"):
             model_config = model.config.to_dict()
@@ -192,14 +196,21 @@ class Trainer:
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
             batch = self._to_device(self.data.get_batch("train", cfg.batch_size))
-            loss = self.loss_fn(model, batch)
-            loss.backward(1.0 / cfg.grad_accum)        # d(loss / grad_accum): gradients add up over micro-batches
+            with precision.use_precision(cfg.precision):   # fp32: no change; tf32; bf16/fp16 autocast
+                loss = self.loss_fn(model, batch)
+                # d(S · loss / grad_accum): gradients add up over micro-batches; S = 1 unless fp16
+                self.scaler.scale(loss).backward(1.0 / cfg.grad_accum)
             loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
             self.tokens_seen += batch[0].size
         loss_value = float(loss_sum) / cfg.grad_accum   # the one host sync of the step
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
             raise TrainingDiverged(self._diverged_message(loss_value))
+        if self.scaler.unscale_(self.optimizer):        # fp16: a gradient overflowed at this loss scale
+            self.optimizer.zero_grad()                  # skip the step, halve the scale (GradScaler)
+            self.scaler.update()
+            self.step += 1
+            return loss_value, math.inf
         # without clipping the norm is still measured (max_norm inf scales nothing): a finite loss can
         # still have an overflowed gradient, and one update with it would poison every weight
         grad_norm = optim.clip_grad_norm_(model.parameters(), cfg.clip or math.inf)
@@ -208,6 +219,8 @@ class Trainer:
             raise TrainingDiverged(self._diverged_message(loss_value, grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.scaler.is_enabled():
+            self.scaler.update()
         self.step += 1
         return loss_value, grad_norm
 
@@ -257,18 +270,20 @@ class Trainer:
         return float(total) / count
 
     def measure(self) -> dict[str, float]:
-        """One evaluation's metrics: ``evaluate_fn(model)`` (eval mode, no graph), else val loss and perplexity."""
-        if self.evaluate_fn is None:
-            val_loss = self.evaluate()
-            return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0))}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with no_grad():
-                metrics = dict(self.evaluate_fn(self.model))
-        finally:
-            self.model.train(was_training)
-        return metrics
+        """One evaluation's metrics: ``evaluate_fn(model)`` (eval mode, no graph), else val loss and perplexity.
+        Runs in the training precision (``config.precision``)."""
+        with precision.use_precision(self.config.precision):
+            if self.evaluate_fn is None:
+                val_loss = self.evaluate()
+                return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0))}
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with no_grad():
+                    metrics = dict(self.evaluate_fn(self.model))
+            finally:
+                self.model.train(was_training)
+            return metrics
 
     def log_evaluation(self) -> dict[str, float]:
         """Evaluate now, log an eval record at the current step, and return its metrics.
@@ -386,7 +401,7 @@ class Trainer:
             model_config=self.model_config, train_config=self.config.to_dict(),
             data_state=self.data.state_dict(), tokenizer=self.tokenizer,
             extra={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                   "last_val_loss": self.last_val_loss},
+                   "last_val_loss": self.last_val_loss, "grad_scaler": self.scaler.state_dict()},
         )
 
     def resume(self) -> int:
@@ -408,6 +423,8 @@ class Trainer:
         self.tokens_seen = int(extra.get("tokens_seen", 0))
         self.train_seconds = float(extra.get("train_seconds", 0.0))
         self.last_val_loss = extra.get("last_val_loss")
+        if self.scaler.is_enabled() and extra.get("grad_scaler", {}).get("enabled"):
+            self.scaler.load_state_dict(extra["grad_scaler"])  # fp16 -> fp16: keep the loss scale it found
         self._truncate_metrics(self.step)
         return self.step
 
