@@ -1,15 +1,16 @@
-"""A published model together with its tokenizer, ready to sample from (``minillm generate --hf-gpt2``).
+"""A published model together with its tokenizer, ready to sample from (``minillm generate --hf``).
 
     from minillm.weights.pretrained import load_pretrained
     model, tokenizer = load_pretrained("path/to/gpt2")            # config.json + model.safetensors (+ tokenizer files)
     model, tokenizer = load_pretrained("gpt2/", "gpt2:../shared/data/gpt2")
+    model, tokenizer = load_pretrained("Qwen3-0.6B/")             # any load_hf model_type; tokenizer.json beside it
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .hf_gpt2 import load_hf_gpt2
+from .hf import load_hf
 
 
 def gpt2_tokenizer_spec(directory) -> str:
@@ -23,22 +24,26 @@ def gpt2_tokenizer_spec(directory) -> str:
     )
 
 
-def load_pretrained(directory, tokenizer_spec: str | None = None, device: str = "cpu"):
-    """(model, tokenizer) from a Hugging Face GPT-2 directory; the tokenizer from it or from ``tokenizer_spec``.
+def load_pretrained(directory, tokenizer_spec: str | None = None, device: str = "cpu", model_types=("gpt2",)):
+    """(model, tokenizer) from a Hugging Face directory; the tokenizer from it or from ``tokenizer_spec``.
 
-    A Hugging Face directory names GPT-2's two tokenizer files vocab.json and
-    merges.txt; they are the same files as encoder.json and vocab.bpe.
+    ``model_types``: the config.json model_types accepted (None: every one ``load_hf`` reads).
+    The directory's tokenizer is its ``tokenizer.json`` (byte-level BPE) or else
+    GPT-2's two files, which Hugging Face names vocab.json and merges.txt (the
+    same files as encoder.json and vocab.bpe).
     """
     from ..tokenizer import BPETokenizer, load_tokenizer  # noqa: PLC0415
 
     directory = Path(directory)
     if tokenizer_spec is not None:
         tokenizer = load_tokenizer(tokenizer_spec)
+    elif (directory / "tokenizer.json").is_file():
+        tokenizer = BPETokenizer.from_hf(directory / "tokenizer.json")
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         tokenizer = BPETokenizer.from_gpt2_files(directory / "vocab.json", directory / "merges.txt")
     else:
         tokenizer = load_tokenizer(gpt2_tokenizer_spec(directory))
-    model = load_hf_gpt2(directory, device=device)
+    model = load_hf(directory, device=device, model_types=model_types)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")

@@ -34,3 +34,27 @@ def test_generate_command_streams_text(tmp_path, capsys):
     assert printed == tokenizer.decode(expected.tolist()) + "\n"
     argv[argv.index("--max-new-tokens") + 1] = "100"
     assert main(argv) == 0                                      # clipped to the context, not an error
+
+
+def test_generate_hf_reads_a_llama_directory_with_its_tokenizer_json(tmp_path, capsys):
+    import json  # noqa: PLC0415
+
+    from minillm.tokenizer.gpt2 import bytes_to_unicode  # noqa: PLC0415
+    from minillm.weights import save_hf  # noqa: PLC0415
+
+    model = make_model(GPTConfig.from_preset("llama-tiny", vocab_size=257, context_length=32))
+    save_hf(model, tmp_path / "llama")
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}     # a byte-level tokenizer.json, no merges
+    spec = {"added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True}],
+            "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    (tmp_path / "llama" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    argv = ["generate", "--hf", str(tmp_path / "llama"), "--prompt", "hé", "--max-new-tokens", "8",
+            "--temperature", "0", "--ignore-eos"]
+    assert main(argv) == 0
+    tokenizer = BPETokenizer.from_hf(tmp_path / "llama" / "tokenizer.json")
+    expected = generate(model, [tokenizer.encode("hé")], 8, temperature=0)[0]
+    assert capsys.readouterr().out == tokenizer.decode(expected.tolist()) + "\n"
+    argv[1] = "--hf-gpt2"                                        # the GPT-2-only alias refuses, naming the type
+    assert main(argv) != 0
+    assert "model_type is 'llama', but only 'gpt2'" in capsys.readouterr().err
