@@ -24,7 +24,7 @@ import numpy as np
 from ..kernels import activation as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
-from .common import row_ranges, run_parallel
+from .common import elementwise_in_threads
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)      # 0.7978845608...
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -220,7 +220,7 @@ class GELU(Function):
             return kernels.gelu_forward(x, self.approximate)
         xp = array_module(x)
         t, out = xp.empty_like(x), xp.empty_like(x)
-        _elementwise_in_threads(_gelu_forward_into, (x,), (t, out), self.approximate)
+        elementwise_in_threads(_gelu_forward_into, (x, t, out), self.approximate)
         self.save(x, t)
         return out
 
@@ -229,7 +229,7 @@ class GELU(Function):
         if t is None:
             return (kernels.gelu_backward(grad, x, self.approximate),)
         d = array_module(x).empty_like(x)
-        _elementwise_in_threads(_gelu_backward_into, (x, t, grad), (d,), self.approximate)
+        elementwise_in_threads(_gelu_backward_into, (x, t, grad, d), self.approximate)
         return (d,)
 
 
@@ -272,29 +272,6 @@ def _gelu_backward_into(x, t, grad, d, approximate: str) -> None:
         d *= x
         d += t                                       # Φ + x φ
     d *= grad
-
-
-# Elements per call of an elementwise chain on the CPU: its ~10 passes then run over
-# arrays that stay in the core's L2 cache (5 arrays of 256 KiB) instead of main memory.
-CPU_BLOCK_ELEMENTS = 1 << 16
-
-
-def _elementwise_in_threads(work, inputs, outputs, *args) -> None:
-    """``work(*inputs, *outputs, *args)`` over contiguous pieces of the flattened arrays, one
-    piece per CPU thread (``run_parallel``), each piece in blocks of ``CPU_BLOCK_ELEMENTS``
-    (all the passes of one block while it is in cache); a single call for non-contiguous arrays."""
-    arrays = inputs + outputs
-    if not all(a.flags.c_contiguous for a in arrays) or array_module(arrays[0]) is not np:
-        work(*arrays, *args)
-        return
-    flat = [a.reshape(-1) for a in arrays]
-
-    def run_piece(part):
-        for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
-            block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
-            work(*(a[block] for a in flat), *args)
-
-    run_parallel(run_piece, row_ranges(flat[0].size, 1))
 
 
 class Erf(Function):

@@ -104,6 +104,32 @@ def run_parallel(work, pieces: list) -> list:
         return [future.result() for future in [_pool.submit(work, piece) for piece in pieces]]
 
 
+# Elements per call of an elementwise chain on the CPU (GELU, AdamW): its 8–13 passes
+# then run over blocks that stay in the core's L2 cache instead of main memory
+# (GELU forward + backward on (8, 256, 1536): 20.7 -> 17.5 ms of CPU time).
+CPU_BLOCK_ELEMENTS = 1 << 17
+
+
+def elementwise_in_threads(work, arrays, *args) -> None:
+    """``work(*arrays, *args)`` for a chain of elementwise passes over same-shaped arrays,
+    run over contiguous pieces of the flattened arrays: one piece per CPU thread
+    (``run_parallel``), each piece in blocks of ``CPU_BLOCK_ELEMENTS``, all the
+    passes of a block while it is in cache. ``work`` must treat every element on
+    its own (no reductions). A single call for non-contiguous or GPU arrays.
+    """
+    if not isinstance(arrays[0], np.ndarray) or not all(a.flags.c_contiguous for a in arrays):
+        work(*arrays, *args)
+        return
+    flat = [a.reshape(-1) for a in arrays]
+
+    def run_piece(part):
+        for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
+            block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
+            work(*(a[block] for a in flat), *args)
+
+    run_parallel(run_piece, row_ranges(flat[0].size, 1))
+
+
 def cpu_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for NumPy arrays; a large 2-D product runs as one block per CPU thread.
 

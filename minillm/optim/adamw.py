@@ -23,7 +23,8 @@ Implementation: the two bias corrections are folded into two Python floats,
 
 (multiply numerator and denominator by sqrt(1 - beta2^t)), so the arrays see
 only float32 multiplies. On the CPU the update is 13 in-place NumPy passes (12 without weight decay)
-over the parameter with one shared scratch buffer and no other temporary; on
+over the parameter with one shared scratch buffer and no other temporary, made
+block by block (each block in cache for all the passes) by the CPU's threads; on
 the GPU it is one fused CUDA kernel per parameter
 (:func:`minillm.kernels.optim.adamw_update_`).
 """
@@ -36,6 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import backend
+from ..ops.common import elementwise_in_threads
 from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
 
@@ -89,19 +91,25 @@ class AdamW(Optimizer):
                                       beta1, beta2, step_size, eps_hat, decay)
 
     def _update_cpu(self, param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, eps_hat, decay) -> None:
-        """The AdamW update in place, in NumPy passes over memory (the elementwise cost on a CPU)."""
-        scratch = self.scratch_like(param)
-        if decay != 1.0:
-            param *= decay                           # p <- (1 - lr wd) p
-        np.multiply(grad, 1.0 - beta1, out=scratch)  # m <- beta1 m + (1 - beta1) g
-        exp_avg *= beta1
-        exp_avg += scratch
-        np.multiply(grad, 1.0 - beta2, out=scratch)  # v <- beta2 v + (1 - beta2) g^2
-        scratch *= grad
-        exp_avg_sq *= beta2
-        exp_avg_sq += scratch
-        np.sqrt(exp_avg_sq, out=scratch)             # p <- p - step_size m / (sqrt(v) + eps_hat)
-        scratch += eps_hat
-        np.divide(exp_avg, scratch, out=scratch)
-        scratch *= step_size
-        param -= scratch
+        """The AdamW update in place, in NumPy passes over memory (the elementwise cost on a CPU):
+        shared out between the CPU's threads, in blocks that stay in cache for all 13 passes."""
+        arrays = (param, grad, exp_avg, exp_avg_sq, self.scratch_like(param))
+        elementwise_in_threads(_adamw_passes, arrays, beta1, beta2, step_size, eps_hat, decay)
+
+
+def _adamw_passes(param, grad, exp_avg, exp_avg_sq, scratch, beta1, beta2, step_size, eps_hat, decay) -> None:
+    """One block of the CPU update: p, m, v updated in place, ``scratch`` the one temporary."""
+    if decay != 1.0:
+        param *= decay                           # p <- (1 - lr wd) p
+    np.multiply(grad, 1.0 - beta1, out=scratch)  # m <- beta1 m + (1 - beta1) g
+    exp_avg *= beta1
+    exp_avg += scratch
+    np.multiply(grad, 1.0 - beta2, out=scratch)  # v <- beta2 v + (1 - beta2) g^2
+    scratch *= grad
+    exp_avg_sq *= beta2
+    exp_avg_sq += scratch
+    np.sqrt(exp_avg_sq, out=scratch)             # p <- p - step_size m / (sqrt(v) + eps_hat)
+    scratch += eps_hat
+    np.divide(exp_avg, scratch, out=scratch)
+    scratch *= step_size
+    param -= scratch

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import minillm as mm
+from minillm import optim
 from minillm import backend
 from minillm.ops import common
 from minillm.ops.common import cpu_matmul, run_parallel
@@ -61,3 +62,37 @@ def test_linear_gradients_through_the_blocked_products():
     np.testing.assert_allclose(x.grad, (g2 @ w.data.astype(np.float64)).reshape(x.shape), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(w.grad, g2.T @ x2, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(b.grad, g2.sum(axis=0), rtol=1e-4, atol=1e-4)
+
+
+def test_gelu_in_blocks_and_threads_equals_its_formula():
+    """A GELU large enough to be cut into several blocks per thread, against the float64 formula."""
+    rng = np.random.default_rng(3)
+    x64 = rng.standard_normal(5 * common.CPU_BLOCK_ELEMENTS + 123) * 3
+    g64 = rng.standard_normal(x64.shape)
+    x = mm.Tensor(x64.astype(np.float32), requires_grad=True)
+    y = mm.functional.gelu(x)
+    y.backward(g64.astype(np.float32))
+    k, c = np.sqrt(2 / np.pi), 0.044715
+    t = np.tanh(k * (x64 + c * x64**3))
+    np.testing.assert_allclose(y.data, 0.5 * x64 * (1 + t), rtol=1e-5, atol=1e-6)
+    dydx = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * k * (1 + 3 * c * x64**2)
+    np.testing.assert_allclose(x.grad, g64 * dydx, rtol=1e-4, atol=1e-5)
+
+
+def test_adamw_in_blocks_and_threads_equals_its_formula():
+    """AdamW on a parameter of several blocks per thread, 3 steps, against PyTorch's formula in float64."""
+    rng = np.random.default_rng(4)
+    n = 4 * common.CPU_BLOCK_ELEMENTS + 77
+    p0 = rng.standard_normal(n)
+    param = mm.Tensor(p0.astype(np.float32), requires_grad=True)
+    opt = optim.AdamW([param], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    p, m, v = p0.copy(), np.zeros(n), np.zeros(n)
+    for t in range(1, 4):
+        g = rng.standard_normal(n)
+        param.grad = g.astype(np.float32)
+        opt.step()
+        p *= 1 - 1e-2 * 0.1
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g * g
+        p -= 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-8)
+        np.testing.assert_allclose(param.data, p, rtol=1e-5, atol=1e-6)
