@@ -180,7 +180,7 @@ def split_indices(n: int, fractions: Sequence[float], seed: int = 123) -> list[l
     order = np.random.default_rng(seed).permutation(n)
     parts, start = [], 0
     for fraction in fractions[:-1]:
-        size = int(fraction * n)
+        size = int(fraction * n + 1e-9)                  # floor, as the book does (0.7 * 90 is 62.99...)
         parts.append(order[start:start + size].tolist())
         start += size
     parts.append(order[start:].tolist())

@@ -1,0 +1,49 @@
+"""The classifier: last real token, padding-invariant, what trains, accuracy."""
+
+import numpy as np
+import pytest
+
+import minillm as mm
+from minillm.finetune.classify import GPTClassifier, accuracy, collate_classification, set_trainable
+from minillm.models import GPT, GPTConfig
+
+
+def _classifier(num_classes=3):
+    return GPTClassifier(GPT(GPTConfig.from_preset("tiny", vocab_size=30, context_length=16)), num_classes)
+
+
+def test_collate_pads_right_and_records_lengths():
+    ids, lengths, labels = collate_classification([([5, 6, 7], 1), ([8], 0)], pad_id=29)
+    np.testing.assert_array_equal(ids, [[5, 6, 7], [8, 29, 29]])
+    np.testing.assert_array_equal(lengths, [3, 1])
+    np.testing.assert_array_equal(labels, [1, 0])
+
+
+def test_logits_read_the_last_real_token_so_padding_changes_nothing():
+    model = _classifier().eval()
+    with mm.no_grad():
+        alone = model(np.array([[4, 9, 2]]), np.array([3])).numpy()
+        padded = model(np.array([[4, 9, 2, 0, 0, 0]]), np.array([3])).numpy()
+        hidden = model.gpt.hidden_states(np.array([[4, 9, 2]])).numpy()[0, 2]
+    np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-6)
+    W, b = model.head.weight.numpy(), model.head.bias.numpy()
+    np.testing.assert_allclose(alone[0], hidden @ W.T + b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["head", "last-block", "all"])
+def test_set_trainable_counts(which):
+    model = _classifier(num_classes=2)
+    C = model.config.d_model
+    head = C * 2 + 2
+    block = sum(p.size for p in model.gpt.h[1].parameters())
+    norm = 2 * C
+    expected = {"head": head, "last-block": head + block + norm, "all": model.num_parameters()}[which]
+    assert set_trainable(model, which) == expected
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        set_trainable(model, "some")
+
+
+def test_accuracy():
+    assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
+    with pytest.raises(ValueError):
+        accuracy([1], [1, 2])

@@ -1,0 +1,101 @@
+"""Reading classification/instruction data (TSV, CSV, JSONL, JSON), its errors, balance and splits."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minillm.finetune.classify import encode_texts
+from minillm.finetune.data import DataError, EpochBatches, balance, read_labelled, read_records, split_indices
+from minillm.finetune.sft import instruction_examples
+from minillm.tokenizer import BPETokenizer
+
+
+def _tokenizer():
+    return BPETokenizer.bytes(special_tokens=["<|endoftext|>"])
+
+
+def test_tsv_csv_jsonl_give_the_same_records(tmp_path):
+    rows = [("spam", "WIN a prize, now!"), ("ham", "see you at 5\tok"), ("other", "x")]
+    (tmp_path / "a.tsv").write_text("".join(f"{l}\t{t}\n" for l, t in rows), encoding="utf-8")
+    (tmp_path / "a.csv").write_text("label,text\n" + "".join(f'{l},"{t}"\n' for l, t in rows), encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for l, t in rows))
+    expected = ([t for _, t in rows], [l for l, _ in rows])
+    for name in ("a.tsv", "a.csv", "a.jsonl"):
+        assert read_labelled(tmp_path / name) == expected, name
+
+
+def test_a_missing_label_column_names_the_columns(tmp_path):
+    (tmp_path / "d.csv").write_text("category,text\nspam,hello\nham,bye\n")
+    with pytest.raises(DataError, match=r"no 'label' column; the records have \['category', 'text'\]"):
+        read_labelled(tmp_path / "d.csv")
+    assert read_labelled(tmp_path / "d.csv", label_field="category")[1] == ["spam", "ham"]
+
+
+def test_bad_lines_and_empty_files_are_clear_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="is empty"):
+        read_records(tmp_path / "empty.jsonl")
+    (tmp_path / "notab.tsv").write_text("spam\thi\nno tab here\n")
+    with pytest.raises(DataError, match=r"notab.tsv, line 2: expected 'label<TAB>text'"):
+        read_labelled(tmp_path / "notab.tsv")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": \n')
+    with pytest.raises(DataError, match="broken.jsonl, line 2: not valid JSON"):
+        read_records(tmp_path / "broken.jsonl")
+    (tmp_path / "one.tsv").write_text("ham\ta\nham\tb\n")
+    with pytest.raises(DataError, match="a classifier needs two or more"):
+        read_labelled(tmp_path / "one.tsv")
+    with pytest.raises(FileNotFoundError):
+        read_records(tmp_path / "absent.json")
+
+
+def test_an_instruction_record_without_output_is_named(tmp_path):
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]
+    (tmp_path / "i.json").write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"i.json, record 2: no 'output' field"):
+        instruction_examples(_tokenizer(), read_records(tmp_path / "i.json"), 512, truncate=False)
+
+
+def test_texts_longer_than_the_context_stop_unless_truncated(tmp_path):
+    tok = _tokenizer()
+    with pytest.raises(DataError, match=r"text 2 is 12 tokens, longer than the 8 .*--truncate"):
+        encode_texts(tok, ["short", "twelve bytes"], 8, truncate=False)
+    assert encode_texts(tok, ["short", "twelve bytes"], 8, truncate=True)[1] == list(b"twelve b")
+    long = [{"instruction": "i", "output": "o" * 400, "_where": "rec 1"}]
+    with pytest.raises(DataError, match=r"rec 1 is \d+ tokens .* longer than the model's context of 200"):
+        instruction_examples(tok, long, 200, truncate=False)
+    (ids, prompt_length), = instruction_examples(tok, long, 200, truncate=True)
+    assert len(ids) == 201 and prompt_length < 200                     # inputs and targets: 200 each
+    huge_prompt = [{"instruction": "i" * 300, "output": "o"}]
+    assert instruction_examples(tok, huge_prompt, 200, truncate=True) == []   # no room for a response: left out
+    with pytest.raises(DataError, match="the prompt alone is"):
+        instruction_examples(tok, huge_prompt, 200, truncate=False)
+
+
+def test_balance_undersamples_to_the_smallest_class_seeded():
+    labels = ["a"] * 10 + ["b"] * 3 + ["c"] * 5
+    keep = balance(range(18), labels, seed=1)
+    assert sorted(labels[i] for i in keep) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert keep == balance(range(18), labels, seed=1) and keep == sorted(keep)
+
+
+def test_split_is_seeded_disjoint_and_sized():
+    parts = split_indices(1494, (0.7, 0.1, 0.2), seed=123)
+    assert [len(p) for p in parts] == [1045, 149, 300]                  # the book's SMS sizes
+    assert sorted(sum(parts, [])) == list(range(1494))
+    assert parts == split_indices(1494, (0.7, 0.1, 0.2), seed=123)
+    assert parts != split_indices(1494, (0.7, 0.1, 0.2), seed=124)
+    with pytest.raises(ValueError, match="add up to 1"):
+        split_indices(10, (0.5, 0.4))
+
+
+def test_epoch_batches_cover_each_epoch_once_and_resume_exactly():
+    data = EpochBatches({"train": list(range(10))}, collate=lambda b: (np.array(b),), seed=3)
+    epoch = np.concatenate([data.get_batch("train", 4)[0] for _ in range(3)])   # 4 + 4 + 2
+    assert sorted(epoch.tolist()) == list(range(10))
+    state = data.state_dict()
+    ahead = [data.get_batch("train", 4)[0].tolist() for _ in range(3)]
+    again = EpochBatches({"train": list(range(10))}, collate=lambda b: (np.array(b),), seed=3)
+    again.load_state_dict(state)
+    assert [again.get_batch("train", 4)[0].tolist() for _ in range(3)] == ahead
+    assert data.steps_per_epoch(4) == 3

@@ -1,0 +1,119 @@
+"""Whole fine-tuning runs on a tiny model: run directory, metrics, resume, LoRA adapters, reloading."""
+
+import json
+
+import numpy as np
+import pytest
+
+import minillm as mm
+from minillm.finetune import FinetuneConfig, finetune, load_finetuned, load_language_model
+from minillm.nn.lora import load_adapters, lora_layers
+from minillm.train.trainer import read_metrics
+
+from finetune_helpers import make_base_run, write_instructions, write_spam_like
+
+QUIET = dict(progress=False, batch_size=8)
+
+
+def _silent(message):
+    pass
+
+
+def test_classification_run_learns_logs_accuracy_and_reloads(tmp_path):
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=90)
+    gpt, tok = load_language_model(base)
+    config = FinetuneConfig("classify", str(data), epochs=8, trainable="all")
+    result = finetune(gpt, tok, config, dict(QUIET, lr=3e-3), run_dir=tmp_path / "run", say=_silent)
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [8 * i for i in range(9)]           # step 0, then each epoch (63 / 8 -> 8 steps)
+    assert {"train_acc", "val_acc", "test_acc"} <= set(evals[-1])
+    assert evals[-1]["train_acc"] > 0.9 > evals[0]["train_acc"]
+    info = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert info["labels"] == ["ham", "spam"] and info["split_sizes"] == {"train": 63, "val": 9, "test": 18}
+    model, _, _ = load_finetuned(tmp_path / "run")
+    with mm.no_grad():
+        np.testing.assert_array_equal(model.head.weight.numpy(), result.model.head.weight.numpy())
+
+
+def test_an_interrupted_then_resumed_run_logs_what_a_straight_one_does(tmp_path):
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=45)
+    config = FinetuneConfig("classify", str(data), epochs=3, trainable="last-block")
+
+    def run(name, stop_at=None):
+        mm.manual_seed(5)
+        gpt, tok = load_language_model(base)
+        if stop_at is None:
+            return finetune(gpt, tok, config, dict(QUIET, lr=1e-3), run_dir=tmp_path / name, say=_silent)
+        from minillm.finetune import run as run_module   # interrupt: stop the Trainer part-way
+        original = run_module.Trainer.fit
+        run_module.Trainer.fit = lambda self: original(self, stop_at=stop_at)
+        try:
+            finetune(gpt, tok, config, dict(QUIET, lr=1e-3), run_dir=tmp_path / name, say=_silent)
+        finally:
+            run_module.Trainer.fit = original
+        mm.manual_seed(99)                                   # a fresh process would not share the seed
+        gpt, tok = load_language_model(base)
+        return finetune(gpt, tok, config, dict(QUIET, lr=1e-3), run_dir=tmp_path / name, resume=True,
+                        say=_silent)
+
+    straight, resumed = run("straight"), run("resumed", stop_at=5)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "straight", "train")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed", "train")] == losses
+    assert resumed.metrics == straight.metrics
+
+
+def test_lora_run_saves_adapters_that_load_onto_the_base(tmp_path):
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=45)
+    gpt, tok = load_language_model(base)
+    config = FinetuneConfig("classify", str(data), epochs=2, lora_rank=4, lora_alpha=8)
+    result = finetune(gpt, tok, config, dict(QUIET, lr=1e-3), run_dir=tmp_path / "run", say=_silent)
+    C, r = 32, 4
+    per_block = r * (C + 3 * C) + r * (C + C) + r * (C + 4 * C) + r * (4 * C + C)
+    info = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert info["trainable_parameters"] == 2 * per_block + (C * 2 + 2)   # adapters + the new head
+    # the adapters file alone, put on a fresh copy of the base, gives the trained classifier's outputs
+    from minillm.finetune.classify import GPTClassifier
+    fresh_gpt, _ = load_language_model(base)
+    fresh = GPTClassifier(fresh_gpt, 2)
+    load_adapters(fresh, tmp_path / "run" / "adapters.safetensors")
+    assert len(lora_layers(fresh)) == 8
+    ids, lengths = np.array([[97, 98, 122, 0]]), np.array([3])
+    with mm.no_grad():
+        np.testing.assert_allclose(fresh.eval()(ids, lengths).numpy(), result.model.eval()(ids, lengths).numpy(),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_sft_then_dpo(tmp_path):
+    base = make_base_run(tmp_path / "base", context_length=192)   # the Alpaca preamble alone is ~150 bytes
+    gpt, tok = load_language_model(base)
+    sft_config = FinetuneConfig("sft", str(write_instructions(tmp_path / "i.json", n=60)), epochs=3,
+                                mask_prompt=True, max_new_tokens=8)
+    result = finetune(gpt, tok, sft_config, dict(QUIET, lr=3e-3), run_dir=tmp_path / "sft", say=_silent)
+    losses = [e["val_loss"] for e in result.history]
+    assert losses[-1] < losses[0]
+    responses = json.loads((tmp_path / "sft" / "test-responses.json").read_text())
+    assert len(responses) == 6 and all("model_response" in r and "_where" not in r for r in responses)
+
+    gpt, tok = load_language_model(tmp_path / "sft")
+    dpo_config = FinetuneConfig("dpo", str(write_instructions(tmp_path / "p.json", n=60, preference=True)),
+                                epochs=2, beta=0.5)
+    result = finetune(gpt, tok, dpo_config, dict(QUIET, lr=3e-3), run_dir=tmp_path / "dpo", say=_silent)
+    first, last = result.history[0], result.history[-1]
+    assert first["reward_acc"] == 0.5 and first["margin"] == 0.0
+    assert last["margin"] > 0 and last["reward_acc"] > 0.5
+    assert {"chosen_reward", "rejected_reward"} <= set(last)
+
+
+def test_a_classifier_run_is_not_a_language_model(tmp_path):
+    base = make_base_run(tmp_path / "base")
+    gpt, tok = load_language_model(base)
+    finetune(gpt, tok, FinetuneConfig("classify", str(write_spam_like(tmp_path / "s.tsv", n=30)), epochs=1),
+             dict(QUIET), run_dir=tmp_path / "run", say=_silent)
+    with pytest.raises(ValueError, match="classifier run"):
+        load_language_model(tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds a run"):
+        finetune(gpt, tok, FinetuneConfig("classify", str(tmp_path / "s.tsv")), dict(QUIET),
+                 run_dir=tmp_path / "run", say=_silent)
