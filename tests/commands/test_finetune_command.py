@@ -1,0 +1,104 @@
+"""``minillm finetune``, ``minillm classify`` and ``generate --instruction`` through ``minillm.cli.main``."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune"))
+from finetune_helpers import make_base_run, write_instructions, write_spam_like  # noqa: E402
+
+from minillm.cli import main  # noqa: E402
+from minillm.finetune import load_finetuned  # noqa: E402
+from minillm.finetune.sft import respond  # noqa: E402
+from minillm.train import read_metrics  # noqa: E402
+
+
+def run(argv):
+    return main([str(a) for a in argv])
+
+
+def failed(argv, capsys, code=2):
+    assert run(argv) == code
+    return capsys.readouterr().err
+
+
+def test_classify_run_then_minillm_classify_prints_one_label_per_line(tmp_path, capsys, monkeypatch):
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=60)
+    out = tmp_path / "run"
+    assert run(["finetune", "classify", "--data", data, "--from", base, "--out", out, "--trainable", "all",
+                "--epochs", "6", "--lr", "3e-3", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "done: step" in err and "test_acc" in err
+    assert read_metrics(out, "eval")[-1]["train_acc"] > 0.8
+
+    texts = ["abcz", "abca", "", "hhhhz"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    assert run(["classify", "--run", out, tmp_path / "texts.txt"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    model, tok, info = load_finetuned(out)
+    from minillm.finetune.classify import collate_classification, encode_texts, predict
+    ids = encode_texts(tok, texts, 48, truncate=True)
+    expected, _ = predict(model, [collate_classification([(i, 0) for i in ids], 0)])
+    assert printed == [info["labels"][int(k)] for k in expected]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("abcz\n"))
+    assert run(["classify", "--run", out, "-"]) == 0
+    assert capsys.readouterr().out == printed[0] + "\n"
+
+
+def test_resume_continues_to_the_saved_number_of_steps(tmp_path, capsys):
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=30)
+    out = tmp_path / "run"
+    argv = ["finetune", "classify", "--data", data, "--from", base, "--out", out, "--epochs", "2", "--quiet"]
+    assert run(argv) == 0
+    assert "already holds a run" in failed(argv, capsys)
+    assert "already at step" in failed(["finetune", "classify", "--out", out, "--resume", "--quiet"], capsys)
+    assert "is a classify run, not sft" in failed(["finetune", "sft", "--out", out, "--resume"], capsys)
+
+
+def test_bad_data_and_options_are_one_line_errors(tmp_path, capsys):
+    base = make_base_run(tmp_path / "base")
+    out = tmp_path / "run"
+    (tmp_path / "cats.csv").write_text("category,text\na,x\nb,y\n")
+    (tmp_path / "empty.tsv").write_text("")
+    (tmp_path / "noout.json").write_text(json.dumps([{"instruction": "hi", "input": ""}]))
+    long = tmp_path / "long.tsv"
+    long.write_text("spam\t" + "z" * 100 + "\nham\tok\n")
+    common = ["--from", base, "--out", out]
+    cases = [
+        (["finetune", "classify", "--data", tmp_path / "cats.csv", *common], "no 'label' column"),
+        (["finetune", "classify", "--data", tmp_path / "empty.tsv", *common], "is empty"),
+        (["finetune", "sft", "--data", tmp_path / "noout.json", *common], "record 1: no 'output' field"),
+        (["finetune", "classify", "--data", long, *common], "longer than the 48 the model can read"),
+        (["finetune", "classify", "--data", long, "--out", out], "--from RUN_DIR"),
+        (["finetune", "classify", "--data", tmp_path / "absent.tsv", *common], "absent.tsv"),
+        (["finetune", "classify", "--data", long, *common, "--lora-rank", "4", "--trainable", "all"],
+         "exclude each other"),
+        (["finetune", "classify", "--data", long, "--from", tmp_path / "nowhere", "--out", out], "nowhere"),
+    ]
+    for argv, message in cases:
+        err = failed(argv, capsys)
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_sft_run_and_generate_instruction_prints_only_the_response(tmp_path, capsys):
+    base = make_base_run(tmp_path / "base", context_length=192)
+    data = write_instructions(tmp_path / "i.json", n=40)
+    out = tmp_path / "sft"
+    assert run(["finetune", "sft", "--data", data, "--from", base, "--out", out, "--epochs", "1",
+                "--max-new-tokens", "4", "--quiet"]) == 0
+    assert (out / "test-responses.json").is_file()
+    capsys.readouterr()
+    assert run(["generate", "--run", out, "--instruction", "Say 3.", "--temperature", "0",
+                "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    model, tok, _ = load_finetuned(out)
+    assert printed.strip() == respond(model, tok, "Say 3.", max_new_tokens=6)   # respond() strips too
+    assert "Below is an instruction" not in printed
+    assert "--input goes with --instruction" in failed(["generate", "--run", out, "--input", "x"], capsys)
