@@ -101,9 +101,13 @@ def _set_cupy_compute_type(tf32: bool) -> None:
     cp = backend._import_cupy()
     if cp is None:
         return
-    linalg = cp._core._routines_linalg
-    setter = getattr(cp._core, "set_compute_type", None) or linalg.set_compute_type
-    setter(cp.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+    try:
+        linalg = cp._core._routines_linalg
+        setter = getattr(cp._core, "set_compute_type", None) or linalg.set_compute_type
+        mode = linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT
+    except AttributeError:  # a CuPy without this private API: minillm's own products still follow the switch
+        return
+    setter(cp.float32, mode)
 
 
 # ---------------------------------------------------------------- autocast
