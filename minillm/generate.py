@@ -37,8 +37,20 @@ NumPy's; doing this small step on the host makes the tokens a pure function of
 GPU. The copy is B·V floats per step (0.2 MB for GPT-2 at B = 1), negligible
 beside the forward. Greedy decoding takes the argmax where the logits live.
 
-No sliding window: a prompt plus ``max_new_tokens`` longer than the model's
-``context_length`` is an error, not silently cropped.
+Past the context window. A model sees at most ``context_length`` (C) tokens,
+so a sequence that outgrows it is continued from a window of its latest
+tokens. Rule (``window_start``): the window [s, n) that predicts token n starts
+at s = 0 and stays put while n - s <= C; when it would hold C + 1 tokens, it
+jumps forward to keep only the last ``keep`` tokens, s = n - keep, and grows
+again. ``keep`` defaults to 3C/4 (``window_keep``), so the model always sees
+at least 3/4 of a full context; ``keep = C`` is "the last C tokens at every
+step" (nanoGPT's crop). With the cache, a jump clears the cache and re-prefills
+it with the kept tokens: their positions restart at 0, exactly as when the
+window is recomputed from scratch (learned position embeddings make the
+positions part of every cached key and value, so the cache cannot simply be
+shifted). A jump costs one prefill of ``keep`` tokens every ``C - keep`` new
+tokens. ``use_cache=False`` recomputes the same windows from scratch, and the
+two give the same tokens. A prompt longer than C starts from its last C tokens.
 """
 
 from __future__ import annotations
@@ -162,9 +174,20 @@ def _prompt_array(ids, vocab_size: int) -> tuple[np.ndarray, bool]:
     return ids.astype(np.int64), squeeze
 
 
+def default_window_keep(context_length: int) -> int:
+    """Tokens kept when the window slides (see the module docstring): 3/4 of the context, at least 1."""
+    return max(1, context_length - context_length // 4)
+
+
+def window_start(start: int, length: int, context_length: int, keep: int) -> int:
+    """Where the window that predicts token ``length`` starts, given that the previous one started at
+    ``start``: unchanged while it holds at most ``context_length`` tokens, else the last ``keep``."""
+    return start if length - start <= context_length else length - keep
+
+
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True, stream=None) -> np.ndarray:
+             use_cache: bool = True, stream=None, window_keep: int | None = None) -> np.ndarray:
     """Continue ``ids`` by up to ``max_new_tokens`` sampled tokens; returns the ids, prompt included.
 
     ``ids``: (T,) or (B, T) integer ids (rows of a batch have equal length).
@@ -176,10 +199,14 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     ``temperature`` 0 is greedy; ``top_k``/``top_p`` filter the distribution;
     ``seed`` makes sampling reproducible (on any device: see the module
     docstring; None draws a seed from minillm's CPU stream, set by
-    ``mm.manual_seed``). ``use_cache=False`` reruns the whole sequence every step
+    ``mm.manual_seed``). ``use_cache=False`` reruns the whole window every step
     (the slow reference). ``stream(column)`` is called with each new (B,) column
     of ids as soon as it is sampled. The model runs in eval mode under
     ``mm.no_grad()``; its previous mode is restored afterwards.
+
+    There is no length limit: past ``context_length`` the window slides (module
+    docstring), keeping the last ``window_keep`` tokens (default 3/4 of the
+    context) at each jump.
     """
     config = model.config
     prompt, squeeze = _prompt_array(ids, config.vocab_size)
@@ -188,14 +215,12 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
         raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < config.vocab_size):
         raise ValueError(f"generate: eos_id must be a token id in [0, {config.vocab_size}), got {eos_id!r}")
+    context = config.context_length
+    keep = default_window_keep(context) if window_keep is None else window_keep
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= context:
+        raise ValueError(f"generate: window_keep must be an integer in [1, context_length={context}], got {keep!r}")
     batch, prompt_len = prompt.shape
     total = prompt_len + int(max_new_tokens)
-    if total > config.context_length:
-        raise ValueError(
-            f"generate: the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) is {total}, "
-            f"more than the model's context_length={config.context_length}; shorten the prompt or ask "
-            f"for at most {max(config.context_length - prompt_len, 0)} new tokens"
-        )
     out = np.empty((batch, total), dtype=np.int64)
     out[:, :prompt_len] = prompt
     length = prompt_len
@@ -206,9 +231,10 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
         model.eval()
         try:
             with no_grad():
-                # the last new token is never fed back, so the cache needs total - 1 positions
-                cache = model.new_kv_cache(batch, total - 1) if use_cache else None
-                logits = model(prompt, cache=cache).data[:, -1]           # prefill: (B, V)
+                # the last new token is never fed back, so the cache needs at most total - 1 positions
+                cache = model.new_kv_cache(batch, min(total - 1, context)) if use_cache else None
+                start = max(0, prompt_len - context)                      # a long prompt: its last C tokens
+                logits = model(out[:, start:length], cache=cache).data[:, -1]   # prefill: (B, V)
                 while True:
                     next_ids = sample_next(logits, temperature, top_k, top_p, rng)   # (B,) on the host
                     if eos_id is not None:
@@ -220,10 +246,14 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
                         stream(next_ids.copy())
                     if length == total or finished.all():
                         break
-                    if cache is not None:
+                    previous, start = start, window_start(start, length, context, keep)
+                    if cache is None:
+                        logits = model(out[:, start:length]).data[:, -1]             # the whole window again
+                    elif start == previous:
                         logits = model(next_ids[:, None], cache=cache).data[:, -1]   # one position
-                    else:
-                        logits = model(out[:, :length]).data[:, -1]                  # all positions again
+                    else:                                                            # the window slid:
+                        cache.reset()                                                # re-prefill, positions 0..keep-1
+                        logits = model(out[:, start:length], cache=cache).data[:, -1]
         finally:
             for module, training in modes:
                 module.training = training

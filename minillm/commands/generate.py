@@ -48,7 +48,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "and print only the response")
     p.add_argument("--input", metavar="TEXT", help="the optional input that goes with --instruction")
     p.add_argument("--max-new-tokens", metavar="N", type=argtypes.non_negative_int, default=100,
-                   help="tokens to generate (default: 100; fewer if the context is shorter)")
+                   help="tokens to generate; past the context length the model sees a sliding window of the latest "
+                        "tokens (default: 100)")
     p.add_argument("--temperature", metavar="X", type=argtypes.non_negative_float, default=1.0,
                    help="0 = greedy (default: 1.0)")
     p.add_argument("--top-k", metavar="K", type=argtypes.non_negative_int, default=50,
@@ -107,11 +108,10 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
     else:
         raise ValueError(f"give a --prompt (this tokenizer has no {END_OF_TEXT} to start from)")
     context = model.config.context_length
-    if len(ids) >= context:
-        raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {context}")
-    max_new = min(args.max_new_tokens, context - len(ids))
-    if max_new < args.max_new_tokens:
-        print(f"(generating {max_new} tokens: the context holds {context})", file=sys.stderr)
+    if len(ids) > context:
+        raise ValueError(f"the prompt is {len(ids)} tokens, more than the model's context of {context}: "
+                         f"shorten it")
+    max_new = args.max_new_tokens                # past the context, the window slides (minillm.generate)
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out.write(shown)

@@ -223,7 +223,7 @@ def check_prompts(tokenizer, prompts: list[str], context_length: int) -> None:
     """Every sample prompt fits in the context, checked before training rather than after it."""
     for prompt in prompts:
         n = len(tokenizer.encode(prompt, allowed_special="none"))
-        if n >= context_length:
+        if n > context_length:
             raise ValueError(f"--prompt {prompt!r} is {n} tokens, and the model's context is {context_length}: "
                              f"give a shorter prompt or a larger --context")
 
@@ -329,11 +329,8 @@ def print_samples(model, tokenizer, prompts: list[str], count: int, max_new_toke
     for k in range(count):
         prompt = prompts[k % len(prompts)]
         ids = tokenizer.encode(prompt, allowed_special="none") or [0]
-        room = model.config.context_length - len(ids)
-        if room < 1:
-            raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens, the model's context is "
-                             f"{model.config.context_length}")
-        out = model.generate(np.asarray([ids]), max_new_tokens=min(max_new_tokens, room),
+        check_prompts(tokenizer, [prompt], model.config.context_length)
+        out = model.generate(np.asarray([ids]), max_new_tokens=max_new_tokens,   # slides past the context
                              temperature=temperature, top_k=50, seed=seed + k)
         text = tokenizer.decode(out[0].tolist())
         texts.append(text)

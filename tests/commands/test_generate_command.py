@@ -32,8 +32,11 @@ def test_generate_command_streams_text(tmp_path, capsys):
     prompt_ids = tokenizer.encode("hé")
     expected = generate(model, [prompt_ids], 8, temperature=0)[0]
     assert printed == tokenizer.decode(expected.tolist()) + "\n"
-    argv[argv.index("--max-new-tokens") + 1] = "100"
-    assert main(argv) == 0                                      # clipped to the context, not an error
+    argv[argv.index("--max-new-tokens") + 1] = "100"             # past the context of 32: the window slides
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == tokenizer.decode(generate(model, [prompt_ids], 100, temperature=0)[0].tolist()) + "\n"
+    assert "[100 tokens in" in captured.err
 
 
 def test_generate_hf_reads_a_llama_directory_with_its_tokenizer_json(tmp_path, capsys):
