@@ -3,6 +3,7 @@
     minillm train                                   # BPE + small GPT on the Python docs, ~5 min on 2 cores
     minillm train --data input.txt --tokenizer bytes --steps 2000 --out runs/mine
     minillm train --resume runs/mine                # continue exactly where it stopped
+    minillm train --arch llama --n-kv-head 2        # the same size, Llama-style: rope, RMSNorm, SwiGLU, GQA
 
 Every option defaults to None here (not given) and is resolved by
 :func:`minillm.train.run.resolve_run`: a new run starts from the library's
@@ -21,6 +22,17 @@ from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAU
     new_run_directory, prepare_run, print_samples, resolve_run, start_run
 from . import argtypes
 from .common import add_command, add_precision_option, given_fields, say
+
+ARCHITECTURES = ("gpt2", "llama", "qwen3")
+
+
+def architecture_fields(name: str) -> dict:
+    """The GPTConfig fields that make the decoder a ``--arch`` (the sizes come from the other options)."""
+    from ..models import LLAMA_STYLE  # noqa: PLC0415
+
+    if name == "gpt2":
+        return dict(positions="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False)
+    return dict(LLAMA_STYLE, qk_norm=name == "qwen3")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -51,6 +63,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--context", dest="context_length", metavar="N", type=argtypes.positive_int,
                        help=f"context length, also the training window (default: {DEFAULT_MODEL['context_length']})")
     model.add_argument("--dropout", metavar="X", type=argtypes.probability, help="dropout probability (default: 0)")
+    model.add_argument("--arch", choices=ARCHITECTURES,
+                       help="gpt2: learned positions, LayerNorm, GELU MLP, biases; llama: rotary positions, "
+                            "RMSNorm, SwiGLU MLP, no biases; qwen3: llama with q/k norm (default: the preset's, "
+                            "else gpt2)")
+    model.add_argument("--n-kv-head", metavar="N", type=argtypes.positive_int,
+                       help="key/value heads, dividing --n-head: grouped-query attention (default: --n-head)")
 
     train = p.add_argument_group("training")
     train.add_argument("--steps", metavar="N", type=argtypes.positive_int,
@@ -109,6 +127,8 @@ def plan_from_args(args: argparse.Namespace):
     if getattr(args, "quiet", False):
         train["progress"] = False
     model = {k: v for k, v in given_fields(args, GPTConfig).items() if k != "vocab_size"}
+    if getattr(args, "arch", None) is not None:
+        model = {**architecture_fields(args.arch), **model}
     return resolve_run(out=args.out, resume=args.resume, data=args.data, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, stride=args.stride, preset=args.preset, model=model,
                        train=train)

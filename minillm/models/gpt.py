@@ -85,7 +85,8 @@ class GPTConfig:
     positions: str = "learned"     # "learned" (wpe, GPT-2) or "rope" (rotary, applied to q and k)
     norm: str = "layernorm"        # "layernorm" (GPT-2) or "rmsnorm"; layer_norm_eps is its epsilon
     mlp: str = "gelu"              # "gelu" (Linear-GELU-Linear) or "swiglu" (silu(x W_gate) ⊙ x W_up, then down)
-    mlp_hidden: int | None = None  # the MLP's inner width; None = 4 * d_model
+    mlp_hidden: int | None = None  # the MLP's inner width; None = 4 * d_model (GELU), or for SwiGLU's three
+                                   # matrices 8/3 * d_model rounded up to a multiple of 8 (the same count)
     n_kv_head: int | None = None   # key/value heads (grouped-query attention); None = n_head
     head_dim: int | None = None    # features per head; None = d_model // n_head (Qwen3-0.6B: 128 with d_model 1024)
     qk_norm: bool = False          # RMSNorm over head_dim on q and k before rope (Qwen3)
@@ -131,6 +132,8 @@ class GPTConfig:
         self.head_dim = self.d_model // self.n_head if self.head_dim is None else int(self.head_dim)
         if self.mlp_hidden is not None:
             self.mlp_hidden = int(self.mlp_hidden)
+        elif self.mlp == "swiglu":
+            self.mlp_hidden = -(-8 * self.d_model // 24) * 8      # ⌈(8/3)·C / 8⌉ · 8: 3·C·h ≈ GELU's 8·C²
         for name in ("qk_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GPTConfig: {name} must be True or False, got {getattr(self, name)!r}")
@@ -328,6 +331,22 @@ class GPT(Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_parameters():,} parameters"
+
+
+def llama_style(config: GPTConfig, n_kv_head: int | None = None, qk_norm: bool = False) -> GPTConfig:
+    """The Llama-style twin of ``config`` with (nearly) its parameter count, for side-by-side comparisons.
+
+    Rotary positions, RMSNorm, SwiGLU, no biases (``LLAMA_STYLE``), ``n_kv_head``
+    key/value heads (default: n_head) and q/k norm if asked; the SwiGLU width h
+    is solved for: the count is linear in h (3·d_model·h per block), so
+    h = 1 + (target − count at h = 1) / (3·d_model·n_layer), rounded. What the
+    twin saves (wpe, biases, fewer k/v heads) goes into a wider MLP.
+    """
+    twin = dataclasses.replace(config, **LLAMA_STYLE, n_kv_head=n_kv_head or config.n_head, qk_norm=qk_norm,
+                               mlp_hidden=1)
+    per_unit = 3 * config.d_model * config.n_layer
+    hidden = 1 + round((gpt_num_parameters(config) - gpt_num_parameters(twin)) / per_unit)
+    return dataclasses.replace(twin, mlp_hidden=max(1, hidden))
 
 
 def gpt_num_parameters(config: GPTConfig) -> int:

@@ -98,3 +98,22 @@ def test_train_on_the_builtin_corpus_with_a_bpe_tokenizer(tmp_path, capsys):
     assert "trained a BPE tokenizer of 300 tokens" in captured.err
     assert captured.out.count("--- sample") == 1
     assert load_checkpoint(out).metadata["model_config"]["vocab_size"] == 300
+
+
+def test_train_arch_llama_trains_a_llama_style_model_and_generates_from_it(tmp_path, text_file, capsys):
+    """--arch llama with GQA: the checkpoint holds a rotary/RMSNorm/SwiGLU model whose loss went down,
+    and `minillm generate --run` continues a prompt with it (KV cache with rotary offsets)."""
+    out = tmp_path / "llama"
+    argv = ["train", "--data", text_file, "--tokenizer", "bytes", *TINY, "--arch", "llama", "--n-kv-head", "1",
+            "--steps", "12", "--lr", "1e-2", "--out", out, "--samples", "0"]
+    assert run(argv) == 0
+    config = load_checkpoint(out).metadata["model_config"]
+    assert {k: config[k] for k in ("positions", "norm", "mlp", "bias", "n_kv_head", "n_head", "qk_norm")} == dict(
+        positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, n_head=2, qk_norm=False)
+    losses = [r["loss"] for r in read_metrics(out, "train")]
+    assert losses[-1] < losses[0] - 0.5
+    capsys.readouterr()
+    assert run(["generate", "--run", out, "--prompt", "To be", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    assert run(["train", "--resume", out, "--arch", "gpt2"]) == 2           # the architecture is the model's
+    assert "cannot change the model when resuming" in capsys.readouterr().err

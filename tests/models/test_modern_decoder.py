@@ -11,7 +11,7 @@ import pytest
 import minillm as mm
 from minillm import optim
 from minillm.backend import to_numpy
-from minillm.models import GPT, GPTConfig, gpt_num_parameters
+from minillm.models import GPT, GPTConfig, gpt_num_parameters, llama_style
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nn"))
 from nn_numpy_reference import llama_logits  # noqa: E402
@@ -153,3 +153,13 @@ def test_gpt2_config_round_trips_with_the_new_fields():
                  "tie_embeddings", "rope_theta", "rope_scaling"):
         del old[name]                                             # a checkpoint written before them
     assert GPTConfig.from_dict(old) == GPTConfig.from_preset("tiny")
+
+
+def test_llama_style_twin_has_the_same_parameter_count():
+    gpt2 = GPTConfig(vocab_size=256, context_length=64, n_layer=4, n_head=4, d_model=128)
+    llama = llama_style(gpt2, n_kv_head=2)
+    assert (llama.positions, llama.norm, llama.mlp, llama.bias, llama.n_kv_head) == ("rope", "rmsnorm", "swiglu",
+                                                                                      False, 2)
+    assert gpt_num_parameters(gpt2) == 834_304
+    assert abs(GPT(llama).num_parameters() - 834_304) <= 3 * 128 * 4 / 2      # within half a unit of the width
+    assert GPTConfig(mlp="swiglu", d_model=128, n_head=4).mlp_hidden == 344    # ⌈8·128/3⌉ to a multiple of 8
