@@ -192,7 +192,7 @@ def _register_ops(benches) -> None:
     from ..bench import ops  # noqa: PLC0415
 
     p = add_command(benches, "ops", help="fused ops vs their compositions (time, peak memory)",
-                    description=ops.__doc__, formatter_class=_RawDescriptionFormatter)
+                    description=OPS_DESCRIPTION, formatter_class=_RawDescriptionFormatter)
     p.add_argument("--case", action="append", choices=list(ops.CASES), metavar="CASE",
                    help=f"one of {', '.join(ops.CASES)}; repeatable (default: all)")
     add_device_option(p)
@@ -201,6 +201,26 @@ def _register_ops(benches) -> None:
     p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh process per variant)")
     add_json_option(p, "also print the results as JSON")
     p.set_defaults(func=run_bench_ops)
+
+
+OPS_DESCRIPTION = """\
+Fused ops against their compositions, forward + backward, float32, GPT-2-124M sizes:
+
+    layer_norm     x (8192, 768), weight and bias (768,)
+    cross_entropy  logits (8192, 50257), int targets (8192,)   (~6.6 GB of RAM for the composed run)
+    gelu           x (8192, 3072), approximate="tanh"
+    attention      q, k, v (8, 12, 256, 64), causal
+
+Each variant runs in blocks of one warm-up and --repeat timed runs, two blocks each, fused and
+composed taking turns (so both see the same drift in machine load); the figures are the best
+wall-clock time of each. With --memory, the peak memory of one forward + backward is measured for
+each variant in a fresh process: on the CPU with tracemalloc, on a GPU as the growth of CuPy's
+memory pool; both net of the inputs.
+
+    minillm bench ops                              # CPU: all four cases
+    minillm bench ops --case attention --repeat 10
+    minillm bench ops --device cuda --memory
+"""
 
 
 class _RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):

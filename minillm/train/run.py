@@ -39,7 +39,8 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENS_FILE = "tokens.bin"
 
 # `minillm train` with no arguments: sized to learn visibly on the built-in
-# corpus (~130k tokens at bpe:2048) in about five minutes on a 2-core CPU.
+# corpus (~130k tokens at bpe:2048) in about three minutes on an idle 2-core CPU (docs/training.md:
+# 1500 steps in 155 s, plus the tokenizer; a busy machine takes longer).
 DEFAULT_TOKENIZER = "bpe:2048"
 DEFAULT_MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=128, dropout=0.0)
 DEFAULT_TRAIN = dict(steps=1500, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=100, eval_interval=250,
