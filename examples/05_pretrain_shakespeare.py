@@ -10,6 +10,7 @@ recipe in about 93 s on a 2-core CPU; the target here is <= 2.10.
     python examples/05_pretrain_shakespeare.py                 # the full recipe, a few minutes
     python examples/05_pretrain_shakespeare.py --steps 20      # a smoke test
     python examples/05_pretrain_shakespeare.py --resume        # continue runs/shakespeare
+    python examples/05_pretrain_shakespeare.py --arch llama    # a Llama-style twin, same parameter count
 
 The final validation loss is measured on EVERY non-overlapping window of
 the validation text, not on a sample. Checkpoints and metrics.jsonl go to
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
 from minillm.data.dataset import TokenDataset, encode_documents  # noqa: E402
-from minillm.models import GPT, GPTConfig  # noqa: E402
+from minillm.models import GPT, GPTConfig, llama_style  # noqa: E402
 from minillm.tokenizer import BPETokenizer  # noqa: E402
 from minillm.train import TrainConfig, Trainer, has_checkpoint  # noqa: E402
 from minillm.train.run import print_samples  # noqa: E402
@@ -45,6 +46,10 @@ def main(argv=None) -> float:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2",
+                        help="llama: rotary positions, RMSNorm, SwiGLU, no biases, --n-kv-head key/value heads, "
+                             "its MLP widened to the GPT-2-style model's parameter count")
+    parser.add_argument("--n-kv-head", type=int, default=None, help="for --arch llama (default: n_head / 2 when even)")
     parser.add_argument("--eval-interval", type=int, default=250)
     parser.add_argument("--eval-batches", type=int, default=20, help="random val batches per evaluation during training")
     parser.add_argument("--device", default="cpu")
@@ -66,8 +71,12 @@ def main(argv=None) -> float:
     print(f"{len(tokens):,} tokens: {len(data.train.tokens):,} train, {len(data.val.tokens):,} val")
 
     mm.manual_seed(1337)
-    model = GPT(GPTConfig(vocab_size=256, context_length=args.context, n_layer=args.n_layer,
-                          n_head=args.n_head, d_model=args.d_model, dropout=0.0))
+    model_config = GPTConfig(vocab_size=256, context_length=args.context, n_layer=args.n_layer,
+                             n_head=args.n_head, d_model=args.d_model, dropout=0.0)
+    if args.arch == "llama":
+        halved = args.n_head // 2 if args.n_head % 2 == 0 else args.n_head          # grouped-query attention
+        model_config = llama_style(model_config, n_kv_head=args.n_kv_head or halved)
+    model = GPT(model_config)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, min_lr=1e-4,
                          warmup=min(100, args.steps // 10), weight_decay=0.1, betas=(0.9, 0.99), clip=1.0,
                          eval_interval=args.eval_interval, eval_batches=args.eval_batches,
@@ -75,7 +84,8 @@ def main(argv=None) -> float:
     trainer = Trainer(model, config, data, run_dir=args.out, tokenizer={"spec": "bytes"})
     if args.resume:
         print(f"resuming at step {trainer.resume()}")
-    print(f"{model.num_parameters():,} parameters, {config.steps} steps of {config.batch_size} x {args.context} tokens")
+    print(f"{args.arch}: {model.num_parameters():,} parameters, {config.steps} steps of {config.batch_size} x "
+          f"{args.context} tokens")
 
     start = time.perf_counter()
     result = trainer.fit()

@@ -59,3 +59,17 @@ def test_06_generate_smoke(capsys):
 
 def test_07_gpt2_weights():
     assert load("07_gpt2_weights").main([]) == 0.0   # save_hf_gpt2 -> load_hf_gpt2 gives identical logits
+
+
+def test_12_llama_style(tmp_path, capsys):
+    text = tmp_path / "play.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 60, encoding="utf-8")
+    results = load("12_llama_style").main(["--steps", "20", "--data", str(text), "--n-layer", "1", "--n-head", "2",
+                                           "--d-model", "32", "--context", "32", "--eval-interval", "10",
+                                           "--eval-batches", "2"])
+    assert results["rope_offset_difference"] < 1e-12 and results["gqa_cache_ratio"] == 2
+    assert results["round_trip_difference"] == 0.0
+    losses = {arch: loss for arch, (loss, _) in results["training"].items()}
+    assert set(losses) == {"gpt2", "llama"} and all(loss < math.log(256) - 0.5 for loss in losses.values())
+    out = capsys.readouterr().out
+    assert "gpt2: " in out and "llama: " in out and "same parameter count" in out
