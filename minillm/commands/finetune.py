@@ -32,7 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = add_command(subparsers, "finetune", help="fine-tune a run: classify, instruction tuning (sft) or dpo",
                     description="Post-train a language model: a classifier (classify), instruction tuning "
                                 "(sft) or preference tuning (dpo). The model comes from a 'minillm train' or "
-                                "fine-tuning run (--from) or a Hugging Face GPT-2 directory (--hf).")
+                                "fine-tuning run (--from) or a Hugging Face directory (--hf).")
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
     helps = {"classify": "a classifier: label<TAB>text lines, CSV with a header, or JSONL {text, label}",
@@ -69,10 +69,10 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
     start = source.add_mutually_exclusive_group()
     start.add_argument("--from", dest="from_run", metavar="RUN_DIR",
                        help="start from this run: 'minillm train', sft or dpo (LoRA adapters merged in)")
-    start.add_argument("--hf", metavar="DIR", help="start from a Hugging Face GPT-2 directory "
+    start.add_argument("--hf", metavar="DIR", help="start from a Hugging Face directory: gpt2, llama or qwen3 "
                                                     "(config.json + model.safetensors + tokenizer files)")
     source.add_argument("--tokenizer", metavar="SPEC", help="for --hf: gpt2:DIR or a tokenizer file "
-                                                             "(default: the files in the model's directory)")
+                                                             "(default: the tokenizer in the model's directory)")
     source.add_argument("--random-init", action="store_true",
                         help="keep the architecture and tokenizer of --from/--hf but start from random weights "
                              "(a baseline without pretraining)")
@@ -208,4 +208,4 @@ def _load_base(base: dict, device: str):
         return load_language_model(base["run"], device)
     from ..weights.pretrained import load_pretrained  # noqa: PLC0415
 
-    return load_pretrained(base["hf"], base.get("tokenizer"), device)
+    return load_pretrained(base["hf"], base.get("tokenizer"), device, model_types=None)   # gpt2, llama, qwen3
