@@ -53,27 +53,30 @@ def corpus(tmp_path):
 
 
 def start(command, cwd):
+    """The command in a child Python; its stdout goes to cwd/stdout.txt (unbuffered, readable while it runs)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(Path(cwd) / "stdout.txt", "w") as stdout:
+        return subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, text=True,
+                                stdout=stdout, stderr=subprocess.PIPE)
 
 
-def wait_until(condition, process, timeout=60.0):
+def wait_until(condition, process, what, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"the run ended (status {process.returncode}) before it was interrupted:\n{out}\n{err}")
+            pytest.fail(f"the run ended (status {process.returncode}) before {what}:\n{process.communicate()[1]}")
         if time.monotonic() > deadline:
             process.kill()
-            pytest.fail("the run did not start training in time")
+            process.communicate()
+            pytest.fail(f"no sign, after {timeout} s, that {what}")
         time.sleep(0.02)
 
 
 def finish(process, timeout):
+    """The process's stderr, once it has ended."""
     try:
-        return process.communicate(timeout=timeout)
+        return process.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
@@ -84,9 +87,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_status_130(tmp_path, corpus):
     run = tmp_path / "run"
     process = start(["-m", "minillm", "train", "--data", str(corpus), *TINY, "--steps", "1000000",
                      "--checkpoint-interval", "0", "--out", str(run)], tmp_path)
-    wait_until(lambda: read_metrics(run, "train"), process)       # the first step is logged
+    wait_until(lambda: read_metrics(run, "train"), process, "the first step was logged")
     process.send_signal(signal.SIGINT)
-    out, err = finish(process, timeout=60)
+    err = finish(process, timeout=60)
     assert process.returncode == 130, err
     assert "Traceback" not in err
     steps = [r["step"] for r in read_metrics(run, "train")]
@@ -102,16 +105,16 @@ def test_second_ctrl_c_stops_at_once(tmp_path, corpus):
     run, marker = tmp_path / "run", tmp_path / "in-step-2"
     process = start(["-c", SLOW_STEP_SCRIPT, str(marker), "60", "train", "--data", str(corpus), *TINY,
                      "--steps", "10", "--checkpoint-interval", "1", "--out", str(run)], tmp_path)
-    wait_until(marker.exists, process)
+    wait_until(marker.exists, process, "step 2 began")
     process.send_signal(signal.SIGINT)
-    time.sleep(0.5)                                                # two presses, not one coalesced signal
+    first_seen = lambda: "Ctrl-C: finishing this step" in (tmp_path / "stdout.txt").read_text()  # noqa: E731
+    wait_until(first_seen, process, "the first Ctrl-C was handled", timeout=30)   # two presses, not one signal
     process.send_signal(signal.SIGINT)
     start_time = time.monotonic()
-    out, err = finish(process, timeout=20)
+    err = finish(process, timeout=20)
     assert time.monotonic() - start_time < 15
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    assert "Ctrl-C: finishing this step" in out + err              # the first press was seen as such
     assert [r["step"] for r in read_metrics(run, "train")] == [1]  # step 2 never finished
     assert load_checkpoint(run).step == 1
 

@@ -164,36 +164,26 @@ def test_checkpoint_fsyncs_arrays_and_directory_before_the_commit_rename(tmp_pat
     trainer.train_step()
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    inodes = {}
 
-    def name_of(inode):
-        return inodes.get(inode, f"inode {inode}")
+    def name_of(fd):
+        """The path (relative to the run directory) that the descriptor's file or folder has now."""
+        inode = os.fstat(fd).st_ino
+        for folder, subfolders, files in os.walk(tmp_path):
+            for path in [folder] + [os.path.join(folder, name) for name in subfolders + files]:
+                if os.stat(path).st_ino == inode:
+                    return os.path.relpath(path, tmp_path)
+        return f"inode {inode} outside the run directory"
 
     def fsync(fd):
-        events.append(("fsync", name_of(os.fstat(fd).st_ino)))
+        events.append(("fsync", name_of(fd)))
         real_fsync(fd)
 
     def replace(src, dst, *args, **kwargs):
         events.append(("replace", os.path.relpath(src, tmp_path), os.path.relpath(dst, tmp_path)))
         real_replace(src, dst, *args, **kwargs)
 
-    def record_inode(path):
-        inodes[os.stat(path).st_ino] = os.path.relpath(path, tmp_path)
-
-    real_open = open
-
-    def open_recording(path, mode="r", *args, **kwargs):   # names the temp files by inode as they are made
-        f = real_open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            record_inode(path)
-        return f
-
-    (tmp_path / "checkpoints").mkdir()
-    record_inode(tmp_path)
-    record_inode(tmp_path / "checkpoints")
     monkeypatch.setattr(checkpoint_module.os, "fsync", fsync)
     monkeypatch.setattr(checkpoint_module.os, "replace", replace)
-    monkeypatch.setattr(checkpoint_module, "open", open_recording, raising=False)
     trainer.save()
     arrays = "checkpoints/step-000001.npz"
     assert events == [
