@@ -64,10 +64,10 @@ class MatMul(Function):
         if isinstance(a, np.ndarray):
             return a @ b
         z = _product(a[None, :] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b, out_dtype=self.out_dtype)
-        if b.ndim == 1:
-            z = z[..., 0]
         if a.ndim == 1:
-            z = z[..., 0, :]
+            z = z[..., 0, :]                           # drop the added row axis (…, 1, n) first,
+        if b.ndim == 1:
+            z = z[..., 0]                              # then the added column axis
         return z
 
     def backward(self, grad):
