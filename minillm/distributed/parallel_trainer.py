@@ -29,7 +29,7 @@ from .. import backend, optim
 from ..train.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from ..train.trainer import Trainer, TrainingDiverged
 from .data_parallel import DataParallel
-from .tensor_parallel import gather_array, is_replicated, shard_array, shard_gpt
+from .tensor_parallel import gather_array, shard_array, shard_gpt
 
 
 class ParallelTrainer(Trainer):
@@ -48,6 +48,7 @@ class ParallelTrainer(Trainer):
         if mesh.dp_rank > 0:                            # replicas draw their own dropout masks
             backend.manual_seed(config.seed + 7919 * mesh.dp_rank)
         self._names = {id(p): name for name, p in self.model.named_parameters()}
+        self._specs = getattr(self.model, "shard_specs", {})      # name -> ShardSpec (sharded parameters only)
 
     # ------------------------------------------------------------ one step
     def train_step(self) -> tuple[float, float | None]:
@@ -105,8 +106,8 @@ class ParallelTrainer(Trainer):
         params = list(self.model.parameters())
         if self.mesh.model_parallel.size == 1:
             return optim.clip_grad_norm_(params, max_norm)
-        sharded = [p for p in params if not is_replicated(self._names[id(p)])]
-        replicated = [p for p in params if is_replicated(self._names[id(p)])]
+        sharded = [p for p in params if self._names[id(p)] in self._specs]
+        replicated = [p for p in params if self._names[id(p)] not in self._specs]
         squares = optim.clip_grad_norm_(sharded, math.inf) ** 2
         if self.mesh.tp_rank == 0:
             squares += optim.clip_grad_norm_(replicated, math.inf) ** 2
@@ -136,13 +137,14 @@ class ParallelTrainer(Trainer):
     def full_state(self):
         """(model state, optimizer state) gathered into the single-process layout (a collective)."""
         tp = self.mesh.tp
-        model_state = {name: gather_array(name, value, tp, self.device) for name, value in self.model.state_dict().items()}
+        model_state = {name: gather_array(value, self._specs.get(name), tp, self.device)
+                       for name, value in self.model.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
         index_names = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         for index, values in optimizer_state["state"].items():
             for key, value in values.items():
                 if hasattr(value, "shape") and value.ndim > 0:
-                    values[key] = gather_array(index_names[index], value, tp, self.device)
+                    values[key] = gather_array(value, self._specs.get(index_names[index]), tp, self.device)
         return model_state, optimizer_state
 
     def rank_states(self) -> list[dict]:
@@ -175,14 +177,14 @@ class ParallelTrainer(Trainer):
             raise ValueError("resume() needs a run_dir")
         checkpoint = load_checkpoint(self.run_dir)
         tp = self.mesh.tp
-        checkpoint.model_state = {name: shard_array(name, value, tp.rank, tp.size)
+        checkpoint.model_state = {name: shard_array(value, self._specs.get(name), tp.rank, tp.size)
                                   for name, value in checkpoint.model_state.items()}
         if checkpoint.optimizer_state is not None:
             index_names = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
             for index, values in checkpoint.optimizer_state["state"].items():
                 for key, value in values.items():
                     if hasattr(value, "shape") and value.ndim > 0:
-                        values[key] = shard_array(index_names[int(index)], value, tp.rank, tp.size)
+                        values[key] = shard_array(value, self._specs.get(index_names[int(index)]), tp.rank, tp.size)
         restore_checkpoint(checkpoint, self.model, self.optimizer, model_config=self.model_config)
         extra = checkpoint.metadata.get("extra", {})
         ranks = extra.get("rank_states")

@@ -30,7 +30,7 @@ gradients on every rank.
 
 The model stays one ordinary GPT: ``shard_gpt`` swaps each block's four
 Linears for their parallel versions holding this rank's shard, and
-``SHARD_SPECS`` says how every sharded parameter is cut, so state (model and
+``gpt_shard_specs`` says how every sharded parameter is cut, so state (model and
 optimizer) gathers back into an ordinary checkpoint and shards again on load.
 """
 
@@ -103,52 +103,73 @@ def reduce_from_tensor_parallel(x: Tensor, comm) -> Tensor:
 class ShardSpec:
     """How a full parameter is cut into T shards.
 
-    ``axis``: the axis that is split. ``parts``: the axis holds that many
-    equal blocks side by side (c_attn's [q | k | v]: 3), each split into T
-    pieces, and rank r keeps piece r of every block, so that it owns whole
-    heads of q, of k and of v.
+    ``axis``: the axis that is split. ``blocks``: the axis holds blocks side by
+    side whose widths are in these proportions (c_attn's [q | k | v]: (H, Hkv,
+    Hkv); SwiGLU's c_fc [gate | up]: (1, 1)); each block is split into T equal
+    pieces and rank r keeps piece r of every block, so that it owns whole heads
+    of q, of k and of v (and matching gate and up columns).
     """
 
     axis: int
-    parts: int = 1
+    blocks: tuple[int, ...] = (1,)
+
+    def _block_edges(self, n: int, size: int) -> list[int]:
+        unit, rest = divmod(n, sum(self.blocks))
+        widths = [b * unit for b in self.blocks]
+        if rest or any(w % size for w in widths):
+            raise ValueError(f"cannot split an axis of {n} as blocks {self.blocks} into {size} equal pieces each")
+        return list(np.cumsum([0] + widths))
 
     def shard(self, full, rank: int, size: int):
         """Rank ``rank``'s piece of ``full`` (a contiguous copy)."""
         xp = backend.array_module(full)
-        n = full.shape[self.axis]
-        if n % (self.parts * size):
-            raise ValueError(f"cannot split an axis of {n} into {self.parts} x {size} equal pieces")
-        blocks = xp.split(full, self.parts * size, axis=self.axis)      # parts*size pieces, block-major
-        mine = [blocks[part * size + rank] for part in range(self.parts)]
+        edges = self._block_edges(full.shape[self.axis], size)
+        mine = []
+        for start, stop in zip(edges[:-1], edges[1:]):
+            piece = (stop - start) // size
+            index = [slice(None)] * full.ndim
+            index[self.axis] = slice(start + rank * piece, start + (rank + 1) * piece)
+            mine.append(full[tuple(index)])
         return xp.ascontiguousarray(xp.concatenate(mine, axis=self.axis))
 
     def join(self, shards: list):
         """Inverse of ``shard``: the full array from the T shards in rank order."""
         xp = backend.array_module(shards[0])
-        pieces = [xp.split(s, self.parts, axis=self.axis) for s in shards]   # [rank][part]
-        return xp.concatenate([pieces[r][part] for part in range(self.parts) for r in range(len(shards))],
-                              axis=self.axis)
+        edges = self._block_edges(shards[0].shape[self.axis], 1)       # block edges within one shard
+        pieces = []
+        for start, stop in zip(edges[:-1], edges[1:]):
+            for shard in shards:
+                index = [slice(None)] * shard.ndim
+                index[self.axis] = slice(start, stop)
+                pieces.append(shard[tuple(index)])
+        return xp.concatenate(pieces, axis=self.axis)
 
 
-COLUMN = ShardSpec(axis=0)          # Linear weight (out, in) split by output rows; its bias by the same rows
-QKV_COLUMN = ShardSpec(axis=0, parts=3)
-ROW = ShardSpec(axis=1)             # Linear weight split by input columns (bias: replicated)
+def gpt_shard_specs(config) -> dict[str, ShardSpec]:
+    """Parameter-name suffix -> how a block's parameter is cut (every other parameter is replicated).
 
-# parameter-name suffix -> how a GPT block's parameters are cut (everything else is replicated)
-SHARD_SPECS: dict[str, ShardSpec] = {
-    "attn.c_attn.weight": QKV_COLUMN, "attn.c_attn.bias": QKV_COLUMN,
-    "attn.c_proj.weight": ROW,
-    "mlp.c_fc.weight": COLUMN, "mlp.c_fc.bias": COLUMN,
-    "mlp.c_proj.weight": ROW,
-}
+    Column-parallel (output rows split): c_attn and c_fc, weights and biases.
+    Row-parallel (input columns split): the two c_proj weights; their biases
+    are added after the all-reduce, whole, on every rank.
+    """
+    heads = config.n_head
+    kv_heads = config.n_kv_head or heads
+    qkv = ShardSpec(axis=0, blocks=(heads, kv_heads, kv_heads))
+    fc = ShardSpec(axis=0, blocks=(1, 1) if config.mlp == "swiglu" else (1,))
+    row = ShardSpec(axis=1)
+    return {"attn.c_attn.weight": qkv, "attn.c_attn.bias": qkv, "attn.c_proj.weight": row,
+            "mlp.c_fc.weight": fc, "mlp.c_fc.bias": fc, "mlp.c_proj.weight": row}
 
 
-def shard_spec(name: str) -> ShardSpec | None:
-    """The ShardSpec of a GPT parameter name (``h.3.mlp.c_fc.weight``), None if replicated."""
-    for suffix, spec in SHARD_SPECS.items():
-        if name.endswith("." + suffix) or name == suffix:
-            return spec
-    return None
+def model_shard_specs(model) -> dict[str, ShardSpec]:
+    """{full parameter name: ShardSpec} for every sharded parameter of a GPT (names as in its state_dict)."""
+    suffixes = gpt_shard_specs(model.config)
+    specs = {}
+    for name, _ in model.named_parameters():
+        for suffix, spec in suffixes.items():
+            if name.endswith("." + suffix):
+                specs[name] = spec
+    return specs
 
 
 # ================================================================ parallel layers
@@ -183,23 +204,24 @@ class RowParallelLinear(Module):
         return f"shard {tuple(self.weight.shape)} of {self.comm.size}, row-parallel"
 
 
-def _sharded(linear: Linear, spec: ShardSpec, bias_spec: ShardSpec | None, comm) -> tuple:
+def _sharded(linear: Linear, spec: ShardSpec, bias_sharded: bool, comm) -> tuple:
     weight = Parameter(spec.shard(linear.weight.data, comm.rank, comm.size))
     bias = None
     if linear.bias is not None:
-        data = linear.bias.data if bias_spec is None else bias_spec.shard(linear.bias.data, comm.rank, comm.size)
+        data = spec.shard(linear.bias.data, comm.rank, comm.size) if bias_sharded else linear.bias.data
         bias = Parameter(data)
     return weight, bias
 
 
-def check_tensor_parallel(n_head: int, size: int, hidden: int | None = None, dropout: float = 0.0) -> None:
-    """The clear errors: heads (and MLP width) must split evenly over ``size`` ranks."""
-    if n_head % size:
-        raise ValueError(f"--tp {size} does not divide n_head={n_head}: tensor parallelism gives each rank "
-                         f"n_head / tp whole attention heads; choose a tp that divides {n_head}")
-    if hidden is not None and hidden % size:
-        raise ValueError(f"--tp {size} does not divide the MLP width {hidden}")
-    if dropout and size > 1:
+def check_tensor_parallel(config, size: int) -> None:
+    """The clear errors: heads and the MLP width must split evenly over ``size`` ranks."""
+    kv_heads = config.n_kv_head or config.n_head
+    if config.n_head % size or kv_heads % size:
+        raise ValueError(f"--tp {size} does not divide n_head={config.n_head}"
+                         + (f" and n_kv_head={kv_heads}" if kv_heads != config.n_head else "")
+                         + ": tensor parallelism gives each rank whole attention heads; choose a --tp that divides "
+                         + f"{config.n_head}")
+    if config.dropout and size > 1:
         raise ValueError("--tp with dropout > 0 is not supported: the replicated parts of the model would "
                          "need the same dropout masks on every tensor-parallel rank; use --dropout 0")
 
@@ -209,19 +231,24 @@ def shard_gpt(model, comm):
 
     Each block's ``attn.c_attn`` / ``mlp.c_fc`` become ColumnParallelLinear and
     ``attn.c_proj`` / ``mlp.c_proj`` RowParallelLinear holding rank
-    ``comm.rank``'s piece; ``attn.n_head`` becomes the local head count. The
-    parameter names are unchanged, so the optimizer and checkpoints see the
-    same keys, with ``SHARD_SPECS`` shapes.
+    ``comm.rank``'s piece; the attention's head counts become the local ones.
+    The parameter names are unchanged, so the optimizer and checkpoints see the
+    same keys; ``model.shard_specs`` says how each sharded one was cut.
     """
     config = model.config
-    check_tensor_parallel(config.n_head, comm.size, 4 * config.d_model, config.dropout)
+    check_tensor_parallel(config, comm.size)
+    suffixes = gpt_shard_specs(config)
     for block in model.h:
         attn, mlp = block.attn, block.mlp
-        attn.c_attn = ColumnParallelLinear(*_sharded(attn.c_attn, QKV_COLUMN, QKV_COLUMN, comm), comm)
-        attn.c_proj = RowParallelLinear(*_sharded(attn.c_proj, ROW, None, comm), comm)
-        attn.n_head = attn.n_head // comm.size                        # heads of this rank
-        mlp.c_fc = ColumnParallelLinear(*_sharded(mlp.c_fc, COLUMN, COLUMN, comm), comm)
-        mlp.c_proj = RowParallelLinear(*_sharded(mlp.c_proj, ROW, None, comm), comm)
+        if mlp.c_fc.weight.shape[0] % comm.size:
+            raise ValueError(f"--tp {comm.size} does not divide the MLP width {mlp.c_fc.weight.shape[0]}")
+        attn.c_attn = ColumnParallelLinear(*_sharded(attn.c_attn, suffixes["attn.c_attn.weight"], True, comm), comm)
+        attn.c_proj = RowParallelLinear(*_sharded(attn.c_proj, suffixes["attn.c_proj.weight"], False, comm), comm)
+        attn.n_head //= comm.size                                    # this rank's heads
+        attn.n_kv_head //= comm.size
+        mlp.c_fc = ColumnParallelLinear(*_sharded(mlp.c_fc, suffixes["mlp.c_fc.weight"], True, comm), comm)
+        mlp.c_proj = RowParallelLinear(*_sharded(mlp.c_proj, suffixes["mlp.c_proj.weight"], False, comm), comm)
+    model.shard_specs = model_shard_specs(model)
     model.tensor_parallel = comm
     return model
 
@@ -229,13 +256,12 @@ def shard_gpt(model, comm):
 # ================================================================ state: gather and shard
 
 
-def gather_array(name: str, array, comm, device: str = "cpu"):
-    """The full value (NumPy) of parameter ``name`` (or of its optimizer state) from this rank's ``array``.
+def gather_array(array, spec: ShardSpec | None, comm, device: str = "cpu"):
+    """The full value (NumPy) of a parameter (or of its optimizer state) from this rank's ``array``.
 
-    A collective over ``comm`` (its buffers live on ``device``): every rank
-    calls it for the same names in the same order.
+    ``spec`` None: replicated, returned as is. A collective over ``comm`` (its
+    buffers on ``device``): every rank calls it for the same arrays in the same order.
     """
-    spec = shard_spec(name)
     if spec is None or comm is None or comm.size == 1:
         return backend.to_numpy(array)
     xp = backend.module_for(device)
@@ -245,12 +271,6 @@ def gather_array(name: str, array, comm, device: str = "cpu"):
     return spec.join(list(gathered.reshape(comm.size, *array.shape)))
 
 
-def shard_array(name: str, full, rank: int, size: int):
-    """Rank ``rank``'s piece of the full array of parameter ``name`` (replicated ones unchanged)."""
-    spec = shard_spec(name)
+def shard_array(full, spec: ShardSpec | None, rank: int, size: int):
+    """Rank ``rank``'s piece of a full array (replicated ones, ``spec`` None, unchanged)."""
     return full if spec is None or size == 1 else spec.shard(full, rank, size)
-
-
-def is_replicated(name: str) -> bool:
-    """True for parameters every tensor-parallel rank holds whole (embeddings, norms, row biases)."""
-    return shard_spec(name) is None
