@@ -44,6 +44,13 @@ passes where P is recomputed first (a GPU: one more GEMM and the softmax kernel
 again). Elementwise scalings (s on Q and dQ; dropout's M and 1/(1 − p)) come on
 top. tests/ops/test_attention.py counts them.
 
+Grouped-query attention (Llama, Qwen3): K and V may have Hkv heads and Q
+Hq = G·Hkv, query heads h·G … h·G + G − 1 sharing key/value head h. Nothing
+above changes per head; the op views Q as (N, G, Tq, D) over N = B·Hkv
+key/value heads and multiplies each group by its single K and V (``_grouped_matmul``),
+and dK, dV become sums over the group, dK_h = s · Σ_g dS_{h,g}ᵀ Q_{h,g} (``_group_summed_matmul``):
+the repeated keys and values are never formed.
+
 ``scaled_dot_product_attention_composed`` builds the same function from
 primitive ops (matmul, transpose, where, softmax_composed, dropout); it is
 for reading, and the tests check that the fused op equals it, values and
