@@ -99,7 +99,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
         n_kv_head=hf.get("num_key_value_heads") or n_head,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
         qk_norm=model_type == "qwen3",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen3")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),   # transformers' default for both
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         **LLAMA_STYLE,
