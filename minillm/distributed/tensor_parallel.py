@@ -135,7 +135,9 @@ class ShardSpec:
     def join(self, shards: list):
         """Inverse of ``shard``: the full array from the T shards in rank order."""
         xp = backend.array_module(shards[0])
-        edges = self._block_edges(shards[0].shape[self.axis], 1)       # block edges within one shard
+        size = len(shards)
+        full_edges = self._block_edges(shards[0].shape[self.axis] * size, size)
+        edges = [e // size for e in full_edges]                         # block edges within one shard
         pieces = []
         for start, stop in zip(edges[:-1], edges[1:]):
             for shard in shards:

@@ -1,0 +1,53 @@
+"""The (pp, dp, tp) grid: coordinates, and the groups split from the world on real ranks."""
+
+import numpy as np
+import pytest
+
+from minillm.distributed.mesh import DeviceMesh, MeshShape
+from minillm.distributed.spawn import spawn
+
+
+def test_coordinates_tp_fastest_then_dp_then_pp():
+    shape = MeshShape(pp=2, dp=2, tp=2)
+    assert [shape.coords(r) for r in range(8)] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert all(shape.rank(*shape.coords(r)) == r for r in range(8))
+    assert shape.group_ranks("tp", 5) == [4, 5]
+    assert shape.group_ranks("dp", 5) == [5, 7]
+    assert shape.group_ranks("pp", 5) == [1, 5]
+    odd = MeshShape(pp=3, dp=1, tp=2)
+    assert odd.group_ranks("pp", 3) == [1, 3, 5] and odd.group_ranks("tp", 3) == [2, 3]
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="--tp must be a positive integer"):
+        MeshShape(tp=0)
+
+    class World:
+        rank, size = 0, 6
+    with pytest.raises(ValueError, match="needs 8 processes, but the world has 6"):
+        DeviceMesh(World(), MeshShape(2, 2, 2))
+
+
+def _groups(group, shape):
+    mesh = DeviceMesh(group.comm, MeshShape(**shape))
+    out = {}
+    for axis in ("tp", "dp", "pp", "model_parallel"):
+        comm = getattr(mesh, axis)
+        members = comm.all_gather(np.array([group.rank], dtype=np.int64))   # world ranks, group-rank order
+        out[axis] = members.tolist()
+    out["coords"] = (mesh.pp_rank, mesh.dp_rank, mesh.tp_rank)
+    out["neighbours"] = (mesh.prev_stage, mesh.next_stage)
+    return out
+
+
+def test_groups_of_a_2x2x2_mesh_on_8_ranks():
+    shape = MeshShape(pp=2, dp=2, tp=2)
+    results = spawn(_groups, 8, args=(vars(shape),))
+    for rank, got in enumerate(results):
+        assert got["coords"] == shape.coords(rank)
+        for axis in ("tp", "dp", "pp"):
+            assert got[axis] == shape.group_ranks(axis, rank), (rank, axis)
+        p, d, t = shape.coords(rank)
+        assert got["model_parallel"] == [shape.rank(pp, d, tp) for pp in range(2) for tp in range(2)]
+        assert got["neighbours"] == ((None, 1) if p == 0 else (0, None))
