@@ -37,13 +37,14 @@ def _best_time(fn, repeat: int) -> tuple[float, object]:
 
 def run_tokenizer_bench(data: Path | None = None, workers: int | None = None, vocab_size: int = 4096,
                         memory_mb: int = 100, repeat: int = 3) -> int:
-    """Print the tokenizer figures (see the module docstring); 1 if the data is missing."""
+    """Print the tokenizer figures (see the module docstring); FileNotFoundError if the data is missing."""
     data = Path(data) if data is not None else default_data_dir()
     workers = workers or os.cpu_count() or 1
     text_path, gpt2_dir = data / "tinyshakespeare.txt", data / "gpt2"
     if not text_path.is_file() or not gpt2_dir.is_dir():
-        print(f"tokenizer bench needs {text_path} and {gpt2_dir}/ (see ../shared/data/README.md)", file=sys.stderr)
-        return 1
+        missing = text_path if not text_path.is_file() else gpt2_dir
+        raise FileNotFoundError(2, f"No such file or directory; the tokenizer bench needs {text_path.name} and "
+                                   f"{gpt2_dir.name}/ in --data (see ../shared/data/README.md)", str(missing))
     text = text_path.read_text(encoding="utf-8")
     megabytes = len(text.encode("utf-8")) / 1e6
     print(f"tinyshakespeare: {megabytes:.2f} MB, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")

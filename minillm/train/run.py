@@ -255,21 +255,27 @@ def prepare_run(plan: RunPlan) -> PreparedRun:
 @contextlib.contextmanager
 def new_run_directory(plan: RunPlan):
     """Create a new run's folder for the block; if the block fails before the run logged a step or
-    saved a checkpoint, remove what it created, so that a failed start leaves no folder behind."""
+    saved a checkpoint, remove what it created (the folder and its missing parents; in a folder that
+    was already there, the files it wrote), so that a failed start leaves nothing behind."""
     from .trainer import METRICS_FILE  # noqa: PLC0415
 
     if plan.resume:
         yield plan.run_dir
         return
     created = next((d for d in [plan.run_dir, *plan.run_dir.parents][::-1] if not d.exists()), None)
+    already_there = set() if created is not None else set(plan.run_dir.iterdir())
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield plan.run_dir
     except BaseException:
         metrics = plan.run_dir / METRICS_FILE
         started = has_checkpoint(plan.run_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
-        if created is not None and not started:
-            shutil.rmtree(created, ignore_errors=True)
+        if not started:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            else:   # the user's own folder stays, without what this run wrote into it (run.json, ...)
+                for entry in set(plan.run_dir.iterdir()) - already_there:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         raise
 
 

@@ -138,6 +138,12 @@ def test_failed_run_leaves_no_folder_and_runs_never_share_one(tmp_path, text_fil
     assert "too few for one window" in one_line_error(err)
     assert not (tmp_path / "runs").exists()                      # neither the run folder nor its parent
 
+    mine = tmp_path / "mine"                                     # the user's own folder stays, as it was
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+    _, err = run(["train", "--data", short, *TINY, "--steps", "1", "--out", mine], capsys, 2)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
     run_dir = tmp_path / "run"
     run(["train", "--data", text_file, *TINY, "--steps", "2", "--out", run_dir], capsys, 0)
     metrics = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
