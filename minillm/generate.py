@@ -55,6 +55,7 @@ two give the same tokens. A prompt longer than C starts from its last C tokens.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -187,7 +188,8 @@ def window_start(start: int, length: int, context_length: int, keep: int) -> int
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True, stream=None, window_keep: int | None = None) -> np.ndarray:
+             use_cache: bool = True, stream=None, window_keep: int | None = None,
+             cuda_graph: bool | None = None) -> np.ndarray:
     """Continue ``ids`` by up to ``max_new_tokens`` sampled tokens; returns the ids, prompt included.
 
     ``ids``: (T,) or (B, T) integer ids (rows of a batch have equal length).
@@ -207,6 +209,10 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     There is no length limit: past ``context_length`` the window slides (module
     docstring), keeping the last ``window_keep`` tokens (default 3/4 of the
     context) at each jump.
+
+    ``cuda_graph``: replay each one-token step as a captured CUDA graph (see
+    "CUDA-graph decoding" below). None (default) does so on a GPU for the models
+    it supports; True insists (ValueError where it cannot); False never.
     """
     config = model.config
     prompt, squeeze = _prompt_array(ids, config.vocab_size)
@@ -220,6 +226,11 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= context:
         raise ValueError(f"generate: window_keep must be an integer in [1, context_length={context}], got {keep!r}")
     batch, prompt_len = prompt.shape
+    on_gpu = backend.device_of(model.wte.weight.data) != "cpu"
+    if cuda_graph and not (use_cache and on_gpu and graph_decoding_supported(model)):
+        raise ValueError("generate: cuda_graph=True needs use_cache, a GPU and a GPT-2-style model "
+                         "(learned positions, LayerNorm, GELU, as many key/value heads as query heads)")
+    use_graph = cuda_graph is not False and use_cache and on_gpu and graph_decoding_supported(model)
     total = prompt_len + int(max_new_tokens)
     out = np.empty((batch, total), dtype=np.int64)
     out[:, :prompt_len] = prompt
@@ -232,7 +243,11 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
         try:
             with no_grad():
                 # the last new token is never fed back, so the cache needs at most total - 1 positions
-                cache = model.new_kv_cache(batch, min(total - 1, context)) if use_cache else None
+                decoder = graph_decoder(model, batch) if use_graph else None
+                cache = model.new_kv_cache(batch, min(total - 1, context)) if use_cache and not use_graph else None
+                if decoder is not None:
+                    cache = decoder.cache                                 # the graph's own static cache
+                    cache.reset()
                 start = max(0, prompt_len - context)                      # a long prompt: its last C tokens
                 logits = model(out[:, start:length], cache=cache).data[:, -1]   # prefill: (B, V)
                 while True:
@@ -249,6 +264,9 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
                     previous, start = start, window_start(start, length, context, keep)
                     if cache is None:
                         logits = model(out[:, start:length]).data[:, -1]             # the whole window again
+                    elif start == previous and decoder is not None:
+                        logits = decoder.step(next_ids, cache.pos)                   # one replay
+                        cache.advance(1)
                     elif start == previous:
                         logits = model(next_ids[:, None], cache=cache).data[:, -1]   # one position
                     else:                                                            # the window slid:
@@ -259,3 +277,132 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
                 module.training = training
     result = out[:, :length]
     return result[0] if squeeze else result
+
+
+# ------------------------------------------------------------------ CUDA-graph decoding
+#
+# On a GPU a one-token decode step of GPT-2 small is ~300 kernel launches of a few
+# microseconds of work each: Python and the launches, not the GPU, set the pace.
+# A CUDA graph records the step's launches once and replays them with one call.
+# A replay repeats the recorded kernels with their recorded arguments and
+# buffers, so what changes per token lives in device memory the kernels read:
+# the token ids and the position (kernels/generate.py). The step is the model's
+# own layers (ln_1, c_attn, c_proj, mlp, ln_f, the output head) around the three
+# position-dependent kernels; its KV cache is a KVCache whose arrays the graph
+# reads and writes in place, so a prefill through the model fills it too.
+
+
+def graph_decoding_supported(model) -> bool:
+    """The captured step is written for GPT-2-style models: learned positions, LayerNorm, GELU MLP,
+    n_kv_head == n_head, no q/k norm, head_dim · n_head == d_model, float32 weights."""
+    cfg = model.config
+    return (getattr(cfg, "positions", "learned") == "learned" and getattr(cfg, "norm", "layernorm") == "layernorm"
+            and getattr(cfg, "mlp", "gelu") == "gelu" and getattr(cfg, "n_kv_head", None) in (None, cfg.n_head)
+            and not getattr(cfg, "qk_norm", False) and getattr(cfg, "head_dim", None) in (None, cfg.d_model // cfg.n_head)
+            and cfg.d_model % cfg.n_head == 0 and model.wte.weight.dtype == np.float32)
+
+
+class CudaGraphDecoder:
+    """One decode step of ``model`` for ``batch`` rows, captured as a CUDA graph over a static
+    KV cache of ``context_length`` positions; ``step(ids, pos)`` replays it.
+
+    Captured in the precision in force at construction (fp32, TF32 or autocast); the
+    weights are read from the model's own arrays at every replay (an in-place optimizer
+    update is seen; replaced arrays are detected by ``matches`` and need a new decoder).
+    """
+
+    def __init__(self, model, batch: int):
+        import cupy  # noqa: PLC0415
+
+        from . import precision  # noqa: PLC0415
+        from .kernels.matmul import prepare_capture  # noqa: PLC0415
+
+        cfg = model.config
+        self.model, self.batch = model, batch
+        self.params = [p.data for p in model.parameters()]
+        self.mode = (precision.autocast_dtype(), precision.tf32_enabled())
+        self.cache = model.new_kv_cache(batch, cfg.context_length)
+        self.ids = cupy.zeros(batch, dtype=cupy.int64)                      # the step's inputs, in place
+        self.pos = cupy.zeros(1, dtype=cupy.int32)
+        heads = cfg.n_head
+        self.scratch = cupy.empty((batch * heads, cfg.context_length), dtype=cupy.float32)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        pool = cupy.get_default_memory_pool()
+        with self.stream:
+            self._step()                          # eager once: compiles the kernels, sizes the pool
+            self.stream.synchronize()
+            prepare_capture()                     # cuBLAS: this stream and a fixed workspace
+            self.buffers = []                     # every block the graph touches, kept for its lifetime
+
+            def keep_alive(size):
+                memory = pool.malloc(size)
+                self.buffers.append(memory)
+                return memory
+
+            cupy.cuda.set_allocator(keep_alive)
+            try:
+                self.stream.begin_capture(cupy.cuda.runtime.streamCaptureModeRelaxed)
+                try:
+                    self.logits = self._step()    # (B, V), a buffer of the graph
+                finally:
+                    self.graph = self.stream.end_capture()
+            finally:
+                cupy.cuda.set_allocator(pool.malloc)
+
+    def matches(self, model) -> bool:
+        """Whether this decoder still reads ``model``'s current weight arrays in the current precision."""
+        from . import precision  # noqa: PLC0415
+
+        return (model is self.model and self.mode == (precision.autocast_dtype(), precision.tf32_enabled())
+                and len(self.params) == len(list(model.parameters()))
+                and all(a is p.data for a, p in zip(self.params, model.parameters())))
+
+    def _step(self):
+        """The decode step on the static buffers: ids, pos -> logits (B, V); cache written at pos."""
+        import cupy  # noqa: PLC0415
+
+        from .functional import linear  # noqa: PLC0415
+        from .kernels import generate as kernels  # noqa: PLC0415
+
+        model, cfg, batch = self.model, self.model.config, self.batch
+        C = cfg.d_model
+        x = cupy.empty((batch, C), dtype=cupy.float32)
+        kernels.embed_at_position(self.ids, model.wte.weight.data, model.wpe.weight.data, self.pos, x)
+        x = Tensor(x[:, None])                                                  # (B, 1, C)
+        scale = 1.0 / math.sqrt(C // cfg.n_head)
+        for index, block in enumerate(model.h):                                 # TransformerBlock.forward, T = 1
+            qkv = block.attn.c_attn(block.ln_1(x)).data.reshape(batch, 3 * C)   # (B, 3C)
+            keys, values = self.cache.keys[index], self.cache.values[index]
+            kernels.kv_cache_write(qkv, keys, values, self.pos)
+            y = cupy.empty((batch, C), dtype=cupy.float32)
+            kernels.decode_attention(qkv, keys, values, self.pos, self.scratch, y, scale)
+            x = x + block.attn.c_proj(Tensor(y[:, None]))
+            x = x + block.mlp(block.ln_2(x))
+        return linear(model.ln_f(x), model.output_weight).data[:, 0]           # (B, V)
+
+    def step(self, ids, pos: int):
+        """Logits (B, V) for the tokens ``ids`` (B,) at position ``pos``, their k, v cached at pos."""
+        import cupy  # noqa: PLC0415
+
+        caller = cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())                 # the prefill's cache writes come first
+        with self.stream:
+            self.ids[...] = cupy.asarray(ids, dtype=cupy.int64)
+            self.pos.fill(pos)
+            self.graph.launch(self.stream)
+        caller.wait_event(self.stream.record())                 # the caller reads the logits after
+        return self.logits
+
+
+_graph_decoders: dict = {}   # (id(model), batch) -> CudaGraphDecoder
+
+
+def graph_decoder(model, batch: int) -> CudaGraphDecoder:
+    """The captured decode step for (model, batch), captured on first use and reused while the
+    model keeps its weight arrays and the precision is unchanged."""
+    key = (id(model), batch)
+    decoder = _graph_decoders.get(key)
+    if decoder is None or not decoder.matches(model):
+        _graph_decoders.pop(key, None)
+        decoder = _graph_decoders[key] = CudaGraphDecoder(model, batch)
+    return decoder

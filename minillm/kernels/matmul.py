@@ -190,15 +190,20 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None, t
     return c.reshape(batch_shape + c.shape[-2:])
 
 
-def prepare_capture(workspace_bytes: int = 32 << 20):
+_capture_workspaces: dict = {}
+
+
+def prepare_capture(workspace_bytes: int = 32 << 20) -> None:
     """Before CUDA-graph capture on the current stream: give cuBLAS that stream and a fixed
-    workspace (a capture may not allocate). Returns the workspace, which must outlive
-    every graph captured with it."""
+    workspace (a capture may not allocate one). The workspace stays set on CuPy's handle for
+    later calls too, so it is allocated once per device and never freed."""
     import cupy  # noqa: PLC0415
 
     lib = _cublas()
     handle = cupy.cuda.device.get_cublas_handle()
-    workspace = cupy.empty(workspace_bytes, dtype=cupy.uint8)
+    device = cupy.cuda.Device().id
+    if device not in _capture_workspaces:
+        _capture_workspaces[device] = cupy.empty(workspace_bytes, dtype=cupy.uint8)
+    workspace = _capture_workspaces[device]
     _check(lib.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
-    _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace_bytes), "cublasSetWorkspace")
-    return workspace
+    _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
