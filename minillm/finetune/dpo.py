@@ -84,10 +84,10 @@ def _array(value):
 
 
 def preference_examples(tokenizer, records, context_length: int, truncate: bool):
-    """[(chosen ids, rejected ids, prompt length), ...]: prompt + response + end-of-text each.
+    """[(chosen ids, rejected ids, prompt length) or None, ...], one per record: prompt + response + end-of-text.
 
     Too long: an error, or with ``truncate`` the response's tail is cut (a
-    record whose prompt alone fills the context is left out).
+    record whose prompt alone fills the context is left out: its entry is None).
     """
     require_fields(records, ("instruction", "chosen", "rejected"),
                    hint="preference data needs 'instruction', 'chosen', 'rejected' and optionally 'input'")
@@ -111,8 +111,7 @@ def preference_examples(tokenizer, records, context_length: int, truncate: bool)
                                     f"responses")
                 ids = ids[:context_length + 1]
             pair.append(ids)
-        if len(pair) == 2:
-            examples.append((pair[0], pair[1], len(prompt)))
+        examples.append((pair[0], pair[1], len(prompt)) if len(pair) == 2 else None)
     return examples
 
 

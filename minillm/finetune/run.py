@@ -117,12 +117,10 @@ def prepare_data(config: FinetuneConfig, tokenizer, context_length: int):
             examples = dpo.preference_examples(tokenizer, records, context_length, config.truncate)
             pad = sft.end_of_text_id(tokenizer)
             collate = lambda batch: dpo.collate_preferences(batch, pad)  # noqa: E731
-        extra["records"] = records
-        extra["left_out"] = len(records) - len(examples)
-        if config.task == "sft" and extra["left_out"]:   # keep records[i] <-> examples[i] for the test records
-            records = [r for r in records if len(tokenizer.encode(sft.format_prompt(
-                r["instruction"], r.get("input") or ""), allowed_special="none")) < context_length]
-            extra["records"] = records
+        kept = [i for i, example in enumerate(examples) if example is not None]   # None: left out (too long)
+        extra["left_out"] = len(records) - len(kept)
+        extra["records"] = [records[i] for i in kept]
+        examples = [examples[i] for i in kept]
     parts = split_indices(len(examples), fractions, config.split_seed)
     if len(parts[0]) == 0:
         raise DataError(f"{config.data}: {len(examples)} record(s) leave no training examples after the split")

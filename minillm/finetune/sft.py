@@ -75,11 +75,11 @@ def end_of_text_id(tokenizer) -> int:
 
 
 def instruction_examples(tokenizer, records, context_length: int, truncate: bool) -> list[tuple[list[int], int]]:
-    """[(prompt + response + end-of-text ids, prompt length), ...], each at most context_length + 1 ids.
+    """[(prompt + response + end-of-text ids, prompt length) or None, ...], one per record, at most context_length + 1 ids.
 
     A record that does not fit is an error, unless ``truncate`` cuts the tail
     of its response; a prompt that leaves no room for a response is an error
-    too, or with ``truncate`` the record is left out (the caller sees fewer examples).
+    too, or with ``truncate`` the record is left out: its entry is None.
     """
     require_fields(records, ("instruction", "output"), hint="instruction data needs 'instruction', "
                    "'output' and optionally 'input' per record")
@@ -91,6 +91,7 @@ def instruction_examples(tokenizer, records, context_length: int, truncate: bool
         where = record.get("_where", "a record")
         if len(prompt) >= context_length:
             if truncate:
+                examples.append(None)
                 continue
             raise DataError(f"{where}: the prompt alone is {len(prompt)} tokens; the model's context is "
                             f"{context_length}, leaving no room for the response (--truncate leaves such "

@@ -67,7 +67,7 @@ def test_texts_longer_than_the_context_stop_unless_truncated(tmp_path):
     (ids, prompt_length), = instruction_examples(tok, long, 200, truncate=True)
     assert len(ids) == 201 and prompt_length < 200                     # inputs and targets: 200 each
     huge_prompt = [{"instruction": "i" * 300, "output": "o"}]
-    assert instruction_examples(tok, huge_prompt, 200, truncate=True) == []   # no room for a response: left out
+    assert instruction_examples(tok, huge_prompt, 200, truncate=True) == [None]   # no room for a response: left out
     with pytest.raises(DataError, match="the prompt alone is"):
         instruction_examples(tok, huge_prompt, 200, truncate=False)
 
