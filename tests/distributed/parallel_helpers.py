@@ -27,9 +27,9 @@ def tiny_run(dtype="float64", steps=STEPS, batch_size=8, grad_accum=1, **model):
     return gpt, data, config
 
 
-def single_process(group, dtype="float64", steps=STEPS, **options):
+def single_process(group, dtype="float64", steps=STEPS, batch_size=8, grad_accum=1):
     """Losses and final parameters of the ordinary Trainer (run on a 1-rank spawn)."""
-    model, data, config = tiny_run(dtype, steps, **options)
+    model, data, config = tiny_run(dtype, steps, batch_size, grad_accum)
     trainer = Trainer(model, config, data)
     losses = [trainer.train_step()[0] for _ in range(steps)]
     return losses, {name: value.copy() for name, value in model.state_dict().items()}
