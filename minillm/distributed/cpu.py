@@ -182,8 +182,10 @@ class CPUCommunicator(Communicator):
         return array_out
 
     def send_recv(self, send_array, send_peer: int, recv_out, recv_peer: int):
-        self.send(send_array, send_peer)  # buffered by the peer's reader: cannot deadlock
-        return self.recv(recv_out, recv_peer)
+        """Either side may be None. The send is buffered by the peer's reader: no deadlock."""
+        if send_array is not None:
+            self.send(send_array, send_peer)
+        return None if recv_out is None else self.recv(recv_out, recv_peer)
 
     # --------------------------------------------------------- collectives
     def _exchange(self, parts_for) -> list:

@@ -17,7 +17,7 @@ from .. import backend
 from ..kernels import optim as kernels
 
 
-def clip_grad_norm_(params: Iterable[Any], max_norm: float) -> float:
+def clip_grad_norm_(params: Iterable[Any], max_norm: float, reduce_total=None) -> float:
     """Scale the gradients of ``params`` in place so their global L2 norm is at most ``max_norm``.
 
     Returns the total norm *before* clipping, as a Python float (for logging).
@@ -25,6 +25,9 @@ def clip_grad_norm_(params: Iterable[Any], max_norm: float) -> float:
     each parameter's device and read back once per device (one host sync on
     one GPU); there all gradients are reduced in one kernel launch and scaled
     in another (``kernels.multi_sum_squares`` / ``kernels.multi_scale_``).
+    ``reduce_total(local_square) -> total_square``, for a model split over
+    processes (pipeline stages), turns this process's sum of squares into the
+    whole model's (an all-reduce); every process then clips by the same norm.
     A non-finite norm (inf/nan: an overflow somewhere) is returned and
     nothing is scaled, so the caller can see it and skip the step.
     """
@@ -33,7 +36,7 @@ def clip_grad_norm_(params: Iterable[Any], max_norm: float) -> float:
     if hasattr(params, "data"):  # a single tensor
         params = [params]
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not grads and reduce_total is None:
         return 0.0
     by_device: dict[str, list] = {}
     for g in grads:
@@ -42,6 +45,8 @@ def clip_grad_norm_(params: Iterable[Any], max_norm: float) -> float:
     for device, arrays in by_device.items():
         with backend.device_context(device):
             total_square += float(_sum_of_squares(arrays))  # the host sync (none on the CPU)
+    if reduce_total is not None:  # model split over processes: this process's Σg² -> the whole model's
+        total_square = reduce_total(total_square)
     total_norm = math.sqrt(total_square)
     if math.isfinite(total_norm) and total_norm > max_norm:
         scale = max_norm / (total_norm + 1e-6)

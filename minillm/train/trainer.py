@@ -189,20 +189,11 @@ class Trainer:
         Raises TrainingDiverged, leaving the weights untouched, when the loss or the gradient norm
         is not finite.
         """
-        cfg, model = self.config, self.model
+        cfg = self.config
         lr = optim.cosine_schedule(self.step, cfg.warmup, cfg.steps, cfg.lr, cfg.min_lr)
         optim.apply_lr(self.optimizer, lr)
         self.optimizer.zero_grad()
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = self._to_device(self.data.get_batch("train", cfg.batch_size))
-            with precision.use_precision(cfg.precision):   # fp32: no change; tf32; bf16/fp16 autocast
-                loss = self.loss_fn(model, batch)
-                # d(S · loss / grad_accum): gradients add up over micro-batches; S = 1 unless fp16
-                self.scaler.scale(loss).backward(1.0 / cfg.grad_accum)
-            loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
-            self.tokens_seen += batch[0].size
-        loss_value = float(loss_sum) / cfg.grad_accum   # the one host sync of the step
+        loss_value = self.forward_backward()
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
             raise TrainingDiverged(self._diverged_message(loss_value))
@@ -213,7 +204,7 @@ class Trainer:
             return loss_value, math.inf
         # without clipping the norm is still measured (max_norm inf scales nothing): a finite loss can
         # still have an overflowed gradient, and one update with it would poison every weight
-        grad_norm = optim.clip_grad_norm_(model.parameters(), cfg.clip or math.inf)
+        grad_norm = self.clip_gradients(cfg.clip or math.inf)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad()
             raise TrainingDiverged(self._diverged_message(loss_value, grad_norm))
@@ -223,6 +214,27 @@ class Trainer:
             self.scaler.update()
         self.step += 1
         return loss_value, grad_norm
+
+    def forward_backward(self) -> float:
+        """Gradients of one step's ``grad_accum`` micro-batches, added up in ``p.grad``; the mean loss.
+
+        (Pipeline parallel overrides this and ``clip_gradients``: the rest of the step is the same.)
+        """
+        cfg = self.config
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = self._to_device(self.data.get_batch("train", cfg.batch_size))
+            with precision.use_precision(cfg.precision):   # fp32: no change; tf32; bf16/fp16 autocast
+                loss = self.loss_fn(self.model, batch)
+                # d(S · loss / grad_accum): gradients add up over micro-batches; S = 1 unless fp16
+                self.scaler.scale(loss).backward(1.0 / cfg.grad_accum)
+            loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
+            self.tokens_seen += batch[0].size
+        return float(loss_sum) / cfg.grad_accum       # the one host sync of the step
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip by the global gradient norm (``max_norm`` inf: only measure it); the norm before."""
+        return optim.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _diverged_message(self, loss: float, grad_norm: float | None = None) -> str:
         what = f"loss is {loss}" if grad_norm is None else f"gradient norm is {grad_norm} (loss {loss})"
@@ -262,12 +274,16 @@ class Trainer:
             with no_grad():
                 for batch in batches:
                     inputs, targets = self._to_device(batch)
-                    _, loss = self.model(inputs, targets)
-                    total = total + loss.data * targets.size   # weighted: the last batch may be smaller
+                    total = total + self.batch_loss(inputs, targets) * targets.size   # weighted: the last may be smaller
                     count += targets.size
         finally:
             self.model.train(was_training)
         return float(total) / count
+
+    def batch_loss(self, inputs, targets):
+        """The mean loss of one evaluation batch (an array on the device, or a number)."""
+        _, loss = self.model(inputs, targets)
+        return loss.data
 
     def measure(self) -> dict[str, float]:
         """One evaluation's metrics: ``evaluate_fn(model)`` (eval mode, no graph), else val loss and perplexity.
@@ -396,9 +412,12 @@ class Trainer:
         """Checkpoint the run now (atomically); returns the metadata path, None without a run_dir."""
         if self.run_dir is None:
             return None
-        return save_checkpoint(
-            self.run_dir, model=self.model, optimizer=self.optimizer, step=self.step,
-            model_config=self.model_config, train_config=self.config.to_dict(),
+        return save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, **self.checkpoint_fields())
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the model and optimizer (``save_checkpoint``'s keywords)."""
+        return dict(
+            step=self.step, model_config=self.model_config, train_config=self.config.to_dict(),
             data_state=self.data.state_dict(), tokenizer=self.tokenizer,
             extra={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                    "last_val_loss": self.last_val_loss, "grad_scaler": self.scaler.state_dict()},
@@ -414,7 +433,7 @@ class Trainer:
         """
         if self.run_dir is None:
             raise ValueError("resume() needs a run_dir")
-        checkpoint = load_checkpoint(self.run_dir)
+        checkpoint = self.load_run_checkpoint()
         restore_checkpoint(checkpoint, self.model, self.optimizer, model_config=self.model_config)
         if checkpoint.metadata.get("data_state") is not None:
             self.data.load_state_dict(checkpoint.metadata["data_state"])
@@ -427,6 +446,10 @@ class Trainer:
             self.scaler.load_state_dict(extra["grad_scaler"])  # fp16 -> fp16: keep the loss scale it found
         self._truncate_metrics(self.step)
         return self.step
+
+    def load_run_checkpoint(self):
+        """The checkpoint ``resume`` restores (pipeline parallel: this stage's part of it)."""
+        return load_checkpoint(self.run_dir)
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / METRICS_FILE

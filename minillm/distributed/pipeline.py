@@ -1,0 +1,159 @@
+"""Pipeline parallel, part 1: cutting a GPT into P contiguous stages.
+
+    stage 0          stage 1        ...   stage P-1
+    wte, wpe, drop   h[a1 .. a2)          h[a_{P-1} .. n_layer)
+    h[0 .. a1)                            ln_f, output head (wte.weight again when tied)
+
+Each rank keeps only its stage. What crosses a stage boundary, per
+micro-batch, is one activation (b, T, C) going forward and its gradient
+(b, T, C) coming back: the residual stream between two blocks.
+
+Balance by cost. A stage's time is the sum of its parts' forward+backward
+FLOPs per token: a block costs 2·12·C² (its six matrices, with the MLP's 4C)
+plus 2·2·T·C (q·kᵀ and p·v); the output head 2·V·C (for GPT-2 124M at
+T=1024 ≈ 4.5 blocks: stage 1 of 2 gets fewer blocks). ``partition`` picks
+the contiguous cut that minimises the most expensive stage (exact, by
+dynamic programming over the cut points).
+
+The tied embedding. GPT-2's head reuses wte's (V, C) matrix, but wte lives on
+the first stage and the head on the last: both keep a copy of the same
+weights, ``tied_parameters`` names them, and after each backward their two
+gradients are summed over the pair (``PipelineEngine``), so both copies take
+the same update and stay equal: the single model's gradient is exactly that
+sum of the embedding's and the head's contributions.
+"""
+
+from __future__ import annotations
+
+from .. import functional as F
+from ..nn import Module
+
+EMBEDDING_PARTS = ("wte", "wpe", "drop")  # on the first stage
+HEAD_PARTS = ("ln_f", "lm_head")          # on the last stage
+
+
+def layer_costs(config, seq_len: int) -> tuple[list[float], float, float]:
+    """(cost of each block, of the embeddings, of the head), in FLOPs per token (forward)."""
+    C, T = config.d_model, seq_len
+    hidden = config.mlp_hidden or 4 * C
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    up = 2 * hidden if config.mlp == "swiglu" else hidden
+    block = 2 * (C * (q + 2 * kv) + q * C + C * up + hidden * C) + 2 * 2 * T * q
+    head = 2 * config.vocab_size * C
+    return [float(block)] * config.n_layer, 0.0, float(head)
+
+
+def partition(costs: list[float], stages: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[tuple[int, int]]:
+    """Cut ``costs`` into ``stages`` contiguous non-empty runs minimising the largest run's cost.
+
+    ``first_extra``/``last_extra`` are added to the first/last run (embeddings,
+    head). Returns [(start, end), ...] half-open ranges. Exact: best[k][i] is
+    the least possible maximum when the first i items go to k stages.
+
+    >>> partition([1, 1, 1, 1], 2, last_extra=2)
+    [(0, 3), (3, 4)]
+    """
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot cut {n} blocks into {stages} pipeline stages: need 1 <= --pp <= n_layer ({n})")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def run_cost(i: int, j: int, k: int) -> float:  # items [i, j) as stage k (0-based)
+        return prefix[j] - prefix[i] + (first_extra if k == 0 else 0.0) + (last_extra if k == stages - 1 else 0.0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for j in range(k, n - (stages - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], run_cost(i, j, k - 1))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    bounds, j = [], n
+    for k in range(stages, 0, -1):
+        bounds.append((cut[k][j], j))
+        j = cut[k][j]
+    return bounds[::-1]
+
+
+def stage_bounds(config, stages: int, seq_len: int | None = None) -> list[tuple[int, int]]:
+    """The block range of each stage of a GPT, balanced by ``layer_costs``."""
+    blocks, embed, head = layer_costs(config, seq_len or config.context_length)
+    return partition(blocks, stages, embed, head)
+
+
+class PipelineStage(Module):
+    """One stage of a GPT: the modules of ``model`` it owns, under the model's own names.
+
+    ``stage(ids)`` on the first stage, ``stage(x)`` (a (b, T, C) activation)
+    on the others; the last stage returns the logits, or ``(logits, loss)``
+    with ``targets``. Parameter names are the full model's (``h.7.ln_1.weight``),
+    so a checkpoint is the union of the stages' state dicts.
+    """
+
+    def __init__(self, model, stage: int, stages: int, bounds: list[tuple[int, int]] | None = None):
+        super().__init__()
+        if not 0 <= stage < stages:
+            raise ValueError(f"stage {stage} is not in 0..{stages - 1}")
+        bounds = bounds or stage_bounds(model.config, stages)
+        self.config, self.stage, self.stages = model.config, stage, stages
+        self.start, self.end = bounds[stage]
+        self.is_first, self.is_last = stage == 0, stage == stages - 1
+        if self.is_first:
+            for name in EMBEDDING_PARTS:
+                setattr(self, name, getattr(model, name))
+        self.h = Module()  # children named by their index in the whole model
+        for index in range(self.start, self.end):
+            setattr(self.h, str(index), model.h[index])
+        if self.is_last:
+            self.ln_f = model.ln_f
+            if model.lm_head is not None:
+                self.lm_head = model.lm_head
+            elif not self.is_first:
+                self.wte = model.wte  # the tied head's weight: a second copy, kept equal (see module doc)
+        self.blocks = [model.h[i] for i in range(self.start, self.end)]
+
+    @property
+    def output_weight(self):
+        return self.wte.weight if getattr(self, "lm_head", None) is None else self.lm_head.weight
+
+    def tied_parameters(self) -> list:
+        """Parameters that another stage also holds (the tied wte on the first and last stage)."""
+        if self.stages > 1 and self.config.tie_embeddings and (self.is_first or self.is_last):
+            return [self.wte.weight]
+        return []
+
+    def forward(self, inputs, targets=None):
+        if self.is_first:
+            T = inputs.shape[1]
+            x = self.wte(inputs)                                   # (b, T, C)
+            if self.wpe is not None:
+                x = x + self.wpe.weight[0:T]                       # (T, C) broadcast over the batch
+            x = self.drop(x)
+        else:
+            x = inputs                                             # (b, T, C) from the previous stage
+        for index, block in zip(range(self.start, self.end), self.blocks):
+            x = block(x, layer_index=index)                        # (b, T, C)
+        if not self.is_last:
+            return x
+        logits = F.linear(self.ln_f(x), self.output_weight)        # (b, T, V)
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits, targets)
+
+
+def build_stage(model_factory, stage: int, stages: int, seq_len: int | None = None) -> PipelineStage:
+    """This rank's stage of the model ``model_factory()`` builds, the rest of it dropped.
+
+    The whole model is initialised first, in the order one process would, so
+    that the stages together start from exactly the single-process weights;
+    only the stage's parameters stay referenced (the rest is freed at once),
+    and gradients, optimizer state and activations exist for the stage only.
+    """
+    model = model_factory()
+    bounds = stage_bounds(model.config, stages, seq_len)
+    return PipelineStage(model, stage, stages, bounds)

@@ -1,0 +1,208 @@
+"""Pipeline parallel, part 3: the Trainer on P stages, and checkpoints as one ordinary file.
+
+``PipelineTrainer`` is the single-process ``Trainer`` with two pieces swapped:
+the forward/backward of a step runs the pipeline schedule (``PipelineEngine``),
+and clipping uses the norm over all stages. The learning-rate schedule, the
+divergence checks, evaluation, logging and the loop are the Trainer's. Every
+rank draws the same micro-batches from the same data stream (only the first
+stage reads the ids, only the last the targets), so a step with
+``batch_size`` b and ``grad_accum`` M is the same arithmetic as one process
+running b x M windows as M accumulated micro-batches.
+
+Checkpoints. Each stage sends its parameters and AdamW state to the pipeline's
+rank 0, which writes one ordinary minillm checkpoint (``save_checkpoint``):
+parameter names are the whole model's, and the optimizer state is re-indexed
+into the order the single-process optimizer uses. Resuming reads that file on
+every rank and keeps the stage's part, so a run saved on 2 stages resumes on
+1, or 4, and the other way round. (Several nodes need a shared file system.)
+Only rank 0 writes the metrics log.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from .. import backend, optim, precision
+from ..train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..train.trainer import Trainer
+from .schedule import PipelineEngine
+
+
+class PipelineTrainer(Trainer):
+    """``Trainer`` for one stage (``PipelineStage``) of a pipeline over ``comm``."""
+
+    def __init__(self, stage, config, data, comm, schedule: str = "1f1b", run_dir=None, tokenizer=None,
+                 timeline: bool = False):
+        if config.precision == "fp16":
+            raise ValueError("--pp with fp16 is not supported (the stages would have to agree on loss scaling); "
+                             "use --precision bf16")
+        self.comm = comm
+        self.is_writer = comm.rank == 0
+        super().__init__(stage, config, data, run_dir=run_dir, tokenizer=tokenizer,
+                         model_config=stage.config.to_dict())
+        self.engine = PipelineEngine(stage, comm, schedule, timeline)
+        self._saves = 0
+
+    # ------------------------------------------------------------ the step, split over stages
+    def forward_backward(self) -> float:
+        cfg = self.config
+        batches = [self._to_device(self.data.get_batch("train", cfg.batch_size)) for _ in range(cfg.grad_accum)]
+        with precision.use_precision(cfg.precision):
+            loss = self.engine.train_step(batches)
+        self.tokens_seen += sum(b[0].size for b in batches)
+        return loss
+
+    def clip_gradients(self, max_norm: float) -> float:
+        return self.engine.clip_grad_norm(max_norm)
+
+    def batch_loss(self, inputs, targets):
+        return self.engine.evaluate_loss(inputs, targets)
+
+    # ------------------------------------------------------------ one writer
+    def _log(self, record) -> None:
+        if self.is_writer:
+            super()._log(record)
+
+    def _truncate_metrics(self, step: int) -> None:
+        if self.is_writer:
+            super()._truncate_metrics(step)
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self):
+        """Gather every stage's state on rank 0 and write one ordinary checkpoint there."""
+        if self.run_dir is None:
+            return None
+        self._saves += 1
+        gathered = gather_stage_states(self.model, self.optimizer, self.comm, f"checkpoint{self._saves}")
+        path = self.run_dir / "checkpoint.json"
+        if self.is_writer:
+            model_state, optimizer_state = gathered
+            path = save_checkpoint(self.run_dir, model=SimpleNamespace(state_dict=lambda: model_state),
+                                   optimizer=SimpleNamespace(state_dict=lambda: optimizer_state),
+                                   **self.checkpoint_fields())
+        self.comm.barrier()  # nobody runs ahead of a checkpoint being written
+        return path
+
+    def load_run_checkpoint(self) -> Checkpoint:
+        """The whole checkpoint, cut down to this stage's parameters and their optimizer state."""
+        return stage_slice(load_checkpoint(self.run_dir), self.model, self.optimizer)
+
+
+# ---------------------------------------------------------------- state by name
+
+def _group_kinds(named_arrays) -> dict[str, bool]:
+    """name -> decayed? (``optim.weight_decay_groups``' rule, asked with a marker decay of 1)."""
+    stand_ins = [(name, SimpleNamespace(data=array)) for name, array in named_arrays]
+    names = {id(p): name for name, p in stand_ins}
+    return {names[id(p)]: group["weight_decay"] == 1.0
+            for group in optim.weight_decay_groups(stand_ins, 1.0) for p in group["params"]}
+
+
+def optimizer_state_by_name(model, optimizer) -> tuple[dict, dict]:
+    """(name -> per-parameter state, decayed? -> group hyper-parameters) of ``model``'s optimizer."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    kinds = _group_kinds((name, p.data) for name, p in model.named_parameters())
+    saved = optimizer.state_dict()
+    by_name, hyper, index = {}, {}, 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for p in group["params"]:
+            if index in saved["state"]:
+                by_name[names[id(p)]] = saved["state"][index]
+            index += 1
+        hyper[kinds[names[id(group["params"][0])]]] = {k: v for k, v in saved_group.items() if k != "params"}
+    return by_name, hyper
+
+
+def assemble_optimizer_state(model_state: dict, by_name: dict, hyper: dict) -> dict:
+    """``Optimizer.state_dict()`` layout for a model whose parameters are ``model_state`` (in order)."""
+    kinds = _group_kinds(model_state.items())
+    state, groups, index = {}, [], 0
+    for decayed in (True, False):  # weight_decay_groups' order: decayed first
+        names = [n for n in model_state if kinds.get(n) is decayed]
+        if not names:
+            continue
+        indices = []
+        for name in names:
+            if name in by_name:
+                state[index] = by_name[name]
+            indices.append(index)
+            index += 1
+        groups.append({**hyper[decayed], "params": indices})
+    return {"state": state, "param_groups": groups}
+
+
+def _owned(stage):
+    """(name, parameter) this stage contributes to the checkpoint: all but the last stage's tied copy."""
+    duplicate = {id(p) for p in stage.tied_parameters()} if stage.is_last and not stage.is_first else set()
+    return [(n, p) for n, p in stage.named_parameters() if id(p) not in duplicate]
+
+
+def gather_stage_states(stage, optimizer, comm, tag: str):
+    """On rank 0: (whole model_state, whole optimizer state) as NumPy; None elsewhere.
+
+    Each rank posts the list of its arrays (name, shape, dtype) and small
+    scalars in the rendezvous store, then sends the arrays in that order.
+    """
+    by_name, hyper = optimizer_state_by_name(stage, optimizer)
+    owned = _owned(stage)
+    arrays, scalars = [], {}
+    for name, p in owned:
+        arrays.append((f"model/{name}", p.data))
+        for field, value in by_name.get(name, {}).items():
+            if hasattr(value, "shape") and getattr(value, "ndim", 0) > 0:
+                arrays.append((f"optim/{name}/{field}", value))
+            else:
+                scalars[(name, field)] = value
+    manifest = ([(key, tuple(a.shape), a.dtype.str) for key, a in arrays], scalars, hyper)
+    if comm.rank != 0:
+        comm.store.set(f"{comm.name}/{tag}/rank{comm.rank}", manifest)
+        xp = backend.array_module(next(iter(stage.parameters())).data)
+        for _, array in arrays:
+            comm.send(xp.ascontiguousarray(xp.asarray(array)), 0)  # optimizer snapshots are NumPy: to the device
+        comm.synchronize()
+        return None
+    model_state, states, all_hyper = {}, {}, {}
+    xp = backend.array_module(next(iter(stage.parameters())).data)
+    for rank in range(comm.size):
+        if rank == 0:
+            received = [(key, backend.to_numpy(a)) for key, a in arrays]
+            rank_scalars, rank_hyper = scalars, hyper
+        else:
+            entries, rank_scalars, rank_hyper = comm.store.get(f"{comm.name}/{tag}/rank{rank}")
+            received = []
+            for key, shape, dtype in entries:
+                buffer = xp.empty(shape, dtype=dtype)
+                comm.recv(buffer, rank)
+                received.append((key, buffer))
+            comm.synchronize()
+            received = [(key, backend.to_numpy(b)) for key, b in received]
+        for key, array in received:
+            kind, rest = key.split("/", 1)
+            if kind == "model":
+                model_state[rest] = array
+            else:
+                name, field = rest.rsplit("/", 1)
+                states.setdefault(name, {})[field] = array
+        for (name, field), value in rank_scalars.items():
+            states.setdefault(name, {})[field] = value
+        for decayed, values in rank_hyper.items():
+            all_hyper.setdefault(decayed, values)
+    return model_state, assemble_optimizer_state(model_state, states, all_hyper)
+
+
+def stage_slice(checkpoint: Checkpoint, stage, optimizer) -> Checkpoint:
+    """A whole-model checkpoint cut down to ``stage``'s parameters and optimizer state."""
+    names = [n for n, _ in stage.named_parameters()]
+    model_state = {n: checkpoint.model_state[n] for n in names if n in checkpoint.model_state}
+    optimizer_state = None
+    if checkpoint.optimizer_state is not None:
+        whole = checkpoint.optimizer_state
+        kinds = _group_kinds(checkpoint.model_state.items())
+        ordered = [n for decayed in (True, False) for n in checkpoint.model_state if kinds[n] is decayed]
+        by_name = {ordered[i]: s for i, s in whole["state"].items()}
+        hyper = {}
+        for group in whole["param_groups"]:
+            hyper[kinds[ordered[group["params"][0]]]] = {k: v for k, v in group.items() if k != "params"}
+        stage_arrays = {n: p.data for n, p in stage.named_parameters()}
+        optimizer_state = assemble_optimizer_state(stage_arrays, by_name, hyper)
+    return Checkpoint(checkpoint.metadata, model_state, optimizer_state, checkpoint.path)
