@@ -502,45 +502,99 @@ def _acc_dtype(dtype):
     return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
+# Causal attention only needs, for a block of query rows ending at r1, the keys up to
+# r1 + Tk - Tq: split the queries into SCORE_BLOCKS blocks and the products and
+# softmax passes skip the all-masked upper right (at 4 blocks, 10/16 of the work).
+# Each block is itself a causal attention whose queries are the last of its keys,
+# so the row kernels apply unchanged. (Grouped queries interleave rows of several
+# heads in the product's rows, so they take one block.)
+SCORE_BLOCKS = 4
+SCORE_BLOCK_MIN_ROWS = 256
+
+
+def _rows(a, r0: int, r1: int):
+    """Query rows r0..r1-1 of a (n, G, Tq, ·) array as an (n, G·rows, ·) view: a block of one
+    head (G = 1), or every row (the one block of grouped queries, a contiguous reshape)."""
+    if a.shape[1] == 1:
+        return a[:, 0, r0:r1]
+    import cupy  # noqa: PLC0415
+
+    assert (r0, r1) == (0, a.shape[2]), "grouped queries take one block"
+    return cupy.ascontiguousarray(a).reshape(a.shape[0], -1, a.shape[-1])   # outputs are allocated contiguous
+
+
+def _query_blocks(tq: int, tk: int, causal: bool, group: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, end key) of each query block."""
+    if not causal or group != 1 or tq < SCORE_BLOCK_MIN_ROWS:
+        return [(0, tq, tk)]
+    step = -(-tq // SCORE_BLOCKS)
+    step = -(-step // 64) * 64                         # multiples of 64 rows
+    return [(r0, min(r0 + step, tq), min(r0 + step, tq) + tk - tq) for r0 in range(0, tq, step)]
+
+
 def scores_attention_forward(q4, k3, v3, causal: bool, scale: float, keep=None, keep_scale: float = 1.0,
                              tf32: bool = False):
     """q4 (n, G, Tq, D), k3 (n, Tk, D), v3 (n, Tk, Dv) CuPy arrays of one dtype; ``keep`` (n, G, Tq, Tk)
-    bool dropout mask or None. Returns (out (n, G, Tq, Dv), P (n, G, Tq, Tk)), both in the
-    accumulator dtype (float32, or float64 for float64)."""
+    bool dropout mask or None. Returns (out (n, G, Tq, Dv) in the accumulator dtype (float32, or
+    float64 for float64), P: a list of the query blocks' (n, G, rows, keys) probabilities)."""
+    import cupy  # noqa: PLC0415
+
     from .matmul import gemm  # noqa: PLC0415
 
     n, group, tq, d = q4.shape
     tk, dv = v3.shape[-2:]
     acc = _acc_dtype(q4.dtype)
-    scores = gemm(q4.reshape(n, group * tq, d), k3, trans_b=True, alpha=scale, out_dtype=acc, tf32=tf32)
-    probs = attention_softmax_forward_(scores.reshape(n, group, tq, tk), causal)      # P, in place
-    kept = probs if keep is None else probs * keep                                     # P ⊙ M
-    out = gemm(kept.astype(q4.dtype, copy=False).reshape(n, group * tq, tk), v3,
-               alpha=keep_scale if keep is not None else 1.0, out_dtype=acc, tf32=tf32)
-    return out.reshape(n, group, tq, dv), probs
+    out = cupy.empty((n, group, tq, dv), dtype=acc)
+    probs = []
+    for r0, r1, k_end in _query_blocks(tq, tk, causal, group):
+        rows = (r1 - r0) * group
+        q_rows = _rows(q4, r0, r1)                                                      # (n, rows, D)
+        scores = gemm(q_rows, k3[:, :k_end], trans_b=True, alpha=scale, out_dtype=acc, tf32=tf32)
+        p = attention_softmax_forward_(scores.reshape(n, group, r1 - r0, k_end), causal)   # P, in place
+        block_keep = None if keep is None else cupy.ascontiguousarray(keep[:, :, r0:r1, :k_end])
+        kept = p if block_keep is None else p * block_keep                          # P ⊙ M
+        gemm(kept.astype(q4.dtype, copy=False).reshape(n, rows, k_end), v3[:, :k_end],
+             alpha=keep_scale if keep is not None else 1.0, tf32=tf32,
+             out=_rows(out, r0, r1))
+        probs.append(p)
+    return out, probs
 
 
 def scores_attention_backward(grad4, q4, k3, v3, probs, causal: bool, scale: float, keep=None,
                               keep_scale: float = 1.0, tf32: bool = False):
-    """(dQ (n, G, Tq, D), dK (n, Tk, D), dV (n, Tk, Dv)) given dO ``grad4`` (n, G, Tq, Dv); P is
-    recomputed when ``probs`` is None. Gradients in the accumulator dtype; dK, dV summed over G."""
+    """(dQ (n, G, Tq, D), dK (n, Tk, D), dV (n, Tk, Dv)) given dO ``grad4`` (n, G, Tq, Dv); P (the
+    forward's list of blocks) is recomputed when ``probs`` is None. Gradients in the accumulator
+    dtype; dK, dV summed over G (and over the query blocks)."""
+    import cupy  # noqa: PLC0415
+
     from .matmul import gemm  # noqa: PLC0415
 
     n, group, tq, d = q4.shape
     tk, dv = v3.shape[-2:]
     acc = _acc_dtype(q4.dtype)
-    rows = q4.reshape(n, group * tq, d)
-    if probs is None:
-        scores = gemm(rows, k3, trans_b=True, alpha=scale, out_dtype=acc, tf32=tf32)
-        probs = attention_softmax_forward_(scores.reshape(n, group, tq, tk), causal)
-    g = grad4.astype(q4.dtype, copy=False).reshape(n, group * tq, dv)                # dO as a product operand
-    kept = probs if keep is None else probs * keep
     factor = keep_scale if keep is not None else 1.0
-    grad_v = gemm(kept.astype(q4.dtype, copy=False).reshape(n, group * tq, tk), g, trans_a=True,
-                  alpha=factor, out_dtype=acc, tf32=tf32)                              # P̃ᵀ dO   (n, Tk, Dv)
-    grad_scores = gemm(g, v3, trans_b=True, out_dtype=acc, tf32=tf32)                  # dP̃ = dO Vᵀ
-    attention_softmax_backward_(grad_scores.reshape(n, group, tq, tk), probs, causal, keep, keep_scale)  # dS
-    ds = grad_scores.astype(q4.dtype, copy=False)
-    grad_q = gemm(ds, k3, alpha=scale, out_dtype=acc, tf32=tf32)                       # s dS K    (n, G·Tq, D)
-    grad_k = gemm(ds, rows, trans_a=True, alpha=scale, out_dtype=acc, tf32=tf32)       # s dSᵀ Q   (n, Tk, D)
-    return grad_q.reshape(n, group, tq, d), grad_k, grad_v
+    if probs is not None and not isinstance(probs, list):
+        probs = [probs]
+    grad_q = cupy.empty((n, group, tq, d), dtype=acc)
+    grad_k = cupy.zeros((n, tk, d), dtype=acc)
+    grad_v = cupy.zeros((n, tk, dv), dtype=acc)
+    for index, (r0, r1, k_end) in enumerate(_query_blocks(tq, tk, causal, group)):
+        rows = (r1 - r0) * group
+        q_rows = _rows(q4, r0, r1)
+        if probs is None:                                                              # recompute P
+            scores = gemm(q_rows, k3[:, :k_end], trans_b=True, alpha=scale, out_dtype=acc, tf32=tf32)
+            p = attention_softmax_forward_(scores.reshape(n, group, r1 - r0, k_end), causal)
+        else:
+            p = probs[index]
+        block_keep = None if keep is None else cupy.ascontiguousarray(keep[:, :, r0:r1, :k_end])
+        g = _rows(grad4, r0, r1).astype(q4.dtype, copy=False)                           # dO as an operand
+        kept = p if block_keep is None else p * block_keep
+        gemm(kept.astype(q4.dtype, copy=False).reshape(n, rows, k_end), g, trans_a=True, alpha=factor,
+             out=grad_v[:, :k_end], accumulate=True, tf32=tf32)                       # += P̃ᵀ dO
+        grad_scores = gemm(g, v3[:, :k_end], trans_b=True, out_dtype=acc, tf32=tf32)   # dP̃ = dO Vᵀ
+        attention_softmax_backward_(grad_scores.reshape(n, group, r1 - r0, k_end), p, causal, block_keep,
+                                    keep_scale)                                        # dS, in place
+        ds = grad_scores.astype(q4.dtype, copy=False)
+        gemm(ds, k3[:, :k_end], alpha=scale, tf32=tf32, out=_rows(grad_q, r0, r1))       # s dS K
+        gemm(ds, q_rows, trans_a=True, alpha=scale, out=grad_k[:, :k_end], accumulate=True, tf32=tf32)  # += s dSᵀ Q
+    return grad_q, grad_k, grad_v

@@ -392,7 +392,7 @@ class ScaledDotProductAttention(Function):
             out, probs = kernels.scores_attention_forward(q4, k3, v3, self.causal, self.scale, keep,
                                                           1.0 / (1.0 - self.dropout_p), precision.tf32_enabled())
             recompute = RECOMPUTE_PROBS["cuda"]
-            self.save(q4, k3, v3, None, None if recompute else probs, keep)
+            self.save(q4, k3, v3, None, None if recompute else probs[0] if len(probs) == 1 else probs, keep)
         return out.reshape(lead + (tq, dv)).astype(self.dtypes[0], copy=False)
 
     def _backward_gpu(self, grad):

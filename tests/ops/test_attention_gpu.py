@@ -56,9 +56,11 @@ def relative_error(a, b):
 
 # (B, Hq, Hkv, Tq, Tk, D, Dv): tiles are 64 rows (and 16-64 keys), so 70 and 130 leave ragged
 # tiles; Tq < Tk is KV-cache decoding; Hkv < Hq is grouped-query attention; D, Dv 5 and 3
-# are padded to 16 inside the kernels, 64 and 128 are the real head sizes.
+# are padded to 16 inside the kernels, 64 and 128 are the real head sizes. From 256 query rows
+# the score path splits causal queries into blocks (kernels/attention.py, SCORE_BLOCKS).
 SHAPES = [(2, 3, 3, 70, 70, 8, 8), (1, 2, 2, 5, 130, 16, 16), (1, 4, 2, 33, 33, 5, 3),
-          (1, 4, 1, 1, 77, 64, 64), (1, 2, 2, 130, 130, 64, 64), (1, 2, 1, 65, 100, 128, 128)]
+          (1, 4, 1, 1, 77, 64, 64), (1, 2, 2, 130, 130, 64, 64), (1, 2, 1, 65, 100, 128, 128),
+          (1, 2, 2, 300, 300, 16, 16), (2, 1, 1, 290, 333, 16, 8)]   # the last two: causal query blocks
 
 
 @pytest.mark.parametrize("shape", SHAPES)
