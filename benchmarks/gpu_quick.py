@@ -87,6 +87,28 @@ def linear_micro():
                fwd_tflops=flops / f / 1e9, bwd_tflops=2 * flops / (fb - f) / 1e9)
 
 
+def gemm_micro():
+    """The linear layer's product alone: which output dtype and compute mode cuBLAS runs fastest."""
+    import cupy
+
+    from minillm.kernels.matmul import gemm
+    from minillm.precision import bfloat16
+
+    rng = np.random.default_rng(0)
+    x32 = cupy.asarray(rng.standard_normal((8192, 768)).astype(np.float32))
+    w32 = cupy.asarray(rng.standard_normal((3072, 768)).astype(np.float32))
+    xb, wb = x32.astype(bfloat16()), w32.astype(bfloat16())
+    flops = 2 * 8192 * 768 * 3072
+    cases = {"fp32": lambda: gemm(x32, w32, trans_b=True), "tf32": lambda: gemm(x32, w32, trans_b=True, tf32=True),
+             "bf16->fp32": lambda: gemm(xb, wb, trans_b=True, out_dtype=np.float32),
+             "bf16->bf16": lambda: gemm(xb, wb, trans_b=True),
+             "cast x to bf16": lambda: x32.astype(bfloat16()),
+             "cupy.matmul bf16 2-D": lambda: cupy.matmul(xb, wb.T)}
+    for name, fn in cases.items():
+        ms = cuda_time(fn, repeat=20)
+        report(what="gemm 8192x768 @ (3072x768)T", case=name, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
+
+
 def train(modes=("fp32", "tf32", "bf16"), steps=4, warmup=2):
     from minillm.bench.train import measure_train_step
     from minillm.models import GPTConfig
@@ -127,7 +149,7 @@ def decode(modes=("fp32", "bf16"), batches=(1, 8)):
                    tokens_per_s=round(r["cache_tokens_per_s"], 1))
 
 
-SECTIONS = {"attention": attention_micro, "linear": linear_micro, "train": train, "long": long_context,
+SECTIONS = {"attention": attention_micro, "linear": linear_micro, "gemm": gemm_micro, "train": train, "long": long_context,
             "decode": decode}
 
 if __name__ == "__main__":
