@@ -328,7 +328,8 @@ class CudaGraphDecoder:
         self.scratch = cupy.empty((batch * heads, cfg.context_length), dtype=cupy.float32)
         self.stream = cupy.cuda.Stream(non_blocking=True)
         pool = cupy.get_default_memory_pool()
-        with self.stream:
+        relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)   # the pool may cudaMalloc
+        with self.stream, no_grad():
             self._step()                          # eager once: compiles the kernels, sizes the pool
             self.stream.synchronize()
             prepare_capture()                     # cuBLAS: this stream and a fixed workspace
@@ -341,7 +342,7 @@ class CudaGraphDecoder:
 
             cupy.cuda.set_allocator(keep_alive)
             try:
-                self.stream.begin_capture(cupy.cuda.runtime.streamCaptureModeRelaxed)
+                self.stream.begin_capture(relaxed)
                 try:
                     self.logits = self._step()    # (B, V), a buffer of the graph
                 finally:
