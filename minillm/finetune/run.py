@@ -80,7 +80,7 @@ class FinetuneResult:
     run_dir: Path | None
     model: Any                         # the fine-tuned model (a GPT, or a GPTClassifier)
     metrics: dict[str, float]          # the last evaluation
-    history: list[dict[str, Any]]      # every evaluation, in order (the eval records of metrics.jsonl)
+    history: list[dict[str, Any]]      # every evaluation ({"step", metrics...}), in order, as in metrics.jsonl
     seconds: float
     step: int
     interrupted: bool
@@ -193,7 +193,13 @@ def finetune(gpt, tokenizer, config: FinetuneConfig, train: dict[str, Any] | Tra
     # DPO's reference: a frozen copy of the starting model, taken before any change to it
     reference = copy.deepcopy(gpt) if config.task == "dpo" else None
     model = build_task_model(gpt, config, len(extra.get("labels", ())) or None)
-    loss_fn, evaluate_fn = _objective(config, reference, data, batch_size)
+    loss_fn, task_metrics = _objective(config, reference, data, batch_size)
+    history: list[dict[str, Any]] = []                # this call's evaluations, in order
+
+    def evaluate_fn(m):
+        metrics = task_metrics(m)
+        history.append({"step": trainer.step, **metrics})
+        return metrics
     info = {"finetune": config.to_dict(), "model_config": gpt.config.to_dict(), "labels": extra.get("labels"),
             "split_sizes": {k: len(v) for k, v in data.splits.items()}, "steps_per_epoch": steps_per_epoch,
             "trainable_parameters": model.num_parameters(trainable_only=True),
@@ -221,14 +227,13 @@ def finetune(gpt, tokenizer, config: FinetuneConfig, train: dict[str, Any] | Tra
     sizes = ", ".join(f"{k} {v}" for k, v in info["split_sizes"].items())
     say(f"{config.task}: {sizes} examples; {info['trainable_parameters']:,} of {info['total_parameters']:,} "
         f"parameters train; {train_config.steps} steps ({steps_per_epoch} per epoch) on {trainer.device}")
-    history = []
     start = time.perf_counter()
     if evaluate_first and trainer.step == 0:
-        history.append({"step": 0, **trainer.log_evaluation()})
-        say("step 0: " + _format(history[-1]))
+        say("step 0: " + _format(trainer.log_evaluation()))
     result = trainer.fit()
     seconds = time.perf_counter() - start
-    history = _eval_history(run_dir) or history
+    if run_dir is not None:                           # over resumes too: the run's whole record
+        history = [{k: v for k, v in r.items() if k != "kind"} for r in _eval_history(run_dir)]
     final = history[-1] if history else {}
     responses = None
     if not result.interrupted and run_dir is not None:
