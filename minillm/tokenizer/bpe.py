@@ -35,7 +35,9 @@ merge loop's result for each other distinct chunk (most chunks repeat:
 " the", ",", "\\n"). So encoding a long text is one regex ``findall``, one
 dict lookup per chunk, one ``b"".join`` and one ``array.tolist()``, all
 loops in C; the merge loop runs only for chunks that are not tokens and
-were never seen before (7,400 of tinyshakespeare's 298,000 chunks).
+were never seen before (7,400 of tinyshakespeare's 298,000 chunks), and
+for many such chunks at once it runs on all of them side by side in NumPy
+(``_bpe_many``: ~2.4x faster than the loop chunk by chunk).
 
 Not handled: normalization (NFC etc.: text is encoded as given), lone
 surrogates (they are not text and cannot be UTF-8: ValueError), and chunks
@@ -51,6 +53,7 @@ from collections.abc import Iterable, Sequence
 from itertools import chain, islice, repeat
 from pathlib import Path
 
+import numpy as np
 import regex
 
 from .gpt2 import bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
@@ -61,7 +64,9 @@ FORMAT_NAME = "minillm-bpe-tokenizer"
 FORMAT_VERSION = 1
 _NO_RANK = 1 << 62  # larger than any merge rank
 _CACHE_LIMIT = 1 << 19  # distinct chunks kept in the encode cache
+_BATCH_MIN_CHUNKS = 64  # from this many new chunks, all of them go through one NumPy merge loop
 ID_TYPECODE = "I" if array("I").itemsize == 4 else "L"  # packed ids: 4-byte unsigned ints
+ID_TYPECODE_NUMPY, ID_BYTES = np.dtype(np.uint32), 4      # the same, for NumPy
 
 
 class TokenizerFileError(ValueError):
@@ -133,6 +138,22 @@ class BPETokenizer:
             self._merges.append((a, b))
             self._ranks.setdefault((a, b), rank)
             self._merged_ids.append(new)
+
+        # the same ranks as sorted arrays, for the merge loop that runs on many chunks at
+        # once (_bpe_many): pair (a, b) -> key a * key_base + b, looked up by binary search
+        self._key_base = max(self._vocab) + 1
+        first_rank = np.fromiter(self._ranks.values(), dtype=np.int64, count=len(self._ranks))
+        pairs = np.array(list(self._ranks), dtype=np.int64).reshape(-1, 2)
+        keys = pairs[:, 0] * self._key_base + pairs[:, 1]
+        order = np.argsort(keys)
+        self._pair_keys = np.append(keys[order], -1)             # -1: a sentinel past the end
+        self._pair_ranks = np.append(first_rank[order], _NO_RANK)
+        self._merged_id_array = np.array(self._merged_ids, dtype=np.int64)
+        self._byte_id_array = np.array(self._byte_ids, dtype=np.int64)
+        self._byte_pair_ranks = np.full((256, 256), _NO_RANK, dtype=np.int64)   # [byte x, byte y] -> rank
+        for (a, b), rank in self._ranks.items():
+            if len(self._vocab[a]) == 1 and len(self._vocab[b]) == 1:
+                self._byte_pair_ranks[self._vocab[a][0], self._vocab[b][0]] = rank
 
         size = max(chain(self._vocab, special_tokens.values())) + 1
         self._id_to_bytes: list[bytes | None] = [None] * size
@@ -277,6 +298,63 @@ class BPETokenizer:
             if not ranks:
                 return ids
 
+    def _bpe_many(self, chunks: Sequence[str]) -> list[bytes]:
+        """``_bpe`` of many chunks at once, each result packed as ``array(ID_TYPECODE)`` bytes.
+
+        The same merges, run on all chunks side by side with NumPy instead of one
+        chunk at a time in Python: the chunks' ids lie end to end in one array
+        (``word`` tells which chunk each position belongs to) and each round makes,
+        in every chunk that still has a ranked pair, the merge ``_bpe`` would make
+        next: its lowest-ranked pair, at every (non-overlapping, leftmost first)
+        occurrence. Rounds go on until no chunk has a ranked pair, at most the
+        longest chunk's length. Exactly ``_bpe``'s result for each chunk (tested):
+        what a chunk's merges are depends on that chunk alone.
+
+        >>> tok = BPETokenizer.train("aaabdaaabac", 259, progress=False)
+        >>> [array(ID_TYPECODE, b).tolist() for b in tok._bpe_many(["aaab", "ac", "a"])]
+        [[258], [97, 99], [97]]
+        """
+        encoded = [c.encode("utf-8") for c in chunks]   # UnicodeEncodeError on a lone surrogate
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        word = np.repeat(np.arange(len(chunks)), lengths)                            # (N,) chunk of each id
+        # the first round's pairs are all pairs of bytes: looked up in a 256 x 256 table
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        rank = np.full(data.size, _NO_RANK, dtype=np.int64)                          # (N,) rank of (j, j + 1)
+        rank[:-1] = np.where(word[:-1] == word[1:], self._byte_pair_ranks[data[:-1], data[1:]], _NO_RANK)
+        ids = self._byte_id_array[data]                                              # (N,) all chunks' ids
+        while True:
+            starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))   # each chunk's first id
+            best = np.minimum.reduceat(rank, starts)                                 # (chunks,) next merge
+            hit = (rank == np.repeat(best, np.diff(np.append(starts, ids.size)))) & (rank < _NO_RANK)
+            at = np.flatnonzero(hit)                                                 # left ids of the merges
+            if at.size == 0:
+                break
+            if np.any(at[1:] == at[:-1] + 1):   # "a a a" with merge (a, a): only the 1st, 3rd, ... of a run
+                run_start = np.concatenate(([True], at[1:] != at[:-1] + 1))
+                first = np.maximum.accumulate(np.where(run_start, np.arange(at.size), 0))
+                at = at[(np.arange(at.size) - first) % 2 == 0]
+            ids[at] = self._merged_id_array[rank[at]]                                # the left id becomes the merge
+            keep = np.ones(ids.size, dtype=bool)
+            keep[at + 1] = False                                                     # the right one goes
+            ids, word, rank = ids[keep], word[keep], rank[keep]
+            merged = at - np.arange(at.size)                                         # where the merges are now
+            changed = np.concatenate((merged - 1, merged))                          # their pairs, both sides
+            changed = changed[(changed >= 0) & (changed < ids.size - 1)]
+            rank[changed] = self._pair_rank_array(ids, word, changed)
+            rank[-1] = _NO_RANK                                                      # the last id starts no pair
+        packed = ids.astype(ID_TYPECODE_NUMPY).tobytes()
+        ends = np.cumsum(np.bincount(word, minlength=len(chunks)) * ID_BYTES).tolist()
+        return [packed[start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+    def _pair_rank_array(self, ids, word, at):
+        """Ranks of the pairs (ids[j], ids[j + 1]) for j in ``at`` (no rank across chunks), by binary
+        search in the sorted pair keys."""
+        pair = ids[at] * self._key_base + ids[at + 1]
+        found = np.searchsorted(self._pair_keys[:-1], pair)
+        ranks = np.where((self._pair_keys[found] == pair) & (word[at] == word[at + 1]), self._pair_ranks[found],
+                         _NO_RANK)
+        return ranks
+
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text``, special-token strings included as plain text."""
         _check_text(text)
@@ -298,7 +376,11 @@ class BPETokenizer:
         except KeyError:
             pass
         try:
-            fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in set(chunks).difference(cache)}
+            new_chunks = list(set(chunks).difference(cache))
+            if len(new_chunks) >= _BATCH_MIN_CHUNKS:
+                fresh = dict(zip(new_chunks, self._bpe_many(new_chunks)))
+            else:
+                fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in new_chunks}
         except UnicodeEncodeError:
             raise _surrogate_error(text) from None
         lookup = cache
