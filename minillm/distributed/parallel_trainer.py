@@ -1,129 +1,142 @@
-"""The training loop on a mesh of ranks: data and tensor parallel around the ordinary Trainer.
+"""The training loop on a (pp, dp, tp) mesh of ranks: the ordinary Trainer with its step spread out.
 
-``ParallelTrainer`` is the ``Trainer`` (same loop, schedule, logging, eval and
-checkpoint cadence) with five things changed, each where the math requires it:
+``ParallelTrainer`` is the ``Trainer`` (same loop, learning-rate schedule,
+divergence checks, logging, evaluation and checkpoint cadence); it overrides
+the hooks the Trainer exposes, each only where the math requires it:
 
-1. the model is this rank's tensor-parallel shard (``shard_gpt``) when tp > 1;
-2. every rank draws the same global batch and keeps its data-parallel rows;
-   gradients are averaged over the dp group bucket by bucket (``DataParallel``);
-3. the logged loss is the mean over the dp group (every replica saw other rows);
-4. the gradient norm for clipping is the norm of the WHOLE model: squares of
-   sharded parameters summed over the tp ranks, replicated ones counted once;
-5. one writer: rank 0 logs metrics and writes the checkpoint, after the
-   sharded state (model and AdamW moments) is gathered into one ordinary
-   checkpoint, which resumes on any layout (1 process, or any dp x tp); the
-   random-stream state of every rank is saved beside it.
+1. the model: this rank's tensor-parallel shard (``shard_gpt``) when tp > 1,
+   cut to this rank's pipeline stage (``PipelineStage``) when pp > 1;
+2. ``forward_backward``: every rank draws the same global batches and keeps
+   its data-parallel rows; the micro-batches run through the pipeline schedule
+   (pp > 1) or one after the other; gradients are averaged over the dp group
+   bucket by bucket (``DataParallel``); the loss returned is the dp mean;
+3. ``clip_gradients``: the norm of the WHOLE model's gradient: squares of
+   sharded parameters summed over the tp ranks, replicated ones counted once,
+   the tied embedding's second copy (last stage) not at all, summed over the
+   pp x tp "model-parallel" group;
+4. one writer: rank 0 logs metrics and writes the checkpoint, after the state
+   (model and AdamW moments) is gathered into one ordinary checkpoint: stages
+   to the first stage, then tensor shards joined, so it resumes on any layout;
+   every rank's random streams and data position are saved beside it.
 
 ``--batch-size`` stays the global batch per micro-batch, so the layout never
-changes the math: a dp=2 x tp=2 run takes the same steps as one process.
+changes the math: a pp=2 x dp=2 x tp=2 run takes the same steps as one process.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
-from .. import backend, optim
-from ..train.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
-from ..train.trainer import Trainer, TrainingDiverged
+from .. import backend, optim, precision
+from ..train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..train.trainer import Trainer
 from .data_parallel import DataParallel
 from .tensor_parallel import gather_array, shard_array, shard_gpt
 
 
 class ParallelTrainer(Trainer):
-    """``Trainer`` over a ``DeviceMesh`` (see the module docstring); ``model`` is the full model, seeded alike."""
+    """``Trainer`` over a ``DeviceMesh``; ``model`` is the whole model, built alike (same seed) on every rank."""
 
-    def __init__(self, model, config, data, mesh, run_dir=None, bucket_mb: float = 25.0, **options):
-        if mesh.shape.pp > 1:
-            raise ValueError("ParallelTrainer runs data and tensor parallelism; pipeline stages (--pp) "
-                             "are run by the pipeline trainer")
+    def __init__(self, model, config, data, mesh, run_dir=None, schedule: str = "1f1b", bucket_mb: float = 25.0,
+                 **options):
         self.mesh = mesh
+        P = mesh.shape.pp
+        if P * mesh.shape.tp > 1 and config.precision == "fp16":
+            raise ValueError("--pp / --tp with fp16 is not supported (the ranks holding parts of one model would "
+                             "have to agree on loss scaling); use --precision bf16")
+        full_config = model.config
         if mesh.shape.tp > 1:
-            shard_gpt(model, mesh.tp)                   # this rank's columns / rows of every block
+            shard_gpt(model, mesh.tp)                     # this rank's columns / rows of every block
+        self._specs = dict(getattr(model, "shard_specs", {}))   # name -> ShardSpec (sharded parameters only)
+        if P > 1:
+            from .pipeline import PipelineStage, stage_bounds  # noqa: PLC0415
+
+            model = PipelineStage(model, mesh.pp_rank, P, stage_bounds(full_config, P))
+        options.setdefault("model_config", full_config.to_dict())
         super().__init__(model, config, data, run_dir=run_dir, **options)
         self.is_writer = mesh.world.rank == 0
+        self.engine = None
+        if P > 1:
+            from .schedule import PipelineEngine  # noqa: PLC0415
+
+            self.engine = PipelineEngine(self.model, mesh.pp, schedule)
         self.ddp = DataParallel(self.model.parameters(), mesh.dp, bucket_mb) if mesh.shape.dp > 1 else None
-        if mesh.dp_rank > 0:                            # replicas draw their own dropout masks
+        if mesh.dp_rank > 0:                              # replicas draw their own dropout masks
             backend.manual_seed(config.seed + 7919 * mesh.dp_rank)
         self._names = {id(p): name for name, p in self.model.named_parameters()}
-        self._specs = getattr(self.model, "shard_specs", {})      # name -> ShardSpec (sharded parameters only)
 
-    # ------------------------------------------------------------ one step
-    def train_step(self) -> tuple[float, float | None]:
-        cfg, model = self.config, self.model
-        lr = optim.cosine_schedule(self.step, cfg.warmup, cfg.steps, cfg.lr, cfg.min_lr)
-        optim.apply_lr(self.optimizer, lr)
-        self.optimizer.zero_grad()
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+    # ------------------------------------------------------------ the step
+    def forward_backward(self) -> float:
+        cfg, ddp = self.config, self.ddp
+        batches = []
+        for _ in range(cfg.grad_accum):
             batch = self.data.get_batch("train", cfg.batch_size)     # the global batch, alike on every rank
             self.tokens_seen += batch[0].size
-            if self.ddp is not None:
-                batch = self.ddp.shard_batch(batch)                   # this replica's rows
-                self.ddp.sync = micro == cfg.grad_accum - 1           # reduce once, after the last backward
-            loss = self.loss_fn(model, self._to_device(batch))
-            loss.backward(1.0 / cfg.grad_accum)
-            loss_sum = loss_sum + loss.data
-        if self.ddp is not None:
-            self.ddp.finish()                                         # .grad = the average over replicas
-        loss_value = self._mean_over_replicas(loss_sum) / cfg.grad_accum
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad()
-            raise TrainingDiverged(self._diverged_message(loss_value))
-        grad_norm = self.clip_grad_norm_(cfg.clip or math.inf)
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad()
-            raise TrainingDiverged(self._diverged_message(loss_value, grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.step += 1
-        return loss_value, grad_norm
+            batches.append(self._to_device(batch if ddp is None else ddp.shard_batch(batch)))
+        with precision.use_precision(cfg.precision):
+            if self.engine is not None:
+                if ddp is not None:
+                    ddp.sync = False          # the schedule interleaves micro-batches: reduce all after it
+                loss = self.engine.train_step(batches)               # the last stage's mean, on every stage
+            else:
+                loss_sum = 0.0
+                for micro, batch in enumerate(batches):
+                    if ddp is not None:
+                        ddp.sync = micro == len(batches) - 1         # reduce during the last backward only
+                    loss = self.loss_fn(self.model, batch)
+                    self.scaler.scale(loss).backward(1.0 / cfg.grad_accum)
+                    loss_sum = loss_sum + loss.data
+                loss = loss_sum
+        if ddp is not None:
+            ddp.finish()                                             # .grad = the average over replicas
+        return self._mean_over_replicas(loss) / (1 if self.engine is not None else cfg.grad_accum)
 
-    def _mean_over_replicas(self, loss_sum) -> float:
-        """The step's loss averaged over the dp group (the one host sync of the step)."""
+    def _mean_over_replicas(self, loss) -> float:
+        """The loss averaged over the dp group: the host sync of the step, after NCCL's timeout checks."""
         for comm in (self.mesh.tp, self.mesh.dp):
             comm.synchronize()                   # NCCL: a dead peer raises here, within the timeout
         if self.mesh.dp.size == 1:
-            return float(loss_sum)
+            return float(loss)
+        value = self._device_array([float(loss) if self.engine is not None else loss])
+        self.mesh.dp.all_reduce(value, op="avg")
+        self.mesh.dp.synchronize()
+        return float(value[0])
+
+    def _device_array(self, values):
+        """A small float array on this rank's device (float64 on the CPU, float32 on a GPU) for a collective."""
         xp = backend.module_for(self.device)
         with backend.device_context(self.device):
-            value = xp.asarray(loss_sum, dtype=np.float64 if self.device == "cpu" else np.float32).reshape(1)
-            value = xp.ascontiguousarray(value)
-            self.mesh.dp.all_reduce(value, op="avg")
-            self.mesh.dp.synchronize()
-            return float(value[0])
+            dtype = np.float64 if self.device == "cpu" else np.float32
+            return xp.ascontiguousarray(xp.stack([xp.asarray(v, dtype=dtype).reshape(()) for v in values]))
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Clip by the global norm of the whole model's gradient; returns it (before clipping).
-
-            ||g||² = Σ_{sharded p} Σ_tp-ranks ||g_p,r||²  +  Σ_{replicated p} ||g_p||²  (counted on tp rank 0)
-
-        summed by one all-reduce over the model-parallel group. A model on one
-        rank (dp only) clips exactly as the single-process Trainer does.
-        """
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip by the global norm of the whole model's gradient (see the module docstring); the norm before."""
         params = list(self.model.parameters())
         if self.mesh.model_parallel.size == 1:
-            return optim.clip_grad_norm_(params, max_norm)
-        sharded = [p for p in params if self._names[id(p)] in self._specs]
-        replicated = [p for p in params if self._names[id(p)] not in self._specs]
-        squares = optim.clip_grad_norm_(sharded, math.inf) ** 2
-        if self.mesh.tp_rank == 0:
-            squares += optim.clip_grad_norm_(replicated, math.inf) ** 2
-        xp = backend.module_for(self.device)
-        with backend.device_context(self.device):
-            total = xp.asarray([squares], dtype=np.float64 if self.device == "cpu" else np.float32)
+            return optim.clip_grad_norm_(params, max_norm)          # one copy of the model: as one process
+        not_counted = []                                           # gradients another rank counts
+        if self.mesh.tp_rank > 0:
+            not_counted += [p.grad for p in params if self._names[id(p)] not in self._specs]
+        if self.engine is not None and self.engine.tied_comm is not None and self.model.is_last:
+            not_counted.append(self.model.wte.weight.grad)         # the first stage counts the tied matrix
+
+        def whole_model(local_square: float) -> float:
+            local_square -= sum(float((g.astype(np.float64) ** 2).sum()) for g in not_counted if g is not None)
+            total = self._device_array([local_square])
             self.mesh.model_parallel.all_reduce(total, op="sum")
             self.mesh.model_parallel.synchronize()
-            norm = math.sqrt(float(total[0]))
-        if math.isfinite(norm) and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            with backend.device_context(self.device):
-                for p in params:
-                    if p.grad is not None:
-                        p.grad *= scale
-        return norm
+            return float(total[0])
+
+        return optim.clip_grad_norm_(params, max_norm, reduce_total=whole_model)
+
+    def batch_loss(self, inputs, targets):
+        if self.engine is not None:
+            return self.engine.evaluate_loss(inputs, targets)
+        return super().batch_loss(inputs, targets)
 
     # ------------------------------------------------------------ one writer
     def _log(self, record) -> None:
@@ -135,16 +148,34 @@ class ParallelTrainer(Trainer):
             super()._truncate_metrics(step)
 
     def full_state(self):
-        """(model state, optimizer state) gathered into the single-process layout (a collective)."""
-        tp = self.mesh.tp
-        model_state = {name: gather_array(value, self._specs.get(name), tp, self.device)
-                       for name, value in self.model.state_dict().items()}
-        optimizer_state = self.optimizer.state_dict()
-        index_names = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        """(model state, optimizer state) in the single-process layout, on world rank 0 (None elsewhere).
+
+        A collective. Stages first go to the first stage (``gather_stage_states``:
+        the pipeline's gather, on the dp-rank-0 replica), still as tensor shards;
+        then each sharded array is joined over the tp group.
+        """
+        tp, device = self.mesh.tp, self.device
+        if self.engine is None:
+            model_state = self.model.state_dict()
+            optimizer_state = self.optimizer.state_dict()
+            order = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        else:
+            if self.mesh.dp_rank != 0:
+                return None
+            from .pipeline_trainer import gather_stage_states  # noqa: PLC0415
+
+            self._saves = getattr(self, "_saves", 0) + 1
+            gathered = gather_stage_states(self.model, self.optimizer, self.mesh.pp, f"mesh-checkpoint{self._saves}")
+            if self.mesh.pp_rank != 0:
+                return None
+            model_state, optimizer_state = gathered
+            order = ordinary_parameter_order(model_state)
+        model_state = {name: gather_array(value, self._specs.get(name), tp, device)
+                       for name, value in model_state.items()}
         for index, values in optimizer_state["state"].items():
             for key, value in values.items():
                 if hasattr(value, "shape") and value.ndim > 0:
-                    values[key] = gather_array(value, self._specs.get(index_names[index]), tp, self.device)
+                    values[key] = gather_array(value, self._specs.get(order[int(index)]), tp, device)
         return model_state, optimizer_state
 
     def rank_states(self) -> list[dict]:
@@ -155,61 +186,63 @@ class ParallelTrainer(Trainer):
     def save(self):
         if self.run_dir is None:
             return None
-        model_state, optimizer_state = self.full_state()
+        state = self.full_state()
         ranks = self.rank_states()
-        if not self.is_writer:
-            return None
-        return save_checkpoint(
-            self.run_dir, model=_Snapshot(model_state), optimizer=_Snapshot(optimizer_state), step=self.step,
-            model_config=self.model_config, train_config=self.config.to_dict(),
-            data_state=self.data.state_dict(), tokenizer=self.tokenizer, rng_state=ranks[0]["rng"],
-            extra={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                   "last_val_loss": self.last_val_loss, "mesh": vars(self.mesh.shape), "rank_states": ranks},
-        )
+        path = self.run_dir / "checkpoint.json"
+        if self.is_writer:
+            model_state, optimizer_state = state
+            fields = self.checkpoint_fields()
+            fields["rng_state"] = ranks[0]["rng"]
+            fields["extra"] = {**fields["extra"], "mesh": vars(self.mesh.shape), "rank_states": ranks}
+            path = save_checkpoint(self.run_dir, model=SimpleNamespace(state_dict=lambda: model_state),
+                                   optimizer=SimpleNamespace(state_dict=lambda: optimizer_state), **fields)
+        self.mesh.world.barrier()                 # nobody runs ahead of a checkpoint being written
+        return path
 
-    def resume(self) -> int:
-        """Continue from the (ordinary) checkpoint in ``run_dir``, whatever layout wrote it.
-
-        Each rank shards the full arrays for itself. The random streams: each
-        rank's own when the layout is the one that was saved, else rank 0's.
-        """
-        if self.run_dir is None:
-            raise ValueError("resume() needs a run_dir")
+    def load_run_checkpoint(self) -> Checkpoint:
+        """The ordinary checkpoint, cut to this rank: its stage's parameters, then its tensor shard."""
         checkpoint = load_checkpoint(self.run_dir)
+        if self.engine is not None:
+            from .pipeline_trainer import stage_slice  # noqa: PLC0415
+
+            checkpoint = stage_slice(checkpoint, self.model, self.optimizer)
         tp = self.mesh.tp
         checkpoint.model_state = {name: shard_array(value, self._specs.get(name), tp.rank, tp.size)
                                   for name, value in checkpoint.model_state.items()}
         if checkpoint.optimizer_state is not None:
-            index_names = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+            order = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
             for index, values in checkpoint.optimizer_state["state"].items():
                 for key, value in values.items():
                     if hasattr(value, "shape") and value.ndim > 0:
-                        values[key] = shard_array(value, self._specs.get(index_names[int(index)]), tp.rank, tp.size)
-        restore_checkpoint(checkpoint, self.model, self.optimizer, model_config=self.model_config)
-        extra = checkpoint.metadata.get("extra", {})
+                        values[key] = shard_array(value, self._specs.get(order[int(index)]), tp.rank, tp.size)
+        return checkpoint
+
+    def resume(self) -> int:
+        """Continue from the (ordinary) checkpoint in ``run_dir``, whatever layout wrote it.
+
+        The random streams: each rank's own when the layout is the one that was
+        saved; else rank 0's (the Trainer's restore), replicas reseeding theirs.
+        """
+        step = super().resume()
+        extra = self._resumed_extra()
         ranks = extra.get("rank_states")
         if ranks and extra.get("mesh") == vars(self.mesh.shape):
             backend.set_rng_state(ranks[self.mesh.world.rank]["rng"])
-        elif self.mesh.dp_rank > 0:                     # another layout: replicas reseed their dropout streams
-            backend.manual_seed(self.config.seed + 7919 * self.mesh.dp_rank + self.step)
-        if checkpoint.metadata.get("data_state") is not None:
-            self.data.load_state_dict(checkpoint.metadata["data_state"])
-        self.step = checkpoint.step
-        self.tokens_seen = int(extra.get("tokens_seen", 0))
-        self.train_seconds = float(extra.get("train_seconds", 0.0))
-        self.last_val_loss = extra.get("last_val_loss")
-        self._truncate_metrics(self.step)
-        return self.step
+        elif self.mesh.dp_rank > 0:
+            backend.manual_seed(self.config.seed + 7919 * self.mesh.dp_rank + step)
+        return step
+
+    def _resumed_extra(self) -> dict:
+        from ..train.checkpoint import read_metadata  # noqa: PLC0415
+
+        return read_metadata(self.run_dir).get("extra", {})
 
 
-class _Snapshot:
-    """Stands in for a module / optimizer whose ``state_dict()`` was gathered already."""
-
-    def __init__(self, state):
-        self._state = state
-
-    def state_dict(self):
-        return self._state
+def ordinary_parameter_order(model_state: dict) -> list[str]:
+    """Parameter names in the single-process optimizer's index order (``optim.weight_decay_groups``)."""
+    stand_ins = [(name, SimpleNamespace(data=array, requires_grad=True)) for name, array in model_state.items()]
+    names = {id(p): name for name, p in stand_ins}
+    return [names[id(p)] for group in optim.weight_decay_groups(stand_ins, 0.1) for p in group["params"]]
 
 
 def all_gather_json(comm, value, device: str = "cpu") -> list:
@@ -217,10 +250,9 @@ def all_gather_json(comm, value, device: str = "cpu") -> list:
     xp = backend.module_for(device)
     data = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
     with backend.device_context(device):
-        lengths = comm.all_gather(xp.asarray([data.size], dtype=np.int64))
-        lengths = backend.to_numpy(lengths)
-        padded = np.zeros(int(lengths.max()), dtype=np.uint8)
+        lengths = backend.to_numpy(comm.all_gather(xp.asarray([data.size], dtype=np.int64)))
+        width = int(lengths.max())
+        padded = np.zeros(width, dtype=np.uint8)
         padded[:data.size] = data
         everything = backend.to_numpy(comm.all_gather(xp.asarray(padded)))
-    width = int(lengths.max())
     return [json.loads(everything[r * width:r * width + int(n)].tobytes()) for r, n in enumerate(lengths)]

@@ -131,3 +131,23 @@ def test_batch_must_divide_over_replicas():
         rank, size = 0, 3
     with pytest.raises(ValueError, match="multiple of --dp 3"):
         DataParallel([mm.Tensor(np.ones(2), requires_grad=True)], Comm()).shard_batch((np.zeros((8, 4)),))
+
+
+def _pipeline_dp_run(group, shape):
+    mesh = DeviceMesh(group.comm, MeshShape(**shape))
+    model, data, config = tiny_run("float64", 20, 8, 2)     # 2 micro-batches per step through the pipeline
+    trainer = ParallelTrainer(model, config, data, mesh)
+    losses = [trainer.train_step()[0] for _ in range(config.steps)]
+    state = trainer.full_state()                              # on world rank 0 only
+    return losses, None if state is None else state[0]
+
+
+def test_pp2_x_dp2_equals_one_process():
+    """4 ranks: 2 stages (1F1B) x 2 replicas, each replica's micro-batches half of the global ones.
+    (The pipeline broadcasts the loss as float32, hence 1e-7 rather than 1e-15 on the losses.)"""
+    ref_losses, ref_params = spawn(single_process, 1, args=("float64", 20, 8, 2))[0]
+    results = spawn(_pipeline_dp_run, 4, args=(dict(pp=2, dp=2),))
+    for losses, _ in results:
+        assert max_relative(losses, ref_losses) < 1e-6
+    assert max_relative(results[0][1], ref_params) < 1e-6
+    assert all(params is None for _, params in results[1:])

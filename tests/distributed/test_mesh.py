@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from minillm.distributed.mesh import DeviceMesh, MeshShape
+from minillm.distributed.parallel_trainer import ParallelTrainer
 from minillm.distributed.spawn import spawn
+
+from parallel_helpers import max_relative, single_process, tiny_run
 
 
 def test_coordinates_tp_fastest_then_dp_then_pp():
@@ -51,3 +54,28 @@ def test_groups_of_a_2x2x2_mesh_on_8_ranks():
         p, d, t = shape.coords(rank)
         assert got["model_parallel"] == [shape.rank(pp, d, tp) for pp in range(2) for tp in range(2)]
         assert got["neighbours"] == ((None, 1) if p == 0 else (0, None))
+
+
+def _three_d(group, tmp, stop):
+    world = group.world_size
+    shape = MeshShape(pp=2, dp=2, tp=2) if world == 8 else MeshShape()
+    model, data, config = tiny_run("float64", 20, 8, 2)
+    trainer = ParallelTrainer(model, config, data, DeviceMesh(group.comm, shape), run_dir=tmp)
+    if world == 1:
+        trainer.resume()
+    losses = [trainer.train_step()[0] for _ in range(stop - trainer.step)]
+    if world == 8:
+        trainer.save()
+    state = trainer.full_state()
+    return losses, None if state is None else state[0]
+
+
+def test_pp2_x_dp2_x_tp2_on_8_ranks_equals_one_process_and_resumes_on_one(tmp_path):
+    """The whole grid: 20 steps on 8 ranks like one process; its checkpoint (one ordinary file,
+    written at step 10) resumed by a single process continues identically."""
+    ref_losses, ref_params = spawn(single_process, 1, args=("float64", 20, 8, 2))[0]
+    results = spawn(_three_d, 8, args=(tmp_path, 10), timeout=60)
+    assert max_relative(results[0][0], ref_losses[:10]) < 1e-6
+    losses, params = spawn(_three_d, 1, args=(tmp_path, 20))[0]
+    assert max_relative(losses, ref_losses[10:]) < 1e-6
+    assert max_relative(params, ref_params) < 1e-6
