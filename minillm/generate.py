@@ -395,15 +395,13 @@ class CudaGraphDecoder:
         return self.logits
 
 
-_graph_decoders: dict = {}   # (id(model), batch) -> CudaGraphDecoder
-
-
 def graph_decoder(model, batch: int) -> CudaGraphDecoder:
     """The captured decode step for (model, batch), captured on first use and reused while the
-    model keeps its weight arrays and the precision is unchanged."""
-    key = (id(model), batch)
-    decoder = _graph_decoders.get(key)
+    model keeps its weight arrays and the precision is unchanged. Kept on the model (in its
+    ``__dict__``, not as a submodule), so it goes when the model goes."""
+    decoders = model.__dict__.setdefault("_cuda_graph_decoders", {})
+    decoder = decoders.get(batch)
     if decoder is None or not decoder.matches(model):
-        _graph_decoders.pop(key, None)
-        decoder = _graph_decoders[key] = CudaGraphDecoder(model, batch)
+        decoders.pop(batch, None)
+        decoder = decoders[batch] = CudaGraphDecoder(model, batch)
     return decoder

@@ -49,8 +49,10 @@ def _cublas():
     lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
     lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll, i, i, i]
     lib.cublasSetStream_v2.argtypes = [p, p]
+    lib.cublasGetStream_v2.argtypes = [p, ctypes.POINTER(ctypes.c_void_p)]
     lib.cublasSetWorkspace_v2.argtypes = [p, p, ctypes.c_size_t]
-    for name in ("cublasGemmEx", "cublasGemmStridedBatchedEx", "cublasSetStream_v2", "cublasSetWorkspace_v2"):
+    for name in ("cublasGemmEx", "cublasGemmStridedBatchedEx", "cublasSetStream_v2", "cublasGetStream_v2",
+                 "cublasSetWorkspace_v2"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -58,6 +60,21 @@ def _cublas():
 def _check(status: int, what: str) -> None:
     if status != 0:
         raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+
+def _use_current_stream(lib, handle) -> None:
+    """Point CuPy's cuBLAS handle at the current stream, if it is not already there.
+
+    Only when it changes: ``cublasSetStream`` also resets the handle's workspace to
+    cuBLAS's own pool, which would undo ``prepare_capture``'s fixed workspace in the
+    middle of a CUDA-graph capture (cuBLAS would then allocate inside the graph)."""
+    import cupy  # noqa: PLC0415
+
+    current = ctypes.c_void_p()
+    _check(lib.cublasGetStream_v2(handle, ctypes.byref(current)), "cublasGetStream")
+    stream = cupy.cuda.get_current_stream().ptr
+    if (current.value or 0) != stream:
+        _check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
 
 
 def _layout(x):
@@ -139,7 +156,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, out_dtype
 
     lib = _cublas()
     handle = cupy.cuda.device.get_cublas_handle()
-    _check(lib.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
+    _use_current_stream(lib, handle)
     if a.dtype == np.float64:
         compute, scalar = _COMPUTE_64F, ctypes.c_double
     else:
