@@ -125,8 +125,20 @@ class Linear(Function):
         if self.needs_input_grad[1]:
             grad_w = _product(g, x2d, trans_a=True, out_dtype=self.out_dtype)              # dyᵀ @ x
         if self.has_bias and self.needs_input_grad[2]:
-            grad_b = grad2d.sum(axis=0)
+            grad_b = _column_sum(grad2d)                                               # Σ_N dy
         return (grad_x, grad_w, grad_b) if self.has_bias else (grad_x, grad_w)
+
+
+def _column_sum(a):
+    """Σ over the rows of a (N, C) array -> (C,). On a GPU as the product ones(N) @ a: one cuBLAS
+    GEMV streaming ``a`` once in row order (CuPy's ``sum(axis=0)`` is a reduction across rows,
+    a strided pattern), in the array's own precision (never TF32: a sum, not a product of data)."""
+    if isinstance(a, np.ndarray):
+        return a.sum(axis=0)
+    import cupy  # noqa: PLC0415
+
+    ones = cupy.ones((1, a.shape[0]), dtype=a.dtype)
+    return _gpu_matmul(ones, a, out_dtype=a.dtype)[0]
 
 
 def matmul(a, b) -> Tensor:
