@@ -41,10 +41,14 @@ def gpu_peak_tflops(device: str, precision: str):
 
 
 def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device: str = "cpu", steps: int = 10,
-                       warmup: int = 2, seed: int = 0, precision: str = "fp32") -> dict:
+                       warmup: int = 2, seed: int = 0, precision: str = "fp32", mesh_shape=None) -> dict:
     """Time ``steps`` full training steps (forward, backward, clip, AdamW) on random tokens, after
     ``warmup`` untimed ones, in ``precision`` (fp32, tf32, bf16, fp16); returns tokens/s, ms per
-    step, peak memory and, on a GPU, MFU as a dict."""
+    step, peak memory and, on a GPU, MFU as a dict.
+
+    ``mesh_shape`` (a ``distributed.MeshShape``, in a job started by ``minillm launch``): the
+    step runs on the (pp, dp, tp) mesh (``ParallelTrainer``), ``batch_size`` is the global
+    batch, tokens/s counts the whole job's tokens and every rank's peak memory is listed."""
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
     from ..models import GPT  # noqa: PLC0415
@@ -56,10 +60,21 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     T, B = config.context_length, batch_size
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, size=max(16 * T, 4096), dtype=np.int64)
     dataset = TokenDataset(tokens, T, stride=1, val_fraction=0.0, seed=seed)
+    mesh = None
+    if mesh_shape is not None and mesh_shape.size > 1:
+        from ..distributed.mesh import init_mesh  # noqa: PLC0415
+
+        mesh, device = init_mesh(mesh_shape, device)
     model = GPT(config)
+    parameters = model.num_parameters()
     train_cfg = TrainConfig(steps=warmup + steps + 1, batch_size=B, grad_accum=grad_accum, warmup=0, device=device,
                             progress=False, precision=precision)
-    trainer = Trainer(model, train_cfg, dataset)
+    if mesh is None:
+        trainer = Trainer(model, train_cfg, dataset)
+    else:
+        from ..distributed.parallel_trainer import ParallelTrainer  # noqa: PLC0415
+
+        trainer = ParallelTrainer(model, train_cfg, dataset, mesh)
     pool = None
     if device != "cpu":
         import cupy  # noqa: PLC0415
@@ -78,7 +93,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     total = sum(times)
     result = {
         "config": config.to_dict(), "batch_size": B, "grad_accum": grad_accum, "device": device,
-        "dtype": str(backend.get_default_dtype()), "precision": precision, "parameters": model.num_parameters(),
+        "dtype": str(backend.get_default_dtype()), "precision": precision, "parameters": parameters,
         "steps": steps, "warmup": warmup, "tokens_per_s": tokens_per_step * steps / total,
         "ms_per_step_mean": 1000 * total / steps, "ms_per_step_min": 1000 * min(times),
         "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_model_mib": rss_before / 2**20,
@@ -87,9 +102,17 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     if pool is not None:
         result["gpu_pool_peak_gib"] = pool.total_bytes() / 2**30  # the pool keeps freed blocks: its size is the peak
         result["gpu_peak_in_use_gib"] = _gpu_peak_in_use(trainer, pool) / 2**30
-        achieved = flops_per_token(config, model.num_parameters()) * result["tokens_per_s"] / 1e12
+        gpus = 1 if mesh is None else mesh.world.size
+        achieved = flops_per_token(config, parameters) * result["tokens_per_s"] / 1e12 / gpus   # per GPU
         name, peak = gpu_peak_tflops(device, precision)
         result.update(gpu=name, model_tflops=achieved, peak_tflops=peak, mfu=achieved / peak if peak else None)
+    if mesh is not None:
+        from ..distributed.parallel_trainer import all_gather_json  # noqa: PLC0415
+
+        mine = {"parameters": sum(p.data.size for p in trainer.model.parameters()),
+                "parameter_bytes": sum(p.data.nbytes for p in trainer.model.parameters()),
+                "gpu_peak_in_use_gib": result.get("gpu_peak_in_use_gib"), "peak_rss_mib": result["peak_rss_mib"]}
+        result.update(mesh=vars(mesh.shape), rank=mesh.world.rank, ranks=all_gather_json(mesh.world, mine, device))
     return result
 
 

@@ -93,6 +93,12 @@ def _register_train(benches) -> None:
     p.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, default=2,
                    help="untimed steps first (default: 2)")
     add_seed_option(p, 0, "seeds the weights and the random tokens (default: 0)")
+    p.add_argument("--dp", metavar="D", type=argtypes.positive_int, default=1,
+                   help="data-parallel replicas; --batch-size is then the global batch (run under minillm launch; "
+                        "default: 1)")
+    p.add_argument("--tp", metavar="T", type=argtypes.positive_int, default=1,
+                   help="tensor-parallel ranks splitting every block's heads and MLP (run under minillm launch; "
+                        "default: 1)")
     add_json_option(p)
     p.set_defaults(func=run_bench_train)
 
@@ -110,8 +116,15 @@ def run_bench_train(args: argparse.Namespace) -> int:
     check_model_shape(fields)
     check_precision(args.precision, args.device)
     config = GPTConfig.from_dict(fields)
+    from ..distributed.mesh import MeshShape  # noqa: PLC0415
+
+    shape = MeshShape(pp=getattr(args, "pp", None) or 1, dp=args.dp, tp=args.tp)
+    if args.batch_size % shape.dp:
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of --dp {shape.dp}")
     result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
-                                args.seed, args.precision)
+                                args.seed, args.precision, mesh_shape=shape)
+    if result.get("rank", 0) != 0:
+        return 0                                  # one report, from rank 0
     if args.json:
         print(json.dumps(result))
         return 0
@@ -130,6 +143,14 @@ def run_bench_train(args: argparse.Namespace) -> int:
                 f"{result['peak_tflops']:.0f} TFLOP/s of the {result['gpu']}" if result["mfu"] is not None
                 else f"no {result['precision']} peak known for the {result['gpu']}")
         print(f"  {result['model_tflops']:.1f} model TFLOP/s (6N + 12 L d T per token); {peak}")
+    if "mesh" in result:
+        m = result["mesh"]
+        print(f"  mesh pp={m['pp']} x dp={m['dp']} x tp={m['tp']} ({len(result['ranks'])} ranks; tokens/s of the "
+              f"whole job, batch {B} global)")
+        for rank, r in enumerate(result["ranks"]):
+            memory = (f", peak GPU memory {r['gpu_peak_in_use_gib']:.2f} GiB" if r["gpu_peak_in_use_gib"] is not None
+                      else f", peak RSS {r['peak_rss_mib']:,.0f} MiB")
+            print(f"  rank {rank}: {r['parameters']:,} parameters ({r['parameter_bytes'] / 2**20:,.1f} MiB){memory}")
     return 0
 
 

@@ -99,6 +99,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_precision_option(train, default=None)
     train.add_argument("--seed", metavar="N", type=argtypes.non_negative_int, help="random seed (default: 1337)")
 
+    parallel = p.add_argument_group("parallel training (start the processes with minillm launch)")
+    parallel.add_argument("--dp", metavar="D", type=argtypes.positive_int,
+                          help="data-parallel replicas, each on its share of every batch; --batch-size stays the "
+                               "global batch (default: 1)")
+    parallel.add_argument("--tp", metavar="T", type=argtypes.positive_int,
+                          help="tensor-parallel ranks splitting every block's attention heads and MLP; T must "
+                               "divide --n-head (default: 1)")
+
     run = p.add_argument_group("run directory")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<data name>, numbered if taken)")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
@@ -134,14 +142,45 @@ def plan_from_args(args: argparse.Namespace):
                        train=train)
 
 
+def join_mesh(args: argparse.Namespace, plan):
+    """None for one process; else this rank's ``DeviceMesh`` (sizes checked first), the run's device
+    set to this rank's GPU and the run directory agreed on (rank 0's choice)."""
+    from ..distributed.mesh import MeshShape, init_mesh  # noqa: PLC0415
+
+    shape = MeshShape(pp=getattr(args, "pp", None) or 1, dp=args.dp or 1, tp=args.tp or 1)
+    if shape.size == 1:
+        return None
+    cfg = plan.train
+    if cfg.batch_size % shape.dp:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of --dp {shape.dp}")
+    if plan.model["n_head"] % shape.tp:
+        raise ValueError(f"--tp {shape.tp} must divide --n-head {plan.model['n_head']}: each tensor-parallel rank "
+                         f"holds whole attention heads")
+    mesh, cfg.device = init_mesh(shape, cfg.device)
+    if args.out is None and not plan.resume:
+        from ..distributed.parallel_trainer import all_gather_json  # noqa: PLC0415
+
+        plan.run_dir = Path(all_gather_json(mesh.world, str(plan.run_dir), cfg.device)[0])
+    if mesh.world.rank != 0:
+        cfg.progress = False                      # one progress bar, one writer
+    return mesh
+
+
 def run_train(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)                   # options checked; nothing read or written yet
+    mesh = join_mesh(args, plan)                  # a parallel run: this rank's place in the grid
     prepared = prepare_run(plan)                  # data read, tokenizer made; nothing written yet
     prompts = args.prompt or DEFAULT_PROMPTS
+    if mesh is not None and args.samples:
+        args.samples = 0                          # the model is spread over the ranks: sample from the checkpoint
     if args.samples:
         check_prompts(prepared.tokenizer, prompts, prepared.model_config.context_length)
+    if mesh is not None and mesh.world.rank != 0:
+        trainer = start_run(prepared, mesh, getattr(args, "schedule", None) or "1f1b")
+        trainer.fit()
+        return 0
     with new_run_directory(plan):                 # a failed start leaves no folder behind
-        trainer = start_run(prepared)
+        trainer = start_run(prepared, mesh, getattr(args, "schedule", None) or "1f1b")
         cfg, model = plan.train, trainer.model
         model_config, dataset = model.config, trainer.data
         if plan.resume:

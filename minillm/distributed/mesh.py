@@ -127,3 +127,22 @@ class DeviceMesh:
     def __repr__(self) -> str:
         return (f"DeviceMesh({self.shape}, rank {self.world.rank} at "
                 f"(pp={self.pp_rank}, dp={self.dp_rank}, tp={self.tp_rank}))")
+
+
+def init_mesh(shape: MeshShape, device: str = "cpu", timeout: float = 60.0) -> tuple[DeviceMesh, str]:
+    """Join the job a launcher started (``minillm launch``, torchrun, mpirun, srun) as the grid ``shape``.
+
+    Returns (the mesh, this rank's device: "cuda:LOCAL_RANK" with NCCL, "cpu"
+    with the CPU transport). The job must have exactly pp·dp·tp processes.
+    """
+    from .process_group import get_process_group, init_process_group, read_environment  # noqa: PLC0415
+
+    world = read_environment().world_size
+    if world != shape.size:
+        raise ValueError(
+            f"--pp {shape.pp} x --dp {shape.dp} x --tp {shape.tp} needs {shape.size} processes, but this job has "
+            f"{world}: start it with minillm launch --nproc-per-node {shape.size} -- ..."
+            + (" --device cpu" if device == "cpu" else "")
+        )
+    group = get_process_group() or init_process_group("cpu" if device == "cpu" else "nccl", timeout=timeout)
+    return DeviceMesh(group.comm, shape), group.device

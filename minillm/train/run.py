@@ -279,28 +279,39 @@ def new_run_directory(plan: RunPlan):
         raise
 
 
-def start_run(prepared: PreparedRun) -> Trainer:
+def start_run(prepared: PreparedRun, mesh=None, schedule: str = "1f1b") -> Trainer:
     """The trainer of a prepared run, inside :func:`new_run_directory`: saves the tokenizer, tokenizes
-    (cached in ``tokens.bin``), writes ``run.json``; on resume, restores the checkpoint instead."""
+    (cached in ``tokens.bin``), writes ``run.json``; on resume, restores the checkpoint instead.
+
+    With a ``mesh`` (``distributed.DeviceMesh``: a parallel run, every rank calls this) the trainer
+    is a ``ParallelTrainer`` and only world rank 0 writes files; the others tokenize in memory.
+    """
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
     from ..models import GPT  # noqa: PLC0415
 
     plan, cfg = prepared.plan, prepared.plan.train
-    if not plan.resume:
+    writer = mesh is None or mesh.world.rank == 0
+    if not plan.resume and writer:
         prepared.tokenizer.save(plan.run_dir / TOKENIZER_FILE)
     dataset = TokenDataset.from_texts(prepared.texts, prepared.tokenizer, prepared.model_config.context_length,
-                                      cache_path=plan.run_dir / TOKENS_FILE, stride=plan.stride,
+                                      cache_path=plan.run_dir / TOKENS_FILE if writer else None, stride=plan.stride,
                                       val_fraction=plan.val_fraction, seed=cfg.seed)
-    if not plan.resume:
+    if not plan.resume and writer:
         run_info = {"data": plan.data, "tokenizer": plan.tokenizer, "val_fraction": plan.val_fraction,
                     "stride": plan.stride}
         (plan.run_dir / RUN_FILE).write_text(json.dumps(run_info, indent=1) + "\n", encoding="utf-8")
 
     manual_seed(cfg.seed)
     model = GPT(prepared.model_config)
-    trainer = Trainer(model, cfg, dataset, run_dir=plan.run_dir,
-                      tokenizer={"spec": plan.tokenizer, "file": TOKENIZER_FILE})
+    tokenizer = {"spec": plan.tokenizer, "file": TOKENIZER_FILE}
+    if mesh is None:
+        trainer = Trainer(model, cfg, dataset, run_dir=plan.run_dir, tokenizer=tokenizer)
+    else:
+        from ..distributed.parallel_trainer import ParallelTrainer  # noqa: PLC0415
+
+        trainer = ParallelTrainer(model, cfg, dataset, mesh, run_dir=plan.run_dir, schedule=schedule,
+                                  tokenizer=tokenizer)
     if plan.resume:
         trainer.resume()
         if trainer.step >= cfg.steps:
