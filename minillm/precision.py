@@ -13,9 +13,10 @@ TF32 keeps float32 in and out of every product but rounds the operands to a
 10-bit mantissa (like fp16's) inside the tensor cores, accumulating in float32:
 relative error about 1e-3 per product instead of 1e-7, at ~8x the speed.
 
-Inside ``autocast`` the matrix products (``linear``, ``matmul``, attention)
-cast their float32 operands to bf16 or fp16 and run on the tensor cores,
-accumulating in float32 and returning float32. Everything else (layer-norm
+Inside ``autocast`` the matrix products (``linear``, ``matmul``, the flash
+attention kernels) cast their float32 operands to bf16 or fp16 and run on the
+tensor cores, accumulating in float32 and returning float32 (the score-matrix
+attention path runs on TF32 tensor cores instead: ops/attention.py says why). Everything else (layer-norm
 statistics, softmax, cross-entropy, the loss, GELU, the optimizer) runs as
 before in float32, and the parameters stay float32 ("master weights"): a
 product casts the weight on use, and the weight's gradient comes back in

@@ -104,6 +104,7 @@ def test_autocast_attention_is_close_to_float32(path, reduced, tolerance, gpu, m
     or fp16 (11 bits, 4.9e-4) and everything after that accumulates in float32. Rounding each
     operand moves a product by ~u·√2 relative; backward chains three such products (dS needs dP
     and P, dK needs dS and Q), so norm-wise errors of a few u: 1.5e-2 for bf16, 2e-3 for fp16.
+    (The score path runs autocast on TF32 instead, 11 significant bits like fp16: inside both.)
     Outputs and gradients come back float32."""
     arrays = tuple(RNG.standard_normal(s) for s in ((2, 4, 150, 64), (2, 2, 150, 64), (2, 2, 150, 64)))
     cotangent = RNG.standard_normal((2, 4, 150, 64))
