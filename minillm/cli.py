@@ -6,6 +6,7 @@
     minillm bench tokenizer|train|generate|ops
     minillm plot RUN_DIR...         training curves of runs, into a PNG or SVG
     minillm finetune classify|sft|dpo   post-train a run; minillm classify labels texts with one
+    minillm launch --nproc-per-node N -- COMMAND   one process per GPU (pipeline-parallel training)
 
 Each subcommand lives in ``minillm/commands/NAME.py``, whose ``register(subparsers)``
 adds its parser with ``set_defaults(func=handler)``. This file only assembles
@@ -29,9 +30,9 @@ import argparse
 import os
 import sys
 
-from .commands import bench, classify, finetune, generate, plot, tokenizer, train
+from .commands import bench, classify, finetune, generate, launch, plot, tokenizer, train
 
-COMMANDS = [train, generate, tokenizer, bench, plot, finetune, classify]
+COMMANDS = [train, generate, tokenizer, bench, plot, finetune, classify, launch]
 
 # an OSError of these kinds means the user named the wrong path: a usage problem (exit 2)
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 from .communicator import Communicator
-from .rendezvous import TCPStore
+from .rendezvous import RendezvousError, TCPStore
 
 _SOURCES = (  # (rank, world size, local rank) variable names, in order of preference
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -73,6 +73,13 @@ class ProcessGroup:
     store: TCPStore
 
     def destroy(self) -> None:
+        """Leave the job. Rank 0 hosts the store, so it waits (up to the timeout) for every rank to leave."""
+        self.store.arrive("exit", self.rank)
+        if self.rank == 0:
+            try:
+                self.store.wait_arrivals("exit", self.world_size)
+            except RendezvousError:
+                pass  # a rank that died: nothing left to wait for
         self.store.close()
 
 
