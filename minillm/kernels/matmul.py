@@ -185,6 +185,8 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None, t
     of the leading (batch) axes; one cuBLAS call. 1-D operands are not handled (the op does)."""
     import cupy  # noqa: PLC0415
 
+    if a.ndim == 2 and b.ndim == 2:                               # the linear layers: no broadcasting to work out
+        return gemm(a, b, trans_a, trans_b, out_dtype=out_dtype, tf32=tf32)
     batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     if not batch_shape:
         return gemm(a, b, trans_a, trans_b, out_dtype=out_dtype, tf32=tf32)
