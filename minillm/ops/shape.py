@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..backend import array_module
-from ..tensor import Function, Tensor
+from ..tensor import Function, IndexedGradient, Tensor
 from .common import unbroadcast
 
 
@@ -76,8 +76,10 @@ class GetItem(Function):
     """z = x[index].   dz/dx: zeros, with grad added back where x was read.
 
     Basic indices (slices, ints) read each element once, so a plain assignment
-    does; integer-array indices may read an element several times, so their
-    gradients are accumulated with a scatter-add (``np.add.at``).
+    does: their backward hands the engine an ``IndexedGradient`` (grad and where
+    it goes), so that the reads of one array fill one buffer. Integer-array
+    indices may read an element several times, so their gradients are
+    accumulated with a scatter-add (``np.add.at``).
     """
 
     def __init__(self, index):
@@ -88,12 +90,10 @@ class GetItem(Function):
         return x[self.index]
 
     def backward(self, grad):
-        xp = array_module(grad)
-        grad_x = xp.zeros(self.source_shape, dtype=grad.dtype)
-        if _is_basic(self.index):
-            grad_x[self.index] = grad
-        else:
-            scatter_add(grad_x, self.index, grad)
+        if _is_basic(self.index):   # the engine sums the reads of one array into one buffer
+            return (IndexedGradient(self.source_shape, self.index, grad),)
+        grad_x = array_module(grad).zeros(self.source_shape, dtype=grad.dtype)
+        scatter_add(grad_x, self.index, grad)
         return (grad_x,)
 
 
