@@ -4,6 +4,7 @@
     result = finetune(model, tokenizer, FinetuneConfig("classify", "sms.tsv", balance=True),
                       {"batch_size": 8, "lr": 5e-4}, run_dir="runs/spam")
     model, tokenizer, info = load_finetuned("runs/spam")
+    model, tokenizer, info = load_from_adapters("runs/spam-lora")      # a LoRA run: its base run + adapters alone
 
 The run directory follows ``minillm train``'s conventions (checkpoint.json +
 checkpoints/, metrics.jsonl, tokenizer.json) and adds:
@@ -301,6 +302,28 @@ def load_finetuned(run_dir: str | os.PathLike, device: str = "cpu"):
     restore_checkpoint(load_checkpoint(run_dir), model, restore_rng=False)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     return model.to(device).eval(), tokenizer, info
+
+
+def load_from_adapters(run_dir: str | os.PathLike, device: str = "cpu"):
+    """(model, tokenizer, info) of a LoRA run rebuilt from its BASE RUN plus its adapters file alone.
+
+    The same model as ``load_finetuned`` gives (the checkpoint holds the whole
+    model for exact resuming), but read from what a LoRA run adds to its base:
+    a few percent of the weights.
+    """
+    from ..nn.lora import load_adapters  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    config = FinetuneConfig(**info["finetune"])
+    if not config.lora_rank or "run" not in config.base or config.base.get("random_init"):
+        raise ValueError(f"{run_dir} is not a LoRA run on a base run directory")
+    gpt, _ = load_language_model(config.base["run"])
+    model = cls.GPTClassifier(gpt, len(info["labels"])) if config.task == "classify" else gpt
+    load_adapters(model, run_dir / ADAPTERS_FILE)
+    from ..tokenizer import load_tokenizer  # noqa: PLC0415
+
+    return model.to(device).eval(), load_tokenizer(run_dir / TOKENIZER_FILE), info
 
 
 def load_language_model(run_dir: str | os.PathLike, device: str = "cpu"):

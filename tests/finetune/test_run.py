@@ -7,6 +7,7 @@ import pytest
 
 import minillm as mm
 from minillm.finetune import FinetuneConfig, finetune, load_finetuned, load_language_model
+from minillm.finetune.run import load_from_adapters
 from minillm.nn.lora import load_adapters, lora_layers
 from minillm.train.trainer import read_metrics
 
@@ -84,6 +85,13 @@ def test_lora_run_saves_adapters_that_load_onto_the_base(tmp_path):
     with mm.no_grad():
         np.testing.assert_allclose(fresh.eval()(ids, lengths).numpy(), result.model.eval()(ids, lengths).numpy(),
                                    rtol=1e-6, atol=1e-6)
+    config.base = {"run": str(base)}                 # what `minillm finetune --from` records
+    finetune(load_language_model(base)[0], tok, config, dict(QUIET, lr=1e-3), run_dir=tmp_path / "run2",
+             say=_silent)
+    rebuilt, _, _ = load_from_adapters(tmp_path / "run2")       # base run + adapters.safetensors
+    saved, _, _ = load_finetuned(tmp_path / "run2")             # the checkpoint
+    with mm.no_grad():
+        np.testing.assert_allclose(rebuilt(ids, lengths).numpy(), saved(ids, lengths).numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_sft_then_dpo(tmp_path):
