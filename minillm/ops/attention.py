@@ -379,7 +379,12 @@ class ScaledDotProductAttention(Function):
         multiplies on TF32 tensor cores (10 mantissa bits, fp16's): there the casts of q, k,
         v, P, dO and dS to 16 bits cost more memory passes than the products gain (measured
         on an H200, gpt2-124m B=8 T=1024: attention 36 ms per step with bf16 operands, 23 ms
-        in TF32). The precision chosen in forward is kept for backward."""
+        in TF32). The precision chosen in forward is kept for backward.
+
+        Saved for backward: q, k, v as they came (usually strided views of the model's
+        qkv projection, which the graph keeps alive anyway), not the contiguous copies
+        the products read: those are made again in backward (three (B, T, C) float32 arrays
+        per layer not kept: 0.9 GB for GPT-2 small at B=8, T=1024)."""
         self.on_gpu = True
         lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
         self.dtypes = q.dtype, k.dtype, v.dtype
@@ -389,10 +394,10 @@ class ScaledDotProductAttention(Function):
         self.tf32 = precision.tf32_enabled() or (precision.autocast_dtype() is not None and not self.flash)
         if self.flash:
             q, k, v = precision.autocast_operands(q, k, v)
-        q4, k3, v3 = q.reshape(n, group, tq, d), k.reshape(n, tk, d), v.reshape(n, tk, dv)
+        q4, k3, v3 = self._operands(q, k, v)
         if self.flash:
             out, lse = kernels.flash_attention_forward(q4.reshape(n * group, tq, d), k3, v3, self.causal, self.scale)
-            self.save(q4, k3, v3, out, lse, None)
+            self.save(q, k, v, out, lse, None)
         else:
             keep = None
             if self.dropout_p > 0:
@@ -400,11 +405,18 @@ class ScaledDotProductAttention(Function):
             out, probs = kernels.scores_attention_forward(q4, k3, v3, self.causal, self.scale, keep,
                                                           1.0 / (1.0 - self.dropout_p), self.tf32)
             recompute = RECOMPUTE_PROBS["cuda"]
-            self.save(q4, k3, v3, None, None if recompute else probs[0] if len(probs) == 1 else probs, keep)
+            self.save(q, k, v, None, None if recompute else probs[0] if len(probs) == 1 else probs, keep)
         return out.reshape(lead + (tq, dv)).astype(self.dtypes[0], copy=False)
 
+    def _operands(self, q, k, v):
+        """q (N, G, Tq, D), k (N, Tk, D), v (N, Tk, Dv) for the kernels (copies where q, k, v are strided)."""
+        n, tq, tk = int(np.prod(k.shape[:-2])), q.shape[-2], k.shape[-2]
+        return (q.reshape(n, self.group, tq, q.shape[-1]), k.reshape(n, tk, k.shape[-1]),
+                v.reshape(n, tk, v.shape[-1]))
+
     def _backward_gpu(self, grad):
-        q4, k3, v3, out, saved, keep = self.saved
+        q, k, v, out, saved, keep = self.saved
+        q4, k3, v3 = self._operands(q, k, v)
         n, group, tq, d = q4.shape
         k_shape, v_shape = self.kv_shapes
         grad4 = grad.reshape(n, group, tq, grad.shape[-1])
