@@ -149,7 +149,39 @@ def decode(modes=("fp32", "bf16"), batches=(1, 8)):
                    tokens_per_s=round(r["cache_tokens_per_s"], 1))
 
 
-SECTIONS = {"attention": attention_micro, "linear": linear_micro, "gemm": gemm_micro, "train": train, "long": long_context,
+def host(modes=("tf32", "bf16"), repeat=5):
+    """Is a training forward + backward host-bound? Time issuing it (no sync inside) against the
+    time until the GPU is done: if the host takes as long as the GPU, the GPU waits for Python."""
+    import cupy
+
+    import minillm as mm
+    from minillm import functional as F
+    from minillm.models import GPT, GPTConfig
+
+    config = GPTConfig.from_preset("gpt2-124m")
+    mm.manual_seed(0)
+    model = GPT(config, device="cuda")
+    ids = cupy.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (8, 1025)))
+    for mode in modes:
+        def step():
+            with mm.precision.use_precision(mode):
+                loss = F.cross_entropy(model(ids[:, :-1]), ids[:, 1:])
+                loss.backward()
+            for p in model.parameters():
+                p.grad = None
+        step()
+        cupy.cuda.get_current_stream().synchronize()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            step()
+        issued = time.perf_counter() - start
+        cupy.cuda.get_current_stream().synchronize()
+        done = time.perf_counter() - start
+        report(what="host vs GPU, fwd+bwd gpt2-124m B=8 T=1024", precision=mode,
+               host_issue_ms=round(1000 * issued / repeat, 1), until_gpu_done_ms=round(1000 * done / repeat, 1))
+
+
+SECTIONS = {"host": host, "attention": attention_micro, "linear": linear_micro, "gemm": gemm_micro, "train": train, "long": long_context,
             "decode": decode}
 
 if __name__ == "__main__":
