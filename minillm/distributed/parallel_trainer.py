@@ -124,8 +124,13 @@ class ParallelTrainer(Trainer):
         if self.engine is not None and self.engine.tied_comm is not None and self.model.is_last:
             not_counted.append(self.model.wte.weight.grad)         # the first stage counts the tied matrix
 
+        not_counted = [g.reshape(-1) for g in not_counted if g is not None]
+        xp = backend.module_for(self.device)
+
         def whole_model(local_square: float) -> float:
-            local_square -= sum(float((g.astype(np.float64) ** 2).sum()) for g in not_counted if g is not None)
+            if not_counted:                                        # one host sync for all of them
+                with backend.device_context(self.device):
+                    local_square -= float(sum(xp.vdot(g, g) for g in not_counted))
             total = self._device_array([local_square])
             self.mesh.model_parallel.all_reduce(total, op="sum")
             self.mesh.model_parallel.synchronize()
