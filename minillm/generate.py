@@ -212,7 +212,8 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
 
     ``cuda_graph``: replay each one-token step as a captured CUDA graph (see
     "CUDA-graph decoding" below). None (default) does so on a GPU for the models
-    it supports; True insists (ValueError where it cannot); False never.
+    it supports when ``CUDA_GRAPH_DECODING`` is on; True insists (ValueError where
+    it cannot); False never.
     """
     config = model.config
     prompt, squeeze = _prompt_array(ids, config.vocab_size)
@@ -230,7 +231,8 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if cuda_graph and not (use_cache and on_gpu and graph_decoding_supported(model)):
         raise ValueError("generate: cuda_graph=True needs use_cache, a GPU and a GPT-2-style model "
                          "(learned positions, LayerNorm, GELU, as many key/value heads as query heads)")
-    use_graph = cuda_graph is not False and use_cache and on_gpu and graph_decoding_supported(model)
+    wanted = CUDA_GRAPH_DECODING if cuda_graph is None else cuda_graph
+    use_graph = wanted and use_cache and on_gpu and graph_decoding_supported(model)
     total = prompt_len + int(max_new_tokens)
     out = np.empty((batch, total), dtype=np.int64)
     out[:, :prompt_len] = prompt
@@ -290,6 +292,9 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
 # own layers (ln_1, c_attn, c_proj, mlp, ln_f, the output head) around the three
 # position-dependent kernels; its KV cache is a KVCache whose arrays the graph
 # reads and writes in place, so a prefill through the model fills it too.
+
+
+CUDA_GRAPH_DECODING = True   # generate()'s default on a GPU (cuda_graph=None)
 
 
 def graph_decoding_supported(model) -> bool:
