@@ -73,3 +73,16 @@ def test_12_llama_style(tmp_path, capsys):
     assert set(losses) == {"gpt2", "llama"} and all(loss < math.log(256) - 0.5 for loss in losses.values())
     out = capsys.readouterr().out
     assert "gpt2: " in out and "llama: " in out and "same parameter count" in out
+
+
+def test_14_data_parallel(capsys):
+    difference = load("14_data_parallel").main(["--steps", "5"])
+    assert difference < 1e-6                   # DP=2 takes one process's steps
+    assert "wte.weight" in capsys.readouterr().out
+
+
+def test_15_tensor_parallel(capsys):
+    difference = load("15_tensor_parallel").main(["--steps", "5"])
+    assert difference < 1e-6
+    out = capsys.readouterr().out
+    assert "gradcheck passed" in out and "(96, 32)" in out
