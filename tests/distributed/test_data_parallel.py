@@ -151,3 +151,69 @@ def test_pp2_x_dp2_equals_one_process():
         assert max_relative(losses, ref_losses) < 1e-6
     assert max_relative(results[0][1], ref_params) < 1e-6
     assert all(params is None for _, params in results[1:])
+
+
+# ---------------------------------------------------------------- through the command line and the launcher
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from minillm.distributed.spawn import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _minillm(*argv, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "minillm", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_minillm_train_dp2_under_launch_logs_the_single_process_losses(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 300, encoding="utf-8")
+    common = ["--data", text, "--tokenizer", "bytes", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
+              "--context", "16", "--batch-size", "4", "--steps", "6", "--eval-interval", "3", "--eval-batches", "1",
+              "--samples", "0", "--quiet", "--device", "cpu"]
+    one = _minillm("train", *common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = _minillm("launch", "--nproc-per-node", 2, "--device", "cpu", "--master-port", free_port(), "--",
+                   "train", *common, "--dp", 2, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    a, b = read("one"), read("two")
+    assert [r["step"] for r in a] == [r["step"] for r in b]            # one writer: each record once
+    values = lambda records: [r.get("loss", r.get("val_loss")) for r in records]
+    assert max_relative(values(b), values(a)) < 1e-6
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from parallel_helpers import tiny_run
+from minillm.distributed.mesh import MeshShape, init_mesh
+from minillm.distributed.parallel_trainer import ParallelTrainer
+mesh, device = init_mesh(MeshShape({layout}), "cpu", timeout=10)
+model, data, config = tiny_run(steps=50)
+trainer = ParallelTrainer(model, config, data, mesh)
+for step in range(50):
+    if mesh.world.rank == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    trainer.train_step()
+"""
+
+
+@pytest.mark.parametrize("layout", ["dp=2", "tp=2"])
+def test_a_killed_rank_makes_the_launcher_exit_non_zero(tmp_path, layout):
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), layout=layout))
+    start = time.monotonic()
+    result = _minillm("launch", "--nproc-per-node", 2, "--device", "cpu", "--master-port", free_port(), "--",
+                      sys.executable, script, timeout=60)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 30
+    # whichever comes first: rank 0's clear error, or the launcher seeing rank 1 die and stopping rank 0
+    assert ("[rank 0] minillm.distributed.communicator.CommError: rank 0: rank 1 closed its connection" in result.stdout
+            or "[launch] rank 1 exited with code -9" in result.stdout), result.stdout[-2000:]
