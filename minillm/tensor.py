@@ -452,15 +452,25 @@ class IndexedGradient:
     an element at most once, so a part is written with ``+=`` on its region.
     """
 
-    __slots__ = ("shape", "parts")
+    __slots__ = ("shape", "parts", "axes")
 
-    def __init__(self, shape: tuple[int, ...], index, values) -> None:
-        self.shape, self.parts = tuple(shape), [(index, values)]
+    def __init__(self, shape: tuple[int, ...], index, values, axes: tuple[int, ...] | None = None) -> None:
+        self.shape, self.parts, self.axes = tuple(shape), [(index, values)], axes
 
     def dense(self):
-        """The gradient as one array: zeros, plus every part on its region (parts may overlap)."""
+        """The gradient as one array: zeros, plus every part on its region (parts may overlap).
+
+        With ``axes`` (the order of the read array's axes in memory, when it was a
+        transposed view) the buffer is laid out like that array, so the backward of
+        the transpose that made it gives a contiguous gradient (no copy for a reshape).
+        """
         first_index, first_values = self.parts[0]
-        out = backend.array_module(first_values).zeros(self.shape, dtype=first_values.dtype)
+        xp = backend.array_module(first_values)
+        if self.axes is None:
+            out = xp.zeros(self.shape, dtype=first_values.dtype)
+        else:
+            out = xp.zeros(tuple(self.shape[a] for a in self.axes), dtype=first_values.dtype)
+            out = out.transpose(tuple(int(i) for i in np.argsort(self.axes)))
         out[first_index] = first_values
         for index, values in self.parts[1:]:
             out[index] += values

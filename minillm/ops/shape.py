@@ -87,14 +87,24 @@ class GetItem(Function):
 
     def forward(self, x):
         self.source_shape = x.shape
+        self.source_axes = _memory_order(x)
         return x[self.index]
 
     def backward(self, grad):
         if _is_basic(self.index):   # the engine sums the reads of one array into one buffer
-            return (IndexedGradient(self.source_shape, self.index, grad),)
+            return (IndexedGradient(self.source_shape, self.index, grad, self.source_axes),)
         grad_x = array_module(grad).zeros(self.source_shape, dtype=grad.dtype)
         scatter_add(grad_x, self.index, grad)
         return (grad_x,)
+
+
+def _memory_order(x) -> tuple[int, ...] | None:
+    """For a transposed view of a contiguous array, its axes in memory order (outermost first);
+    None for a contiguous array or any other layout."""
+    if x.ndim < 2 or x.flags.c_contiguous or min(x.strides) <= 0:
+        return None
+    axes = tuple(sorted(range(x.ndim), key=lambda a: -x.strides[a]))
+    return axes if x.transpose(axes).flags.c_contiguous else None
 
 
 def scatter_add(target, index, values) -> None:

@@ -41,3 +41,29 @@ def test_dense_keeps_the_first_part_and_adds_the_others():
     g = IndexedGradient((2, 3), 0, np.ones(3))
     g.parts.append((np.s_[:, 1], np.full(2, 5.0)))
     np.testing.assert_array_equal(g.dense(), [[1, 6, 1], [0, 5, 0]])
+
+
+def test_reads_of_a_transposed_view_get_a_gradient_laid_out_like_it():
+    """qkv (B, T, 3, H, D) -> transpose -> q, k, v: the summed gradient is contiguous once transposed
+    back, so the reshape before it needs no copy; the values are those of the plain formula."""
+    rng = np.random.default_rng(2)
+    x = mm.Tensor(rng.standard_normal((2, 5, 12)), requires_grad=True)
+    qkv = (x * 1.0).reshape(2, 5, 3, 2, 2).transpose(2, 0, 3, 1, 4)    # (3, B, H, T, D), a view
+    ws = [rng.standard_normal((2, 2, 5, 2)) for _ in range(3)]
+    loss = (qkv[0] * ws[0]).sum() + (qkv[1] * ws[1]).sum() + (qkv[2] * ws[2]).sum()
+    seen = {}
+    original = mm.tensor.IndexedGradient.dense
+
+    def spy(self):
+        out = original(self)
+        seen["contiguous after transpose"] = out.transpose(1, 3, 0, 2, 4).flags.c_contiguous
+        return out
+
+    mm.tensor.IndexedGradient.dense = spy
+    try:
+        loss.backward()
+    finally:
+        mm.tensor.IndexedGradient.dense = original
+    assert seen == {"contiguous after transpose": True}
+    expected = np.stack(ws).transpose(1, 3, 0, 2, 4).reshape(2, 5, 12)
+    np.testing.assert_allclose(x.grad, expected, rtol=1e-12, atol=1e-12)
