@@ -244,9 +244,15 @@ def _join_optimizer_state(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable ``field: saved X, given Y`` for every field that differs."""
+    """Human-readable ``field: saved X, given Y`` for every field that differs.
+
+    A field the checkpoint does not have is one added to the config after it was
+    written: its run used that field's default, so it is not compared.
+    """
     out = []
     for key in sorted(set(saved) | set(current)):
+        if key not in saved and key in current:
+            continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if _normalise(a) != _normalise(b):
             out.append(f"{key}: checkpoint has {a!r}, given {b!r}")

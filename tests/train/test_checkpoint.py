@@ -139,8 +139,23 @@ def test_a_different_model_config_names_the_fields(tmp_path):
     trained(tmp_path)
     checkpoint = load_checkpoint(tmp_path)
     other = make_model(n_layer=3, d_model=32)
-    with pytest.raises(CheckpointError, match=r"d_model: checkpoint has 16, given 32; n_layer: checkpoint has 2, given 3"):
+    with pytest.raises(CheckpointError, match=r"d_model: checkpoint has 16, given 32; head_dim: checkpoint has 8, "
+                                              r"given 16; n_layer: checkpoint has 2, given 3"):
         restore_checkpoint(checkpoint, other, model_config=other.config.to_dict())
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_restores(tmp_path):
+    """Fields added to GPTConfig later (rope, GQA, ...) are absent from older checkpoints: not a difference."""
+    trained(tmp_path)
+    checkpoint = load_checkpoint(tmp_path)
+    model = make_model()
+    for name in ("positions", "norm", "mlp", "mlp_hidden", "n_kv_head", "head_dim", "qk_norm"):
+        del checkpoint.metadata["model_config"][name]
+    restore_checkpoint(checkpoint, model, model_config=model.config.to_dict())
+    del checkpoint.metadata["model_config"]["n_layer"]
+    checkpoint.metadata["model_config"]["d_model"] = 32                # a field it has still counts
+    with pytest.raises(CheckpointError, match=r"d_model: checkpoint has 32, given 16$"):
+        restore_checkpoint(checkpoint, model, model_config=model.config.to_dict())
 
 
 def test_missing_or_misshaped_arrays_name_the_keys(tmp_path):
