@@ -10,7 +10,10 @@ NCCL has no timeout of its own: a peer that died leaves our kernels spinning
 forever. So each call records a CUDA event, and ``synchronize()`` polls those
 events, calling ``check_async_error()`` between polls; after ``timeout``
 seconds it aborts the communicator (which frees the spinning kernels) and
-raises ``CommError``. The pipeline engine synchronizes once per step, and the
+raises ``CommError``. The host can also block elsewhere, in a copy or a
+``.item()`` queued behind such a kernel; a watchdog thread catches that case
+(oldest call unfinished for timeout + 5 s): it prints the error, aborts and
+exits the process with code 1. The pipeline engine synchronizes once per step, and the
 list of pending events is kept short so the host never runs far ahead.
 
 Sub-groups: the members agree on the split through the rendezvous store and
@@ -20,6 +23,9 @@ makes (CuPy binds no ``commSplit``), created with ``ncclCommInitRank``.
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 
 from .communicator import CommError, Communicator, float_dtype_name
@@ -40,7 +46,7 @@ class NCCLCommunicator(Communicator):
 
         super().__init__(rank, size, store, name, timeout)
         self.cupy, self.nccl, self.device = cupy, nccl, device
-        self.pending: list = []  # (event, what) in issue order
+        self.pending: list = []  # (event, what, when issued) in issue order
         if rank == 0:
             store.set(f"{name}/nccl-uid", nccl.get_unique_id())
         uid = store.get(f"{name}/nccl-uid", timeout)
@@ -49,6 +55,22 @@ class NCCLCommunicator(Communicator):
         store.wait_arrivals(f"{name}/nccl-ready", size, timeout)
         with cupy.cuda.Device(device):
             self.comm = nccl.NcclCommunicator(size, uid, rank)
+        threading.Thread(target=self._watchdog, daemon=True, name=f"nccl-watchdog-{name}").start()
+
+    def _watchdog(self) -> None:
+        """The host can block where we do not poll (a copy, a ``.item()`` queued behind a send to a dead
+        peer): if the oldest pending call stays unfinished past the timeout, say so, abort, and exit."""
+        while self.comm is not None:
+            time.sleep(1.0)
+            unfinished = next(((w, t) for e, w, t in list(self.pending) if not e.done), None)
+            if unfinished is None:
+                continue
+            what, issued = unfinished
+            if time.monotonic() - issued > self.timeout + 5.0:
+                print(f"minillm: error: rank {self.rank}: NCCL {what} did not complete within {self.timeout:g} s "
+                      "(a peer died or hangs); aborting the communicator and exiting", file=sys.stderr, flush=True)
+                self.abort()
+                os._exit(1)
 
     # -------------------------------------------------------------- helpers
     def _dtype(self, array) -> int:
@@ -64,13 +86,13 @@ class NCCLCommunicator(Communicator):
         """Record an event after an enqueued call; wait for old ones so the host stays close."""
         event = self.cupy.cuda.Event(disable_timing=True)
         event.record()
-        self.pending.append((event, what))
+        self.pending.append((event, what, time.monotonic()))
         if len(self.pending) > _MAX_PENDING:
             self._wait(self.pending[: len(self.pending) - _MAX_PENDING])
 
     def _wait(self, entries) -> None:
         deadline = time.monotonic() + self.timeout
-        for event, what in entries:
+        for event, what, _ in entries:
             while not event.done:
                 try:
                     self.comm.check_async_error()
@@ -82,8 +104,8 @@ class NCCLCommunicator(Communicator):
                     raise CommError(f"rank {self.rank}: NCCL {what} did not complete within {self.timeout:g} s "
                                     "(a peer died or hangs); communicator aborted")
                 time.sleep(0.0002)
-        done = {id(e) for e, _ in entries}
-        self.pending = [(e, w) for e, w in self.pending if id(e) not in done]
+        done = {id(entry[0]) for entry in entries}
+        self.pending = [entry for entry in self.pending if id(entry[0]) not in done]
 
     def synchronize(self) -> None:
         self._wait(list(self.pending))
