@@ -1,0 +1,105 @@
+"""minillm launch and faults, on the CPU backend: rank-prefixed output, a killed rank stops the job
+within the timeout with a clear message, and a checkpoint written before the kill resumes exactly."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import make_config, make_dataset, make_model  # noqa: E402
+
+from minillm.distributed.launch import command_line, rank_environments  # noqa: E402
+from minillm.distributed.spawn import free_port  # noqa: E402
+from minillm.train import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = dict(steps=10, batch_size=2, grad_accum=2, eval_interval=0, checkpoint_interval=0)
+
+# one rank of a PP=2 run that checkpoints every 3 steps; rank KILL_RANK SIGKILLs itself at step 5
+SCRIPT = textwrap.dedent(f"""
+    import os, signal, sys
+    sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests" / "train")!r}]
+    from train_helpers import make_config, make_dataset, make_model
+    from minillm.distributed import init_process_group, destroy_process_group
+    from minillm.distributed.pipeline import build_stage
+    from minillm.distributed.pipeline_trainer import PipelineTrainer
+
+    run_dir, kill_rank = sys.argv[1], int(sys.argv[2])
+    group = init_process_group("cpu", timeout=10)
+    stage = build_stage(lambda: make_model(n_layer=2), group.rank, group.world_size)
+    trainer = PipelineTrainer(stage, make_config(**{RUN!r}), make_dataset(), group.comm, run_dir=run_dir)
+    while trainer.step < 10:
+        loss, _ = trainer.train_step()
+        print(f"step {{trainer.step}} loss {{loss:.6f}}", flush=True)
+        if trainer.step % 3 == 0:
+            trainer.save()
+        if group.rank == kill_rank and trainer.step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+    destroy_process_group()
+""")
+
+
+def _launch(tmp_path, kill_rank, nnodes=1, node_rank=0, port=None, nproc=2):
+    script = tmp_path / "rank.py"
+    script.write_text(SCRIPT)
+    command = [sys.executable, "-m", "minillm", "launch", "--nproc-per-node", str(nproc), "--device", "cpu",
+               "--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-port", str(port or free_port()),
+               "--", sys.executable, str(script), str(tmp_path / "run"), str(kill_rank)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _reference_losses():
+    trainer = Trainer(make_model(n_layer=2), make_config(**RUN), make_dataset())
+    return [trainer.train_step()[0] for _ in range(10)]
+
+
+def test_launch_prefixes_ranks_and_trains(tmp_path):
+    process = _launch(tmp_path, kill_rank=-1)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    for rank in (0, 1):
+        losses = [float(line.split()[-1]) for line in output.splitlines() if line.startswith(f"[rank {rank}] step")]
+        assert losses == pytest.approx(_reference_losses(), rel=1e-6)
+
+
+def test_killed_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
+    start = time.monotonic()
+    process = _launch(tmp_path, kill_rank=1)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "[launch] rank 1 exited with code -9: stopping the other ranks" in output
+    assert time.monotonic() - start < 30
+    # the step-3 checkpoint (one ordinary file) resumes on one process, exactly
+    trainer = Trainer(make_model(n_layer=2), make_config(**RUN), make_dataset(), run_dir=tmp_path / "run")
+    assert trainer.resume() == 3
+    resumed = [trainer.train_step()[0] for _ in range(7)]
+    assert resumed == pytest.approx(_reference_losses()[3:], rel=1e-6)
+
+
+def test_survivor_on_another_node_reports_the_dead_peer(tmp_path):
+    """Two launchers ("nodes"): nothing kills the survivor for us; its own communicator must notice."""
+    port = free_port()
+    node0 = _launch(tmp_path, kill_rank=1, nnodes=2, node_rank=0, port=port, nproc=1)
+    node1 = _launch(tmp_path, kill_rank=1, nnodes=2, node_rank=1, port=port, nproc=1)
+    node1.communicate(timeout=60)
+    killed = time.monotonic()
+    output, _ = node0.communicate(timeout=60)
+    assert node0.returncode != 0
+    assert "rank 0: rank 1 closed its connection" in output
+    assert time.monotonic() - killed < 10   # within the 10 s timeout
+
+
+def test_rank_environments_and_command_line():
+    envs = rank_environments(2, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234)
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("2", "0", "4"), ("3", "1", "4")]
+    assert envs[0]["MASTER_ADDR"] == "10.0.0.1" and envs[0]["MASTER_PORT"] == "1234"
+    assert command_line(["train", "--pp", "2"])[1:] == ["-m", "minillm", "train", "--pp", "2"]
+    assert command_line(["python", "x.py"]) == ["python", "x.py"]
+    with pytest.raises(ValueError, match="--node-rank 2 must be in 0..1"):
+        rank_environments(1, nnodes=2, node_rank=2)
