@@ -35,8 +35,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="port of the rendezvous on node 0 (default: 29500)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda: NCCL, rank i on GPU LOCAL_RANK; cpu: the CPU test transport (default: cuda)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                   help="what each rank runs: a minillm subcommand (train ...) or a program (python x.py)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="after --: what each rank runs, a minillm subcommand (train ...) or a program (python x.py)")
     p.set_defaults(func=run_launch)
     return p
 

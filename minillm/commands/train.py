@@ -106,6 +106,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     parallel.add_argument("--tp", metavar="T", type=argtypes.positive_int,
                           help="tensor-parallel ranks splitting every block's attention heads and MLP; T must "
                                "divide --n-head (default: 1)")
+    parallel.add_argument("--pp", metavar="P", type=argtypes.positive_int,
+                          help="pipeline stages: the blocks cut into P contiguous stages balanced by cost, one per "
+                               "process (default: 1)")
+    parallel.add_argument("--micro-batches", metavar="M", type=argtypes.positive_int,
+                          help="split each step's --batch-size windows into M micro-batches (the pipeline's units; "
+                               "the same arithmetic as --batch-size B/M --grad-accum M)")
+    parallel.add_argument("--schedule", choices=("gpipe", "1f1b"),
+                          help="pipeline schedule: all forwards then all backwards, or one-forward-one-backward with "
+                               "at most P micro-batches in flight (default: 1f1b)")
 
     run = p.add_argument_group("run directory")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<data name>, numbered if taken)")
@@ -131,6 +140,7 @@ def plan_from_args(args: argparse.Namespace):
     from ..models import GPTConfig  # noqa: PLC0415
     from ..train import TrainConfig  # noqa: PLC0415
 
+    split_micro_batches(args)
     train = given_fields(args, TrainConfig)
     if getattr(args, "quiet", False):
         train["progress"] = False
@@ -140,6 +150,20 @@ def plan_from_args(args: argparse.Namespace):
     return resolve_run(out=args.out, resume=args.resume, data=args.data, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, stride=args.stride, preset=args.preset, model=model,
                        train=train)
+
+
+def split_micro_batches(args: argparse.Namespace) -> None:
+    """--batch-size B --micro-batches M -> B/M windows per micro-batch, M micro-batches per step."""
+    micro = getattr(args, "micro_batches", None)
+    if micro is None:
+        return
+    if args.grad_accum is not None:
+        raise ValueError("give --micro-batches or --grad-accum, not both (they are the same thing)")
+    if args.batch_size is None:
+        raise ValueError("--micro-batches needs --batch-size: the global batch it splits")
+    if args.batch_size % micro:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batches {micro}")
+    args.batch_size, args.grad_accum = args.batch_size // micro, micro
 
 
 def join_mesh(args: argparse.Namespace, plan):
