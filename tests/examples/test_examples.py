@@ -75,6 +75,15 @@ def test_12_llama_style(tmp_path, capsys):
     assert "gpt2: " in out and "llama: " in out and "same parameter count" in out
 
 
+def test_13_pipeline(tmp_path, capsys):
+    difference = load("13_pipeline").main(["--steps", "3", "--micro-batches", "4", "--timeline",
+                                            str(tmp_path / "pipe.png")])
+    assert difference < 1e-6                   # GPipe and 1F1B take one process's steps
+    out = capsys.readouterr().out
+    assert "micro-batches held per stage: [2, 1]" in out   # 1F1B: at most P - s on stage s
+    assert (tmp_path / "pipe.png").stat().st_size > 0
+
+
 def test_14_data_parallel(capsys):
     difference = load("14_data_parallel").main(["--steps", "5"])
     assert difference < 1e-6                   # DP=2 takes one process's steps
