@@ -76,12 +76,15 @@ def test_12_llama_style(tmp_path, capsys):
 
 
 def test_13_pipeline(tmp_path, capsys):
-    difference = load("13_pipeline").main(["--steps", "3", "--micro-batches", "4", "--timeline",
-                                            str(tmp_path / "pipe.png")])
+    import importlib.util
+
+    plot = importlib.util.find_spec("matplotlib") is not None   # the timeline needs the plot extra
+    timeline = ["--timeline", str(tmp_path / "pipe.png")] if plot else []
+    difference = load("13_pipeline").main(["--steps", "3", "--micro-batches", "4", *timeline])
     assert difference < 1e-6                   # GPipe and 1F1B take one process's steps
     out = capsys.readouterr().out
     assert "micro-batches held per stage: [2, 1]" in out   # 1F1B: at most P - s on stage s
-    assert (tmp_path / "pipe.png").stat().st_size > 0
+    assert not plot or (tmp_path / "pipe.png").stat().st_size > 0
 
 
 def test_14_data_parallel(capsys):
