@@ -20,7 +20,7 @@ else
   SMALL_BENCH="--preset gpt2-124m --context 1024 --device cuda --steps 8 --warmup 2"
   LARGE_BENCH="--preset gpt2-large --context 1024 --device cuda --steps 4 --warmup 1"
   LOSSES="--preset gpt2-124m --context 1024 --device cuda"
-  KILL="--preset gpt2-124m --context 256 --device cuda --steps 50 --timeout 10"
+  KILL="--preset tiny --context 64 --device cuda --steps 50 --timeout 10"
   GPU0="CUDA_VISIBLE_DEVICES=0"; GPU1="CUDA_VISIBLE_DEVICES=1"
 fi
 t() { date +%s.%N; }
