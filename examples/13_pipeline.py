@@ -28,6 +28,7 @@ from minillm.data.dataset import TokenDataset  # noqa: E402
 from minillm.distributed.pipeline import build_stage, stage_bounds  # noqa: E402
 from minillm.distributed.pipeline_trainer import PipelineTrainer  # noqa: E402
 from minillm.distributed.spawn import spawn  # noqa: E402
+from minillm.distributed.timeline import draw_timeline, ideal_bubble  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.train import TrainConfig, Trainer  # noqa: E402
 
@@ -60,31 +61,6 @@ def pipeline_rank(group, schedule: str, steps: int, micro_batches: int):
     return losses, engine.max_in_flight, engine.events, engine.bubble_fraction()
 
 
-def draw_timeline(events_per_stage, path, title: str) -> None:
-    """Per stage, a bar per forward (blue), backward (green) and send/recv (grey) on a time axis."""
-    import matplotlib  # noqa: PLC0415 (the plot extra)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    colors = {"forward": "tab:blue", "backward": "tab:green", "send/recv": "0.7"}
-    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.5 * len(events_per_stage)))
-    for stage, events in enumerate(events_per_stage):
-        for kind, mb, start, end in events:
-            ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (stage - 0.4, 0.8), color=colors[kind])
-            if kind != "send/recv":
-                ax.text((start + end) / 2 * 1e3, stage, str(mb), ha="center", va="center", fontsize=7, color="w")
-    ax.set_yticks(range(len(events_per_stage)), [f"stage {s}" for s in range(len(events_per_stage))])
-    ax.invert_yaxis()
-    ax.set_xlabel("time in the step (ms); white space = idle (the bubble)")
-    ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, list(colors), loc="upper right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description="pipeline parallel on the CPU test transport")
     parser.add_argument("--stages", type=int, default=2, help="pipeline stages P (processes)")
@@ -109,7 +85,7 @@ def main(argv=None) -> float:
               f"{difference:.1e}; micro-batches held per stage: {[r[1] for r in results]}")
     measured = float(np.mean([r[3] for r in results]))
     print(f"3. 1F1B bubble: measured idle share {measured:.2f} (CPU ranks share cores: rough) vs "
-          f"(P-1)/(M+P-1) = {(P - 1) / (M + P - 1):.2f}")
+          f"(P-1)/(M+P-1) = {ideal_bubble(P, M):.2f}")
     if args.timeline:
         draw_timeline([r[2] for r in results], args.timeline, f"1F1B, P={P}, M={M}")
         print(f"   timeline drawn to {args.timeline}")

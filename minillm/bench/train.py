@@ -41,14 +41,17 @@ def gpu_peak_tflops(device: str, precision: str):
 
 
 def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device: str = "cpu", steps: int = 10,
-                       warmup: int = 2, seed: int = 0, precision: str = "fp32", mesh_shape=None) -> dict:
+                       warmup: int = 2, seed: int = 0, precision: str = "fp32", mesh_shape=None,
+                       schedule: str = "1f1b", timeline: bool = False) -> dict:
     """Time ``steps`` full training steps (forward, backward, clip, AdamW) on random tokens, after
     ``warmup`` untimed ones, in ``precision`` (fp32, tf32, bf16, fp16); returns tokens/s, ms per
     step, peak memory and, on a GPU, MFU as a dict.
 
     ``mesh_shape`` (a ``distributed.MeshShape``, in a job started by ``minillm launch``): the
     step runs on the (pp, dp, tp) mesh (``ParallelTrainer``), ``batch_size`` is the global
-    batch, tokens/s counts the whole job's tokens and every rank's peak memory is listed."""
+    batch, tokens/s counts the whole job's tokens and every rank's peak memory is listed.
+    With pp > 1, ``schedule`` is the pipeline's; ``timeline`` runs one more (untimed) step
+    recording every stage's actions: ``result["timeline"]`` lists each rank's events."""
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
     from ..models import GPT  # noqa: PLC0415
@@ -74,7 +77,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     else:
         from ..distributed.parallel_trainer import ParallelTrainer  # noqa: PLC0415
 
-        trainer = ParallelTrainer(model, train_cfg, dataset, mesh)
+        trainer = ParallelTrainer(model, train_cfg, dataset, mesh, schedule=schedule)
     pool = None
     if device != "cpu":
         import cupy  # noqa: PLC0415
@@ -113,6 +116,13 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
                 "parameter_bytes": sum(p.data.nbytes for p in trainer.model.parameters()),
                 "gpu_peak_in_use_gib": result.get("gpu_peak_in_use_gib"), "peak_rss_mib": result["peak_rss_mib"]}
         result.update(mesh=vars(mesh.shape), rank=mesh.world.rank, ranks=all_gather_json(mesh.world, mine, device))
+        engine = getattr(trainer, "engine", None)
+        if timeline and engine is not None:
+            engine.timeline = True
+            trainer.train_step()
+            engine.timeline = False
+            result["timeline"] = all_gather_json(mesh.world, {"stage": engine.stage.stage, "events": engine.events},
+                                                 device)
     return result
 
 

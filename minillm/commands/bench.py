@@ -99,6 +99,15 @@ def _register_train(benches) -> None:
     p.add_argument("--tp", metavar="T", type=argtypes.positive_int, default=1,
                    help="tensor-parallel ranks splitting every block's heads and MLP (run under minillm launch; "
                         "default: 1)")
+    p.add_argument("--pp", metavar="P", type=argtypes.positive_int, default=1,
+                   help="pipeline stages (run under minillm launch; default: 1)")
+    p.add_argument("--micro-batches", metavar="M", type=argtypes.positive_int,
+                   help="split --batch-size into M micro-batches (the pipeline's units; instead of --grad-accum)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
+                   help="pipeline schedule (default: 1f1b)")
+    p.add_argument("--timeline", metavar="FILE",
+                   help="with --pp: draw one step's schedule as run (forward, backward, send/recv, idle per stage) "
+                        "into a PNG or SVG (needs matplotlib) and print the measured bubble")
     add_json_option(p)
     p.set_defaults(func=run_bench_train)
 
@@ -119,10 +128,18 @@ def run_bench_train(args: argparse.Namespace) -> int:
     from ..distributed.mesh import MeshShape  # noqa: PLC0415
 
     shape = MeshShape(pp=getattr(args, "pp", None) or 1, dp=args.dp, tp=args.tp)
+    if args.micro_batches is not None:        # --batch-size B --micro-batches M: M micro-batches of B/M
+        if args.grad_accum != 1 or args.batch_size % args.micro_batches:
+            raise ValueError(f"--micro-batches {args.micro_batches} must divide --batch-size {args.batch_size} "
+                             "(and replaces --grad-accum)")
+        args.batch_size, args.grad_accum = args.batch_size // args.micro_batches, args.micro_batches
     if args.batch_size % shape.dp:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of --dp {shape.dp}")
+    if args.timeline and shape.pp == 1:
+        raise ValueError("--timeline draws a pipeline schedule: give --pp 2 or more (under minillm launch)")
     result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
-                                args.seed, args.precision, mesh_shape=shape)
+                                args.seed, args.precision, mesh_shape=shape, schedule=args.schedule,
+                                timeline=bool(args.timeline))
     if result.get("rank", 0) != 0:
         return 0                                  # one report, from rank 0
     if args.json:
@@ -146,11 +163,22 @@ def run_bench_train(args: argparse.Namespace) -> int:
     if "mesh" in result:
         m = result["mesh"]
         print(f"  mesh pp={m['pp']} x dp={m['dp']} x tp={m['tp']} ({len(result['ranks'])} ranks; tokens/s of the "
-              f"whole job, batch {B} global)")
+              f"whole job, batch {B} x {args.grad_accum} global)")
         for rank, r in enumerate(result["ranks"]):
             memory = (f", peak GPU memory {r['gpu_peak_in_use_gib']:.2f} GiB" if r["gpu_peak_in_use_gib"] is not None
                       else f", peak RSS {r['peak_rss_mib']:,.0f} MiB")
             print(f"  rank {rank}: {r['parameters']:,} parameters ({r['parameter_bytes'] / 2**20:,.1f} MiB){memory}")
+    if args.timeline:
+        from ..distributed.timeline import bubble_fraction, draw_timeline, ideal_bubble  # noqa: PLC0415
+
+        by_stage = {}
+        for entry in result["timeline"]:          # the first replica's row of each stage
+            by_stage.setdefault(entry["stage"], entry["events"])
+        stages = [by_stage[s] for s in sorted(by_stage)]
+        measured = sum(bubble_fraction(e) for e in stages) / len(stages)
+        written = draw_timeline(stages, args.timeline, f"{args.schedule}, P={shape.pp}, M={args.grad_accum}")
+        print(f"  bubble: measured idle share {measured:.3f} (mean over stages; {', '.join(f'{bubble_fraction(e):.3f}' for e in stages)}) "
+              f"vs (P-1)/(M+P-1) = {ideal_bubble(shape.pp, args.grad_accum):.3f}; timeline in {written}")
     return 0
 
 

@@ -31,7 +31,6 @@ each such crossing pair goes into one ``send_recv`` call (one NCCL group).
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -230,9 +229,7 @@ class PipelineEngine:
             self.events.append((kind, mb, start - self.t0, self._now() - self.t0))
 
     def bubble_fraction(self) -> float:
-        """This stage's idle share of the last step: 1 - (forward + backward time) / step time."""
-        if not self.events:
-            return math.nan
-        busy = sum(end - start for kind, _, start, end in self.events if kind in ("forward", "backward"))
-        span = max(end for *_, end in self.events)
-        return 1.0 - busy / span
+        """This stage's idle share of the last step (recorded with ``timeline=True``)."""
+        from .timeline import bubble_fraction  # noqa: PLC0415
+
+        return bubble_fraction(self.events)

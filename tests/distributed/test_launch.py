@@ -103,3 +103,26 @@ def test_rank_environments_and_command_line():
     assert command_line(["python", "x.py"]) == ["python", "x.py"]
     with pytest.raises(ValueError, match="--node-rank 2 must be in 0..1"):
         rank_environments(1, nnodes=2, node_rank=2)
+
+
+def test_bench_train_draws_the_pipeline_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    command = [sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
+               "--master-port", str(free_port()), "--", "bench", "train", "--pp", "2", "--micro-batches", "4",
+               "--batch-size", "8", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--context", "16",
+               "--steps", "1", "--warmup", "0", "--timeline", str(tmp_path / "pipe.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "vs (P-1)/(M+P-1) = 0.200" in result.stdout
+    assert (tmp_path / "pipe.png").stat().st_size > 0
+
+
+def test_bubble_fraction_by_hand():
+    from minillm.distributed.timeline import bubble_fraction, ideal_bubble
+
+    # busy 0-1 (forward) and 2-4 (backward), waiting 1-2 and 4-5: idle 2 of 5
+    events = [("forward", 0, 0.0, 1.0), ("send/recv", 0, 1.0, 2.0), ("backward", 0, 2.0, 4.0),
+              ("send/recv", -1, 4.0, 5.0)]
+    assert bubble_fraction(events) == pytest.approx(0.4)
+    assert ideal_bubble(2, 8) == pytest.approx(1 / 9)
