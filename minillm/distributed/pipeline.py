@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..nn import Module
+from ..ops.embedding import Embedding as EmbeddingLookup
+from ..ops.loss import CrossEntropy
 
 EMBEDDING_PARTS = ("wte", "wpe", "drop")  # on the first stage
 HEAD_PARTS = ("ln_f", "lm_head")          # on the last stage
@@ -127,10 +129,14 @@ class PipelineStage(Module):
             return [self.wte.weight]
         return []
 
-    def forward(self, inputs, targets=None):
+    def forward(self, inputs, targets=None, checked: bool = False):
+        """``checked``: the ids and targets were range-checked on the host already
+        (``check_token_batch``), so the ops' own checks, one GPU sync each, are skipped:
+        a host sync inside a schedule stalls the host until this GPU has drained,
+        including the receive it waits on, and so serialises the stages."""
         if self.is_first:
             T = inputs.shape[1]
-            x = self.wte(inputs)                                   # (b, T, C)
+            x = EmbeddingLookup.apply(self.wte.weight, ids=inputs) if checked else self.wte(inputs)   # (b, T, C)
             if self.wpe is not None:
                 x = x + self.wpe.weight[0:T]                       # (T, C) broadcast over the batch
             x = self.drop(x)
@@ -143,7 +149,19 @@ class PipelineStage(Module):
         logits = F.linear(self.ln_f(x), self.output_weight)        # (b, T, V)
         if targets is None:
             return logits
+        if checked:
+            return logits, CrossEntropy.apply(logits, targets=targets, ignore_index=-100, reduction="mean")
         return logits, F.cross_entropy(logits, targets)
+
+
+def check_token_batch(inputs, targets, vocab_size: int) -> None:
+    """Every id and target in [0, vocab_size) (targets may be -100, ignored), checked on the host
+    (NumPy arrays, before they go to the GPU): what F.embedding and F.cross_entropy check on the device."""
+    for name, array, allowed in (("token id", inputs, None), ("target id", targets, -100)):
+        values = array if allowed is None else array[array != allowed]
+        if values.size and (values.min() < 0 or values.max() >= vocab_size):
+            bad = values.min() if values.min() < 0 else values.max()
+            raise ValueError(f"{name} {int(bad)} is out of range for a vocabulary of {vocab_size}")
 
 
 def build_stage(model_factory, stage: int, stages: int, seq_len: int | None = None) -> PipelineStage:

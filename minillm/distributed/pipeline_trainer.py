@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from .. import backend, optim, precision
 from ..train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..train.trainer import Trainer
+from .pipeline import check_token_batch
 from .schedule import PipelineEngine
 
 
@@ -46,9 +47,12 @@ class PipelineTrainer(Trainer):
     # ------------------------------------------------------------ the step, split over stages
     def forward_backward(self) -> float:
         cfg = self.config
-        batches = [self._to_device(self.data.get_batch("train", cfg.batch_size)) for _ in range(cfg.grad_accum)]
+        batches = [self.data.get_batch("train", cfg.batch_size) for _ in range(cfg.grad_accum)]
+        for inputs, targets in batches:   # on the host: no GPU sync inside the schedule (PipelineStage.forward)
+            check_token_batch(inputs, targets, self.model.config.vocab_size)
+        batches = [self._to_device(batch) for batch in batches]   # all copies before the schedule starts
         with precision.use_precision(cfg.precision):
-            loss = self.engine.train_step(batches)
+            loss = self.engine.train_step(batches, checked=True)
         self.tokens_seen += sum(b[0].size for b in batches)
         return loss
 

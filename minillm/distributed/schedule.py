@@ -64,14 +64,15 @@ class PipelineEngine:
         self.max_in_flight = 0
 
     # ------------------------------------------------------------ one step
-    def train_step(self, micro_batches) -> float:
+    def train_step(self, micro_batches, checked: bool = False) -> float:
         """Forward and backward of every micro-batch (x, y) with this schedule; the step's mean loss.
 
         Gradients accumulate in the stage's ``p.grad`` (zero them before).
         Every rank passes the same micro-batches (only the first stage reads
         x, only the last y) and gets the same loss back, from the last stage.
+        ``checked``: their ids were range-checked on the host (``check_token_batch``).
         """
-        self.batches, self.M = micro_batches, len(micro_batches)
+        self.batches, self.M, self.checked = micro_batches, len(micro_batches), checked
         self.inputs, self.outputs, self.loss_sum = {}, {}, None
         self.events, self.max_in_flight, self.t0 = [], 0, time.perf_counter()
         (self._gpipe if self.schedule == "gpipe" else self._one_f_one_b)()
@@ -114,11 +115,11 @@ class PipelineEngine:
         if self.stage.is_first:
             x = inputs                                           # token ids (b, T)
         if self.stage.is_last:
-            _, loss = self.stage(x, targets)
+            _, loss = self.stage(x, targets, checked=self.checked)
             self.loss_sum = loss.data if self.loss_sum is None else self.loss_sum + loss.data
             out = loss
         else:
-            out = self.stage(x)                                  # (b, T, C)
+            out = self.stage(x, checked=self.checked)            # (b, T, C)
         self.inputs[mb], self.outputs[mb] = x, out
         self.max_in_flight = max(self.max_in_flight, len(self.outputs))
         self._record("forward", mb, start)

@@ -149,3 +149,14 @@ def test_stage_names_are_the_models():
     names = [n for n, _ in first.named_parameters()] + [n for n, _ in last.named_parameters() if n != "wte.weight"]
     assert names == [n for n, _ in model.named_parameters()]
     assert last.tied_parameters() == [model.wte.weight]
+
+
+def test_token_batches_are_checked_on_the_host():
+    from minillm.distributed.pipeline import check_token_batch
+
+    ok = np.array([[0, 31]])
+    check_token_batch(ok, np.array([[-100, 5]]), 32)      # -100 targets are ignored, not errors
+    with pytest.raises(ValueError, match="token id 32 is out of range for a vocabulary of 32"):
+        check_token_batch(np.array([[0, 32]]), ok, 32)
+    with pytest.raises(ValueError, match="target id -1 is out of range"):
+        check_token_batch(ok, np.array([[-1, 0]]), 32)
