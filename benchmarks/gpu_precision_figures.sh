@@ -1,5 +1,6 @@
 #!/bin/bash
-# Device call 3 (final figures): the whole suite on CUDA, PyTorch/HF vs minillm, long context.
+# One GPU session: the whole suite on CUDA, PyTorch/HF vs minillm (training and decoding),
+# host-vs-GPU time of a step, long-context memory. Logs under $OUT (default .).
 export PYTHONPATH=. NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
