@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import numpy as np
 
@@ -323,7 +324,7 @@ class CudaGraphDecoder:
         from .kernels.matmul import prepare_capture  # noqa: PLC0415
 
         cfg = model.config
-        self.model, self.batch = model, batch
+        self.model, self.batch = model, batch     # dropped after capture (a weak reference stays)
         self.params = [p.data for p in model.parameters()]
         self.mode = (precision.autocast_dtype(), precision.tf32_enabled())
         self.cache = model.new_kv_cache(batch, cfg.context_length)
@@ -354,12 +355,13 @@ class CudaGraphDecoder:
                     self.graph = self.stream.end_capture()
             finally:
                 cupy.cuda.set_allocator(pool.malloc)
+        self.model_ref, self.model = weakref.ref(model), None   # the cache below must not keep the model alive
 
     def matches(self, model) -> bool:
         """Whether this decoder still reads ``model``'s current weight arrays in the current precision."""
         from . import precision  # noqa: PLC0415
 
-        return (model is self.model and self.mode == (precision.autocast_dtype(), precision.tf32_enabled())
+        return (model is self.model_ref() and self.mode == (precision.autocast_dtype(), precision.tf32_enabled())
                 and len(self.params) == len(list(model.parameters()))
                 and all(a is p.data for a, p in zip(self.params, model.parameters())))
 
@@ -400,11 +402,13 @@ class CudaGraphDecoder:
         return self.logits
 
 
+_graph_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {batch: decoder}
+
+
 def graph_decoder(model, batch: int) -> CudaGraphDecoder:
     """The captured decode step for (model, batch), captured on first use and reused while the
-    model keeps its weight arrays and the precision is unchanged. Kept on the model (in its
-    ``__dict__``, not as a submodule), so it goes when the model goes."""
-    decoders = model.__dict__.setdefault("_cuda_graph_decoders", {})
+    model keeps its weight arrays and the precision is unchanged; forgotten with the model."""
+    decoders = _graph_decoders.setdefault(model, {})
     decoder = decoders.get(batch)
     if decoder is None or not decoder.matches(model):
         decoders.pop(batch, None)
