@@ -1,11 +1,15 @@
-"""CUDA kernels behind ops/attention.py.
+"""CUDA kernels behind ops/attention.py, in three parts:
 
-Row-wise kernels over the (…, Tq, Tk) attention matrix, one CUDA block per
-row (query), so the causal mask, the max, the sum and the normalisation of a
-row are one launch instead of five, and the masked half of a causal row is
-never read. Query i of Tq attends keys j <= i + causal_offset (offset =
-Tk - Tq: the queries are the last Tq positions); with ``causal`` off every
-query attends every key.
+1. Row kernels over the (…, Tq, Tk) attention matrix, one CUDA block per row
+   (query), so the causal mask, the max, the sum and the normalisation of a row
+   are one launch instead of five, and the masked half of a causal row is never
+   read. Query i of Tq attends keys j <= i + causal_offset (offset = Tk - Tq: the
+   queries are the last Tq positions); with ``causal`` off every query attends
+   every key.
+2. Flash attention: a fused tiled forward and a two-kernel backward that never
+   form the score matrix (O(T) memory).
+3. The score-matrix path: cuBLAS products (kernels/matmul.py) around the row
+   kernels, with causal queries in blocks.
 """
 
 from __future__ import annotations
