@@ -73,6 +73,7 @@ class PipelineEngine:
         ``checked``: their ids were range-checked on the host (``check_token_batch``).
         """
         self.batches, self.M, self.checked = micro_batches, len(micro_batches), checked
+        self.loss_grad = self.xp.asarray(1.0 / self.M, dtype=self.dtype)
         self.inputs, self.outputs, self.loss_sum = {}, {}, None
         self.events, self.max_in_flight, self.t0 = [], 0, time.perf_counter()
         (self._gpipe if self.schedule == "gpipe" else self._one_f_one_b)()
@@ -130,7 +131,9 @@ class PipelineEngine:
         start = self._now()
         out, x = self.outputs.pop(mb), self.inputs.pop(mb)
         if self.stage.is_last:
-            out.backward(1.0 / self.M)       # the loss: d(mean over M micro-batches)/d(this one) = 1/M
+            # the loss: d(mean over M micro-batches)/d(this one) = 1/M (made on the device once per step:
+            # a host scalar would be copied over at every micro-batch)
+            out.backward(self.loss_grad)
         else:
             out.backward(grad)               # continue the chain rule from the received gradient
         self._record("backward", mb, start)
