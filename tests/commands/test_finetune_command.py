@@ -102,3 +102,30 @@ def test_sft_run_and_generate_instruction_prints_only_the_response(tmp_path, cap
     assert printed.strip() == respond(model, tok, "Say 3.", max_new_tokens=6)   # respond() strips too
     assert "Below is an instruction" not in printed
     assert "--input goes with --instruction" in failed(["generate", "--run", out, "--input", "x"], capsys)
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch):
+    from minillm.train.trainer import Trainer
+
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=30)
+    out = tmp_path / "run"
+    original = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        result = original(self)
+        if self.step == 2:
+            self.request_stop()                      # what the first Ctrl-C does
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    assert run(["finetune", "classify", "--data", data, "--from", base, "--out", out, "--epochs", "2"]) == 130
+    assert "minillm finetune classify --out" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert json_step(out) == 2
+    assert run(["finetune", "classify", "--out", out, "--resume", "--quiet"]) == 0
+    assert json_step(out) == 6                        # 21 training texts, batch 8: 3 steps per epoch
+
+
+def json_step(run_dir):
+    return json.loads((run_dir / "checkpoint.json").read_text())["step"]
