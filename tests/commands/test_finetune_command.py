@@ -129,3 +129,22 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch)
 
 def json_step(run_dir):
     return json.loads((run_dir / "checkpoint.json").read_text())["step"]
+
+
+def test_from_a_hugging_face_directory(tmp_path, capsys):
+    from minillm.finetune import load_language_model
+    from minillm.weights import save_hf_gpt2
+
+    base = make_base_run(tmp_path / "base")
+    gpt, tok = load_language_model(base)
+    save_hf_gpt2(gpt, tmp_path / "hf")                      # config.json + model.safetensors
+    data = write_spam_like(tmp_path / "spam.tsv", n=30)
+    out = tmp_path / "run"
+    assert run(["finetune", "classify", "--data", data, "--hf", tmp_path / "hf", "--tokenizer",
+                base / "tokenizer.json", "--out", out, "--epochs", "1", "--quiet"]) == 0
+    model, _, info = load_finetuned(out)
+    assert info["finetune"]["base"]["hf"] == str(tmp_path / "hf")
+    frozen = dict(model.gpt.named_parameters())["h.0.attn.c_attn.weight"].numpy()   # last-block: h.0 frozen
+    np.testing.assert_array_equal(frozen, gpt.h[0].attn.c_attn.weight.numpy())     # so: the --hf weights
+    assert "--tokenizer is for --hf" in failed(["finetune", "classify", "--data", data, "--from", base, "--out",
+                                                tmp_path / "r2", "--tokenizer", "x"], capsys)
