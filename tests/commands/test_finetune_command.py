@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune"))
 from finetune_helpers import make_base_run, write_instructions, write_spam_like  # noqa: E402
