@@ -37,8 +37,6 @@ identical to the reference, scores 0.5).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from .. import backend
@@ -129,18 +127,16 @@ def collate_preferences(examples, pad_id: int):
 
 
 class DPOObjective:
-    """The Trainer's ``loss_fn`` and ``evaluate_fn`` for DPO, holding the frozen reference model.
+    """The Trainer's ``loss_fn`` (and, through ``metrics``, its evaluation) for DPO.
 
-    ``reference``: by default a deep copy of ``policy`` taken now (before any
-    update); it is frozen and put in eval mode.
+    ``reference``: the frozen starting model, a copy taken before training
+    (``copy.deepcopy(policy)``); it is frozen here and put in eval mode.
     """
 
-    def __init__(self, policy, beta: float = 0.1, reference=None):
+    def __init__(self, reference, beta: float = 0.1):
         if not beta > 0:
             raise ValueError(f"DPO: beta must be positive, got {beta!r}")
         self.beta = float(beta)
-        if reference is None:
-            reference = copy.deepcopy(policy)
         for param in reference.parameters():
             param.requires_grad = False
         self.reference = reference.eval()

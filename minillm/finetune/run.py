@@ -157,7 +157,7 @@ def _objective(config: FinetuneConfig, reference, data: EpochBatches, batch_size
         return cls.classification_loss, lambda m: cls.classification_metrics(m, data, batch_size)
     if config.task == "sft":
         return None, lambda m: sft.language_model_metrics(m, data.iter_batches("val", batch_size))
-    objective = dpo.DPOObjective(reference, beta=config.beta, reference=reference)
+    objective = dpo.DPOObjective(reference, beta=config.beta)
     held_out = "val" if data.splits.get("val") else "train"
     return objective, lambda m: objective.metrics(m, data.iter_batches(held_out, batch_size))
 

@@ -1,5 +1,7 @@
 """DPO's loss, rewards, reward accuracy and sequence log-probabilities against plain NumPy."""
 
+import copy
+
 import numpy as np
 
 import minillm as mm
@@ -65,7 +67,7 @@ def test_sequence_log_probs_sum_only_the_response_tokens():
 
 def test_an_untouched_policy_scores_one_half_and_zero_margin():
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=20, context_length=8))
-    objective = DPOObjective(model, beta=0.1)
+    objective = DPOObjective(copy.deepcopy(model), beta=0.1)
     inputs = np.array([[1, 2, 3, 4], [1, 2, 5, 6]])
     targets = np.array([[-100, 3, 4, 0], [-100, 5, 6, 0]])
     metrics = objective.metrics(model, [(inputs, targets)])
