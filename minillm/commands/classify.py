@@ -55,7 +55,8 @@ def run_classify(args: argparse.Namespace, out=None) -> int:
     if cut:
         say(f"note: {cut} text(s) longer than the context of {context} tokens were cut to their first {context}")
     pad = tokenizer.special_tokens.get("<|endoftext|>", 0)
-    batches = (collate_classification([(ids, 0) for ids in encoded[i:i + args.batch_size]], pad)
+    length = info.get("padded_length")       # a run that reads the padded end: pad as in training
+    batches = (collate_classification([(ids, 0) for ids in encoded[i:i + args.batch_size]], pad, length)
                for i in range(0, len(encoded), args.batch_size))
     if encoded:
         predicted, _ = predict(model, batches)

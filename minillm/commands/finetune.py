@@ -45,6 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         if task == "classify":
             own.add_argument("--trainable", choices=("head", "last-block", "all"), default=None,
                            help="what trains: the new head, the last block + final norm + head (default), or all")
+            own.add_argument("--read", choices=("last", "end"), default=None,
+                             help="the hidden state the head reads: the last real token of each text (default), "
+                                  "or 'end', the book's way: every text padded to the longest training text, "
+                                  "the final position read")
             own.add_argument("--balance", action="store_true",
                            help="undersample every class to the size of the smallest (seeded)")
             own.add_argument("--text-column", metavar="NAME", default="text", help="text field of CSV/JSONL (default: text)")
@@ -180,7 +184,8 @@ def _new_run(args: argparse.Namespace):
                   epochs=args.epochs or epochs)
     optional = {"split_seed": args.split_seed, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
                 "lora_dropout": args.lora_dropout, "trainable": getattr(args, "trainable", None),
-                "beta": getattr(args, "beta", None), "max_new_tokens": getattr(args, "max_new_tokens", None)}
+                "beta": getattr(args, "beta", None), "max_new_tokens": getattr(args, "max_new_tokens", None),
+                "read": getattr(args, "read", None)}
     fields.update({k: v for k, v in optional.items() if v is not None})
     if getattr(args, "balance", False):
         fields["balance"] = True

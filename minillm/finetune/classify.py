@@ -10,9 +10,10 @@ only one that has seen the whole text, and padding after it cannot change it
 are padded on the right, per batch, to the batch's longest; because the last
 real position is unaffected by padding, this gives exactly what padding every
 text to the longest training example gives, at a fraction of the cost.
-(The book reads position −1, which for a padded text is a padding token; it
-works because the model learns to carry the information there, but it wastes
-capacity.)
+(The book pads every text to the longest training text and reads position
+−1, which for most texts is a padding token; it works because the model learns
+to carry the information into the padding. ``read="end"`` does that, for
+comparison: docs/finetuning.md has both measured.)
 
 The loss is the cross-entropy of the K logits against the label index, and
 the metric the accuracy, ``mean(argmax(logits) == label)``.
@@ -34,15 +35,23 @@ from ..tensor import Tensor
 from .data import DataError
 
 TRAINABLE_CHOICES = ("head", "last-block", "all")
+READ_CHOICES = ("last", "end")        # the last real token of each text; the final (padded) position
 
 
 class GPTClassifier(Module):
-    """A GPT body and a ``num_classes``-way head on the last real token's hidden state."""
+    """A GPT body and a ``num_classes``-way head on the last real token's hidden state.
 
-    def __init__(self, gpt, num_classes: int):
+    ``read="end"``: the hidden state at the final position instead, whatever the
+    lengths (the book's way; texts must then be padded to one common length).
+    """
+
+    def __init__(self, gpt, num_classes: int, read: str = "last"):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"GPTClassifier: need at least 2 classes, got {num_classes}")
+        if read not in READ_CHOICES:
+            raise ValueError(f"GPTClassifier: read must be one of {READ_CHOICES}, got {read!r}")
+        self.read = read
         self.gpt = gpt
         weight = gpt.wte.weight
         self.head = Linear(gpt.config.d_model, num_classes, init_std=0.02, device=weight.device,
@@ -59,7 +68,10 @@ class GPTClassifier(Module):
         B, T = hidden.shape[0], hidden.shape[1]
         xp = backend.array_module(hidden.data)
         rows = xp.arange(B)
-        last = xp.full(B, T - 1) if lengths is None else backend.to_device(lengths, hidden.device) - 1
+        if lengths is None or self.read == "end":
+            last = xp.full(B, T - 1)
+        else:
+            last = backend.to_device(lengths, hidden.device) - 1
         return self.head(hidden[rows, last])                         # (B, C) -> (B, K)
 
 
@@ -103,13 +115,15 @@ def encode_texts(tokenizer, texts, max_length: int, truncate: bool, where=None) 
     return encoded
 
 
-def collate_classification(examples, pad_id: int = 0):
+def collate_classification(examples, pad_id: int = 0, length: int | None = None):
     """[(ids, label), ...] -> ids (B, T) right-padded with ``pad_id``, lengths (B,), labels (B,), int64.
 
-    T is the batch's longest text.
+    T is the batch's longest text, or ``length`` when given (longer texts are then cut to it).
     """
+    if length is not None:
+        examples = [(ids[:length], label) for ids, label in examples]
     lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
-    batch = np.full((len(examples), int(lengths.max())), pad_id, dtype=np.int64)
+    batch = np.full((len(examples), length or int(lengths.max())), pad_id, dtype=np.int64)
     for row, (ids, _) in enumerate(examples):
         batch[row, :len(ids)] = ids
     labels = np.array([label for _, label in examples], dtype=np.int64)

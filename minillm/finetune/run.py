@@ -52,6 +52,8 @@ class FinetuneConfig:
     epochs: int = 3                    # passes over the training split
     trainable: str = "last-block"      # classify: "head", "last-block" (the book's) or "all"
     balance: bool = False              # classify: undersample every class to the smallest
+    read: str = "last"                 # classify: the head reads the last real token, or "end": the book's way
+                                       # (every text padded to the longest training text, position -1 read)
     text_column: str = "text"          # classify: the text and label fields of CSV/JSONL/headed TSV data
     label_column: str = "label"
     truncate: bool = False             # cut texts longer than the context instead of stopping with an error
@@ -67,6 +69,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.read not in cls.READ_CHOICES:
+            raise ValueError(f"read must be one of {', '.join(cls.READ_CHOICES)}, got {self.read!r}")
         if self.trainable not in cls.TRAINABLE_CHOICES:
             raise ValueError(f"trainable must be one of {', '.join(cls.TRAINABLE_CHOICES)}, got {self.trainable!r}")
         if self.epochs < 1 or self.lora_rank < 0 or not self.beta > 0 or not self.lora_alpha > 0:
@@ -106,7 +110,8 @@ def prepare_data(config: FinetuneConfig, tokenizer, context_length: int):
                                where=[f"{config.data}, record {i + 1}" for i in keep])
         examples = [(ids[j], names.index(labels[i])) for j, i in enumerate(keep)]
         pad = tokenizer.special_tokens.get("<|endoftext|>", 0)
-        collate = lambda batch: cls.collate_classification(batch, pad)  # noqa: E731
+        padded_length = []      # "end": the longest training text, known once the split is made
+        collate = lambda batch: cls.collate_classification(batch, pad, *padded_length)  # noqa: E731
         extra["labels"] = names
     else:
         records = read_records(config.data)
@@ -126,6 +131,9 @@ def prepare_data(config: FinetuneConfig, tokenizer, context_length: int):
     if len(parts[0]) == 0:
         raise DataError(f"{config.data}: {len(examples)} record(s) leave no training examples after the split")
     splits = {name: [examples[i] for i in part] for name, part in zip(("train", "val", "test"), parts)}
+    if config.task == "classify" and config.read == "end":
+        padded_length.append(max(len(ids) for ids, _ in splits["train"]))
+        extra["padded_length"] = padded_length[0]
     if config.task == "sft":
         extra["test_records"] = [extra["records"][i] for i in parts[2]]
     extra.pop("records", None)
@@ -139,7 +147,7 @@ def build_task_model(gpt, config: FinetuneConfig, num_classes: int | None = None
     """The model that trains: a GPTClassifier (classify) or the GPT itself, with LoRA and freezing applied."""
     from ..nn.lora import apply_lora  # noqa: PLC0415
 
-    model = cls.GPTClassifier(gpt, num_classes) if config.task == "classify" else gpt
+    model = cls.GPTClassifier(gpt, num_classes, config.read) if config.task == "classify" else gpt
     if config.task == "classify":
         cls.set_trainable(model, config.trainable)
     if config.lora_rank:
@@ -203,6 +211,7 @@ def finetune(gpt, tokenizer, config: FinetuneConfig, train: dict[str, Any] | Tra
         return metrics
     info = {"finetune": config.to_dict(), "model_config": gpt.config.to_dict(), "labels": extra.get("labels"),
             "split_sizes": {k: len(v) for k, v in data.splits.items()}, "steps_per_epoch": steps_per_epoch,
+            "padded_length": extra.get("padded_length"),
             "trainable_parameters": model.num_parameters(trainable_only=True),
             "total_parameters": model.num_parameters()}
     if config.lora_rank:
@@ -319,7 +328,7 @@ def load_from_adapters(run_dir: str | os.PathLike, device: str = "cpu"):
     if not config.lora_rank or "run" not in config.base or config.base.get("random_init"):
         raise ValueError(f"{run_dir} is not a LoRA run on a base run directory")
     gpt, _ = load_language_model(config.base["run"])
-    model = cls.GPTClassifier(gpt, len(info["labels"])) if config.task == "classify" else gpt
+    model = cls.GPTClassifier(gpt, len(info["labels"]), config.read) if config.task == "classify" else gpt
     load_adapters(model, run_dir / ADAPTERS_FILE)
     from ..tokenizer import load_tokenizer  # noqa: PLC0415
 

@@ -47,3 +47,20 @@ def test_accuracy():
     assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
     with pytest.raises(ValueError):
         accuracy([1], [1, 2])
+
+
+def test_reading_the_end_uses_the_final_position_and_a_fixed_padded_length():
+    ids, lengths, _ = collate_classification([([5, 6, 7], 1), ([8], 0)], pad_id=29, length=5)
+    np.testing.assert_array_equal(ids, [[5, 6, 7, 29, 29], [8, 29, 29, 29, 29]])
+    np.testing.assert_array_equal(collate_classification([([1, 2, 3, 4], 0)], 0, length=2)[0], [[1, 2]])
+    model = _classifier()
+    end = GPTClassifier(model.gpt, 3, read="end")
+    end.head = model.head
+    batch = np.array([[4, 9, 2, 0, 0]])
+    with mm.no_grad():
+        hidden = model.gpt.hidden_states(batch).numpy()[0, -1]
+        got = end(batch, np.array([3])).numpy()[0]
+    np.testing.assert_allclose(got, hidden @ model.head.weight.numpy().T + model.head.bias.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="read must be one of"):
+        GPTClassifier(model.gpt, 3, read="first")
