@@ -96,6 +96,107 @@ def reduce_from_tensor_parallel(x: Tensor, comm) -> Tensor:
     return ReduceFromTensorParallel.apply(x, comm=comm)
 
 
+# ================================================================ the vocabulary-parallel head
+
+
+def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, end) of the vocabulary rows rank ``rank`` scores (the first ranks get one more if uneven)."""
+    base, extra = divmod(vocab_size, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class VocabParallelCrossEntropy(Function):
+    """Mean cross-entropy of logits split by vocabulary: rank r holds columns [start, end) of z.
+
+    With z_n the full row of logits and y_n its target (V = Σ_r V_r classes):
+
+        ℓ_n = log Σ_v exp(z_nv) − z_n,y_n = log S_n + m_n − z_n,y_n,    m_n = max_v z_nv
+        S_n = Σ_r Σ_{v in r} exp(z_nv − m_n)
+
+    so the forward needs three all-reduces of an (N,) vector: the max (m), the
+    sum (S), and the target logit (held by one rank; the others add 0). The
+    backward needs none: dℓ_n/dz_nv = softmax(z_n)_v − [v = y_n], and rank r
+    forms it for its own columns from the saved exp(z − m) / S. The loss is the
+    mean over the rows whose target is not ``ignore_index``, like F.cross_entropy.
+    """
+
+    def __init__(self, targets, comm, start: int, ignore_index: int = -100):
+        self.targets, self.comm, self.start, self.ignore_index = targets, comm, start, ignore_index
+
+    def forward(self, logits):
+        xp = backend.array_module(logits)
+        z = logits.reshape(-1, logits.shape[-1])                    # (N, V_r) this rank's columns
+        targets = self.targets.reshape(-1)                          # (N,) ids in the whole vocabulary
+        valid = targets != self.ignore_index
+        local = targets - self.start
+        mine = valid & (local >= 0) & (local < z.shape[1])          # rows whose target column is here
+        row_max = xp.ascontiguousarray(z.max(axis=1))               # (N,)
+        self.comm.all_reduce(row_max, op="max")                     # m_n over the whole vocabulary
+        softmax = xp.exp(z - row_max[:, None])                      # (N, V_r) exp(z − m)
+        sum_exp = xp.ascontiguousarray(softmax.sum(axis=1))
+        self.comm.all_reduce(sum_exp, op="sum")                     # S_n
+        rows = xp.arange(z.shape[0])
+        target_logit = xp.where(mine, z[rows, xp.where(mine, local, 0)], 0).astype(z.dtype)
+        target_logit = xp.ascontiguousarray(target_logit)
+        self.comm.all_reduce(target_logit, op="sum")                # z_n,y_n (one rank contributed it)
+        losses = xp.where(valid, xp.log(sum_exp) + row_max - target_logit, 0)
+        count = valid.sum().astype(z.dtype)
+        softmax /= sum_exp[:, None]
+        self.save(softmax, rows, local, mine, valid, count, logits.shape)
+        return xp.asarray(losses.sum() / xp.maximum(count, 1))
+
+    def backward(self, grad):
+        softmax, rows, local, mine, valid, count, shape = self.saved
+        xp = backend.array_module(softmax)
+        row_grad = xp.where(valid, grad / xp.maximum(count, 1), 0).astype(softmax.dtype)   # (N,)
+        grad_z = softmax                                            # reused in place: g_n · softmax_n
+        grad_z *= row_grad[:, None]
+        hit = xp.nonzero(mine)[0]
+        grad_z[rows[hit], local[hit]] -= row_grad[hit]              # − g_n at the target, where it is ours
+        return (grad_z.reshape(shape),)
+
+
+def vocab_parallel_head(x: Tensor, weight: Tensor, targets, comm, ignore_index: int = -100):
+    """(this rank's logits (…, V_r), the mean cross-entropy) of the output head, split by vocabulary.
+
+    ``weight`` is the whole (V, C) output matrix (wte when tied), replicated;
+    rank r scores rows [start, end) of it. Both inputs go through f: x reaches
+    every rank's rows, and so does ``weight`` (each rank's head gradient lands
+    in its own rows only; f's all-reduce sums them, and the replicated
+    embedding's own gradient is added to that on every rank alike).
+    """
+    start, end = vocab_range(weight.shape[0], comm.rank, comm.size)
+    rows = copy_to_tensor_parallel(weight, comm)[start:end]          # (V_r, C)
+    logits = F.linear(copy_to_tensor_parallel(x, comm), rows)        # (…, V_r)
+    if targets is None:
+        return logits, None
+    targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets, logits.device)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match the ids' {tuple(logits.shape[:-1])}")
+    loss = VocabParallelCrossEntropy.apply(logits, targets=targets, comm=comm, start=start,
+                                           ignore_index=ignore_index)
+    return logits, loss
+
+
+class TensorParallelGPT:
+    """Mixin put in front of a GPT's class by ``shard_gpt``: the output head is vocabulary-parallel.
+
+    ``forward`` is GPT's, except for the last two ops: instead of all V logits
+    and the cross-entropy on every rank (replicated: the largest matrix product
+    of gpt2-124m), each rank scores its V/T rows of the head and the loss comes
+    from ``VocabParallelCrossEntropy``. The logits it returns are this rank's
+    columns only.
+    """
+
+    def forward(self, ids, targets=None, cache=None):
+        if cache is not None:
+            raise ValueError("a tensor-parallel model does not generate: sample from its (gathered) checkpoint")
+        x = self.hidden_states(ids)                                  # (B, T, C), replicated
+        logits, loss = vocab_parallel_head(x, self.output_weight, targets, self.tensor_parallel)
+        return logits if targets is None else (logits, loss)
+
+
 # ================================================================ how parameters are cut
 
 
@@ -228,14 +329,16 @@ def check_tensor_parallel(config, size: int) -> None:
                          "need the same dropout masks on every tensor-parallel rank; use --dropout 0")
 
 
-def shard_gpt(model, comm):
+def shard_gpt(model, comm, vocab_parallel: bool = True):
     """Turn a (full, replicated) GPT into this rank's tensor-parallel shard, in place; returns it.
 
     Each block's ``attn.c_attn`` / ``mlp.c_fc`` become ColumnParallelLinear and
     ``attn.c_proj`` / ``mlp.c_proj`` RowParallelLinear holding rank
     ``comm.rank``'s piece; the attention's head counts become the local ones.
     The parameter names are unchanged, so the optimizer and checkpoints see the
-    same keys; ``model.shard_specs`` says how each sharded one was cut.
+    same keys; ``model.shard_specs`` says how each sharded one was cut. With
+    ``vocab_parallel`` the output head and the loss are split by vocabulary too
+    (``TensorParallelGPT``); the embedding tables stay whole on every rank.
     """
     config = model.config
     check_tensor_parallel(config, comm.size)
@@ -252,6 +355,9 @@ def shard_gpt(model, comm):
         mlp.c_proj = RowParallelLinear(*_sharded(mlp.c_proj, suffixes["mlp.c_proj.weight"], False, comm), comm)
     model.shard_specs = model_shard_specs(model)
     model.tensor_parallel = comm
+    if vocab_parallel:
+        # the same object, its class now GPT with the vocabulary-parallel forward in front (module doc)
+        model.__class__ = type(f"TensorParallel{type(model).__name__}", (TensorParallelGPT, type(model)), {})
     return model
 
 

@@ -10,7 +10,8 @@ from minillm.distributed.mesh import DeviceMesh, MeshShape
 from minillm.distributed.parallel_trainer import ParallelTrainer
 from minillm.distributed.spawn import SpawnError, spawn
 from minillm.distributed.tensor_parallel import (
-    ShardSpec, copy_to_tensor_parallel, gpt_shard_specs, reduce_from_tensor_parallel, shard_gpt)
+    ShardSpec, copy_to_tensor_parallel, gpt_shard_specs, reduce_from_tensor_parallel, shard_gpt, vocab_parallel_head,
+    vocab_range)
 from minillm.models import GPT, GPTConfig
 
 from parallel_helpers import MODEL, max_relative, single_process, tiny_run
@@ -100,6 +101,36 @@ def _gradcheck_g_alone(group):
 
 def test_g_backward_is_the_identity():
     assert spawn(_gradcheck_g_alone, 2) == [True, True]
+
+
+def test_vocab_ranges_tile_the_vocabulary():
+    for vocab, size in [(50257, 2), (7, 3), (64, 4)]:
+        ranges = [vocab_range(vocab, r, size) for r in range(size)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+    assert vocab_range(50257, 0, 2) == (0, 25129)
+
+
+def _vocab_parallel_loss(group):
+    """The head + loss split by vocabulary (7 classes over 2 ranks: 4 + 3) against F.cross_entropy on
+    the whole logits, with an ignored row; gradcheck through the transport for x and the weight."""
+    comm = group.comm
+    rng = np.random.default_rng(0)                                  # the same on every rank: replicated inputs
+    x = mm.Tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
+    weight = mm.Tensor(rng.standard_normal((7, 4)), requires_grad=True)
+    targets = np.array([[0, 6, 3], [-100, 4, 2]])
+    logits, loss = vocab_parallel_head(x, weight, targets, comm)
+    start, end = vocab_range(7, comm.rank, comm.size)
+    full = F.linear(mm.Tensor(x.data), mm.Tensor(weight.data))
+    np.testing.assert_allclose(logits.data, full.data[..., start:end], rtol=1e-12)
+    expected = F.cross_entropy(full, targets)
+    np.testing.assert_allclose(loss.data, expected.data, rtol=1e-12)
+    return mm.gradcheck(lambda x, w: vocab_parallel_head(x, w, targets, comm)[1], x, weight)
+
+
+def test_vocab_parallel_cross_entropy_equals_the_whole_one_and_passes_gradcheck():
+    assert spawn(_vocab_parallel_loss, 2) == [True, True]
 
 
 # ---------------------------------------------------------------- whole runs
