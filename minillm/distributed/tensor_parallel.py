@@ -152,8 +152,8 @@ class VocabParallelCrossEntropy(Function):
         row_grad = xp.where(valid, grad / xp.maximum(count, 1), 0).astype(softmax.dtype)   # (N,)
         grad_z = softmax                                            # reused in place: g_n · softmax_n
         grad_z *= row_grad[:, None]
-        hit = xp.nonzero(mine)[0]
-        grad_z[rows[hit], local[hit]] -= row_grad[hit]              # − g_n at the target, where it is ours
+        column = xp.where(mine, local, 0)                            # rows not ours subtract 0 from column 0
+        grad_z[rows, column] -= xp.where(mine, row_grad, 0)         # − g_n at the target, where it is ours
         return (grad_z.reshape(shape),)
 
 
