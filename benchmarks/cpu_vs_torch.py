@@ -10,8 +10,11 @@ number of threads. Steps alternate, one minillm step then one PyTorch step,
 so a load change on a shared machine hits both alike; the figure to read is
 the ratio (per pair, then the median). The CPU time of each step (all
 threads) is printed too: it is the work done, which a busy machine inflates
-less than the wall time (though threads spinning while they wait count). Peak RSS is the whole process's
-(``ru_maxrss``) and per library, measured as growth over the step.
+less than the wall time (though threads spinning while they wait count).
+Then ``minillm bench train``'s own measurement runs in the same process, and
+the peak RSS of each library training alone is measured in a fresh process
+(VmHWM; within one process the second library would reuse heap pages the
+first freed). ``--threads 1`` compares the work alone, without threads.
 
 PyTorch comes from a throwaway environment, never from the project's:
 
@@ -30,8 +33,8 @@ import argparse
 import gc
 import math
 import os
-import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ except ImportError:  # pragma: no cover - a hint, not a failure mode of the pack
 
 import minillm  # noqa: E402
 from minillm import backend  # noqa: E402
+from minillm.bench.train import measure_train_step  # noqa: E402
 from minillm.data.dataset import TokenDataset  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.ops import common  # noqa: E402
@@ -139,6 +143,13 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size, MiB: VmHWM, which (unlike ``ru_maxrss``) starts
+    afresh at exec, so a child started by a large parent does not inherit the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def timed(step, cpu_times: list) -> float:
     """Wall time of one step; its CPU time (all threads of the process) goes to ``cpu_times``."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -155,6 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bench-steps", type=int, default=3,
+                        help="then run minillm's own `bench train` for this many steps (0: skip; default 3)")
+    parser.add_argument("--no-rss", action="store_true",
+                        help="skip the peak-memory runs (each library alone, 3 steps, in a fresh process)")
+    parser.add_argument("--alone", choices=["minillm", "torch"], help=argparse.SUPPRESS)   # the child runs
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -164,6 +180,14 @@ def main(argv=None) -> int:
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs; "
           f"threads {args.threads}; torch {torch.__version__}, numpy {np.__version__}")
     tokens = args.batch_size * args.context
+    if args.alone:                                 # a child: one library, 3 steps, its peak RSS
+        step = minillm_trainer(cfg, args.batch_size, args.seed).train_step if args.alone == "minillm" else \
+            TorchStep(cfg, args.batch_size, args.seed)
+        with backend.blas_threads(args.threads):
+            for _ in range(3):
+                step()
+        print(peak_rss_mib())
+        return 0
     base = rss_mib()
     trainer = minillm_trainer(cfg, args.batch_size, args.seed)
     with backend.blas_threads(args.threads):
@@ -189,8 +213,23 @@ def main(argv=None) -> int:
     print(f"ratio minillm / PyTorch: {statistics.median(ratios):.2f}x median of {args.pairs} pairs "
           f"(range {min(ratios):.2f}-{max(ratios):.2f}); best step vs best step "
           f"{min(torch_times) / min(mini_times):.2f}x")
-    print(f"RSS growth after warm-up: minillm {mini_rss:,.0f} MiB, PyTorch {torch_rss:,.0f} MiB; process peak "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    print(f"this process: peak RSS {peak_rss_mib():,.0f} MiB "
+          f"(RSS growth over the warm-up: minillm {mini_rss:,.0f} MiB, then PyTorch {torch_rss:,.0f} MiB)")
+    if not args.no_rss:
+        peaks = {}
+        for library in ("minillm", "torch"):
+            child = subprocess.run([sys.executable, __file__, "--alone", library, "--threads", str(args.threads),
+                                    "--batch-size", str(args.batch_size), "--context", str(args.context)],
+                                   capture_output=True, text=True, check=True)
+            peaks[library] = float(child.stdout.split()[-1])
+        print(f"peak RSS of a process training alone (3 steps; both import both libraries): "
+              f"minillm {peaks['minillm']:,.0f} MiB, "
+              f"PyTorch {peaks['torch']:,.0f} MiB")
+    if args.bench_steps:
+        with backend.blas_threads(args.threads):   # `minillm bench train` itself, same process and config
+            bench = measure_train_step(cfg, args.batch_size, steps=args.bench_steps, warmup=1, seed=args.seed)
+        print(f"minillm bench train: {bench['tokens_per_s']:,.0f} tokens/s ({bench['ms_per_step_mean']:.0f} ms/step "
+              f"mean of {args.bench_steps}); vs the PyTorch median above: {bench['tokens_per_s'] / (tokens / t):.2f}x")
     load = os.getloadavg()
     print(f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
