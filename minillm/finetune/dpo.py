@@ -140,9 +140,13 @@ class DPOObjective:
         for param in reference.parameters():
             param.requires_grad = False
         self.reference = reference.eval()
+        self._device = None                  # where the reference lives: moved to the batches' device once
 
     def _reference_log_probs(self, inputs, targets):
-        self.reference.to(backend.device_of(inputs))
+        device = backend.device_of(inputs)
+        if device != self._device:
+            self.reference.to(device)
+            self._device = device
         with no_grad():
             return sequence_log_probs(self.reference, inputs, targets).data
 
