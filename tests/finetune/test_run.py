@@ -125,3 +125,18 @@ def test_a_classifier_run_is_not_a_language_model(tmp_path):
     with pytest.raises(ValueError, match="already holds a run"):
         finetune(gpt, tok, FinetuneConfig("classify", str(tmp_path / "s.tsv")), dict(QUIET),
                  run_dir=tmp_path / "run", say=_silent)
+
+
+def test_a_lora_sft_run_loads_as_a_plain_gpt_with_the_adapters_merged(tmp_path):
+    base = make_base_run(tmp_path / "base", context_length=192)
+    gpt, tok = load_language_model(base)
+    config = FinetuneConfig("sft", str(write_instructions(tmp_path / "i.json", n=30)), epochs=1, lora_rank=2,
+                            lora_alpha=4, max_new_tokens=2)
+    finetune(gpt, tok, config, dict(QUIET, lr=1e-2), run_dir=tmp_path / "sft", say=_silent)
+    adapted, _, _ = load_finetuned(tmp_path / "sft")
+    plain, _ = load_language_model(tmp_path / "sft")
+    assert lora_layers(adapted) and not lora_layers(plain)
+    ids = np.array([[66, 101, 108, 111, 119]])
+    with mm.no_grad():
+        np.testing.assert_allclose(plain(ids).numpy(), adapted(ids).numpy(), rtol=1e-4, atol=1e-5)
+        assert not np.allclose(plain(ids).numpy(), load_language_model(base)[0](ids).numpy())   # it trained
