@@ -103,7 +103,12 @@ def run_parallel(work, pieces: list) -> list:
     if _pool is None:
         _pool = ThreadPoolExecutor(CPU_THREADS, thread_name_prefix="minillm-cpu")
     with backend.blas_threads(1):
-        return [future.result() for future in [_pool.submit(work, piece) for piece in pieces]]
+        futures = [_pool.submit(work, piece) for piece in pieces[1:]]
+        try:
+            first = work(pieces[0])                # this thread takes the first piece itself
+        finally:
+            results = [future.result() for future in futures]   # (and waits for the rest even if it failed)
+        return [first] + results
 
 
 # Elements per call of an elementwise chain on the CPU (GELU, AdamW): its 8–13 passes
