@@ -2,7 +2,10 @@
 # The 2-GPU must-shows of pipeline parallel (issue 9), in sequence, logs under $OUT.
 #   on an nvidia-h200-x2:  OUT=/tmp/out bash benchmarks/pipeline_gpu.sh
 #   rehearsal on the CPU:  OUT=/tmp/out bash benchmarks/pipeline_gpu.sh cpu      (tiny models)
+#   some parts only:       ONLY="equality big" bash benchmarks/pipeline_gpu.sh   (collectives equality nodes faults big)
 set -u
+ONLY=${ONLY:-"collectives equality nodes faults big"}
+want() { case " $ONLY " in *" $1 "*) return 0;; *) return 1;; esac; }
 export NCCL_NVLS_ENABLE=0 PYTHONPATH=.
 OUT=${OUT:-/tmp/pipeline_out}
 mkdir -p "$OUT"
@@ -24,16 +27,21 @@ fi
 t() { date +%s.%N; }
 say() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 
+if want collectives; then
 say "1. NCCL collectives (fp32, fp16, bf16), split, 256 MB all-reduce"
 $L --nproc-per-node 2 -- $B collectives --device $DEV > "$OUT/01_collectives.log" 2>&1; echo "rc=$?" >> "$OUT/01_collectives.log"
 grep -c "^\[rank .\] ok" "$OUT/01_collectives.log" | sed 's/^/checks ok: /' | tee -a "$OUT/summary.txt"
 grep -E "FAIL|split|256 MB|rc=" "$OUT/01_collectives.log" | tee -a "$OUT/summary.txt"
 
+fi
+if want equality; then
 say "2. gpt2-124m B=16 T=1024, 20 steps: one GPU (8 accumulated micro-batches) vs PP=2 1F1B vs PP=2 GPipe"
 env $GPU0 timeout 150 $B train $GPT2 --steps 20 --init-cpu --out "$OUT/one_gpu.json" > "$OUT/02_one_gpu.log" 2>&1; echo "rc=$?" >> "$OUT/02_one_gpu.log"
 timeout 120 $L --nproc-per-node 2 -- $B train $GPT2 --steps 20 --init-cpu --schedule 1f1b --out "$OUT/pp2_1f1b.json" > "$OUT/03_pp2_1f1b.log" 2>&1; echo "rc=$?" >> "$OUT/03_pp2_1f1b.log"
 timeout 90 $L --nproc-per-node 2 -- $B train $GPT2 --steps 20 --stop-at 6 --init-cpu --schedule gpipe --out "$OUT/pp2_gpipe.json" > "$OUT/04_pp2_gpipe.log" 2>&1; echo "rc=$?" >> "$OUT/04_pp2_gpipe.log"
 
+fi
+if want nodes; then
 say "3. two 'nodes' (one GPU each, separate launchers) vs one node, 5 steps"
 env $GPU0 $L --nproc-per-node 1 --nnodes 2 --node-rank 0 --master-addr 127.0.0.1 --master-port 29611 -- \
   $B train $GPT2 --steps 20 --stop-at 5 --init-cpu --out "$OUT/two_nodes.json" > "$OUT/05_node0.log" 2>&1 &
@@ -41,11 +49,13 @@ env $GPU1 $L --nproc-per-node 1 --nnodes 2 --node-rank 1 --master-addr 127.0.0.1
   $B train $GPT2 --steps 20 --stop-at 5 --init-cpu --out "$OUT/two_nodes.json" > "$OUT/05_node1.log" 2>&1
 wait
 
+fi
+if want faults; then
 say "4. faults: SIGKILL rank 1 at step 7 (checkpoints every 3 steps), timeout 15 s"
 rm -rf "$OUT/fault_run" "$OUT/fault_run2"
 s=$(t); $L --nproc-per-node 2 -- $B train $SMALL --steps 10 --save-every 3 --run-dir "$OUT/fault_run" \
   --kill-rank 1 --kill-step 7 --timeout 15 > "$OUT/06_fault_one_launcher.log" 2>&1; rc=$?; e=$(t)
-echo "one launcher: exit $rc after $(echo "$e - $s" | bc) s" | tee -a "$OUT/summary.txt"
+echo "one launcher: exit $rc after $($PY -c "print(round($e - $s, 1))") s" | tee -a "$OUT/summary.txt"
 s=$(t)
 env $GPU0 $L --nproc-per-node 1 --nnodes 2 --node-rank 0 --master-port 29622 -- $B train $SMALL --steps 10 --save-every 3 \
   --run-dir "$OUT/fault_run2" --kill-rank 1 --kill-step 7 --timeout 15 > "$OUT/07_fault_node0.log" 2>&1 &
@@ -53,11 +63,12 @@ P0=$!
 env $GPU1 $L --nproc-per-node 1 --nnodes 2 --node-rank 1 --master-port 29622 -- $B train $SMALL --steps 10 --save-every 3 \
   --run-dir "$OUT/fault_run2" --kill-rank 1 --kill-step 7 --timeout 15 > "$OUT/07_fault_node1.log" 2>&1
 k=$(t); wait $P0; rc0=$?; e=$(t)
-echo "two launchers: node 1 exit after the kill; node 0 (the survivor) exit $rc0, $(echo "$e - $k" | bc) s after the kill" | tee -a "$OUT/summary.txt"
+echo "two launchers: node 1 exit after the kill; node 0 (the survivor) exit $rc0, $($PY -c "print(round($e - $k, 1))") s after the kill" | tee -a "$OUT/summary.txt"
 grep -hE "CommError|closed its connection|timed out|did not complete|NCCL reported" "$OUT/07_fault_node0.log" | tail -2 | tee -a "$OUT/summary.txt"
 env $GPU0 $B train $SMALL --steps 10 --run-dir "$OUT/fault_run" --resume --out "$OUT/resumed.json" > "$OUT/08_resume.log" 2>&1; echo "rc=$?" >> "$OUT/08_resume.log"
 env $GPU0 $B train $SMALL --steps 10 --init-cpu --out "$OUT/small_ref.json" > "$OUT/08_small_ref.log" 2>&1
 
+fi
 $PY - "$OUT" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys, os
 out = sys.argv[1]
@@ -94,6 +105,7 @@ if res and ref:
           f"max rel diff vs uninterrupted one-GPU run {rel(res['losses'], ref['losses'][k:]):.2e}")
 EOF
 
+if want big; then
 say "5. ~10B GPT (48 layers, d_model 4096, 32 heads, T=1024), PP=2 1F1B, M=8, TF32"
 timeout ${BIG_TIMEOUT:-200} $L --nproc-per-node 2 -- $B train $BIG --steps ${BIG_STEPS:-5} --schedule 1f1b --out "$OUT/big.json" > "$OUT/09_big.log" 2>&1; echo "rc=$?" >> "$OUT/09_big.log"
 tail -4 "$OUT/09_big.log" | tee -a "$OUT/summary.txt"
@@ -102,4 +114,5 @@ import json; r = json.load(open('$OUT/big.json'))
 print('10B: params', sum(m['parameters'] for m in r['memory']) - 0, 'build', round(r['build_s'], 1), 's; step s', [round(x, 2) for x in r['step_s']])
 for m in r['memory']: print('  rank', m['rank'], 'blocks', m['stage_blocks'], 'params', m['parameters'], 'peak pool GiB', m['pool_peak_gib'] and round(m['pool_peak_gib'], 1), 'activations GiB', m['activation_peak_gib'] and round(m['activation_peak_gib'], 2), 'in flight', m['max_in_flight'])
 " 2>&1 | tee -a "$OUT/summary.txt"
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/summary.txt" 2>/dev/null
