@@ -52,7 +52,6 @@ except ImportError:  # pragma: no cover - a hint, not a failure mode of the pack
 
 import minillm  # noqa: E402
 from minillm import backend  # noqa: E402
-from minillm.bench.train import measure_train_step  # noqa: E402
 from minillm.data.dataset import TokenDataset  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.ops import common  # noqa: E402
@@ -226,6 +225,8 @@ def main(argv=None) -> int:
               f"minillm {peaks['minillm']:,.0f} MiB, "
               f"PyTorch {peaks['torch']:,.0f} MiB")
     if args.bench_steps:
+        from minillm.bench.train import measure_train_step  # noqa: PLC0415
+
         with backend.blas_threads(args.threads):   # `minillm bench train` itself, same process and config
             bench = measure_train_step(cfg, args.batch_size, steps=args.bench_steps, warmup=1, seed=args.seed)
         print(f"minillm bench train: {bench['tokens_per_s']:,.0f} tokens/s ({bench['ms_per_step_mean']:.0f} ms/step "

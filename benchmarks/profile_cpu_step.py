@@ -71,16 +71,25 @@ def time_steps(trainer, steps: int) -> list[float]:
 
 
 def install_timers(totals, cpu_totals, counts):
-    """Wrap forward/backward of every Function subclass, clip and AdamW.step with timers."""
-    def timed(key, method):
+    """Wrap forward/backward of every Function subclass, clip and AdamW.step with timers.
+
+    Ops are timed on the calling (main) thread: wall time, and the process's CPU
+    time (all threads, so an op's pool threads count). The softmax passes inside
+    attention run on pool threads, concurrently: they get that thread's own CPU
+    time (``time.thread_time``) and no wall time.
+    """
+    def timed(key, method, per_thread=False):
+        clock = time.thread_time if per_thread else time.process_time
+
         @functools.wraps(method)
         def wrapper(*a, **k):
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu = time.perf_counter(), clock()
             try:
                 return method(*a, **k)
             finally:
-                totals[key] += time.perf_counter() - start
-                cpu_totals[key] += time.process_time() - cpu
+                if not per_thread:
+                    totals[key] += time.perf_counter() - start
+                cpu_totals[key] += clock() - cpu
                 counts[key] += 1
         return wrapper
 
@@ -97,8 +106,13 @@ def install_timers(totals, cpu_totals, counts):
     optim.clip_grad_norm_ = timed(("gradient clip", "step"), optim.clip_grad_norm_)
     optim.AdamW.step = timed(("AdamW", "step"), optim.AdamW.step)
     # inside attention: the softmax passes (elementwise, in threads) apart from the products
-    for name in ("_softmax_rows_cpu_", "_softmax_rows_backward_cpu_"):
-        setattr(attention, name, timed(("attention softmax passes (thread time)", name), getattr(attention, name)))
+    for name, phase in (("_softmax_rows_cpu_", "forward"), ("_softmax_rows_backward_cpu_", "backward")):
+        setattr(attention, name, timed((SOFTMAX, phase), getattr(attention, name), per_thread=True))
+
+
+SOFTMAX = "  of which softmax passes (CPU of threads)"
+ELEMENTWISE_FAMILIES = ("layer norm", "GELU", "cross-entropy", "embedding", "residual add", "dropout",
+                        "AdamW", "gradient clip")
 
 
 def main(argv=None) -> int:
@@ -129,20 +143,34 @@ def main(argv=None) -> int:
     print(f"plain step {1000 * np.median(plain):.1f} ms median ({tokens / np.median(plain):,.0f} tokens/s); "
           f"profiled {1000 * step:.1f} ms mean, CPU time {1000 * cpu_step:.1f} ms; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
-    print(f"{'op family':42s} {'phase':10s} {'ms/step':>8s} {'share':>6s} {'CPU ms':>7s} {'calls':>6s}")
+    print(f"{'op family':42s} {'phase':9s} {'wall ms':>8s} {'share':>6s} {'CPU ms':>7s} {'calls':>6s}")
     accounted = cpu_accounted = 0.0
-    for (family, phase), total in sorted(totals.items(), key=lambda kv: -kv[1]):
-        per_step = total / args.steps
-        inside = family.startswith("attention softmax")
-        cpu = cpu_totals[(family, phase)] / args.steps
-        if not inside:
+    rows = sorted(totals.items(), key=lambda kv: (kv[0][0] == SOFTMAX, -kv[1]))
+    attention_rows = [(k, v) for k, v in rows if k[0].startswith("attention")]
+    rows = [(k, v) for k, v in rows if not k[0].startswith("attention")]
+    for family, phase in [k for k, _ in attention_rows] + sorted(
+            ((SOFTMAX, p) for p in ("forward", "backward")), key=str) + [k for k, _ in rows]:
+        key = (family, phase)
+        per_step, cpu = totals[key] / args.steps, cpu_totals[key] / args.steps
+        if family != SOFTMAX:
             accounted += per_step
             cpu_accounted += cpu
-        print(f"{family:42s} {phase[:10]:10s} {1000 * per_step:8.2f} {100 * per_step / step:5.1f}% "
-              f"{1000 * cpu:7.1f} {counts[(family, phase)] // args.steps:6d}")
+        wall = f"{1000 * per_step:8.1f} {100 * per_step / step:5.1f}%" if family != SOFTMAX else f"{'-':>8s} {'':6s}"
+        print(f"{family:42s} {phase:9s} {wall} {1000 * cpu:7.1f} {counts[key] // args.steps:6d}")
     rest, cpu_rest = step - accounted, cpu_step - cpu_accounted
-    print(f"{'engine + Python glue (the rest)':42s} {'':10s} {1000 * rest:8.2f} {100 * rest / step:5.1f}% "
+    print(f"{'engine + Python glue (the rest)':42s} {'':9s} {1000 * rest:8.1f} {100 * rest / step:5.1f}% "
           f"{1000 * cpu_rest:7.1f}")
+
+    # CPU time by kind of work: products in BLAS, elementwise NumPy passes, Python
+    cpu = {key: value / args.steps for key, value in cpu_totals.items()}
+    softmax = sum(v for (f, _), v in cpu.items() if f == SOFTMAX)
+    blas = sum(v for (f, _), v in cpu.items() if f.startswith(("linear", "attention"))) - softmax
+    elementwise = softmax + sum(v for (f, _), v in cpu.items() if f in ELEMENTWISE_FAMILIES)
+    other = sum(v for (f, _), v in cpu.items() if f.startswith("other"))
+    print(f"CPU time by kind: BLAS products {1000 * blas:.0f} ms ({100 * blas / cpu_step:.0f}%), elementwise "
+          f"passes {1000 * elementwise:.0f} ms ({100 * elementwise / cpu_step:.0f}%), reshapes/copies "
+          f"{1000 * other:.0f} ms ({100 * other / cpu_step:.0f}%), engine + Python "
+          f"{1000 * cpu_rest:.0f} ms ({100 * cpu_rest / cpu_step:.0f}%) of {1000 * cpu_step:.0f} ms")
     return 0
 
 
