@@ -176,7 +176,8 @@ def join_mesh(args: argparse.Namespace, plan):
         return None
     cfg = plan.train
     if cfg.batch_size % shape.dp:
-        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of --dp {shape.dp}")
+        raise ValueError(f"each micro-batch of {cfg.batch_size} windows (--batch-size / --micro-batches) is split "
+                         f"over the --dp {shape.dp} replicas: it must be a multiple of {shape.dp}")
     if plan.model["n_head"] % shape.tp:
         raise ValueError(f"--tp {shape.tp} must divide --n-head {plan.model['n_head']}: each tensor-parallel rank "
                          f"holds whole attention heads")

@@ -118,13 +118,13 @@ class ParallelTrainer(Trainer):
         params = list(self.model.parameters())
         if self.mesh.model_parallel.size == 1:
             return optim.clip_grad_norm_(params, max_norm)          # one copy of the model: as one process
-        not_counted = []                                           # gradients another rank counts
-        if self.mesh.tp_rank > 0:
-            not_counted += [p.grad for p in params if self._names[id(p)] not in self._specs]
+        not_counted = {}                                           # parameters another rank counts, by id
+        if self.mesh.tp_rank > 0:                                  # (the tied matrix on a last stage at tp
+            not_counted.update((id(p), p) for p in params         #  rank > 0 is both: subtracted once)
+                               if self._names[id(p)] not in self._specs)
         if self.engine is not None and self.engine.tied_comm is not None and self.model.is_last:
-            not_counted.append(self.model.wte.weight.grad)         # the first stage counts the tied matrix
-
-        not_counted = [g.reshape(-1) for g in not_counted if g is not None]
+            not_counted[id(self.model.wte.weight)] = self.model.wte.weight   # the first stage counts it
+        not_counted = [p.grad.reshape(-1) for p in not_counted.values() if p.grad is not None]
         xp = backend.module_for(self.device)
 
         def whole_model(local_square: float) -> float:

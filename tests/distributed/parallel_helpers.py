@@ -22,7 +22,9 @@ def tiny_run(dtype="float64", steps=STEPS, batch_size=8, grad_accum=1, **model):
     mm.manual_seed(3)
     gpt = GPT(GPTConfig(**{**MODEL, **model}))
     data = TokenDataset(TOKENS, MODEL["context_length"], stride=1, seed=5)
-    config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-3, warmup=2,
+    # clip 0.5: the gradient norm here is 0.37 .. 0.73, so about half the steps are clipped (a wrong
+    # global norm across ranks then changes the update, and the equality tests see it)
+    config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-3, warmup=2, clip=0.5,
                          progress=False, eval_interval=0, checkpoint_interval=0)
     return gpt, data, config
 
