@@ -306,9 +306,10 @@ class BPETokenizer:
         (``word`` tells which chunk each position belongs to) and each round makes,
         in every chunk that still has a ranked pair, the merge ``_bpe`` would make
         next: its lowest-ranked pair, at every (non-overlapping, leftmost first)
-        occurrence. Rounds go on until no chunk has a ranked pair, at most the
-        longest chunk's length. Exactly ``_bpe``'s result for each chunk (tested):
-        what a chunk's merges are depends on that chunk alone.
+        occurrence. A chunk with no ranked pair left is set aside; rounds go on
+        until none is left, at most the longest chunk's length. Exactly
+        ``_bpe``'s result for each chunk (tested): what a chunk's merges are
+        depends on that chunk alone.
 
         >>> tok = BPETokenizer.train("aaabdaaabac", 259, progress=False)
         >>> [array(ID_TYPECODE, b).tolist() for b in tok._bpe_many(["aaab", "ac", "a"])]
@@ -322,27 +323,34 @@ class BPETokenizer:
         rank = np.full(data.size, _NO_RANK, dtype=np.int64)                          # (N,) rank of (j, j + 1)
         rank[:-1] = np.where(word[:-1] == word[1:], self._byte_pair_ranks[data[:-1], data[1:]], _NO_RANK)
         ids = self._byte_id_array[data]                                              # (N,) all chunks' ids
-        while True:
+        done_ids, done_word = [], []                                                 # chunks with no merge left
+        while ids.size:
             starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))   # each chunk's first id
+            counts = np.diff(np.append(starts, ids.size))
             best = np.minimum.reduceat(rank, starts)                                 # (chunks,) next merge
-            hit = (rank == np.repeat(best, np.diff(np.append(starts, ids.size)))) & (rank < _NO_RANK)
+            finished = np.repeat(best == _NO_RANK, counts)                           # ids of finished chunks
+            done_ids.append(ids[finished])
+            done_word.append(word[finished])
+            hit = (rank == np.repeat(best, counts)) & ~finished
             at = np.flatnonzero(hit)                                                 # left ids of the merges
-            if at.size == 0:
-                break
             if np.any(at[1:] == at[:-1] + 1):   # "a a a" with merge (a, a): only the 1st, 3rd, ... of a run
                 run_start = np.concatenate(([True], at[1:] != at[:-1] + 1))
                 first = np.maximum.accumulate(np.where(run_start, np.arange(at.size), 0))
                 at = at[(np.arange(at.size) - first) % 2 == 0]
             ids[at] = self._merged_id_array[rank[at]]                                # the left id becomes the merge
-            keep = np.ones(ids.size, dtype=bool)
+            keep = ~finished
             keep[at + 1] = False                                                     # the right one goes
+            merged = (np.cumsum(keep) - 1)[at]                                       # where the merges are now
             ids, word, rank = ids[keep], word[keep], rank[keep]
-            merged = at - np.arange(at.size)                                         # where the merges are now
+            if not ids.size:
+                break
             changed = np.concatenate((merged - 1, merged))                          # their pairs, both sides
             changed = changed[(changed >= 0) & (changed < ids.size - 1)]
             rank[changed] = self._pair_rank_array(ids, word, changed)
             rank[-1] = _NO_RANK                                                      # the last id starts no pair
-        packed = ids.astype(ID_TYPECODE_NUMPY).tobytes()
+        word = np.concatenate(done_word)
+        order = np.argsort(word, kind="stable")                                      # chunk by chunk, ids in order
+        packed = np.concatenate(done_ids)[order].astype(ID_TYPECODE_NUMPY).tobytes()
         ends = np.cumsum(np.bincount(word, minlength=len(chunks)) * ID_BYTES).tolist()
         return [packed[start:end] for start, end in zip([0] + ends[:-1], ends)]
 
