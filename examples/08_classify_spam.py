@@ -38,8 +38,8 @@ VARIANTS = {                         # name -> (FinetuneConfig fields, start fro
 
 def train_variant(name: str, args) -> dict:
     fields, random_init = VARIANTS[name]
-    mm.manual_seed(args.seed)
     gpt, tokenizer = load_language_model(args.base)
+    mm.manual_seed(args.seed)                   # as `minillm finetune` does: the same head, the same numbers
     if random_init:
         gpt = GPT(gpt.config)
     config = FinetuneConfig("classify", str(args.data), epochs=args.epochs, balance=True, truncate=True, **fields)
