@@ -137,6 +137,22 @@ def elementwise_in_threads(work, arrays, *args) -> None:
     run_parallel(run_piece, row_ranges(flat[0].size, 1))
 
 
+def cpu_matmul_pair(first: tuple, second: tuple) -> tuple:
+    """``(a1 @ b1, a2 @ b2)`` for two independent products of about the same size, like a
+    linear layer's dx = dy W and dW = dyᵀ x (the same multiply-adds). With two CPU threads
+    each takes one whole product (single-threaded BLAS): ~5% less CPU time than cutting
+    both into blocks, and no operand packed twice. Otherwise ``cpu_matmul`` on each in turn.
+    """
+    (a1, b1), (a2, b2) = first, second
+    whole = (CPU_THREADS == 2 and backend.can_limit_blas_threads()
+             and all(a.ndim == 2 and a.dtype == a1.dtype for a in (a1, b1, a2, b2)) and a1.dtype.kind == "f"
+             and min(a1.shape[0] * a1.shape[1] * b1.shape[1], a2.shape[0] * a2.shape[1] * b2.shape[1])
+             >= PARALLEL_MIN_MULTIPLY_ADDS)
+    if not whole:
+        return cpu_matmul(a1, b1), cpu_matmul(a2, b2)
+    return tuple(run_parallel(lambda pair: pair[0] @ pair[1], [first, second]))
+
+
 def cpu_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for NumPy arrays; a large 2-D product runs as one block per CPU thread.
 

@@ -27,7 +27,7 @@ import numpy as np
 from .. import precision
 from ..kernels.matmul import matmul as _gpu_matmul
 from ..tensor import Function, Tensor
-from .common import cpu_matmul, unbroadcast
+from .common import cpu_matmul, cpu_matmul_pair, unbroadcast
 
 
 def _product(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None):
@@ -120,9 +120,12 @@ class Linear(Function):
         grad2d = grad.reshape(-1, grad.shape[-1])           # (N, out)
         g = _as_grad_operand(grad2d, weight)
         grad_x = grad_w = grad_b = None
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.needs_input_grad[1] and isinstance(g, np.ndarray):
+            grad_x, grad_w = cpu_matmul_pair((g, weight), (g.T, x2d))     # CPU: the two at once
+            grad_x = grad_x.reshape(self.x_shape)
+        if self.needs_input_grad[0] and grad_x is None:
             grad_x = _product(g, weight, out_dtype=self.out_dtype).reshape(self.x_shape)   # dy @ W
-        if self.needs_input_grad[1]:
+        if self.needs_input_grad[1] and grad_w is None:
             grad_w = _product(g, x2d, trans_a=True, out_dtype=self.out_dtype)              # dyᵀ @ x
         if self.has_bias and self.needs_input_grad[2]:
             grad_b = _column_sum(grad2d)                                               # Σ_N dy

@@ -7,7 +7,7 @@ import minillm as mm
 from minillm import optim
 from minillm import backend
 from minillm.ops import common
-from minillm.ops.common import cpu_matmul, run_parallel
+from minillm.ops.common import cpu_matmul, cpu_matmul_pair, run_parallel
 
 needs_threads = pytest.mark.skipif(common.CPU_THREADS < 2 or not backend.can_limit_blas_threads(),
                                    reason="needs 2+ CPU threads and an OpenBLAS whose threads can be set")
@@ -96,3 +96,11 @@ def test_adamw_in_blocks_and_threads_equals_its_formula():
         v = 0.99 * v + 0.01 * g * g
         p -= 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-8)
         np.testing.assert_allclose(param.data, p, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_matmul_pair_equals_the_two_products():
+    rng = np.random.default_rng(5)
+    g, w, x = (rng.standard_normal(s, dtype=np.float32) for s in ((1024, 768), (768, 256), (1024, 256)))
+    dx, dw = cpu_matmul_pair((g, w), (g.T, x))                     # a linear layer's two gradients
+    np.testing.assert_allclose(dx, _reference(g, w), rtol=2e-5, atol=1e-3)
+    np.testing.assert_allclose(dw, _reference(g.T, x), rtol=2e-5, atol=1e-3)
