@@ -335,6 +335,9 @@ class CudaGraphDecoder:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         pool = cupy.get_default_memory_pool()
         relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)   # the pool may cudaMalloc
+        # the buffers above were zeroed on the caller's stream; this non-blocking stream must not
+        # read them (pos, ids: an index into the cache and the embedding) before that has run
+        self.stream.wait_event(cupy.cuda.get_current_stream().record())
         with self.stream, no_grad():
             self._step()                          # eager once: compiles the kernels, sizes the pool
             self.stream.synchronize()

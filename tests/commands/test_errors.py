@@ -7,6 +7,7 @@ rest through ``minillm.cli.main`` with captured output.
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,9 @@ def test_numpy_memory_error_is_one_line():
     # no early check in bench train: NumPy itself refuses the 8 TiB of batch indices
     command, env = python_minillm("bench", "train", "--n-layer", "1", "--n-head", "1", "--d-model", "8",
                                   "--context", "8", "--batch-size", str(10**12), "--steps", "1", "--warmup", "0")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    # a cap on the address space makes the refusal certain, also where the kernel overcommits
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))  # noqa: E731
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, preexec_fn=limit)
     message = one_line_error(result.stderr)
     assert result.returncode == 1
     assert message.startswith("out of memory (unable to allocate") and "try a smaller --batch-size" in message

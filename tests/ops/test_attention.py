@@ -423,7 +423,7 @@ def test_gqa_keeps_the_keys_and_values_it_was_given(device):
     _, (q, k, v) = gqa_arrays((2,), 8, 2, 5, 5, device=device)
     out = F.scaled_dot_product_attention(q, k, v)
     _, k3, v3 = out._ctx.saved[:3]
-    assert k3.shape == (4, 5, 3) and v3.shape == (4, 5, 2)
+    assert k3.size == k.data.size and v3.size == v.data.size        # not repeated per query head
     xp = mm.backend.module_for(device)
     assert xp.shares_memory(k3, k.data) and xp.shares_memory(v3, v.data)
 
