@@ -91,6 +91,10 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
     model, tokenizer = load_model(args, device)
 
     eos_id = tokenizer.special_tokens.get(END_OF_TEXT)
+    if args.hf is not None:                  # a Hugging Face model stops at its own end token
+        from ..weights.pretrained import config_eos_id  # noqa: PLC0415
+
+        eos_id = config_eos_id(args.hf) if config_eos_id(args.hf) is not None else eos_id
     shown = args.prompt or ""
     if args.instruction is not None:
         from ..finetune.sft import format_prompt  # noqa: PLC0415

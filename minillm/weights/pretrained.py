@@ -48,3 +48,18 @@ def load_pretrained(directory, tokenizer_spec: str | None = None, device: str = 
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
     return model, tokenizer
+
+
+def config_eos_id(directory) -> int | None:
+    """The end-of-sequence id a Hugging Face directory's config.json names (``eos_token_id``: one
+    id, or a list whose first entry is the model's own end of turn), or None when it names none."""
+    import json  # noqa: PLC0415
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+

@@ -61,3 +61,33 @@ def test_generate_hf_reads_a_llama_directory_with_its_tokenizer_json(tmp_path, c
     argv[1] = "--hf-gpt2"                                        # the GPT-2-only alias refuses, naming the type
     assert main(argv) != 0
     assert "model_type is 'llama', but only 'gpt2'" in capsys.readouterr().err
+
+
+def test_generate_hf_stops_at_the_end_token_its_config_names(tmp_path, capsys):
+    import json  # noqa: PLC0415
+
+    from minillm.tokenizer.gpt2 import bytes_to_unicode  # noqa: PLC0415
+    from minillm.weights import save_hf  # noqa: PLC0415
+
+    model = make_model(GPTConfig.from_preset("llama-tiny", vocab_size=257, context_length=32))
+    save_hf(model, tmp_path / "llama")
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    spec = {"added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True}],
+            "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    (tmp_path / "llama" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    tokenizer = BPETokenizer.from_hf(tmp_path / "llama" / "tokenizer.json")
+    prompt = tokenizer.encode("hé")
+    greedy = generate(model, [prompt], 8, temperature=0)[0, len(prompt):].tolist()
+    stop = max(i for i, token in enumerate(greedy) if greedy.index(token) == i)    # a token new at step i
+    config_path = tmp_path / "llama" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["eos_token_id"] = [greedy[stop], 3]                 # a list, as Llama 3 writes it: the first ends
+    config_path.write_text(json.dumps(config))
+    argv = ["generate", "--hf", str(tmp_path / "llama"), "--prompt", "hé", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == tokenizer.decode(prompt + greedy[:stop]) + "\n"
+    assert main(argv + ["--ignore-eos"]) == 0                   # goes on; the end token is never printed
+    shown = [token for token in greedy if token != greedy[stop]]
+    assert capsys.readouterr().out == tokenizer.decode(prompt + shown) + "\n"
