@@ -47,6 +47,7 @@ import numpy as np
 
 from .. import backend
 from ..models.gpt import INIT_STD, GPT, GPTConfig
+from .fit import raise_unless_fits
 
 PREFIX = "transformer."
 # our names of the four Conv1D layers, whose weights are stored transposed
@@ -181,15 +182,7 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
             continue
         state[name] = array.T if transposed else array                  # Conv1D (in, out) -> (out, in)
     missing = [PREFIX + name for name in expected if name not in seen]
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s): {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"mis-shaped tensor(s): {'; '.join(mismatched)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s): {', '.join(unexpected)}")
-    if problems:
-        raise ValueError(f"{source} does not fit GPT-2 with {model.config}:\n  " + "\n  ".join(problems))
+    raise_unless_fits(source, f"GPT-2 with {model.config}", missing, mismatched, unexpected)
     return state
 
 

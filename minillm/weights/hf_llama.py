@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import backend
 from ..models.gpt import INIT_STD, LLAMA_STYLE, GPT, GPTConfig
+from .fit import raise_unless_fits
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # buffers some older files carry: the rotary frequencies (recomputed from the config)
@@ -203,16 +204,7 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
                           f"expected {expected['wte.weight']}")
     unexpected = [n for n in tensors if n not in known and not n.endswith(_IGNORED_SUFFIX)
                   and not (tied_head and n == "lm_head.weight")]
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s): {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"mis-shaped tensor(s): {'; '.join(mismatched)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s): {', '.join(unexpected)}")
-    if problems:
-        raise ValueError(f"{source} does not fit {model_type_for(model.config)} with {model.config}:\n  "
-                         + "\n  ".join(problems))
+    raise_unless_fits(source, f"{model_type_for(model.config)} with {model.config}", missing, mismatched, unexpected)
     return state
 
 
