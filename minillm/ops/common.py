@@ -76,9 +76,9 @@ def as_int_array(values, op_name: str, what: str):
 
 CPU_THREADS = max(1, min(os.cpu_count() or 1, 8))
 PARALLEL_MIN_ELEMENTS = 1 << 18   # below this, handing work to threads costs more than it saves
-PARALLEL_MIN_MULTIPLY_ADDS = 1 << 26   # the same for a matrix product (m·k·n): ~0.4 ms of one core. Below,
-# the BLAS's own threads (spinning, ready at once) beat waking ours: a 4-layer, 128-wide model's step
-# ran 51 ms with them, 65 ms split (products of 768 x 128 x 384); the 384-wide bench's are 5x larger
+PARALLEL_MIN_MULTIPLY_ADDS = 1 << 22   # the same for a matrix product (m·k·n): ~25 µs of one core ...
+BLAS_THREADS_MIN_MULTIPLY_ADDS = 1 << 26   # ... unless the BLAS runs its own threads (no tune_cpu_threads):
+# then smaller products are left to them (they spin, ready at once, and mixing theirs and ours costs)
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -137,6 +137,10 @@ def elementwise_in_threads(work, arrays, *args) -> None:
     run_parallel(run_piece, row_ranges(flat[0].size, 1))
 
 
+def _min_multiply_adds() -> int:
+    return PARALLEL_MIN_MULTIPLY_ADDS if backend.cpu_threads_tuned() else BLAS_THREADS_MIN_MULTIPLY_ADDS
+
+
 def cpu_matmul_pair(first: tuple, second: tuple) -> tuple:
     """``(a1 @ b1, a2 @ b2)`` for two independent products of about the same size, like a
     linear layer's dx = dy W and dW = dyᵀ x (the same multiply-adds). With two CPU threads
@@ -147,7 +151,7 @@ def cpu_matmul_pair(first: tuple, second: tuple) -> tuple:
     whole = (CPU_THREADS == 2 and backend.can_limit_blas_threads()
              and all(a.ndim == 2 and a.dtype == a1.dtype for a in (a1, b1, a2, b2)) and a1.dtype.kind == "f"
              and min(a1.shape[0] * a1.shape[1] * b1.shape[1], a2.shape[0] * a2.shape[1] * b2.shape[1])
-             >= PARALLEL_MIN_MULTIPLY_ADDS)
+             >= _min_multiply_adds())
     if not whole:
         return cpu_matmul(a1, b1), cpu_matmul(a2, b2)
     return tuple(run_parallel(lambda pair: pair[0] @ pair[1], [first, second]))
@@ -169,7 +173,7 @@ def cpu_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     batched ones, other dtypes, or no way to limit the BLAS's threads: ``a @ b``.
     """
     m, n = (a.shape[0], b.shape[-1]) if a.ndim == 2 == b.ndim else (0, 0)
-    if (m * a.shape[-1] * n < PARALLEL_MIN_MULTIPLY_ADDS or CPU_THREADS == 1 or a.dtype != b.dtype
+    if (m * a.shape[-1] * n < _min_multiply_adds() or CPU_THREADS == 1 or a.dtype != b.dtype
             or a.dtype.kind != "f" or not backend.can_limit_blas_threads()):
         return a @ b
     out = np.empty((m, n), dtype=a.dtype)

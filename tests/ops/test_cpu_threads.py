@@ -104,3 +104,14 @@ def test_cpu_matmul_pair_equals_the_two_products():
     dx, dw = cpu_matmul_pair((g, w), (g.T, x))                     # a linear layer's two gradients
     np.testing.assert_allclose(dx, _reference(g, w), rtol=2e-5, atol=1e-3)
     np.testing.assert_allclose(dw, _reference(g.T, x), rtol=2e-5, atol=1e-3)
+
+
+@needs_threads
+def test_tune_cpu_threads_leaves_the_blas_single_threaded():
+    get, set_ = backend._openblas_thread_functions()
+    before, tuned = get(), backend.cpu_threads_tuned()
+    try:
+        assert backend.tune_cpu_threads() and get() == 1 and backend.cpu_threads_tuned()
+    finally:
+        set_(before)
+        backend._cpu_threads_tuned = tuned
