@@ -35,10 +35,12 @@ from .. import backend, optim, precision
 from ..train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..train.trainer import Trainer
 from .data_parallel import DataParallel
+from .pipeline import check_token_batch
+from .pipeline_trainer import OneWriter, gather_stage_states, stage_slice
 from .tensor_parallel import gather_array, shard_array, shard_gpt
 
 
-class ParallelTrainer(Trainer):
+class ParallelTrainer(OneWriter, Trainer):
     """``Trainer`` over a ``DeviceMesh``; ``model`` is the whole model, built alike (same seed) on every rank."""
 
     def __init__(self, model, config, data, mesh, run_dir=None, schedule: str = "1f1b", bucket_mb: float = 25.0,
@@ -49,6 +51,7 @@ class ParallelTrainer(Trainer):
             raise ValueError("--pp / --tp with fp16 is not supported (the ranks holding parts of one model would "
                              "have to agree on loss scaling); use --precision bf16")
         full_config = model.config
+        self._vocab_size = full_config.vocab_size
         if mesh.shape.tp > 1:
             shard_gpt(model, mesh.tp)                     # this rank's columns / rows of every block
         self._specs = dict(getattr(model, "shard_specs", {}))   # name -> ShardSpec (sharded parameters only)
@@ -72,16 +75,18 @@ class ParallelTrainer(Trainer):
     # ------------------------------------------------------------ the step
     def forward_backward(self) -> float:
         cfg, ddp = self.config, self.ddp
-        batches = []
-        for _ in range(cfg.grad_accum):
-            batch = self.data.get_batch("train", cfg.batch_size)     # the global batch, alike on every rank
-            self.tokens_seen += batch[0].size
-            batches.append(self._to_device(batch if ddp is None else ddp.shard_batch(batch)))
+        batches = [self.data.get_batch("train", cfg.batch_size)     # the global batch, alike on every rank
+                   for _ in range(cfg.grad_accum)]
+        if self.engine is not None:       # on the host, once: no GPU sync inside the schedule (PipelineStage.forward);
+            for inputs, targets in batches:   # the whole global batch, so every rank raises the same error
+                check_token_batch(inputs, targets, self._vocab_size)
+        self.tokens_seen += sum(batch[0].size for batch in batches)
+        batches = [self._to_device(batch if ddp is None else ddp.shard_batch(batch)) for batch in batches]
         with precision.use_precision(cfg.precision):
             if self.engine is not None:
                 if ddp is not None:
                     ddp.sync = False          # the schedule interleaves micro-batches: reduce all after it
-                loss = self.engine.train_step(batches)               # the last stage's mean, on every stage
+                loss = self.engine.train_step(batches, checked=True)  # the last stage's mean, on every stage
             else:
                 loss_sum = 0.0
                 for micro, batch in enumerate(batches):
@@ -143,15 +148,7 @@ class ParallelTrainer(Trainer):
             return self.engine.evaluate_loss(inputs, targets)
         return super().batch_loss(inputs, targets)
 
-    # ------------------------------------------------------------ one writer
-    def _log(self, record) -> None:
-        if self.is_writer:
-            super()._log(record)
-
-    def _truncate_metrics(self, step: int) -> None:
-        if self.is_writer:
-            super()._truncate_metrics(step)
-
+    # ------------------------------------------------------------ one writer (OneWriter: the metrics log)
     def full_state(self):
         """(model state, optimizer state) in the single-process layout, on world rank 0 (None elsewhere).
 
@@ -167,8 +164,6 @@ class ParallelTrainer(Trainer):
         else:
             if self.mesh.dp_rank != 0:
                 return None
-            from .pipeline_trainer import gather_stage_states  # noqa: PLC0415
-
             self._saves = getattr(self, "_saves", 0) + 1
             gathered = gather_stage_states(self.model, self.optimizer, self.mesh.pp, f"mesh-checkpoint{self._saves}")
             if self.mesh.pp_rank != 0:
@@ -208,8 +203,6 @@ class ParallelTrainer(Trainer):
         """The ordinary checkpoint, cut to this rank: its stage's parameters, then its tensor shard."""
         checkpoint = load_checkpoint(self.run_dir)
         if self.engine is not None:
-            from .pipeline_trainer import stage_slice  # noqa: PLC0415
-
             checkpoint = stage_slice(checkpoint, self.model, self.optimizer)
         tp = self.mesh.tp
         checkpoint.model_state = {name: shard_array(value, self._specs.get(name), tp.rank, tp.size)

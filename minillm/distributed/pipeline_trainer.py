@@ -29,7 +29,21 @@ from .pipeline import check_token_batch
 from .schedule import PipelineEngine
 
 
-class PipelineTrainer(Trainer):
+class OneWriter:
+    """Mixin for a ``Trainer`` run on several ranks: only the rank with ``is_writer`` set touches the metrics log."""
+
+    is_writer: bool
+
+    def _log(self, record) -> None:
+        if self.is_writer:
+            super()._log(record)
+
+    def _truncate_metrics(self, step: int) -> None:
+        if self.is_writer:
+            super()._truncate_metrics(step)
+
+
+class PipelineTrainer(OneWriter, Trainer):
     """``Trainer`` for one stage (``PipelineStage``) of a pipeline over ``comm``."""
 
     def __init__(self, stage, config, data, comm, schedule: str = "1f1b", run_dir=None, tokenizer=None,
@@ -61,15 +75,6 @@ class PipelineTrainer(Trainer):
 
     def batch_loss(self, inputs, targets):
         return self.engine.evaluate_loss(inputs, targets)
-
-    # ------------------------------------------------------------ one writer
-    def _log(self, record) -> None:
-        if self.is_writer:
-            super()._log(record)
-
-    def _truncate_metrics(self, step: int) -> None:
-        if self.is_writer:
-            super()._truncate_metrics(step)
 
     # ------------------------------------------------------------ checkpoints
     def save(self):

@@ -79,3 +79,26 @@ def test_pp2_x_dp2_x_tp2_on_8_ranks_equals_one_process_and_resumes_on_one(tmp_pa
     losses, params = spawn(_three_d, 1, args=(tmp_path, 20))[0]
     assert max_relative(losses, ref_losses[10:]) < 1e-6
     assert max_relative(params, ref_params) < 1e-6
+
+
+def _bad_token_step(group, grad_accum):
+    """One --pp 2 step (``grad_accum`` micro-batches) on tokens holding the id 64, vocabulary 64: what each rank raises."""
+    from minillm.data.dataset import TokenDataset
+
+    model, _, config = tiny_run("float64", 2, 4, grad_accum)
+    tokens = np.zeros(512, dtype=np.int64)
+    tokens[100:] = 64
+    trainer = ParallelTrainer(model, config, TokenDataset(tokens, 16, stride=1, seed=5),
+                              DeviceMesh(group.comm, MeshShape(pp=2)))
+    try:
+        trainer.train_step()
+    except ValueError as error:                         # (an IndexError from the first stage's embedding,
+        return str(error)                               #  or a hang on the last stage, would fail the test)
+    return None
+
+
+def test_bad_token_id_in_a_pp_run_is_one_clear_error_on_every_rank():
+    """The ids are checked on the host before the schedule (it then skips the device-side checks):
+    every stage raises the same ValueError, rather than the first stage alone while the last one waits."""
+    messages = spawn(_bad_token_step, 2, args=(2,), timeout=30)
+    assert messages == ["token id 64 is out of range for a vocabulary of 64"] * 2
