@@ -30,6 +30,7 @@ ratio is what stays comparable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -142,6 +143,12 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def blas_limit(threads: int):
+    """With one thread, NumPy's BLAS gets one too; otherwise it is left as minillm sets it (the
+    Trainer makes it single-threaded and shares out the work with its own threads)."""
+    return backend.blas_threads(1) if threads == 1 else contextlib.nullcontext()
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size, MiB: VmHWM, which (unlike ``ru_maxrss``) starts
     afresh at exec, so a child started by a large parent does not inherit the parent's peak."""
@@ -182,14 +189,14 @@ def main(argv=None) -> int:
     if args.alone:                                 # a child: one library, 3 steps, its peak RSS
         step = minillm_trainer(cfg, args.batch_size, args.seed).train_step if args.alone == "minillm" else \
             TorchStep(cfg, args.batch_size, args.seed)
-        with backend.blas_threads(args.threads):
+        with blas_limit(args.threads):
             for _ in range(3):
                 step()
         print(peak_rss_mib())
         return 0
     base = rss_mib()
     trainer = minillm_trainer(cfg, args.batch_size, args.seed)
-    with backend.blas_threads(args.threads):
+    with blas_limit(args.threads):
         for _ in range(args.warmup):
             trainer.train_step()
         mini_rss = rss_mib() - base
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
     if args.bench_steps:
         from minillm.bench.train import measure_train_step  # noqa: PLC0415
 
-        with backend.blas_threads(args.threads):   # `minillm bench train` itself, same process and config
+        with blas_limit(args.threads):   # `minillm bench train` itself, same process and config
             bench = measure_train_step(cfg, args.batch_size, steps=args.bench_steps, warmup=1, seed=args.seed)
         print(f"minillm bench train: {bench['tokens_per_s']:,.0f} tokens/s ({bench['ms_per_step_mean']:.0f} ms/step "
               f"mean of {args.bench_steps}); vs the PyTorch median above: {bench['tokens_per_s'] / (tokens / t):.2f}x")
