@@ -85,17 +85,21 @@ class Function:
     def apply(cls, *inputs, **params) -> "Tensor":
         """Run the op on tensors (or numbers/arrays, lifted to constants) and record it."""
         fn = cls(**params)
-        tensors = _as_tensors(inputs, cls.__name__)
+        tensors, device = _as_tensors(inputs, cls.__name__)
         if cls.float_only:
             _check_floating(tensors, cls.__name__)
-        device = tensors[0].device
-        requires_grad = _grad_enabled and any(t.requires_grad for t in tensors)
-        fn.needs_input_grad = tuple(t.requires_grad and _grad_enabled for t in tensors)
+        if _grad_enabled:
+            fn.needs_input_grad = tuple([t.requires_grad for t in tensors])
+            requires_grad = any(fn.needs_input_grad)
+        else:
+            fn.needs_input_grad = (False,) * len(tensors)
+            requires_grad = False
+        arrays = [t.data for t in tensors]
         if device == "cpu":
-            out = fn.forward(*(t.data for t in tensors))
+            out = fn.forward(*arrays)
         else:
             with backend.device_context(device):
-                out = fn.forward(*(t.data for t in tensors))
+                out = fn.forward(*arrays)
         if isinstance(out, np.generic):  # NumPy turns 0-d results into scalars
             out = np.asarray(out)
         result = Tensor._from_op(out, requires_grad)
@@ -114,28 +118,39 @@ def _check_floating(tensors: Sequence["Tensor"], op_name: str) -> None:
                             f"convert first, e.g. x.to(dtype='float32')")
 
 
-def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple["Tensor", ...]:
-    """Lift numbers/arrays to constant tensors; check one device and one float dtype."""
-    reference = next((x for x in inputs if isinstance(x, Tensor)), None)
-    if reference is None:
-        raise TypeError(f"{op_name}: expected at least one Tensor input")
-    device = reference.device
-    float_dtype = None
+def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple[tuple["Tensor", ...], str]:
+    """Lift numbers/arrays to constant tensors; check one device and one float dtype.
+
+    Returns the tensors and their device. Runs once per op call, so the usual
+    case (every input a tensor, nothing to lift) costs one pass over the inputs.
+    """
+    device = float_dtype = None
+    all_tensors = True
     for x in inputs:
-        if isinstance(x, Tensor):
-            if x.device != device:
-                raise RuntimeError(
-                    f"{op_name}: tensors on different devices ({device} and {x.device}); "
-                    f"move them with .to(device) first"
+        if not isinstance(x, Tensor):
+            all_tensors = False
+            continue
+        x_device = backend.device_of(x.data)
+        if device is None:
+            device = x_device
+        elif x_device != device:
+            raise RuntimeError(
+                f"{op_name}: tensors on different devices ({device} and {x_device}); "
+                f"move them with .to(device) first"
+            )
+        dtype = x.data.dtype
+        if dtype.kind == "f":
+            if float_dtype is None:
+                float_dtype = dtype
+            elif dtype != float_dtype:
+                raise TypeError(
+                    f"{op_name}: mixed float dtypes ({float_dtype} and {dtype}); "
+                    f"minillm never promotes silently - convert one with .to(dtype=...)"
                 )
-            if x.data.dtype.kind == "f":
-                if float_dtype is None:
-                    float_dtype = x.data.dtype
-                elif x.data.dtype != float_dtype:
-                    raise TypeError(
-                        f"{op_name}: mixed float dtypes ({float_dtype} and {x.data.dtype}); "
-                        f"minillm never promotes silently - convert one with .to(dtype=...)"
-                    )
+    if device is None:
+        raise TypeError(f"{op_name}: expected at least one Tensor input")
+    if all_tensors:
+        return inputs, device
     float_dtype = float_dtype or backend.get_default_dtype()
     out = []
     xp = backend.module_for(device)
@@ -152,7 +167,7 @@ def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple["Tensor", ...]:
         if arr.dtype.kind in "fiu" and arr.dtype != float_dtype:
             arr = arr.astype(float_dtype)  # constants take the dtype of the tensors they meet
         out.append(Tensor._from_op(arr, False))
-    return tuple(out)
+    return tuple(out), device
 
 
 # ================================================================ Tensor
