@@ -17,8 +17,10 @@ from pathlib import Path
 
 from . import argtypes
 from ..precision import check_precision
-from .common import (HelpFormatter, add_command, add_device_option, add_json_option, add_precision_option,
-                     add_seed_option)
+from .common import (HelpFormatter, add_command, add_config_options, add_device_option, add_json_option,
+                     add_precision_option, add_schedule_option, add_seed_option)
+
+MODEL_SIZES = ("n_layer", "n_head", "d_model", "context_length", "vocab_size")  # over the preset's
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -71,40 +73,24 @@ def _register_train(benches) -> None:
                     f"README); --preset gpt2-124m --device cuda for the GPU one.")
     p.add_argument("--preset", metavar="NAME", type=argtypes.preset,
                    help="a GPTConfig preset; the sizes below override it")
-    p.add_argument("--n-layer", metavar="N", type=argtypes.positive_int,
-                   help=f"blocks (default: {d['n_layer']}, or the preset's)")
-    p.add_argument("--n-head", metavar="N", type=argtypes.positive_int,
-                   help=f"attention heads (default: {d['n_head']}, or the preset's)")
-    p.add_argument("--d-model", metavar="N", type=argtypes.positive_int,
-                   help=f"width (default: {d['d_model']}, or the preset's)")
-    p.add_argument("--context", dest="context_length", metavar="N", type=argtypes.positive_int,
-                   help=f"sequence length (default: {d['context_length']}, or the preset's)")
-    p.add_argument("--vocab-size", metavar="N", type=argtypes.positive_int,
-                   help=f"vocabulary size (default: {d['vocab_size']}, or the preset's)")
-    p.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, default=8,
-                   help="windows per micro-batch (default: 8)")
-    p.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int, default=1,
-                   help="micro-batches per step (default: 1)")
-    p.add_argument("--dropout", metavar="X", type=argtypes.probability, default=0.0,
-                   help="dropout probability (default: 0)")
+    add_config_options(p, {name: f"{d[name]}, or the preset's" for name in MODEL_SIZES})
+    add_config_options(p, {"batch_size": 8, "grad_accum": 1, "dropout": 0},
+                       defaults={"batch_size": 8, "grad_accum": 1, "dropout": 0.0})
     add_device_option(p)
     add_precision_option(p)
-    p.add_argument("--steps", metavar="N", type=argtypes.positive_int, default=10, help="timed steps (default: 10)")
-    p.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, default=2,
-                   help="untimed steps first (default: 2)")
+    add_config_options(p, {"steps": 10, "warmup": 2}, defaults={"steps": 10, "warmup": 2},
+                       what={"steps": "timed steps", "warmup": "untimed steps first"})
     add_seed_option(p, 0, "seeds the weights and the random tokens (default: 0)")
-    p.add_argument("--dp", metavar="D", type=argtypes.positive_int, default=1,
-                   help="data-parallel replicas; --batch-size is then the global batch (run under minillm launch; "
-                        "default: 1)")
-    p.add_argument("--tp", metavar="T", type=argtypes.positive_int, default=1,
-                   help="tensor-parallel ranks splitting every block's heads and MLP (run under minillm launch; "
-                        "default: 1)")
-    p.add_argument("--pp", metavar="P", type=argtypes.positive_int, default=1,
-                   help="pipeline stages (run under minillm launch; default: 1)")
-    p.add_argument("--micro-batches", metavar="M", type=argtypes.positive_int,
-                   help="split --batch-size into M micro-batches (the pipeline's units; instead of --grad-accum)")
-    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b",
-                   help="pipeline schedule (default: 1f1b)")
+    add_config_options(p, {"dp": None, "tp": None, "pp": None, "micro_batches": None},
+                       defaults={"dp": 1, "tp": 1, "pp": 1},
+                       what={"dp": "data-parallel replicas; --batch-size is then the global batch (run under "
+                                   "minillm launch; default: 1)",
+                             "tp": "tensor-parallel ranks splitting every block's heads and MLP (run under minillm "
+                                   "launch; default: 1)",
+                             "pp": "pipeline stages (run under minillm launch; default: 1)",
+                             "micro_batches": "split --batch-size into M micro-batches (the pipeline's units; "
+                                              "instead of --grad-accum)"})
+    add_schedule_option(p, "1f1b", "pipeline schedule (default: 1f1b)")
     p.add_argument("--timeline", metavar="FILE",
                    help="with --pp: draw one step's schedule as run (forward, backward, send/recv, idle per stage) "
                         "into a PNG or SVG (needs matplotlib) and print the measured bubble")
@@ -118,7 +104,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     from ..train.run import check_model_shape  # noqa: PLC0415
 
     fields = dict(BENCH_DEFAULT) if args.preset is None else GPTConfig.from_preset(args.preset).to_dict()
-    for name in ("n_layer", "n_head", "d_model", "context_length", "vocab_size"):
+    for name in MODEL_SIZES:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields["dropout"] = args.dropout

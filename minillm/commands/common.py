@@ -61,6 +61,59 @@ def add_run_option(parser, required: bool = True,
     parser.add_argument("--run", metavar="RUN_DIR", required=required, help=help)
 
 
+# ---------------------------------------------------------------- model, training and parallel options
+
+# GPTConfig / TrainConfig / mesh field -> (option, metavar, type, what it sets): each option defined once, for
+# every command that takes it (train, bench train, finetune); the option's ``dest`` is the field's name.
+CONFIG_OPTIONS = {
+    "n_layer": ("--n-layer", "N", argtypes.positive_int, "blocks"),
+    "n_head": ("--n-head", "N", argtypes.positive_int, "attention heads"),
+    "d_model": ("--d-model", "N", argtypes.positive_int, "width"),
+    "context_length": ("--context", "N", argtypes.positive_int, "sequence length"),
+    "vocab_size": ("--vocab-size", "N", argtypes.positive_int, "vocabulary size"),
+    "dropout": ("--dropout", "X", argtypes.probability, "dropout probability"),
+    "steps": ("--steps", "N", argtypes.positive_int, "optimizer steps"),
+    "batch_size": ("--batch-size", "N", argtypes.positive_int, "windows per micro-batch"),
+    "grad_accum": ("--grad-accum", "N", argtypes.positive_int, "micro-batches per step"),
+    "lr": ("--lr", "X", argtypes.positive_float, "peak learning rate"),
+    "min_lr": ("--min-lr", "X", argtypes.non_negative_float, "final learning rate"),
+    "warmup": ("--warmup", "N", argtypes.non_negative_int, "warmup steps"),
+    "weight_decay": ("--weight-decay", "X", argtypes.non_negative_float, "AdamW weight decay"),
+    "clip": ("--clip", "X", argtypes.non_negative_float, "gradient-norm clip, 0 = off"),
+    "eval_interval": ("--eval-interval", "N", argtypes.non_negative_int, "steps between evaluations"),
+    "eval_batches": ("--eval-batches", "N", argtypes.positive_int, "validation batches per evaluation"),
+    "checkpoint_interval": ("--checkpoint-interval", "N", argtypes.non_negative_int, "steps between checkpoints"),
+    "dp": ("--dp", "D", argtypes.positive_int, "data-parallel replicas"),
+    "tp": ("--tp", "T", argtypes.positive_int, "tensor-parallel ranks"),
+    "pp": ("--pp", "P", argtypes.positive_int, "pipeline stages"),
+    "micro_batches": ("--micro-batches", "M", argtypes.positive_int, "micro-batches per step"),
+}
+
+
+def add_config_options(parser, shown: dict, defaults: dict | None = None, what: dict | None = None) -> None:
+    """An option of ``CONFIG_OPTIONS`` per field of ``shown``, in that order; None unless ``defaults`` has a value.
+
+    The help is "<what it sets> (default: <shown[field]>)", in the table's words
+    unless ``what`` gives the command's own; a field shown as None takes
+    ``what[field]`` as its whole help.
+
+    >>> add_config_options(p, {"batch_size": 8, "grad_accum": 1}, defaults={"batch_size": 8})
+    # --batch-size N  windows per micro-batch (default: 8)    -> args.batch_size, 8 when not given
+    # --grad-accum N  micro-batches per step (default: 1)     -> args.grad_accum, None when not given
+    """
+    defaults, what = defaults or {}, what or {}
+    for field, default in shown.items():
+        option, metavar, kind, words = CONFIG_OPTIONS[field]
+        words = what.get(field, words)
+        parser.add_argument(option, dest=field, metavar=metavar, type=kind, default=defaults.get(field),
+                            help=words if default is None else f"{words} (default: {default})")
+
+
+def add_schedule_option(parser, default: str | None, help: str) -> None:
+    """``--schedule gpipe|1f1b``: the pipeline schedule."""
+    parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default=default, help=help)
+
+
 def given_fields(args: argparse.Namespace, config_class) -> dict[str, Any]:
     """The fields of the dataclass ``config_class`` that were given on the command line.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import backend
 from . import argtypes
-from .common import add_command, add_device_option, say
+from .common import add_command, add_config_options, add_device_option, add_seed_option, say
 
 # per task: (learning rate, epochs) that work for the small default model (see docs/finetuning.md)
 TASK_DEFAULTS = {"classify": (5e-4, 5), "sft": (5e-4, 3), "dpo": (1e-4, 1)}
@@ -96,27 +96,13 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--epochs", metavar="N", type=argtypes.positive_int, default=None,
                        help=f"passes over the training split (default: {epochs})")
-    train.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, default=None,
-                       help="examples per micro-batch (default: 8)")
-    train.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int, default=None,
-                       help="micro-batches per step (default: 1)")
-    train.add_argument("--lr", metavar="X", type=argtypes.positive_float, default=None,
-                       help=f"peak learning rate (default: {lr:g})")
-    train.add_argument("--min-lr", metavar="X", type=argtypes.non_negative_float, default=None,
-                       help="final learning rate of the cosine (default: lr / 10)")
-    train.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int, default=None,
-                       help="warmup steps (default: a tenth of the steps, at most 100)")
-    train.add_argument("--weight-decay", metavar="X", type=argtypes.non_negative_float, default=None,
-                       help="AdamW weight decay (default: 0.1)")
-    train.add_argument("--clip", metavar="X", type=argtypes.non_negative_float, default=None,
-                       help="gradient-norm clip, 0 = off (default: 1.0)")
-    train.add_argument("--eval-interval", metavar="N", type=argtypes.non_negative_int, default=None,
-                       help="steps between evaluations (default: once per epoch)")
-    train.add_argument("--checkpoint-interval", metavar="N", type=argtypes.non_negative_int, default=None,
-                       help="steps between checkpoints (default: once per epoch)")
+    add_config_options(train, {
+        "batch_size": 8, "grad_accum": 1, "lr": f"{lr:g}", "min_lr": "lr / 10",
+        "warmup": "a tenth of the steps, at most 100", "weight_decay": 0.1, "clip": 1.0,
+        "eval_interval": "once per epoch", "checkpoint_interval": "once per epoch"},
+        what={"batch_size": "examples per micro-batch", "min_lr": "final learning rate of the cosine"})
     add_device_option(train, default=None)
-    train.add_argument("--seed", metavar="N", type=argtypes.non_negative_int, default=None,
-                       help="seeds the new head, LoRA's A, dropout and the batch order (default: 1337)")
+    add_seed_option(train, None, "seeds the new head, LoRA's A, dropout and the batch order (default: 1337)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the settings it was started with")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -21,7 +21,8 @@ from pathlib import Path
 from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, check_prompts, \
     new_run_directory, prepare_run, print_samples, resolve_run, start_run
 from . import argtypes
-from .common import add_command, add_precision_option, given_fields, say
+from .common import (add_command, add_config_options, add_device_option, add_precision_option, add_schedule_option,
+                     add_seed_option, given_fields, say)
 
 ARCHITECTURES = ("gpt2", "llama", "qwen3")
 
@@ -54,15 +55,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--preset", metavar="NAME", type=argtypes.preset,
                        help="a GPTConfig preset (tiny, gpt2-124m, ...); the sizes below override it")
-    model.add_argument("--n-layer", metavar="N", type=argtypes.positive_int,
-                       help=f"blocks (default: {DEFAULT_MODEL['n_layer']})")
-    model.add_argument("--n-head", metavar="N", type=argtypes.positive_int,
-                       help=f"attention heads (default: {DEFAULT_MODEL['n_head']})")
-    model.add_argument("--d-model", metavar="N", type=argtypes.positive_int,
-                       help=f"width (default: {DEFAULT_MODEL['d_model']})")
-    model.add_argument("--context", dest="context_length", metavar="N", type=argtypes.positive_int,
-                       help=f"context length, also the training window (default: {DEFAULT_MODEL['context_length']})")
-    model.add_argument("--dropout", metavar="X", type=argtypes.probability, help="dropout probability (default: 0)")
+    sizes = {name: DEFAULT_MODEL[name] for name in ("n_layer", "n_head", "d_model", "context_length")}
+    add_config_options(model, {**sizes, "dropout": 0},
+                       what={"context_length": "context length, also the training window"})
     model.add_argument("--arch", choices=ARCHITECTURES,
                        help="gpt2: learned positions, LayerNorm, GELU MLP, biases; llama: rotary positions, "
                             "RMSNorm, SwiGLU MLP, no biases; qwen3: llama with q/k norm (default: the preset's, "
@@ -71,50 +66,27 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="key/value heads, dividing --n-head: grouped-query attention (default: --n-head)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--steps", metavar="N", type=argtypes.positive_int,
-                       help=f"optimizer steps (default: {DEFAULT_TRAIN['steps']})")
-    train.add_argument("--batch-size", metavar="N", type=argtypes.positive_int,
-                       help=f"windows per micro-batch (default: {DEFAULT_TRAIN['batch_size']})")
-    train.add_argument("--grad-accum", metavar="N", type=argtypes.positive_int,
-                       help="micro-batches per step (default: 1)")
-    train.add_argument("--lr", metavar="X", type=argtypes.positive_float,
-                       help=f"peak learning rate (default: {DEFAULT_TRAIN['lr']})")
-    train.add_argument("--min-lr", metavar="X", type=argtypes.non_negative_float,
-                       help=f"final learning rate (default: {DEFAULT_TRAIN['min_lr']})")
-    train.add_argument("--warmup", metavar="N", type=argtypes.non_negative_int,
-                       help=f"warmup steps (default: {DEFAULT_TRAIN['warmup']}, at most a tenth of --steps)")
-    train.add_argument("--weight-decay", metavar="X", type=argtypes.non_negative_float,
-                       help="AdamW weight decay (default: 0.1)")
-    train.add_argument("--clip", metavar="X", type=argtypes.non_negative_float,
-                       help="gradient-norm clip, 0 = off (default: 1.0)")
-    train.add_argument("--eval-interval", metavar="N", type=argtypes.non_negative_int,
-                       help=f"steps between evaluations, 0 = only at the end "
-                            f"(default: {DEFAULT_TRAIN['eval_interval']})")
-    train.add_argument("--eval-batches", metavar="N", type=argtypes.positive_int,
-                       help=f"validation batches per evaluation (default: {DEFAULT_TRAIN['eval_batches']})")
-    train.add_argument("--checkpoint-interval", metavar="N", type=argtypes.non_negative_int,
-                       help=f"steps between checkpoints, 0 = only at the end "
-                            f"(default: {DEFAULT_TRAIN['checkpoint_interval']})")
-    train.add_argument("--device", metavar="DEVICE", type=argtypes.device, help="cpu, cuda or cuda:N (default: cpu)")
+    add_config_options(train, {
+        "steps": DEFAULT_TRAIN["steps"], "batch_size": DEFAULT_TRAIN["batch_size"], "grad_accum": 1,
+        "lr": DEFAULT_TRAIN["lr"], "min_lr": DEFAULT_TRAIN["min_lr"],
+        "warmup": f"{DEFAULT_TRAIN['warmup']}, at most a tenth of --steps", "weight_decay": 0.1, "clip": 1.0,
+        "eval_interval": DEFAULT_TRAIN["eval_interval"], "eval_batches": DEFAULT_TRAIN["eval_batches"],
+        "checkpoint_interval": DEFAULT_TRAIN["checkpoint_interval"]},
+        what={"eval_interval": "steps between evaluations, 0 = only at the end",
+              "checkpoint_interval": "steps between checkpoints, 0 = only at the end"})
+    add_device_option(train, default=None)
     add_precision_option(train, default=None)
-    train.add_argument("--seed", metavar="N", type=argtypes.non_negative_int, help="random seed (default: 1337)")
+    add_seed_option(train, None, "random seed (default: 1337)")
 
     parallel = p.add_argument_group("parallel training (start the processes with minillm launch)")
-    parallel.add_argument("--dp", metavar="D", type=argtypes.positive_int,
-                          help="data-parallel replicas, each on its share of every batch; --batch-size stays the "
-                               "global batch (default: 1)")
-    parallel.add_argument("--tp", metavar="T", type=argtypes.positive_int,
-                          help="tensor-parallel ranks splitting every block's attention heads and MLP; T must "
-                               "divide --n-head (default: 1)")
-    parallel.add_argument("--pp", metavar="P", type=argtypes.positive_int,
-                          help="pipeline stages: the blocks cut into P contiguous stages balanced by cost, one per "
-                               "process (default: 1)")
-    parallel.add_argument("--micro-batches", metavar="M", type=argtypes.positive_int,
-                          help="split each step's --batch-size windows into M micro-batches (the pipeline's units; "
-                               "the same arithmetic as --batch-size B/M --grad-accum M)")
-    parallel.add_argument("--schedule", choices=("gpipe", "1f1b"),
-                          help="pipeline schedule: all forwards then all backwards, or one-forward-one-backward with "
-                               "at most P micro-batches in flight (default: 1f1b)")
+    add_config_options(parallel, {"dp": 1, "tp": 1, "pp": 1, "micro_batches": None}, what={
+        "dp": "data-parallel replicas, each on its share of every batch; --batch-size stays the global batch",
+        "tp": "tensor-parallel ranks splitting every block's attention heads and MLP; T must divide --n-head",
+        "pp": "pipeline stages: the blocks cut into P contiguous stages balanced by cost, one per process",
+        "micro_batches": "split each step's --batch-size windows into M micro-batches (the pipeline's units; "
+                         "the same arithmetic as --batch-size B/M --grad-accum M)"})
+    add_schedule_option(parallel, None, "pipeline schedule: all forwards then all backwards, or one-forward-"
+                                        "one-backward with at most P micro-batches in flight (default: 1f1b)")
 
     run = p.add_argument_group("run directory")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<data name>, numbered if taken)")
