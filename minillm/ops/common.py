@@ -137,6 +137,16 @@ def elementwise_in_threads(work, arrays, *args) -> None:
     run_parallel(run_piece, row_ranges(flat[0].size, 1))
 
 
+def cpu_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a + b``; for two large same-shaped float arrays (the residual stream), on both cores."""
+    if (a.shape != getattr(b, "shape", None) or a.dtype != b.dtype or a.dtype.kind != "f"
+            or a.size < PARALLEL_MIN_ELEMENTS or CPU_THREADS == 1):
+        return a + b
+    out = np.empty(a.shape, dtype=a.dtype)
+    elementwise_in_threads(lambda x, y, z: np.add(x, y, out=z), (a, b, out))
+    return out
+
+
 def _min_multiply_adds() -> int:
     return PARALLEL_MIN_MULTIPLY_ADDS if backend.cpu_threads_tuned() else BLAS_THREADS_MIN_MULTIPLY_ADDS
 

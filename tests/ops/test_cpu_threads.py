@@ -115,3 +115,17 @@ def test_tune_cpu_threads_leaves_the_blas_single_threaded():
     finally:
         set_(before)
         backend._cpu_threads_tuned = tuned
+
+
+def test_large_adds_and_small_vocabulary_scatter_equal_numpy():
+    rng = np.random.default_rng(6)
+    a, b = (rng.standard_normal((2048, 384), dtype=np.float32) for _ in range(2))
+    np.testing.assert_array_equal(common.cpu_add(a, b), a + b)
+    np.testing.assert_array_equal(common.cpu_add(a.T, b.T), a.T + b.T)            # non-contiguous: one call
+    ids = rng.integers(0, 65, 2048)
+    g = rng.standard_normal((2048, 48))
+    table = rng.standard_normal((65, 48))
+    expected = table.copy()
+    mm.ops.shape.scatter_add(table, ids, g)                                        # the sorted path
+    np.add.at(expected, ids, g)
+    np.testing.assert_allclose(table, expected, rtol=1e-12, atol=1e-12)
