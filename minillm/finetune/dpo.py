@@ -42,8 +42,8 @@ import numpy as np
 from .. import backend
 from .. import functional as F
 from ..tensor import Tensor, no_grad
-from .data import DataError, require_fields
-from .sft import IGNORE_INDEX, collate_instructions, encode_instruction, end_of_text_id
+from .data import require_fields
+from .sft import IGNORE_INDEX, collate_instructions, encode_instruction, end_of_text_id, fit_to_context
 
 
 def log_sigmoid(z: Tensor) -> Tensor:
@@ -96,18 +96,9 @@ def preference_examples(tokenizer, records, context_length: int, truncate: bool)
         pair = []
         for field in ("chosen", "rejected"):
             prompt, response = encode_instruction(tokenizer, record, response_field=field)
-            ids = prompt + response + [eot]
-            if len(prompt) >= context_length:
-                if truncate:
-                    break                                  # left out: no room for a response
-                raise DataError(f"{where}: the prompt alone is {len(prompt)} tokens; the model's context is "
-                                f"{context_length} (--truncate leaves such records out)")
-            if len(ids) - 1 > context_length:
-                if not truncate:
-                    raise DataError(f"{where}: prompt + {field} response is {len(ids) - 1} tokens, longer than "
-                                    f"the model's context of {context_length}; pass --truncate to cut such "
-                                    f"responses")
-                ids = ids[:context_length + 1]
+            ids = fit_to_context(prompt, response, eot, context_length, truncate, where, f"{field} response")
+            if ids is None:
+                break                                      # left out: no room for a response
             pair.append(ids)
         examples.append((pair[0], pair[1], len(prompt)) if len(pair) == 2 else None)
     return examples

@@ -87,23 +87,34 @@ def instruction_examples(tokenizer, records, context_length: int, truncate: bool
     examples = []
     for record in records:
         prompt, response = encode_instruction(tokenizer, record)
-        ids = prompt + response + [eot]
-        where = record.get("_where", "a record")
-        if len(prompt) >= context_length:
-            if truncate:
-                examples.append(None)
-                continue
-            raise DataError(f"{where}: the prompt alone is {len(prompt)} tokens; the model's context is "
-                            f"{context_length}, leaving no room for the response (--truncate leaves such "
-                            f"records out)")
-        if len(ids) - 1 > context_length:
-            if not truncate:
-                raise DataError(f"{where} is {len(ids) - 1} tokens (prompt {len(prompt)} + response "
-                                f"{len(response)}), longer than the model's context of {context_length}; pass "
-                                f"--truncate to cut the end of such responses")
-            ids = ids[:context_length + 1]
-        examples.append((ids, len(prompt)))
+        ids = fit_to_context(prompt, response, eot, context_length, truncate, record.get("_where", "a record"))
+        examples.append(None if ids is None else (ids, len(prompt)))
     return examples
+
+
+def fit_to_context(prompt: list[int], response: list[int], eot: int, context_length: int, truncate: bool,
+                   where: str, what: str = "response") -> list[int] | None:
+    """prompt + response + end-of-text as one row of at most context_length + 1 ids (T inputs, T shifted targets).
+
+    Longer: a DataError naming ``where``, or with ``truncate`` the response's
+    tail is cut. A prompt that fills the context alone leaves no room for the
+    response: a DataError, or with ``truncate`` None (the record is left out).
+    ``what`` names the response in the messages (DPO: "chosen response").
+    """
+    ids = prompt + response + [eot]
+    if len(prompt) >= context_length:
+        if truncate:
+            return None
+        raise DataError(f"{where}: the prompt alone is {len(prompt)} tokens; the model's context is "
+                        f"{context_length}, leaving no room for the {what} (--truncate leaves such "
+                        f"records out)")
+    if len(ids) - 1 > context_length:
+        if not truncate:
+            raise DataError(f"{where} is {len(ids) - 1} tokens (prompt {len(prompt)} + {what} "
+                            f"{len(response)}), longer than the model's context of {context_length}; pass "
+                            f"--truncate to cut the end of such responses")
+        ids = ids[:context_length + 1]
+    return ids
 
 
 def collate_instructions(examples, pad_id: int, mask_prompt: bool = False, ignore_index: int = IGNORE_INDEX):

@@ -7,7 +7,8 @@ import pytest
 
 from minillm.finetune.classify import encode_texts
 from minillm.finetune.data import DataError, EpochBatches, balance, read_labelled, read_records, split_indices
-from minillm.finetune.sft import instruction_examples
+from minillm.finetune.dpo import preference_examples
+from minillm.finetune.sft import format_prompt, instruction_examples
 from minillm.tokenizer import BPETokenizer
 
 
@@ -70,6 +71,25 @@ def test_texts_longer_than_the_context_stop_unless_truncated(tmp_path):
     assert instruction_examples(tok, huge_prompt, 200, truncate=True) == [None]   # no room for a response: left out
     with pytest.raises(DataError, match="the prompt alone is"):
         instruction_examples(tok, huge_prompt, 200, truncate=False)
+
+
+def test_preference_pairs_fit_the_context_by_the_same_rule():
+    """DPO: each response is fitted like an SFT one; the message names which response is too long."""
+    tok = _tokenizer()
+    pair = [{"instruction": "i", "chosen": "short", "rejected": "r" * 400, "_where": "rec 3"}]
+    with pytest.raises(DataError, match=r"rec 3 is \d+ tokens \(prompt \d+ \+ rejected response 400\), longer "
+                                        r"than the model's context of 200"):
+        preference_examples(tok, pair, 200, truncate=False)
+    (chosen, rejected, prompt_length), = preference_examples(tok, pair, 200, truncate=True)
+    prompt = tok.encode(format_prompt("i", ""), allowed_special="none")   # bytes: one id per character
+    assert prompt_length == len(prompt)
+    assert chosen == prompt + list(b"short") + [256]                       # fits: whole, ended by <|endoftext|>
+    assert rejected == (prompt + list(b"r" * 400))[:201]                  # cut to 200 inputs + 200 targets
+    huge_prompt = [{"instruction": "i" * 300, "chosen": "a", "rejected": "b"}]
+    assert preference_examples(tok, huge_prompt, 200, truncate=True) == [None]
+    with pytest.raises(DataError, match=r"a record: the prompt alone is \d+ tokens; the model's context is 200, "
+                                        r"leaving no room for the chosen response"):
+        preference_examples(tok, huge_prompt, 200, truncate=False)
 
 
 def test_balance_undersamples_to_the_smallest_class_seeded():
