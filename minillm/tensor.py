@@ -405,28 +405,36 @@ def _topological_order(root: Function) -> list[Function]:
     """Functions reachable from ``root``, each after every function that consumes it.
 
     Iterative depth-first search (post-order), then reversed: no recursion limit.
+    Each stack entry is a function and an iterator over its inputs, so every
+    edge is looked at once; a function is finished when its iterator runs out.
     """
+    _check_not_freed(root)
     order: list[Function] = []
-    visited: set[int] = {id(root)}
-    stack: list[tuple[Function, int]] = [(root, 0)]
+    visited: set[Function] = {root}
+    stack: list[tuple[Function, Iterator[Tensor]]] = [(root, iter(root.inputs))]
     while stack:
-        fn, i = stack.pop()
-        if fn.freed:
-            raise RuntimeError(
-                "backward() through a graph that was already freed: a previous backward() "
-                "released its saved arrays. Call backward(retain_graph=True) the first time "
-                "if you need to go through it twice."
-            )
-        if i < len(fn.inputs):
-            stack.append((fn, i + 1))
-            parent = fn.inputs[i]._ctx
-            if parent is not None and id(parent) not in visited:
-                visited.add(id(parent))
-                stack.append((parent, 0))
-        else:
+        fn, inputs = stack[-1]
+        for tensor in inputs:
+            parent = tensor._ctx
+            if parent is not None and parent not in visited:
+                _check_not_freed(parent)
+                visited.add(parent)
+                stack.append((parent, iter(parent.inputs)))
+                break                        # go down first; this iterator resumes later
+        else:                                # every input done: fn comes after its consumers
+            stack.pop()
             order.append(fn)
     order.reverse()
     return order
+
+
+def _check_not_freed(fn: Function) -> None:
+    if fn.freed:
+        raise RuntimeError(
+            "backward() through a graph that was already freed: a previous backward() "
+            "released its saved arrays. Call backward(retain_graph=True) the first time "
+            "if you need to go through it twice."
+        )
 
 
 def _hooked_leaf_edges(order: list[Function]) -> dict[int, int]:
@@ -507,9 +515,9 @@ def _dense(g):
 def _run_backward(root: Function, grad, retain_graph: bool) -> None:
     order = _topological_order(root)
     pending = _hooked_leaf_edges(order)       # usually empty: then the walk below is unchanged
-    grads: dict[int, Any] = {id(root): grad}
+    grads: dict[Function, Any] = {root: grad}  # gradient w.r.t. each function's output, summed so far
     for fn in order:
-        grad_out = grads.pop(id(fn), None)
+        grad_out = grads.pop(fn, None)
         if grad_out is None:  # no gradient reached this node
             if pending:
                 _count_down_hooked_leaves(fn, pending)
@@ -518,14 +526,15 @@ def _run_backward(root: Function, grad, retain_graph: bool) -> None:
         grad_ins = fn.backward(grad_out)
         if not isinstance(grad_ins, tuple):
             grad_ins = (grad_ins,)
-        if len(grad_ins) != len(fn.inputs):
-            raise RuntimeError(f"{fn.name}.backward returned {len(grad_ins)} gradients for {len(fn.inputs)} inputs")
-        for tensor, g in zip(fn.inputs, grad_ins):
+        inputs = fn.inputs
+        if len(grad_ins) != len(inputs):
+            raise RuntimeError(f"{fn.name}.backward returned {len(grad_ins)} gradients for {len(inputs)} inputs")
+        for tensor, g in zip(inputs, grad_ins):
             if g is None or not tensor.requires_grad:
                 continue
             if isinstance(g, np.generic):
                 g = np.asarray(g)
-            if g.shape != tensor.shape:
+            if g.shape != tensor.data.shape:
                 raise RuntimeError(
                     f"{fn.name}.backward produced a gradient of shape {g.shape} "
                     f"for an input of shape {tensor.shape}"
@@ -534,9 +543,8 @@ def _run_backward(root: Function, grad, retain_graph: bool) -> None:
             if parent is None:
                 _accumulate_leaf(tensor, _dense(g), grad_out)
             else:
-                key = id(parent)
-                previous = grads.get(key)
-                grads[key] = g if previous is None else _add_gradients(previous, g)
+                previous = grads.get(parent)
+                grads[parent] = g if previous is None else _add_gradients(previous, g)
         if pending:
             _count_down_hooked_leaves(fn, pending)
         if not retain_graph:
