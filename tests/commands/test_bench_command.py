@@ -5,19 +5,9 @@ import re
 
 import pytest
 
+from cli_helpers import run, usage_error
+
 from minillm.cli import main
-
-
-def run(argv):
-    return main([str(a) for a in argv])
-
-
-def usage_error(argv, capsys):
-    """argparse rejects ``argv``: exit code 2; returns the message."""
-    with pytest.raises(SystemExit) as exit_info:
-        run(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 def test_bench_ops_layer_norm_smoke(capsys):

@@ -42,13 +42,6 @@ def python_minillm(*args):
     return [sys.executable, "-m", "minillm", *map(str, args)], env
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
-    return path
-
-
 # ------------------------------------------------------------------ broken pipes
 
 

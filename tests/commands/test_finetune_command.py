@@ -8,16 +8,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune"))
+from cli_helpers import run  # noqa: E402
 from finetune_helpers import make_base_run, write_instructions, write_spam_like  # noqa: E402
 
-from minillm.cli import main  # noqa: E402
 from minillm.finetune import load_finetuned  # noqa: E402
 from minillm.finetune.sft import respond  # noqa: E402
 from minillm.train import read_metrics  # noqa: E402
-
-
-def run(argv):
-    return main([str(a) for a in argv])
 
 
 def failed(argv, capsys, code=2):

@@ -10,13 +10,6 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16",
         "--tokenizer", "bytes", "--steps", "4", "--eval-interval", "2", "--samples", "0"]
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
-    return path
-
-
 def test_train_twice_then_plot(tmp_path, text_file, capsys):
     pytest.importorskip("matplotlib")
     for name, lr in (("a", "1e-3"), ("b", "3e-3")):

@@ -4,29 +4,11 @@ import json
 
 import pytest
 
-from minillm.cli import main
+from cli_helpers import run, usage_error
+
 from minillm.train import load_checkpoint, read_metrics
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16", "--batch-size", "2", "--quiet"]
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
-    return path
-
-
-def run(argv):
-    return main([str(a) for a in argv])
-
-
-def usage_error(argv, capsys):
-    """argparse rejects ``argv``: exit code 2; returns the message."""
-    with pytest.raises(SystemExit) as exit_info:
-        run(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

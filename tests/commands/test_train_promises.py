@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run as run_cli
+
 import minillm
-from minillm.cli import main
 from minillm.train import load_checkpoint, read_metrics
 
 ROOT = Path(minillm.__file__).resolve().parents[1]
@@ -45,13 +46,6 @@ sys.exit(main(argv))
 """
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("To be, or not to be, that is the question.\n" * 40, encoding="utf-8")
-    return path
-
-
 def start(command, cwd):
     """The command in a child Python; its stdout goes to cwd/stdout.txt (unbuffered, readable while it runs)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -83,9 +77,9 @@ def finish(process, timeout):
         pytest.fail(f"the process was still running {timeout} s after Ctrl-C")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_with_status_130(tmp_path, corpus):
+def test_ctrl_c_saves_a_checkpoint_and_exits_with_status_130(tmp_path, text_file):
     run = tmp_path / "run"
-    process = start(["-m", "minillm", "train", "--data", str(corpus), *TINY, "--steps", "1000000",
+    process = start(["-m", "minillm", "train", "--data", str(text_file), *TINY, "--steps", "1000000",
                      "--checkpoint-interval", "0", "--out", str(run)], tmp_path)
     wait_until(lambda: read_metrics(run, "train"), process, "the first step was logged")
     process.send_signal(signal.SIGINT)
@@ -98,12 +92,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_status_130(tmp_path, corpus):
     assert f"stopped at step {steps[-1]}; continue with: minillm train --resume {run}" in err
 
 
-def test_second_ctrl_c_stops_at_once(tmp_path, corpus):
+def test_second_ctrl_c_stops_at_once(tmp_path, text_file):
     """The first Ctrl-C lets the step in flight finish; a second one must not wait for it (here
     it would take 60 s), nor save: the process ends at once with status 130, the checkpoint of
     step 1 intact."""
     run, marker = tmp_path / "run", tmp_path / "in-step-2"
-    process = start(["-c", SLOW_STEP_SCRIPT, str(marker), "60", "train", "--data", str(corpus), *TINY,
+    process = start(["-c", SLOW_STEP_SCRIPT, str(marker), "60", "train", "--data", str(text_file), *TINY,
                      "--steps", "10", "--checkpoint-interval", "1", "--out", str(run)], tmp_path)
     wait_until(marker.exists, process, "step 2 began")
     process.send_signal(signal.SIGINT)
@@ -119,21 +113,17 @@ def test_second_ctrl_c_stops_at_once(tmp_path, corpus):
     assert load_checkpoint(run).step == 1
 
 
-def run_cli(argv):
-    return main([str(a) for a in argv])
-
-
-def test_resume_refuses_other_data_and_names_the_option(tmp_path, corpus, capsys):
+def test_resume_refuses_other_data_and_names_the_option(tmp_path, text_file, capsys):
     other = tmp_path / "other.txt"
     other.write_text("Now is the winter of our discontent.\n" * 40, encoding="utf-8")
     run = tmp_path / "run"
-    assert run_cli(["train", "--data", corpus, *TINY, "--steps", "2", "--out", run]) == 0
+    assert run_cli(["train", "--data", text_file, *TINY, "--steps", "2", "--out", run]) == 0
     capsys.readouterr()
     assert run_cli(["train", "--resume", run, "--data", other, "--steps", "4"]) == 2
     err = capsys.readouterr().err
-    assert f"cannot change --data when resuming {run}: the run used {[str(corpus)]!r}" in err
+    assert f"cannot change --data when resuming {run}: the run used {[str(text_file)]!r}" in err
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2] and load_checkpoint(run).step == 2
     # the same --data again is no change
-    assert run_cli(["train", "--resume", run, "--data", corpus, "--steps", "3", "--quiet"]) == 0
+    assert run_cli(["train", "--resume", run, "--data", text_file, "--steps", "3", "--quiet"]) == 0
     assert "resuming" in capsys.readouterr().err
     assert load_checkpoint(run).step == 3
