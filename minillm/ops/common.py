@@ -122,9 +122,11 @@ def elementwise_in_threads(work, arrays, *args) -> None:
     run over contiguous pieces of the flattened arrays: one piece per CPU thread
     (``run_parallel``), each piece in blocks of ``CPU_BLOCK_ELEMENTS``, all the
     passes of a block while it is in cache. ``work`` must treat every element on
-    its own (no reductions). A single call for non-contiguous or GPU arrays.
+    its own (no reductions). A single call for GPU arrays, non-contiguous ones, or
+    at most one block (most parameters of a small model: no slicing per call).
     """
-    if not isinstance(arrays[0], np.ndarray) or not all(a.flags.c_contiguous for a in arrays):
+    if (not isinstance(arrays[0], np.ndarray) or arrays[0].size <= CPU_BLOCK_ELEMENTS
+            or not all(a.flags.c_contiguous for a in arrays)):
         work(*arrays, *args)
         return
     flat = [a.reshape(-1) for a in arrays]
