@@ -72,13 +72,15 @@ class Module:
                 if registry is not target:
                     registry.pop(name, None)
             self.__dict__.pop(name, None)
-        if target is None:
-            object.__setattr__(self, name, value)
-        else:
+        if target is not None:
             target[name] = value  # a re-assigned name keeps its place in the order
+        # registered values are plain attributes too: ``self.fc`` in a forward is an ordinary
+        # lookup (no __getattr__ call per access); the registries give the order and the names
+        object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        # only called when normal lookup fails: parameters and submodules live in the registries
+        # only called when normal lookup fails (a name that was never assigned, or put
+        # into a registry by hand): parameters and submodules live in the registries
         registries = self.__dict__
         if name in registries.get("_parameters", ()):
             return registries["_parameters"][name]
@@ -87,12 +89,9 @@ class Module:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name: str) -> None:
-        if name in self._parameters:
-            del self._parameters[name]
-        elif name in self._modules:
-            del self._modules[name]
-        else:
-            object.__delattr__(self, name)
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
 
     def add_module(self, name: str, module: "Module") -> None:
         """Register ``module`` under ``name`` (for names that are not identifiers, like "0")."""
