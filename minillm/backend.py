@@ -91,12 +91,10 @@ def device_of(array) -> str:
     """The device an array lives on."""
     if type(array) is np.ndarray:  # the usual case first: the engine asks for every op's inputs
         return "cpu"
-    if isinstance(array, np.ndarray) or np.isscalar(array):
-        return "cpu"
     dev = getattr(array, "device", None)
-    if dev is not None and hasattr(dev, "id"):
+    if dev is not None and hasattr(dev, "id"):  # a CuPy array (NumPy's .device is the string "cpu")
         return f"cuda:{dev.id}"
-    return "cpu"
+    return "cpu"                                # NumPy scalars, Python numbers, ndarray subclasses
 
 
 def array_module(x):
@@ -115,7 +113,18 @@ def device_context(device: str):
     """Context in which new arrays land on ``device`` (a no-op for the CPU)."""
     if device == "cpu":
         return contextlib.nullcontext()
-    return _import_cupy().cuda.Device(int(parse_device(device)[5:]))
+    index = _checked_device_index.get(device)
+    if index is None:
+        normalised = parse_device(device)
+        index = int(normalised[5:])
+        if normalised == device:  # "cuda" (the current GPU, which can change) is never cached
+            _checked_device_index[device] = index
+    return _import_cupy().cuda.Device(index)
+
+
+# "cuda:N" -> N for the device strings parse_device has checked: ops run in a device_context
+# on the GPU, and parsing (a CUDA runtime call to count the GPUs) once per op call is host time
+_checked_device_index: dict[str, int] = {}
 
 
 def to_device(array, device: str):
