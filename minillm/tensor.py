@@ -493,11 +493,21 @@ class IndexedGradient:
             out = xp.zeros(self.shape, dtype=first_values.dtype)
         else:
             out = xp.zeros(tuple(self.shape[a] for a in self.axes), dtype=first_values.dtype)
-            out = out.transpose(tuple(int(i) for i in np.argsort(self.axes)))
+            out = out.transpose(inverse_permutation(self.axes))
         out[first_index] = first_values
         for index, values in self.parts[1:]:
             out[index] += values
         return out
+
+
+def inverse_permutation(axes: Sequence[int]) -> tuple[int, ...]:
+    """The axes that undo ``transpose(axes)``: ``p`` with ``p[axes[i]] = i`` (``np.argsort(axes)``
+    without making an array: this runs in the backward of every transpose).
+
+    >>> inverse_permutation((2, 0, 1))
+    (1, 2, 0)
+    """
+    return tuple(sorted(range(len(axes)), key=axes.__getitem__))
 
 
 def _add_gradients(previous, g):

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..backend import array_module
-from ..tensor import Function, IndexedGradient, Tensor
+from ..tensor import Function, IndexedGradient, Tensor, inverse_permutation
 from .common import unbroadcast
 
 
@@ -54,7 +54,7 @@ class Transpose(Function):
         return x.transpose(self.axes)
 
     def backward(self, grad):
-        return (grad.transpose(tuple(np.argsort(self.axes))),)
+        return (grad.transpose(inverse_permutation(self.axes)),)
 
 
 def _to_index(index):
