@@ -75,6 +75,21 @@ def test_reassignment_replaces_and_plain_values_unregister():
         model.fc
 
 
+def test_deleting_or_retyping_a_name_keeps_attribute_and_registries_in_step():
+    # registered values are also plain attributes (fast lookup): both must change together
+    model = Tiny()
+    del model.scale
+    assert not hasattr(model, "scale") and "scale" not in dict(model.named_parameters())
+    model.scale = nn.Linear(3, 3)                  # a parameter's name reused for a submodule
+    assert "scale" not in model._parameters and model._modules["scale"] is model.scale
+    assert [n for n, _ in model.named_children()] == ["fc", "out", "scale"]
+    model.scale = nn.Parameter(np.ones(3, dtype=np.float32))   # and back to a parameter
+    assert "scale" not in model._modules and model._parameters["scale"] is model.scale
+    assert list(model.state_dict())[0] == "scale"  # a module's own parameters come first
+    with pytest.raises(AttributeError):
+        del model.never_assigned
+
+
 def test_shared_parameter_is_listed_once():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     model[1].weight = model[0].weight
