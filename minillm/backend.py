@@ -101,6 +101,8 @@ def array_module(x):
     """numpy or cupy, whichever owns ``x`` (micrograd-style code stays backend-free)."""
     if isinstance(x, np.ndarray) or _cupy in (None, False):
         return np
+    if type(x) is _cupy.ndarray:  # most calls (every op asks): skip CuPy's general lookup
+        return _cupy
     return _cupy.get_array_module(x)
 
 
