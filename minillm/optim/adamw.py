@@ -37,6 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import backend
+from ..kernels.optim import adamw_update_
 from ..ops.common import elementwise_in_threads
 from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
@@ -84,8 +85,6 @@ class AdamW(Optimizer):
                     self._update_cpu(p.data, grad, state["exp_avg"], state["exp_avg_sq"],
                                      beta1, beta2, step_size, eps_hat, decay)
                 else:
-                    from ..kernels.optim import adamw_update_  # noqa: PLC0415 (CuPy only)
-
                     with backend.device_context(backend.device_of(p.data)):
                         adamw_update_(p.data, grad, state["exp_avg"], state["exp_avg_sq"],
                                       beta1, beta2, step_size, eps_hat, decay)
