@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
+from ..backend import array_module
+
 # Device helpers shared by the row kernels (softmax, cross-entropy, layer norm).
 ROW_HELPERS_SOURCE = r"""
 template <typename T> __device__ T minus_infinity();
@@ -81,10 +85,6 @@ ROW_KERNEL_TYPES = {"float32": "float", "float64": "double"}
 def fusable(*arrays) -> bool:
     """True when every array is a CuPy array of float32 or float64, the dtypes the row
     kernels are compiled for (NumPy arrays and other dtypes take the array path)."""
-    import numpy as np  # noqa: PLC0415
-
-    from ..backend import array_module  # noqa: PLC0415
-
     return all(
         not isinstance(a, np.ndarray) and array_module(a) is not np and a.dtype.name in ROW_KERNEL_TYPES
         for a in arrays
