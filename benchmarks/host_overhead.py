@@ -10,6 +10,10 @@ per-parameter loop.
 
     python benchmarks/host_overhead.py                 # 200 timed reps, then a profile
     python benchmarks/host_overhead.py --reps 500 --profile-top 30
+    PYTHONPATH=. python benchmarks/host_overhead.py --device cuda   # on a GPU machine
+
+On a GPU the arrays are as tiny, so the GPU idles and each phase's time (up to
+a synchronize at its end) is the host's: Python plus CuPy's kernel launches.
 
 Printed: the number of op calls (forward ``Function.apply`` calls, backward
 nodes), the median time of the forward, the backward and the AdamW step, each
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import minillm  # noqa: E402
-from minillm import optim, tensor  # noqa: E402
+from minillm import backend, optim, tensor  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 
 
@@ -42,13 +46,13 @@ def build(args):
     minillm.manual_seed(0)
     config = GPTConfig.from_preset("gpt2-124m", d_model=args.d_model, n_head=args.n_head,
                                    context_length=args.context, vocab_size=args.vocab_size)
-    model = GPT(config)
+    model = GPT(config).to(args.device)
     groups = optim.weight_decay_groups(model.named_parameters(), 0.1)
     optimizer = optim.AdamW(groups, lr=1e-4)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, size=(args.batch_size, args.context))
     targets = rng.integers(0, config.vocab_size, size=(args.batch_size, args.context))
-    return model, optimizer, ids, targets
+    return model, optimizer, backend.to_device(ids, args.device), backend.to_device(targets, args.device)
 
 
 def forward(model, ids, targets):
@@ -82,10 +86,15 @@ def count_ops(model, optimizer, ids, targets) -> tuple[int, int, int]:
     return calls, nodes, updated
 
 
-def time_phases(model, optimizer, ids, targets, reps: int) -> dict[str, list[float]]:
-    """Seconds of each phase, per rep: forward, backward, optimizer step (zero_grad untimed)."""
+def time_phases(model, optimizer, ids, targets, reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each phase, per rep: forward, backward, optimizer step (zero_grad untimed).
+    Each phase ends with a synchronize (a no-op on the CPU)."""
     times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
-    clock = time.perf_counter
+
+    def clock():
+        backend.synchronize(device)
+        return time.perf_counter()
+
     for _ in range(reps):
         t0 = clock()
         loss = forward(model, ids, targets)
@@ -124,16 +133,18 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=8, help="sequence length T")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step")
     parser.add_argument("--vocab-size", type=int, default=64, help="vocabulary size")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
+    args.device = backend.parse_device(args.device)
 
     model, optimizer, ids, targets = build(args)
     n_forward, n_backward, n_params = count_ops(model, optimizer, ids, targets)
-    time_phases(model, optimizer, ids, targets, args.warmup)
-    times = time_phases(model, optimizer, ids, targets, args.reps)
+    time_phases(model, optimizer, ids, targets, args.warmup, args.device)
+    times = time_phases(model, optimizer, ids, targets, args.reps, args.device)
     median = {phase: statistics.median(values) for phase, values in times.items()}
 
     print(f"gpt2-124m graph, tiny dims (d_model {args.d_model}, {args.n_head} heads, T {args.context}, "
-          f"B {args.batch_size}, vocab {args.vocab_size}); median of {args.reps} reps")
+          f"B {args.batch_size}, vocab {args.vocab_size}) on {args.device}; median of {args.reps} reps")
     print(f"{'phase':<10} {'count':>6} {'ms':>8} {'µs each':>9}")
     rows = [("forward", n_forward, "op calls"), ("backward", n_backward, "nodes"),
             ("optimizer", n_params, "parameters")]
