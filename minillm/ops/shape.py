@@ -118,6 +118,7 @@ def scatter_add(target, index, values) -> None:
     xp = array_module(target)
     if (xp is np and getattr(index, "ndim", 0) == 1 and values.ndim == target.ndim >= 2
             and index.size >= 4 * target.shape[0] and index.dtype.kind in "iu"):
+        index = np.where(index < 0, index + target.shape[0], index)               # -1 and n - 1: one row
         order = np.argsort(index, kind="stable")
         ids = index[order]
         starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))    # first row of each id

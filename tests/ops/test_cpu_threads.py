@@ -122,7 +122,7 @@ def test_large_adds_and_small_vocabulary_scatter_equal_numpy():
     a, b = (rng.standard_normal((2048, 384), dtype=np.float32) for _ in range(2))
     np.testing.assert_array_equal(common.cpu_add(a, b), a + b)
     np.testing.assert_array_equal(common.cpu_add(a.T, b.T), a.T + b.T)            # non-contiguous: one call
-    ids = rng.integers(0, 65, 2048)
+    ids = rng.integers(-65, 65, 2048)                                              # negative ids wrap, as in NumPy
     g = rng.standard_normal((2048, 48))
     table = rng.standard_normal((65, 48))
     expected = table.copy()
