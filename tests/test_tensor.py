@@ -113,6 +113,22 @@ def test_dtype_rules():
     assert a32.grad.dtype == np.float32
 
 
+def test_an_op_records_its_tensor_inputs_and_lifts_the_rest_to_constants():
+    a = mm.Tensor(np.ones(2), requires_grad=True)              # float64
+    b = mm.Tensor(np.ones(2))
+    out = F.add(a, b)                                          # all tensors: recorded as they are
+    assert out._ctx.inputs == (a, b) and out._ctx.needs_input_grad == (True, False)
+    out = F.mul(np.full(2, 3, dtype=np.float32), a)            # a constant array takes a's dtype
+    constant = out._ctx.inputs[0]
+    assert constant is not a and constant.dtype == np.float64 and not constant.requires_grad
+    assert out._ctx.inputs[1] is a and out.tolist() == [3.0, 3.0]
+    with mm.no_grad():
+        out = F.add(a, b)
+    assert out._ctx is None and not out.requires_grad
+    with pytest.raises(TypeError, match="at least one Tensor"):
+        F.add(np.ones(2), 1.0)
+
+
 def test_properties_and_conversions():
     x = mm.Tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
     assert x.shape == (2, 3) and x.ndim == 2 and x.device == "cpu" and x.is_leaf
