@@ -6,10 +6,10 @@ subclass's ``forward`` and ``backward`` is wrapped with a timer, and so are the
 gradient clip and the optimizer step; what is left of the step's wall time is
 the autograd engine and Python glue between the ops. Beside each wall time
 stands the process's CPU time (all threads): on a shared machine it is the
-steadier figure of the work an op does. Inside fused attention
-the softmax passes (elementwise) are timed apart from its matrix products
-(BLAS); they run in threads, so that split is reported as a share of
-thread time.
+steadier figure of the work an op does. Inside fused attention the softmax
+passes (elementwise) are timed apart from its matrix products (BLAS), by the
+CPU time of the threads that run them. The last line sums the CPU time by
+kind of work: BLAS products, elementwise passes, copies, engine and Python.
 
     python benchmarks/profile_cpu_step.py                 # 8 timed steps after 2 warm-up
     python benchmarks/profile_cpu_step.py --steps 20 --batch-size 4
