@@ -81,15 +81,17 @@ def torch_generate(precision: str, batch: int) -> dict:
             "tokens_per_s": batch * NEW / seconds}
 
 
-def minillm_train(precision: str, steps: int) -> dict:
+def minillm_train(precision: str, steps: int, cuda_graph: bool = False) -> dict:
     import cupy
 
     from minillm.bench.train import measure_train_step
     from minillm.models import GPTConfig
 
     cupy.get_default_memory_pool().free_all_blocks()
-    r = measure_train_step(GPTConfig.from_preset("gpt2-124m"), B, 1, "cuda", steps, 2, 0, precision)
-    return {"framework": "minillm", "what": "train", "precision": precision, "tokens_per_s": r["tokens_per_s"],
+    r = measure_train_step(GPTConfig.from_preset("gpt2-124m"), B, 1, "cuda", steps, 2, 0, precision,
+                           cuda_graph=cuda_graph)
+    return {"framework": "minillm" + (" graph" if cuda_graph else ""), "what": "train", "precision": precision,
+            "tokens_per_s": r["tokens_per_s"],
             "peak_gib": r["gpu_peak_in_use_gib"], "mfu": r["mfu"], "peak_tflops": r["peak_tflops"]}
 
 
@@ -108,6 +110,9 @@ def main() -> None:
     parser.add_argument("--skip-minillm", action="store_true", help="only PyTorch / transformers")
     parser.add_argument("--train", default="fp32,tf32,bf16", help="precisions to train (default: fp32,tf32,bf16)")
     parser.add_argument("--generate", default="fp32,bf16", help="precisions to decode (default: fp32,bf16)")
+    parser.add_argument("--cuda-graph", default="both", choices=["off", "on", "both"],
+                        help="minillm training steps uncaptured, as a replayed CUDA graph (--cuda-graph), or both "
+                             "(default: both)")
     args = parser.parse_args()
     out = open(os.path.join(os.environ.get("OUT", "."), "compare.jsonl"), "a")
     rows = []
@@ -128,7 +133,8 @@ def main() -> None:
                 jobs.append(lambda p=p, b=b: torch_generate(p, b))
     for p in filter(None, args.train.split(",")):
         if not args.skip_minillm:
-            jobs.append(lambda p=p: minillm_train(p, args.steps))
+            for graph in {"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graph]:
+                jobs.append(lambda p=p, graph=graph: minillm_train(p, args.steps, graph))
     for p in filter(None, args.generate.split(",")):
         for b in (1, 8):
             if not args.skip_minillm:
@@ -145,14 +151,15 @@ def main() -> None:
             pick = [r for r in rows if r.get("what") == what and r.get("precision") == p
                     and (key is None or r.get("batch") == key)]
             ref = next((r for r in pick if r["framework"] in ("torch", "hf")), None)
-            ours = next((r for r in pick if r["framework"] == "minillm"), None)
-            if ref is None and ours is None:
-                continue
-            fmt = lambda r: "—" if r is None else f"{r['tokens_per_s']:,.0f} tok/s" + (
-                f", {r['peak_gib']:.1f} GiB" if "peak_gib" in r else "")
-            ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref and ours else "—"
-            label = what if key is None else f"{what} batch {key}"
-            print(f"| {label} | {p} | {fmt(ref)} | {fmt(ours)} | {ratio} |")
+            for ours in [r for r in pick if r["framework"].startswith("minillm")] or [None]:
+                if ref is None and ours is None:
+                    continue
+                fmt = lambda r: "—" if r is None else f"{r['tokens_per_s']:,.0f} tok/s" + (
+                    f", {r['peak_gib']:.1f} GiB" if "peak_gib" in r else "")
+                ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref and ours else "—"
+                label = (what if key is None else f"{what} batch {key}") + (
+                    " (CUDA graph)" if ours and ours["framework"].endswith("graph") else "")
+                print(f"| {label} | {p} | {fmt(ref)} | {fmt(ours)} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,26 @@ def to_numpy(array) -> np.ndarray:
     return _cupy.asnumpy(array)
 
 
+_capturing = False
+
+
+@contextlib.contextmanager
+def capture_mode():
+    """While a CUDA graph is being captured (``minillm.train.graph_step``): ops skip the
+    checks that read a value back to the host (a capture records kernels, it runs none)."""
+    global _capturing
+    previous, _capturing = _capturing, True
+    try:
+        yield
+    finally:
+        _capturing = previous
+
+
+def capturing() -> bool:
+    """True inside ``capture_mode()``: no host syncs (the caller checks its inputs on the host)."""
+    return _capturing
+
+
 def synchronize(device: str = "cuda") -> None:
     """Wait for the GPU to finish queued work (for timing); a no-op on the CPU."""
     if device != "cpu" and cuda_available():

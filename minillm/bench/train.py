@@ -42,7 +42,7 @@ def gpu_peak_tflops(device: str, precision: str):
 
 def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device: str = "cpu", steps: int = 10,
                        warmup: int = 2, seed: int = 0, precision: str = "fp32", mesh_shape=None,
-                       schedule: str = "1f1b", timeline: bool = False) -> dict:
+                       schedule: str = "1f1b", timeline: bool = False, cuda_graph: bool = False) -> dict:
     """Time ``steps`` full training steps (forward, backward, clip, AdamW) on random tokens, after
     ``warmup`` untimed ones, in ``precision`` (fp32, tf32, bf16, fp16); returns tokens/s, ms per
     step, peak memory and, on a GPU, MFU as a dict.
@@ -51,13 +51,17 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     step runs on the (pp, dp, tp) mesh (``ParallelTrainer``), ``batch_size`` is the global
     batch, tokens/s counts the whole job's tokens and every rank's peak memory is listed.
     With pp > 1, ``schedule`` is the pipeline's; ``timeline`` runs one more (untimed) step
-    recording every stage's actions: ``result["timeline"]`` lists each rank's events."""
+    recording every stage's actions: ``result["timeline"]`` lists each rank's events.
+    ``cuda_graph``: the forward and backward replayed as a captured CUDA graph (the first warmup
+    step runs uncaptured, the second captures); peak memory then includes the graph's own pool."""
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
     from ..models import GPT  # noqa: PLC0415
     from ..train import TrainConfig, Trainer  # noqa: PLC0415
 
     device = backend.parse_device(device)
+    if cuda_graph:
+        warmup = max(warmup, 2)          # one eager step, then the one that captures the graph
     rss_before = peak_rss_bytes()
     manual_seed(seed)
     T, B = config.context_length, batch_size
@@ -71,7 +75,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     model = GPT(config)
     parameters = model.num_parameters()
     train_cfg = TrainConfig(steps=warmup + steps + 1, batch_size=B, grad_accum=grad_accum, warmup=0, device=device,
-                            progress=False, precision=precision)
+                            progress=False, precision=precision, cuda_graph=cuda_graph)
     if mesh is None:
         trainer = Trainer(model, train_cfg, dataset)
     else:
@@ -97,14 +101,16 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     result = {
         "config": config.to_dict(), "batch_size": B, "grad_accum": grad_accum, "device": device,
         "dtype": str(backend.get_default_dtype()), "precision": precision, "parameters": parameters,
+        "cuda_graph": cuda_graph,
         "steps": steps, "warmup": warmup, "tokens_per_s": tokens_per_step * steps / total,
         "ms_per_step_mean": 1000 * total / steps, "ms_per_step_min": 1000 * min(times),
         "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_model_mib": rss_before / 2**20,
         "threads_hint": os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default",
     }
     if pool is not None:
-        result["gpu_pool_peak_gib"] = pool.total_bytes() / 2**30  # the pool keeps freed blocks: its size is the peak
-        result["gpu_peak_in_use_gib"] = _gpu_peak_in_use(trainer, pool) / 2**30
+        graph = trainer.graph_memory_bytes() if hasattr(trainer, "graph_memory_bytes") else 0   # the graph's own pool
+        result["gpu_pool_peak_gib"] = (pool.total_bytes() + graph) / 2**30  # pools keep freed blocks: their size is the peak
+        result["gpu_peak_in_use_gib"] = (_gpu_peak_in_use(trainer, pool) + graph) / 2**30
         gpus = 1 if mesh is None else mesh.world.size
         achieved = flops_per_token(config, parameters) * result["tokens_per_s"] / 1e12 / gpus   # per GPU
         name, peak = gpu_peak_tflops(device, precision)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import argtypes
 from ..precision import check_precision
-from .common import (HelpFormatter, add_command, add_config_options, add_device_option, add_json_option,
+from .common import (HelpFormatter, add_command, add_config_options, add_cuda_graph_option, add_device_option,
+                     add_json_option,
                      add_precision_option, add_schedule_option, add_seed_option)
 
 MODEL_SIZES = ("n_layer", "n_head", "d_model", "context_length", "vocab_size")  # over the preset's
@@ -78,6 +79,7 @@ def _register_train(benches) -> None:
                        defaults={"batch_size": 8, "grad_accum": 1, "dropout": 0.0})
     add_device_option(p)
     add_precision_option(p)
+    add_cuda_graph_option(p)
     add_config_options(p, {"steps": 10, "warmup": 2}, defaults={"steps": 10, "warmup": 2},
                        what={"steps": "timed steps", "warmup": "untimed steps first"})
     add_seed_option(p, 0, "seeds the weights and the random tokens (default: 0)")
@@ -125,7 +127,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
         raise ValueError("--timeline draws a pipeline schedule: give --pp 2 or more (under minillm launch)")
     result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
                                 args.seed, args.precision, mesh_shape=shape, schedule=args.schedule,
-                                timeline=bool(args.timeline))
+                                timeline=bool(args.timeline), cuda_graph=bool(args.cuda_graph))
     if result.get("rank", 0) != 0:
         return 0                                  # one report, from rank 0
     if args.json:
@@ -134,6 +136,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     c, B = config, args.batch_size
     print(f"train step: {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, context {c.context_length}, "
           f"vocab {c.vocab_size}, batch {B} x {args.grad_accum}, {result['precision']}, {result['device']}, "
+          f"{'CUDA graph, ' if result['cuda_graph'] else ''}"
           f"{result['parameters']:,} parameters")
     print(f"  {result['tokens_per_s']:,.0f} tokens/s  ({result['ms_per_step_mean']:.1f} ms/step mean, "
           f"{result['ms_per_step_min']:.1f} min, over {args.steps} steps after {args.warmup} warmup)")

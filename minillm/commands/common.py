@@ -47,6 +47,13 @@ def add_precision_option(parser, default: str | None = "fp32") -> None:
                              "in float32; fp16 with loss scaling). GPU only, except fp32 (default: fp32)")
 
 
+def add_cuda_graph_option(parser) -> None:
+    parser.add_argument("--cuda-graph", action="store_true", default=None,
+                        help="GPU: capture each step's forward and backward once as a CUDA graph and replay it "
+                             "(the step is then no longer bound by Python's kernel launches; needs --dropout 0 "
+                             "and the same batch shape every step; the first step runs uncaptured)")
+
+
 def add_json_option(parser, what: str = "print one JSON object instead of text") -> None:
     parser.add_argument("--json", action="store_true", help=what)
 

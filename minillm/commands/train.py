@@ -21,8 +21,8 @@ from pathlib import Path
 from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, check_prompts, \
     new_run_directory, prepare_run, print_samples, resolve_run, start_run
 from . import argtypes
-from .common import (add_command, add_config_options, add_device_option, add_precision_option, add_schedule_option,
-                     add_seed_option, given_fields, say)
+from .common import (add_command, add_config_options, add_cuda_graph_option, add_device_option, add_precision_option,
+                     add_schedule_option, add_seed_option, given_fields, say)
 
 ARCHITECTURES = ("gpt2", "llama", "qwen3")
 
@@ -76,6 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
               "checkpoint_interval": "steps between checkpoints, 0 = only at the end"})
     add_device_option(train, default=None)
     add_precision_option(train, default=None)
+    add_cuda_graph_option(train)
     add_seed_option(train, None, "random seed (default: 1337)")
 
     parallel = p.add_argument_group("parallel training (start the processes with minillm launch)")

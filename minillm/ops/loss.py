@@ -134,6 +134,8 @@ def _check_targets(logits: Tensor, targets, ignore_index: int, reduction: str):
     targets = backend.to_device(targets, logits.device)
     num_classes = logits.shape[-1]
     xp = array_module(targets)
+    if backend.capturing():                                         # a CUDA-graph capture checks them on the host
+        return xp.ascontiguousarray(targets)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
     if bad.any():                                                   # one sync on a GPU
         bad_id = int(targets[bad].ravel()[0])

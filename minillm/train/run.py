@@ -49,7 +49,7 @@ DEFAULT_PROMPTS = ["The ", "If the ", "A "]
 
 # options that say where, how long and how verbosely a run goes, not what a step computes:
 # changing them on --resume needs no warning (a new `steps` also stretches the lr schedule)
-SAME_RUN_TRAIN_FIELDS = {"steps", "device", "progress", "eval_interval", "eval_batches", "checkpoint_interval"}
+SAME_RUN_TRAIN_FIELDS = {"steps", "device", "progress", "cuda_graph", "eval_interval", "eval_batches", "checkpoint_interval"}
 
 
 @dataclasses.dataclass

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from .. import backend, optim, precision
 from ..tensor import no_grad
+from . import graph_step
 from .checkpoint import has_checkpoint, load_checkpoint, read_metadata, restore_checkpoint, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -83,6 +84,7 @@ class TrainConfig:
     device: str = "cpu"                # "cpu", "cuda" or "cuda:N"
     progress: bool = True              # show a tqdm bar
     precision: str = "fp32"            # "fp32", "tf32", "bf16" or "fp16" (mixed precision; GPU only but fp32)
+    cuda_graph: bool = False           # GPU: replay each step's forward+backward as one captured CUDA graph
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -102,6 +104,8 @@ class TrainConfig:
         if self.clip is not None and self.clip < 0:
             raise ValueError(f"TrainConfig: clip must be >= 0 or None, got {self.clip!r}")
         precision.check_precision(self.precision, self.device)
+        if self.cuda_graph and backend.parse_device(self.device) == "cpu":
+            raise ValueError("TrainConfig: cuda_graph (--cuda-graph) needs a GPU device; a CPU runs no CUDA graphs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +184,13 @@ class Trainer:
         self.train_seconds = 0.0       # training wall time so far (over resumes too)
         self.last_val_loss: float | None = None
         self._stop_requested = False
+        self._captured = None           # the CUDA graph of forward+backward (config.cuda_graph), made at step 2
+        self._graph_warmed = False      # one eager step first: caches and kernels ready before the capture
+        if config.cuda_graph:
+            if type(self).forward_backward is not Trainer.forward_backward:
+                raise ValueError(f"--cuda-graph works with one GPU and the plain training step, not with "
+                                 f"{type(self).__name__} (--pp/--dp/--tp)")
+            graph_step.check_graph_capturable(self.model)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -222,16 +233,38 @@ class Trainer:
         (Pipeline parallel overrides this and ``clip_gradients``: the rest of the step is the same.)
         """
         cfg = self.config
-        loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = self._to_device(self.data.get_batch("train", cfg.batch_size))
-            with precision.use_precision(cfg.precision):   # fp32: no change; tf32; bf16/fp16 autocast
-                loss = self.loss_fn(self.model, batch)
-                # d(S · loss / grad_accum): gradients add up over micro-batches; S = 1 unless fp16
-                self.scaler.scale(loss).backward(1.0 / cfg.grad_accum)
-            loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
-            self.tokens_seen += batch[0].size
+        batches = [self.data.get_batch("train", cfg.batch_size) for _ in range(cfg.grad_accum)]
+        # backward of S · loss / grad_accum (GradScaler.scale's S: 1 unless fp16): the gradients of
+        # the micro-batches add up in p.grad to the gradient of the mean loss, scaled by S
+        seed = self.scaler.get_scale() / cfg.grad_accum
+        if cfg.cuda_graph and self._graph_warmed:
+            loss_sum = self._replay_forward_backward(batches, seed)
+        else:
+            self._graph_warmed = True
+            loss_sum = 0.0
+            for batch in batches:
+                batch = self._to_device(batch)
+                with precision.use_precision(cfg.precision):   # fp32: no change; tf32; bf16/fp16 autocast
+                    loss = self.loss_fn(self.model, batch)
+                    loss.backward(seed)
+                loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
+        self.tokens_seen += sum(batch[0].size for batch in batches)
         return float(loss_sum) / cfg.grad_accum       # the one host sync of the step
+
+    def _replay_forward_backward(self, batches, seed: float):
+        """The forward and backward as a replayed CUDA graph (captured at the first call)."""
+        batches = graph_step.host_batches(batches)
+        if self._captured is None:
+            vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+            if vocab_size is None:
+                raise ValueError("--cuda-graph needs a model with config.vocab_size (to check token ids on the host)")
+            self._captured = graph_step.CapturedForwardBackward(self.model, self.loss_fn, batches, self.config.precision,
+                                                                vocab_size, self.device)
+        return self._captured.replay(batches, seed)
+
+    def graph_memory_bytes(self) -> int:
+        """GPU bytes held by the captured step's private pool (0 without --cuda-graph)."""
+        return 0 if self._captured is None else self._captured.memory_bytes()
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip by the global gradient norm (``max_norm`` inf: only measure it); the norm before."""
