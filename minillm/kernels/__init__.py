@@ -6,7 +6,7 @@
     norm.py        layer norm                                   (ops/norm.py)
     matmul.py      products through cuBLAS GemmEx (TF32, bf16/fp16 in, fp32 out)  (ops/matmul.py)
     attention.py   mask + softmax rows, the score-matrix path, flash attention   (ops/attention.py)
-    optim.py       fused AdamW, multi-tensor norm and scale     (optim/adamw.py, optim/clip.py)
+    optim.py       fused AdamW (per parameter, multi-tensor), multi-tensor norm and scale  (optim/adamw.py, optim/clip.py)
     generate.py    position-from-device kernels of the CUDA-graph decode step   (generate.py)
 
 Each module keeps its kernel source beside its Python launcher. Kernels compile on

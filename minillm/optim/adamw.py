@@ -22,11 +22,31 @@ Implementation: the two bias corrections are folded into two Python floats,
     step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t),  eps_hat = eps * sqrt(1 - beta2^t)
 
 (multiply numerator and denominator by sqrt(1 - beta2^t)), so the arrays see
-only float32 multiplies. On the CPU the update is 13 in-place NumPy passes (12 without weight decay)
-over the parameter with one shared scratch buffer and no other temporary, made
-block by block (each block in cache for all the passes) by the CPU's threads; on
-the GPU it is one fused CUDA kernel per parameter
-(:func:`minillm.kernels.optim.adamw_update_`).
+only float32 multiplies, and the decay into one, decay = 1 - lr * wd:
+
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g * g
+    p <- decay * p - step_size * m / (sqrt(v) + eps_hat)
+
+The three coefficients depend on the group's hyper-parameters and on t alone,
+so parameters of one group with one step count share them. (Step counts
+differ when a parameter had no gradient at some step: it did not advance.)
+``step`` therefore sorts a group's parameters into buckets by (device, dtype,
+t) (:func:`buckets_by_device_dtype_step`) and updates each bucket with one set
+of coefficients:
+
+* CPU (NumPy) parameters, one at a time: 13 in-place NumPy passes (12
+  without weight decay) over the parameter with one shared scratch buffer and
+  no other temporary, made block by block (each block in cache for all the
+  passes) by the CPU's threads.
+* GPU (CuPy) parameters: one launch of a multi-tensor CUDA kernel for the
+  whole bucket (:func:`minillm.kernels.optim.multi_adamw_`), which reads p, g,
+  m, v once and writes p, m, v once. With one weight-decay group and one
+  without, that is two launches per step instead of one per parameter (~150
+  for GPT-2 small; a launch costs more host time than its arithmetic). A
+  bucket the kernel does not take (a non-contiguous array, or a dtype other
+  than float32/float64) is updated one parameter at a time by the same
+  arithmetic in a per-parameter kernel (:func:`minillm.kernels.optim.adamw_update_`).
 """
 
 from __future__ import annotations
@@ -37,7 +57,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import backend
-from ..kernels.optim import adamw_update_
+from ..kernels.optim import adamw_update_, multi_adamw_, multi_tensor_fusable
 from ..ops.common import elementwise_in_threads
 from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
@@ -68,6 +88,7 @@ class AdamW(Optimizer):
         for group in self.param_groups:
             lr, eps, weight_decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
             beta1, beta2 = (float(b) for b in group["betas"])
+            updates = []  # (t, param, grad, exp_avg, exp_avg_sq) of every parameter with a gradient
             for p, grad in params_with_grad(group):
                 state = self.state.get(id(p))
                 if state is None:
@@ -75,25 +96,55 @@ class AdamW(Optimizer):
                     state = self.state[id(p)] = {
                         "step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
                 state["step"] += 1
-                t = state["step"]
-                bias_correction1 = 1.0 - beta1**t  # Python floats: no float64 array promotion
-                bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
-                step_size = lr * bias_correction2_sqrt / bias_correction1
-                eps_hat = eps * bias_correction2_sqrt
-                decay = 1.0 - lr * weight_decay
-                if isinstance(p.data, np.ndarray):
-                    self._update_cpu(p.data, grad, state["exp_avg"], state["exp_avg_sq"],
-                                     beta1, beta2, step_size, eps_hat, decay)
-                else:
-                    with backend.device_context(backend.device_of(p.data)):
-                        adamw_update_(p.data, grad, state["exp_avg"], state["exp_avg_sq"],
-                                      beta1, beta2, step_size, eps_hat, decay)
+                updates.append((state["step"], p.data, grad, state["exp_avg"], state["exp_avg_sq"]))
+            for (device, _, t), columns in buckets_by_device_dtype_step(updates).items():
+                step_size, eps_hat, decay = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, t)
+                coefficients = (beta1, beta2, step_size, eps_hat, decay)
+                if device == "cpu":
+                    for arrays in zip(*columns):
+                        self._update_cpu(*arrays, *coefficients)
+                    continue
+                with backend.device_context(device):
+                    if multi_tensor_fusable([a for column in columns for a in column]):
+                        multi_adamw_(*columns, *coefficients)  # the whole bucket in one launch
+                    else:
+                        for arrays in zip(*columns):
+                            adamw_update_(*arrays, *coefficients)
 
     def _update_cpu(self, param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, eps_hat, decay) -> None:
         """The AdamW update in place, in NumPy passes over memory (the elementwise cost on a CPU):
         shared out between the CPU's threads, in blocks that stay in cache for all 13 passes."""
         arrays = (param, grad, exp_avg, exp_avg_sq, self.scratch_like(param))
         elementwise_in_threads(_adamw_passes, arrays, beta1, beta2, step_size, eps_hat, decay)
+
+
+def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                       t: int) -> tuple[float, float, float]:
+    """``(step_size, eps_hat, decay)`` of step t (see the module docstring), as Python floats
+    (no float64 array promotion when they meet float32 arrays)."""
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+    return lr * bias_correction2_sqrt / bias_correction1, eps * bias_correction2_sqrt, 1.0 - lr * weight_decay
+
+
+def buckets_by_device_dtype_step(updates) -> dict[tuple[str, Any, int], tuple[list, list, list, list]]:
+    """Sort parameter updates into buckets that share a device, a dtype and a step count.
+
+    ``updates``: ``(t, param, grad, exp_avg, exp_avg_sq)`` tuples of arrays, t
+    the parameter's step count. Returns ``{(device, dtype, t): (params, grads,
+    exp_avgs, exp_avg_sqs)}``, buckets in order of first appearance and each
+    bucket's lists in the order given: one bucket is one set of AdamW
+    coefficients and, on a GPU, one multi-tensor launch. For example
+    ``[(3, a, ...), (2, b, ...), (3, c, ...)]`` with float32 NumPy arrays gives
+    ``{("cpu", float32, 3): ([a, c], ...), ("cpu", float32, 2): ([b], ...)}``.
+    """
+    buckets: dict[tuple[str, Any, int], tuple[list, list, list, list]] = {}
+    for t, *arrays in updates:
+        param = arrays[0]
+        columns = buckets.setdefault((backend.device_of(param), param.dtype, t), ([], [], [], []))
+        for column, array in zip(columns, arrays):
+            column.append(array)
+    return buckets
 
 
 def _adamw_passes(param, grad, exp_avg, exp_avg_sq, scratch, beta1, beta2, step_size, eps_hat, decay) -> None:

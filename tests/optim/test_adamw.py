@@ -221,3 +221,157 @@ def test_weight_decay_groups_drops_an_empty_group():
     bias = mm.Tensor(np.zeros(3, np.float32), requires_grad=True)
     groups = optim.weight_decay_groups([("fc.bias", bias)], 0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
+# ------------------------------------------------------------ one launch per bucket (multi-tensor AdamW)
+
+AWKWARD_SHAPES = [(1,), (65_535,), (65_536,), (65_537,), (3, 5), (0,)]  # around the 65,536-element chunk
+
+
+def test_buckets_by_device_dtype_step():
+    from minillm.optim.adamw import buckets_by_device_dtype_step
+
+    def four(n, dtype):
+        return tuple(np.zeros(n, dtype) for _ in range(4))
+
+    a, b, c, d = four(3, np.float32), four(2, np.float32), four(5, np.float32), four(4, np.float64)
+    buckets = buckets_by_device_dtype_step([(3, *a), (2, *b), (3, *c), (3, *d)])
+    assert list(buckets) == [("cpu", np.dtype(np.float32), 3), ("cpu", np.dtype(np.float32), 2),
+                             ("cpu", np.dtype(np.float64), 3)]
+    for key, members in zip(buckets, ([a, c], [b], [d])):
+        columns = buckets[key]
+        assert len(columns) == 4  # params, grads, exp_avgs, exp_avg_sqs
+        for k, column in enumerate(columns):
+            assert [id(x) for x in column] == [id(m[k]) for m in members]  # the arrays themselves, in order
+    assert buckets_by_device_dtype_step([]) == {}
+
+
+def test_multi_tensor_table_layout():
+    """The chunk map, worked by hand for CHUNK = 65,536 (objects with .size and .data.ptr stand in for CuPy arrays)."""
+    from types import SimpleNamespace
+
+    from minillm.kernels import optim as kernels
+
+    def fake(ptr, size):
+        return SimpleNamespace(size=size, data=SimpleNamespace(ptr=ptr))
+
+    sizes = [1, 65_536, 65_537, 0, 15, 131_073]
+    params = [fake(1000 + i, n) for i, n in enumerate(sizes)]
+    grads = [fake(2000 + i, n) for i, n in enumerate(sizes)]
+    table, n_chunks = kernels._multi_tensor_table([params, grads])
+    assert n_chunks == 1 + 1 + 2 + 0 + 1 + 3
+    n = len(sizes)
+    assert table.dtype == np.int64 and len(table) == 2 * n + n + 2 * n_chunks
+    assert list(table[:n]) == [1000 + i for i in range(n)]
+    assert list(table[n:2 * n]) == [2000 + i for i in range(n)]
+    assert list(table[2 * n:3 * n]) == sizes
+    assert list(table[3 * n:3 * n + n_chunks]) == [0, 1, 2, 2, 4, 5, 5, 5]          # chunk's tensor
+    assert list(table[3 * n + n_chunks:]) == [0, 0, 0, 65_536, 0, 0, 65_536, 131_072]  # chunk's start
+    with pytest.raises(ValueError, match="one size"):  # a grad that does not fit its parameter
+        kernels._multi_tensor_table([params, grads[:-1] + [fake(0, 7)]])
+    with pytest.raises(ValueError, match="one size"):
+        kernels._multi_tensor_table([params, grads[:-1]])
+
+
+def test_buckets_of_awkward_sizes_and_a_missed_step_match_reference(device, monkeypatch):
+    """Two groups (decay, no decay) of awkward sizes, one parameter without a gradient at step 2 (so
+    its t lags by one from then on: its own bucket). Every parameter follows the reference over its
+    own steps; on a GPU each bucket is one multi-tensor launch."""
+    from minillm.optim import adamw as adamw_module
+
+    launches = []
+    real_multi_adamw = adamw_module.multi_adamw_
+    monkeypatch.setattr(adamw_module, "multi_adamw_",
+                        lambda *args: (launches.append(len(args[0])), real_multi_adamw(*args)))
+    rng = np.random.default_rng(4)
+    inits = [rng.standard_normal(shape) for shape in AWKWARD_SHAPES + [(7,), (2, 3)]]
+    params = [make_param(x, device, np.float32) for x in inits]
+    decayed, not_decayed = params[:4], params[4:]   # (1,) (65535,) (65536,) (65537,) | (3,5) (0,) (7,) (2,3)
+    missing = {1: {params[2], params[6]}}  # step index 1: these two have no gradient
+    opt = optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": not_decayed, "weight_decay": 0.0}],
+                      lr=0.01, betas=(0.9, 0.95), eps=1e-8)
+    grads_seen = [[] for _ in params]
+    for step in range(4):
+        for k, p in enumerate(params):
+            if p in missing.get(step, ()):
+                p.grad = None
+                continue
+            g = rng.standard_normal(p.shape)
+            grads_seen[k].append(g)
+            set_grad(p, g)
+        opt.step()
+    for k, p in enumerate(params):
+        assert opt.state[id(p)]["step"] == len(grads_seen[k]) == (3 if k in (2, 6) else 4)
+        wd = 0.1 if k < 4 else 0.0
+        expected = adamw_reference(inits[k], grads_seen[k], [0.01] * len(grads_seen[k]), (0.9, 0.95), 1e-8, wd)
+        assert p.data.dtype == np.float32 and p.shape == inits[k].shape
+        np.testing.assert_allclose(p.numpy(), expected, rtol=2e-5, atol=1e-6, err_msg=f"parameter {k}")
+    if device == "cpu":
+        assert launches == []  # NumPy parameters never reach the GPU kernel
+    else:
+        # step 1: one bucket per group; step 2: params 2 and 6 skip; steps 3-4: t = 3/4 and t = 2/3 split each group
+        assert launches == [4, 4, 3, 3, 3, 1, 3, 1, 3, 1, 3, 1]
+
+
+def test_non_contiguous_bucket_falls_back_to_per_parameter_kernel(device, monkeypatch):
+    if device == "cpu":
+        pytest.skip("the CUDA kernels run on CuPy arrays only (pytest --device cuda)")
+    from minillm.optim import adamw as adamw_module
+
+    launches = []
+    monkeypatch.setattr(adamw_module, "multi_adamw_", lambda *args: launches.append(args))
+    rng = np.random.default_rng(5)
+    init_t, init_c = rng.standard_normal((6, 4)), rng.standard_normal(9)
+    transposed = mm.Tensor(backend.to_device(init_t.astype(np.float32), device).T, requires_grad=True)
+    contiguous = make_param(init_c, device, np.float32)
+    assert not transposed.data.flags.c_contiguous
+    opt = optim.AdamW([transposed, contiguous], lr=0.02, weight_decay=0.05)
+    grads_t, grads_c = [rng.standard_normal((4, 6)) for _ in range(3)], [rng.standard_normal(9) for _ in range(3)]
+    for g_t, g_c in zip(grads_t, grads_c):
+        set_grad(transposed, g_t)
+        set_grad(contiguous, g_c)
+        opt.step()
+    assert launches == []  # the bucket held a non-contiguous array: per-parameter kernel for all of it
+    np.testing.assert_allclose(transposed.numpy(), adamw_reference(init_t.T, grads_t, [0.02] * 3, (0.9, 0.999), 1e-8,
+                                                                   0.05), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(contiguous.numpy(), adamw_reference(init_c, grads_c, [0.02] * 3, (0.9, 0.999), 1e-8,
+                                                                   0.05), rtol=2e-5, atol=1e-6)
+
+
+# The multi-tensor kernel evaluates the per-parameter kernel's expressions in the same order and
+# dtype, but the two are separate NVRTC compilations, each free to contract a*b + c into one FMA
+# (one rounding instead of two) where it sees fit. So float32 results may differ by an ulp or two
+# per operation (2^-23 ~ 1.2e-7 relative, of values O(1) here), carried over the steps: rtol and
+# atol of 1e-6 (~8 ulps) for float32, 1e-13 for float64. A wrong chunk boundary or column leaves
+# elements unchanged or mixed up and misses by O(1e-3) at least.
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (np.float64, 1e-13)])
+def test_multi_tensor_kernel_equals_per_parameter_kernel(device, dtype, tol):
+    if device == "cpu":
+        pytest.skip("the CUDA kernels run on CuPy arrays only (pytest --device cuda)")
+    from minillm.kernels.optim import adamw_update_, multi_adamw_, multi_tensor_fusable
+
+    rng = np.random.default_rng(6)
+    host = []  # per parameter: p, g, m, v
+    for shape in AWKWARD_SHAPES + [(300, 700)]:
+        p, g, m = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+        host.append([p, g, m, np.abs(rng.standard_normal(shape)).astype(dtype)])
+    multi = [[backend.to_device(x, device) for x in four] for four in host]
+    single = [[backend.to_device(x, device) for x in four] for four in host]
+    columns = [[four[k] for four in multi] for k in range(4)]
+    assert multi_tensor_fusable([a for column in columns for a in column])
+    for t in range(1, 4):
+        hyper = dict(beta1=0.9, beta2=0.95, step_size=1e-3 * t, eps_hat=1e-8 * t, decay=1.0 - 1e-4 * t)
+        multi_adamw_(*columns, **hyper)
+        for four in single:
+            adamw_update_(*four, **hyper)
+        new_grads = [rng.standard_normal(h[0].shape).astype(dtype) for h in host]
+        for four_m, four_s, g in zip(multi, single, new_grads):  # the next step's gradient, one for both
+            four_m[1][...] = backend.to_device(g, device)
+            four_s[1][...] = backend.to_device(g, device)
+    for k, (four_m, four_s) in enumerate(zip(multi, single)):
+        assert four_m[0].dtype == dtype
+        for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq"), four_m, four_s):
+            np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=tol, atol=tol,
+                                       err_msg=f"{name} of parameter {k}")
+    moved = backend.to_numpy(multi[-1][0]) != host[-1][0]  # all updated, but for the odd float32 update
+    assert moved.mean() > 0.999                           # below p's ulp (element-wise: equal to the above)
