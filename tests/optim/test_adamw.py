@@ -274,9 +274,9 @@ def test_multi_tensor_table_layout():
 
 
 def test_buckets_of_awkward_sizes_and_a_missed_step_match_reference(device, monkeypatch):
-    """Two groups (decay, no decay) of awkward sizes, one parameter without a gradient at step 2 (so
-    its t lags by one from then on: its own bucket). Every parameter follows the reference over its
-    own steps; on a GPU each bucket is one multi-tensor launch."""
+    """Two groups (decay, no decay) of awkward sizes, in each one parameter without a gradient at
+    step 2 (its t lags by one from then on: a bucket of its own). Every parameter follows the
+    reference over its own steps; on a GPU each bucket is one multi-tensor launch."""
     from minillm.optim import adamw as adamw_module
 
     launches = []
