@@ -11,9 +11,8 @@ import functools
 # once and writes p, m, v once, where the array-module version makes a dozen
 # passes. minillm/optim/adamw.py updates CuPy parameters with multi_adamw_
 # below (one launch for all parameters of a group that share a step count)
-# and falls back to this kernel, one
-# launch per parameter, for arrays that one does not take (non-contiguous, or
-# a dtype other than float32/float64).
+# and falls back to this kernel, one launch per parameter, for arrays that one
+# does not take (non-contiguous, or a dtype other than float32/float64).
 
 
 @functools.lru_cache(maxsize=None)
