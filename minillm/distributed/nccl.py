@@ -9,12 +9,31 @@ must be in one group or they deadlock (``send_recv``).
 NCCL has no timeout of its own: a peer that died leaves our kernels spinning
 forever. So each call records a CUDA event, and ``synchronize()`` polls those
 events, calling ``check_async_error()`` between polls; after ``timeout``
-seconds it aborts the communicator (which frees the spinning kernels) and
-raises ``CommError``. The host can also block elsewhere, in a copy or a
-``.item()`` queued behind such a kernel; a watchdog thread catches that case
-(oldest call unfinished for timeout + 5 s): it prints the error, aborts and
-exits the process with code 1. The pipeline engine synchronizes once per step, and the
+seconds it aborts (``ncclCommAbort``, which frees the spinning kernels) and
+raises ``CommError``. The pipeline engine synchronizes once per step, and the
 list of pending events is kept short so the host never runs far ahead.
+
+A failure aborts EVERY NCCL communicator of the process (``abort_all``), not
+only the one that noticed: they all enqueue on the same CUDA stream, so a
+sub-group's kernel left spinning on the dead peer (the tied embedding's
+all-reduce behind the pipeline's send) would block every later kernel, and
+the interpreter's exit too: CuPy's ``NcclCommunicator.__dealloc__`` calls
+``ncclCommDestroy``, which waits for that kernel while holding the GIL.
+
+Two watchmen cover a host blocked where we do not poll (a copy or a
+``.item()`` queued behind a send to a dead peer):
+
+- one watchdog thread per process looks at every communicator's oldest
+  unfinished call; past ``timeout + 5`` s it prints the error, aborts them
+  all (waiting at most ``ABORT_WAIT_S``) and exits the process with code 1;
+- a thread needs the GIL, and a C call that blocks holding it (a CUDA call
+  made without releasing it) would silence that thread. So the watchdog also
+  re-arms ``faulthandler.dump_traceback_later`` at every round (a C thread
+  that needs no GIL): if the rounds stop for ``timeout + HARD_MARGIN_S`` s,
+  every thread's traceback is printed (where it hung) and the process exits
+  with code 1. After a failure the same timer bounds the exit itself
+  (``EXIT_GRACE_S``): a process whose communication failed has that long to
+  print its error and leave.
 
 Sub-groups: the members agree on the split through the rendezvous store and
 the first member makes a fresh unique id: the same groups ``ncclCommSplit``
@@ -23,6 +42,7 @@ makes (CuPy binds no ``commSplit``), created with ``ncclCommInitRank``.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import threading
@@ -35,6 +55,72 @@ NCCL_DTYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint
                "float16": 6, "float32": 7, "float64": 8, "bfloat16": 9}
 NCCL_OPS = {"sum": 0, "max": 2, "avg": 4}
 _MAX_PENDING = 32  # events kept before the host waits for the oldest (bounds run-ahead)
+WATCH_INTERVAL_S = 1.0   # the watchdog's round
+STALL_MARGIN_S = 5.0     # the watchdog acts at timeout + this (synchronize() raises at the timeout first)
+HARD_MARGIN_S = 30.0     # no watchdog round for timeout + this: faulthandler dumps the stacks and exits
+ABORT_WAIT_S = 10.0      # the watchdog waits this long for ncclCommAbort before exiting anyway
+EXIT_GRACE_S = 20.0      # after a failure, the process is ended if it has not exited within this
+
+_live: list = []          # this process's NCCL communicators that are not aborted
+_state = {"watchdog": None, "failed": False}
+
+
+def abort_all(reason: str = "") -> None:
+    """Abort every NCCL communicator of this process and bound the time left to exit (see the module doc)."""
+    _state["failed"] = True
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)   # if leaving hangs anyway: stacks, exit 1
+    for comm in list(_live):
+        comm.abort()
+
+
+def _finished(event) -> bool:
+    try:
+        return event.done
+    except Exception:  # noqa: BLE001 - a broken CUDA context: the main thread meets the error itself
+        return True
+
+
+def _oldest_stall(comms, now: float):
+    """(communicator, what) of the first call unfinished for longer than its timeout + STALL_MARGIN_S, else None."""
+    for comm in comms:
+        for event, what, issued in list(comm.pending):
+            if now - issued > comm.timeout + STALL_MARGIN_S and not _finished(event):
+                return comm, what
+    return None
+
+
+def _watch_round(now: float | None = None) -> bool:
+    """One round of the watchdog; False once the process is failing (the exit timer is armed then)."""
+    if _state["failed"]:
+        return False
+    comms = list(_live)
+    if not comms:
+        faulthandler.cancel_dump_traceback_later()
+        return True
+    stall = _oldest_stall(comms, time.monotonic() if now is None else now)
+    if stall is not None:
+        comm, what = stall
+        print(f"minillm: error: rank {comm.rank}: NCCL {what} did not complete within {comm.timeout:g} s "
+              "(a peer died or hangs); aborting every communicator and exiting", file=sys.stderr, flush=True)
+        aborting = threading.Thread(target=abort_all, daemon=True, name="nccl-abort")
+        aborting.start()
+        aborting.join(ABORT_WAIT_S)      # ncclCommAbort frees the GPU; exit even if it does not return
+        os._exit(1)
+        return False                     # (only where os._exit is replaced, in tests)
+    faulthandler.dump_traceback_later(max(c.timeout for c in comms) + HARD_MARGIN_S, exit=True)  # heartbeat
+    return True
+
+
+def _watchdog() -> None:
+    while _watch_round():
+        time.sleep(WATCH_INTERVAL_S)
+
+
+def _start_watchdog() -> None:
+    thread = _state["watchdog"]
+    if thread is None or not thread.is_alive():
+        _state["watchdog"] = threading.Thread(target=_watchdog, daemon=True, name="nccl-watchdog")
+        _state["watchdog"].start()
 
 
 class NCCLCommunicator(Communicator):
@@ -55,22 +141,8 @@ class NCCLCommunicator(Communicator):
         store.wait_arrivals(f"{name}/nccl-ready", size, timeout)
         with cupy.cuda.Device(device):
             self.comm = nccl.NcclCommunicator(size, uid, rank)
-        threading.Thread(target=self._watchdog, daemon=True, name=f"nccl-watchdog-{name}").start()
-
-    def _watchdog(self) -> None:
-        """The host can block where we do not poll (a copy, a ``.item()`` queued behind a send to a dead
-        peer): if the oldest pending call stays unfinished past the timeout, say so, abort, and exit."""
-        while self.comm is not None:
-            time.sleep(1.0)
-            unfinished = next(((w, t) for e, w, t in list(self.pending) if not e.done), None)
-            if unfinished is None:
-                continue
-            what, issued = unfinished
-            if time.monotonic() - issued > self.timeout + 5.0:
-                print(f"minillm: error: rank {self.rank}: NCCL {what} did not complete within {self.timeout:g} s "
-                      "(a peer died or hangs); aborting the communicator and exiting", file=sys.stderr, flush=True)
-                self.abort()
-                os._exit(1)
+        _live.append(self)
+        _start_watchdog()
 
     # -------------------------------------------------------------- helpers
     def _dtype(self, array) -> int:
@@ -81,6 +153,13 @@ class NCCLCommunicator(Communicator):
 
     def _stream(self) -> int:
         return self.cupy.cuda.get_current_stream().ptr
+
+    def _alive(self):
+        """The NCCL communicator, or CommError when an earlier failure aborted it."""
+        if self.comm is None:
+            raise CommError(f"rank {self.rank}: the NCCL communicator {self.name!r} was aborted after an earlier "
+                            "failure")
+        return self.comm
 
     def _issued(self, what: str) -> None:
         """Record an event after an enqueued call; wait for old ones so the host stays close."""
@@ -95,14 +174,16 @@ class NCCLCommunicator(Communicator):
         for event, what, _ in entries:
             while not event.done:
                 try:
-                    self.comm.check_async_error()
+                    self._alive().check_async_error()
+                except CommError:
+                    raise
                 except Exception as error:  # an NcclError from a failed peer / network
-                    self.abort()
+                    abort_all()
                     raise CommError(f"rank {self.rank}: NCCL reported an error during {what}: {error}") from error
                 if time.monotonic() > deadline:
-                    self.abort()
+                    abort_all()
                     raise CommError(f"rank {self.rank}: NCCL {what} did not complete within {self.timeout:g} s "
-                                    "(a peer died or hangs); communicator aborted")
+                                    "(a peer died or hangs); every communicator aborted")
                 time.sleep(0.0002)
         done = {id(entry[0]) for entry in entries}
         self.pending = [entry for entry in self.pending if id(entry[0]) not in done]
@@ -115,7 +196,7 @@ class NCCLCommunicator(Communicator):
         self._check(array, "all_reduce")
         self._check_op(op)
         ptr = array.data.ptr
-        self.comm.allReduce(ptr, ptr, array.size, self._dtype(array), NCCL_OPS[op], self._stream())
+        self._alive().allReduce(ptr, ptr, array.size, self._dtype(array), NCCL_OPS[op], self._stream())
         self._issued(f"all_reduce({op})")
         return array
 
@@ -125,7 +206,7 @@ class NCCLCommunicator(Communicator):
         if array.ndim == 0 or array.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: the first axis ({array.shape}) must divide by the group size {self.size}")
         shard = self.cupy.empty((array.shape[0] // self.size,) + array.shape[1:], dtype=array.dtype)
-        self.comm.reduceScatter(array.data.ptr, shard.data.ptr, shard.size, self._dtype(array), NCCL_OPS[op],
+        self._alive().reduceScatter(array.data.ptr, shard.data.ptr, shard.size, self._dtype(array), NCCL_OPS[op],
                                 self._stream())
         self._issued("reduce_scatter")
         return shard
@@ -133,14 +214,14 @@ class NCCLCommunicator(Communicator):
     def all_gather(self, shard):
         self._check(shard, "all_gather")
         out = self.cupy.empty((shard.shape[0] * self.size,) + shard.shape[1:], dtype=shard.dtype)
-        self.comm.allGather(shard.data.ptr, out.data.ptr, shard.size, self._dtype(shard), self._stream())
+        self._alive().allGather(shard.data.ptr, out.data.ptr, shard.size, self._dtype(shard), self._stream())
         self._issued("all_gather")
         return out
 
     def broadcast(self, array, root: int = 0):
         self._check(array, "broadcast")
         ptr = array.data.ptr
-        self.comm.broadcast(ptr, ptr, array.size, self._dtype(array), root, self._stream())
+        self._alive().broadcast(ptr, ptr, array.size, self._dtype(array), root, self._stream())
         self._issued("broadcast")
         return array
 
@@ -160,12 +241,13 @@ class NCCLCommunicator(Communicator):
         if recv_out is not None:
             self._check(recv_out, "recv")
             self._check_peer(recv_peer, "recv")
+        comm = self._alive()
         self.nccl.groupStart()
         try:
             if send_array is not None:
-                self.comm.send(send_array.data.ptr, send_array.size, self._dtype(send_array), send_peer, stream)
+                comm.send(send_array.data.ptr, send_array.size, self._dtype(send_array), send_peer, stream)
             if recv_out is not None:
-                self.comm.recv(recv_out.data.ptr, recv_out.size, self._dtype(recv_out), recv_peer, stream)
+                comm.recv(recv_out.data.ptr, recv_out.size, self._dtype(recv_out), recv_peer, stream)
         finally:
             self.nccl.groupEnd()
         self._issued(f"send/recv (to {send_peer}, from {recv_peer})")
@@ -176,9 +258,15 @@ class NCCLCommunicator(Communicator):
         self.synchronize()
 
     def abort(self) -> None:
-        if getattr(self, "comm", None) is not None:
-            self.comm.abort()
-            self.comm = None
+        """``ncclCommAbort``: this communicator's kernels stop; every later call raises CommError."""
+        comm, self.comm = getattr(self, "comm", None), None
+        if self in _live:
+            _live.remove(self)
+        if comm is not None:
+            try:
+                comm.abort()
+            except Exception as error:  # noqa: BLE001 - already failing: say so, keep aborting the others
+                print(f"minillm: warning: rank {self.rank}: ncclCommAbort failed: {error}", file=sys.stderr, flush=True)
 
     def split(self, color, key: int | None = None):
         layout = self._split_layout(color, self.rank if key is None else key)
