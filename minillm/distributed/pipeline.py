@@ -25,6 +25,8 @@ sum of the embedding's and the head's contributions.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from .. import functional as F
 from ..nn import Module
 from ..ops.embedding import Embedding as EmbeddingLookup
@@ -171,7 +173,35 @@ def build_stage(model_factory, stage: int, stages: int, seq_len: int | None = No
     that the stages together start from exactly the single-process weights;
     only the stage's parameters stay referenced (the rest is freed at once),
     and gradients, optimizer state and activations exist for the stage only.
+    (For a model too big to draw whole on every rank: ``build_stage_on_device``.)
     """
     model = model_factory()
     bounds = stage_bounds(model.config, stages, seq_len)
     return PipelineStage(model, stage, stages, bounds)
+
+
+def build_stage_on_device(config, stage: int, stages: int, device: str, seq_len: int | None = None) -> PipelineStage:
+    """This rank's stage and nothing else, its weights drawn on ``device`` by the device's random stream.
+
+    No other stage's weights are drawn anywhere, and nothing on the host: what
+    a ~10B model needs (``build_stage`` draws all of it on the CPU on every
+    rank: ~10^10 normal samples, 40 GB). The price: the weights are not the
+    single-process model's for the seed (those come from the CPU stream), and
+    the last stage's copy of a tied embedding is drawn apart, so
+    ``PipelineEngine`` broadcasts the first stage's over the tied pair.
+    """
+    from ..models.gpt import embedding_modules, head_modules, transformer_block  # noqa: PLC0415
+    from ..nn.layers import init_on_device  # noqa: PLC0415
+
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} is not in 0..{stages - 1}")
+    bounds = stage_bounds(config, stages, seq_len)
+    start, end = bounds[stage]
+    parts = SimpleNamespace(config=config, lm_head=None)
+    with init_on_device():
+        if stage == 0 or (stage == stages - 1 and config.tie_embeddings):   # the last stage: the tied copy
+            parts.wte, parts.wpe, parts.drop = embedding_modules(config, device=device)
+        parts.h = {index: transformer_block(config, device=device) for index in range(start, end)}
+        if stage == stages - 1:
+            parts.ln_f, parts.lm_head = head_modules(config, device=device)
+    return PipelineStage(parts, stage, stages, bounds)   # takes the parts it owns from a model-like object

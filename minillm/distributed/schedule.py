@@ -59,6 +59,8 @@ class PipelineEngine:
         # the tied embedding's two copies (first and last stage) sum their gradients over this pair
         tied = stage.config.tie_embeddings and stage.stages > 1
         self.tied_comm = comm.split(0 if tied and (stage.is_first or stage.is_last) else None)
+        if self.tied_comm is not None:   # both copies start as the first stage's (a stage built on its own
+            self.tied_comm.broadcast(stage.wte.weight.data, root=0)   # device drew its copy apart)
         self.timeline = timeline
         self.events: list[tuple[str, int, float, float]] = []  # (kind, micro-batch, start, end) of the last step
         self.max_in_flight = 0

@@ -210,6 +210,40 @@ PRESETS: dict[str, dict] = {
 PRESET_ALIASES = {"gpt2": "gpt2-124m", "gpt2-small": "gpt2-124m"}
 
 
+def embedding_modules(config: GPTConfig, *, device=None, dtype=None):
+    """(wte, wpe or None, drop): the token and position embeddings and the dropout after them."""
+    C = config.d_model
+    wte = Embedding(config.vocab_size, C, init_std=INIT_STD, device=device, dtype=dtype)  # also the tied head
+    # learned position embeddings; rotary (None): positions enter inside attention
+    wpe = (Embedding(config.context_length, C, init_std=INIT_STD, device=device, dtype=dtype)
+           if config.positions == "learned" else None)
+    return wte, wpe, Dropout(config.dropout)
+
+
+def transformer_block(config: GPTConfig, *, device=None, dtype=None) -> TransformerBlock:
+    """One of ``config``'s n_layer blocks, freshly drawn: weights ~ N(0, INIT_STD²), the two projections
+    into the residual stream (attn.c_proj, mlp.c_proj) ~ N(0, INIT_STD² / (2 n_layer))."""
+    residual_std = INIT_STD / math.sqrt(2 * config.n_layer)
+    rope = config.positions == "rope"
+    return TransformerBlock(config.d_model, config.n_head, config.dropout, config.bias, config.layer_norm_eps,
+                            hidden=config.mlp_hidden, gelu_approximate=config.gelu_approximate,
+                            norm=config.norm, activation=config.mlp, n_kv_head=config.n_kv_head,
+                            head_dim=config.head_dim, qk_norm=config.qk_norm,
+                            rope_theta=config.rope_theta if rope else None,
+                            rope_scaling=config.rope_scaling if rope else None,
+                            init_std=INIT_STD, proj_init_std=residual_std, device=device, dtype=dtype)
+
+
+def head_modules(config: GPTConfig, *, device=None, dtype=None):
+    """(ln_f, lm_head or None): the final norm and, untied, a separate (V, C) output matrix (HF's lm_head);
+    tied (None): logits = x @ wteᵀ."""
+    C = config.d_model
+    ln_f = make_norm(config.norm, C, config.layer_norm_eps, config.bias, device=device, dtype=dtype)
+    lm_head = None if config.tie_embeddings else Linear(C, config.vocab_size, bias=False, init_std=INIT_STD,
+                                                        device=device, dtype=dtype)
+    return ln_f, lm_head
+
+
 class GPT(Module):
     """A GPT-2-style decoder-only transformer; ``model(ids)`` -> logits (B, T, vocab_size).
 
@@ -223,29 +257,11 @@ class GPT(Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}")
         self.config = config
-        C = config.d_model
-        init = dict(init_std=INIT_STD, device=device, dtype=dtype)
-        self.wte = Embedding(config.vocab_size, C, **init)          # token embeddings (and the tied output head)
-        if config.positions == "learned":
-            self.wpe = Embedding(config.context_length, C, **init)  # learned position embeddings
-        else:
-            self.wpe = None                                         # rotary: positions enter inside attention
-        self.drop = Dropout(config.dropout)
-        residual_std = INIT_STD / math.sqrt(2 * config.n_layer)     # for the projections into the stream
-        rope = config.positions == "rope"
-        self.h = ModuleList(
-            TransformerBlock(C, config.n_head, config.dropout, config.bias, config.layer_norm_eps,
-                             hidden=config.mlp_hidden, gelu_approximate=config.gelu_approximate,
-                             norm=config.norm, activation=config.mlp, n_kv_head=config.n_kv_head,
-                             head_dim=config.head_dim, qk_norm=config.qk_norm,
-                             rope_theta=config.rope_theta if rope else None,
-                             rope_scaling=config.rope_scaling if rope else None,
-                             proj_init_std=residual_std, **init)
-            for _ in range(config.n_layer)
-        )
-        self.ln_f = make_norm(config.norm, C, config.layer_norm_eps, config.bias, device=device, dtype=dtype)
-        # untied: a separate (V, C) output matrix (HF's lm_head); tied: logits = x @ wteᵀ
-        self.lm_head = None if config.tie_embeddings else Linear(C, config.vocab_size, bias=False, **init)
+        init = dict(device=device, dtype=dtype)
+        # the three parts, drawn in this order from the random stream (a pipeline stage builds only its own)
+        self.wte, self.wpe, self.drop = embedding_modules(config, **init)
+        self.h = ModuleList(transformer_block(config, **init) for _ in range(config.n_layer))
+        self.ln_f, self.lm_head = head_modules(config, **init)
 
     # ------------------------------------------------------------ forward
     def forward(self, ids, targets=None, cache: KVCache | None = None):

@@ -8,12 +8,17 @@ model's ``state_dict`` keys map one-to-one onto GPT-2's.
 
 Initialisation: every random weight is drawn from the CPU random stream
 (``backend.random_normal``) and then copied to ``device``, so one
-``mm.manual_seed`` gives the same model on the CPU and on any GPU.
+``mm.manual_seed`` gives the same model on the CPU and on any GPU. Inside
+``init_on_device()`` they are drawn by the device's own random stream instead
+(no host work, no copy): for a model too big to draw on the host quickly (a
+pipeline stage of a 10B model, ``distributed.pipeline.build_stage_on_device``),
+at the price of weights that depend on the device.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -34,13 +39,28 @@ def _dtype(dtype) -> np.dtype:
     return dtype
 
 
+_draw_on_device = [False]   # set inside init_on_device()
+
+
+@contextmanager
+def init_on_device():
+    """Draw the random weights of the layers built inside on their own device's stream (see the module doc)."""
+    previous, _draw_on_device[0] = _draw_on_device[0], True
+    try:
+        yield
+    finally:
+        _draw_on_device[0] = previous
+
+
 def normal_parameter(shape, std: float, device=None, dtype=None) -> Parameter:
-    """A Parameter ~ Normal(0, std²), drawn on the CPU stream, then moved to ``device``.
+    """A Parameter ~ Normal(0, std²), drawn on the CPU stream, then moved to ``device``
+    (inside ``init_on_device()``: drawn on ``device`` by its stream).
 
     Always drawn in float32 and then cast, so a seed gives the same weights
     (up to rounding) whatever the dtype and device.
     """
-    data = backend.random_normal(shape, device="cpu", dtype=np.float32, std=std)
+    where = backend.parse_device(device) if _draw_on_device[0] and device is not None else "cpu"
+    data = backend.random_normal(shape, device=where, dtype=np.float32, std=std)
     dtype = _dtype(dtype)
     return Parameter(data if dtype == data.dtype else data.astype(dtype), device=device)
 

@@ -26,9 +26,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import make_config, make_dataset, make_model  # noqa: E402
 
-from minillm.distributed.pipeline import PipelineStage, build_stage, partition, stage_bounds  # noqa: E402
+import minillm as mm  # noqa: E402
+from minillm.distributed.pipeline import (PipelineStage, build_stage, build_stage_on_device, partition,  # noqa: E402
+                                          stage_bounds)
 from minillm.distributed.pipeline_trainer import PipelineTrainer  # noqa: E402
 from minillm.distributed.spawn import spawn  # noqa: E402
+from minillm.models import GPT  # noqa: E402
 from minillm.train import Trainer  # noqa: E402
 from minillm.train.checkpoint import load_checkpoint  # noqa: E402
 
@@ -129,6 +132,42 @@ def test_resume_across_stage_counts(reference, tmp_path, first, second):
     _assert_close(losses, ref_losses, each=True)
     for name in ref_params:
         _assert_close(params[name], ref_params[name], rtol=1e-5)
+
+
+def _direct_rank(group, run_dir, steps):
+    """A stage built by itself (``build_stage_on_device``, here on the CPU): its weights before and after
+    the engine's start, then ``steps`` steps of training."""
+    config = _model().config
+    mm.manual_seed(1 + group.rank)                       # each rank its own stream, as on separate GPUs
+    stage = build_stage_on_device(config, group.rank, group.world_size, "cpu")
+    drawn = {n: p.data.copy() for n, p in stage.named_parameters()}
+    trainer = PipelineTrainer(stage, make_config(**{**RUN, "steps": steps, "eval_interval": 0}), make_dataset(),
+                              group.comm, "1f1b", run_dir=run_dir)
+    initial = {n: p.data.copy() for n, p in stage.named_parameters()}
+    trainer.fit()
+    return drawn, initial
+
+
+def test_a_stage_built_on_its_own_device_draws_only_its_part_and_trains(tmp_path):
+    """Stage 0 built directly draws exactly what the whole model's first parts are (same stream, same
+    order); the last stage's tied embedding, drawn apart, starts as the first stage's; and the stages
+    together train exactly like one process started from their weights."""
+    steps = 6
+    (drawn0, initial0), (drawn1, initial1) = spawn(_direct_rank, 2, args=(tmp_path / "pp", steps))
+    config = _model().config
+    mm.manual_seed(1)
+    whole = dict(GPT(config).named_parameters())
+    assert set(drawn0) | set(drawn1) == set(whole)       # nothing missing, nothing extra
+    for name, value in drawn0.items():
+        np.testing.assert_array_equal(value, whole[name].data)
+    assert not np.array_equal(drawn1["wte.weight"], drawn0["wte.weight"])        # drawn apart ...
+    np.testing.assert_array_equal(initial1["wte.weight"], initial0["wte.weight"])  # ... made equal
+    single = _model()
+    single.load_state_dict({**initial1, **initial0})
+    trainer = Trainer(single, make_config(**{**RUN, "steps": steps, "eval_interval": 0}), make_dataset(),
+                      run_dir=tmp_path / "one")
+    trainer.fit()
+    _assert_close(_losses(tmp_path / "pp")[0], _losses(tmp_path / "one")[0], each=True)
 
 
 def test_partition_balances_cost():
