@@ -489,15 +489,44 @@ class IndexedGradient:
         """
         first_index, first_values = self.parts[0]
         xp = backend.array_module(first_values)
+        whole = self._covers_first_axis()      # q, k, v = qkv[0], qkv[1], qkv[2]: no zeros needed
+        allocate = xp.empty if whole else xp.zeros
         if self.axes is None:
-            out = xp.zeros(self.shape, dtype=first_values.dtype)
+            out = allocate(self.shape, dtype=first_values.dtype)
         else:
-            out = xp.zeros(tuple(self.shape[a] for a in self.axes), dtype=first_values.dtype)
+            out = allocate(tuple(self.shape[a] for a in self.axes), dtype=first_values.dtype)
             out = out.transpose(inverse_permutation(self.axes))
+        if whole and xp is np and out.size >= (1 << 18) and first_values.ndim:
+            from .ops.common import CPU_THREADS, run_parallel  # noqa: PLC0415 (ops import this module)
+
+            def copy(thread):                  # each thread its share of every part's first axis
+                for index, values in self.parts:
+                    rows = values.shape[0] if values.ndim else 1
+                    part = slice(rows * thread // CPU_THREADS, rows * (thread + 1) // CPU_THREADS)
+                    out[index][part] = values[part]
+
+            run_parallel(copy, list(range(CPU_THREADS)))
+            return out
         out[first_index] = first_values
         for index, values in self.parts[1:]:
-            out[index] += values
+            if whole:                          # disjoint parts: each region is written once
+                out[index] = values
+            else:
+                out[index] += values
         return out
+
+    def _covers_first_axis(self) -> bool:
+        """Whether the parts are integer reads ``x[i]`` of every i along the first axis, each once."""
+        if not self.shape:
+            return False
+        n, seen = self.shape[0], set()
+        for index, _ in self.parts:
+            if isinstance(index, tuple) and len(index) == 1:
+                index = index[0]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -n <= index < n:
+                return False
+            seen.add(int(index) % n)
+        return len(seen) == len(self.parts) == n
 
 
 def inverse_permutation(axes: Sequence[int]) -> tuple[int, ...]:

@@ -69,7 +69,7 @@ from ..kernels import attention as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .activation import softmax_composed
-from .common import row_ranges, run_parallel
+from .common import CPU_THREADS, PARALLEL_MIN_ELEMENTS, row_ranges, run_parallel
 from .elementwise import where
 from .embedding import _check_p, dropout, dropout_keep_mask
 from .matmul import matmul
@@ -193,6 +193,39 @@ def _run_tile_groups(work, groups) -> None:
         run_parallel(work, groups)
 
 
+def _cpu_operands(arrays, scale=None):
+    """The (…, T, D) arrays with their leading axes merged, (N, T, D), ``arrays[0]`` times
+    ``scale`` when given. Views where the leading axes merge and rows are contiguous;
+    otherwise copies (the model's heads are strided views of its qkv projection), made
+    by both cores at once over the first axis rather than one after another on one.
+    """
+    results = [None] * len(arrays)
+    jobs = []                                    # (index, destination in the source's shape)
+    for i, a in enumerate(arrays):
+        dims = [(size, stride) for size, stride in zip(a.shape[:-2], a.strides[:-2]) if size != 1]
+        mergeable = all(s0 == n1 * s1 for (_, s0), (n1, s1) in zip(dims, dims[1:]))
+        if mergeable and a.strides[-1] == a.itemsize and not (i == 0 and scale is not None):
+            results[i] = a.reshape(-1, *a.shape[-2:])
+        else:
+            jobs.append((i, np.empty(a.shape, dtype=a.dtype)))
+    if jobs:
+        threads = CPU_THREADS if sum(out.size for _, out in jobs) >= PARALLEL_MIN_ELEMENTS else 1
+
+        def fill(thread):                        # this thread's share of each array's first axis
+            for i, out in jobs:
+                source, out = (arrays[i], out) if out.ndim > 2 else (arrays[i][None], out[None])
+                part = slice(out.shape[0] * thread // threads, out.shape[0] * (thread + 1) // threads)
+                if i == 0 and scale is not None:
+                    np.multiply(source[part], source.dtype.type(scale), out=out[part])
+                else:
+                    np.copyto(out[part], source[part])
+
+        run_parallel(fill, list(range(threads)))
+        for i, out in jobs:
+            results[i] = out.reshape(-1, *out.shape[-2:])
+    return results
+
+
 # What backward works from: the CPU keeps P (one (N, Tq, Tk) array per call), because
 # recomputing it would add a matrix product to an op bound by its matrix products; a GPU
 # recomputes P from Q and K in backward (one GEMM + one kernel: ~3% of a GPT-2-small step)
@@ -278,9 +311,11 @@ class ScaledDotProductAttention(Function):
             return self._forward_gpu(q, k, v)
         xp = array_module(q)
         lead, (tq, d), (tk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
-        k3, v3 = k.reshape(-1, tk, d), v.reshape(-1, tk, dv)      # (N, Tk, D), (N, Tk, Dv)
+        # (N, G, Tq, D) with the scale in (the small operand), (N, Tk, D), (N, Tk, Dv): copies
+        # where the heads are strided views (the model's q, k, v), made on both cores
+        q4, k3, v3 = _cpu_operands((q, k, v), self.scale)
         n, group = k3.shape[0], self.group
-        q4 = (q * q.dtype.type(self.scale)).reshape(n, group, tq, d)  # (N, G, Tq, D): scale the small operand
+        q4 = q4.reshape(n, group, tq, d)
         groups = _tile_groups(n, tq, tk, self.causal, backend.device_of(q), group=group)
         # P (N, G, Tq, Tk); entries right of a tile's k_end are never written nor read
         probs = xp.empty((n, group, tq, tk), dtype=q.dtype)
@@ -317,19 +352,26 @@ class ScaledDotProductAttention(Function):
         xp = array_module(grad)
         k_shape, v_shape = self.kv_shapes
         n, group, tq, _ = q4.shape
-        grad4 = grad.reshape(n, group, tq, grad.shape[-1])      # (N, G, Tq, Dv)
+        (grad3,) = _cpu_operands((grad,))                       # contiguous (a copy if strided), on both cores
+        grad4 = grad3.reshape(n, group, tq, grad.shape[-1])     # (N, G, Tq, Dv)
         keep_scale = grad.dtype.type(1.0 / (1.0 - self.dropout_p))
+        q_scale = grad.dtype.type(self.scale)
         want_q, want_k, want_v = self.needs_input_grad
         one_tile = len(groups) == 1 and len(groups[0]) == 1    # then each gradient is one product
-        # gradients are allocated in their input's shape and filled through (N, ·, T, ·) views
+        # gradients are allocated in their input's shape and filled through (N, ·, T, ·) views;
+        # dK and dV are sums over tiles: each thread zeroes its own matrices first
         grad_q = xp.empty(grad.shape[:-1] + q4.shape[-1:], dtype=grad.dtype) if want_q else None
-        grad_k = xp.zeros(k_shape, dtype=grad.dtype) if want_k and not one_tile else None
-        grad_v = xp.zeros(v_shape, dtype=grad.dtype) if want_v and not one_tile else None
+        grad_k = xp.empty(k_shape, dtype=grad.dtype) if want_k and not one_tile else None
+        grad_v = xp.empty(v_shape, dtype=grad.dtype) if want_v and not one_tile else None
         grad_q4 = None if grad_q is None else grad_q.reshape(q4.shape)
         grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:]) for g in (grad_k, grad_v))
         one_tile_grads = {}                                     # with one tile, dK and dV are whole products
 
         def backward_tiles(tiles):
+            first, last = min(tile[0] for tile in tiles), max(tile[1] for tile in tiles)
+            for summed in (grad_k3, grad_v3):                       # this thread's matrices
+                if summed is not None:
+                    summed[first:last] = 0
             for b0, b1, r0, r1, k_end in tiles:
                 q_tile = q4[b0:b1, :, r0:r1]                        # (n, G, rows, D)
                 if probs is None:                                   # recompute P, as in forward
@@ -352,7 +394,9 @@ class ScaledDotProductAttention(Function):
                     _grouped_matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2), out=grad_scores)  # dP̃ = dO Vᵀ
                     _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale)  # now dS
                     if want_q:
-                        _grouped_matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q4[b0:b1, :, r0:r1])  # dS K
+                        grad_q_tile = grad_q4[b0:b1, :, r0:r1]
+                        _grouped_matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q_tile)  # dS K
+                        grad_q_tile *= q_scale                                          # dQ = s · dS K
                     if want_k:
                         part = _group_summed_matmul(q_tile, grad_scores).swapaxes(-1, -2)   # Σ_g (s Qᵀ dS)ᵀ
                         if one_tile:
@@ -362,8 +406,6 @@ class ScaledDotProductAttention(Function):
 
         _run_tile_groups(backward_tiles, groups)
         grad_k, grad_v = one_tile_grads.get("k", grad_k), one_tile_grads.get("v", grad_v)
-        if want_q:
-            grad_q *= grad_q.dtype.type(self.scale)
         if want_v and keep is not None:
             grad_v *= keep_scale
         return grad_q, grad_k, grad_v

@@ -110,9 +110,12 @@ class Linear(Function):
         self.x_shape, self.out_dtype = x.shape, x.dtype
         x2d, weight = precision.autocast_operands(x.reshape(-1, x.shape[-1]), weight)   # (N, in), (out, in)
         self.save(x2d, weight)
-        y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)  # (N, out)
-        if bias is not None:
-            y += bias
+        if isinstance(x2d, np.ndarray):                                    # CPU: each thread adds the
+            y = cpu_matmul(x2d, weight.swapaxes(-1, -2), bias)             # bias to its block of y
+        else:
+            y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)  # (N, out)
+            if bias is not None:
+                y += bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, grad):
@@ -120,14 +123,16 @@ class Linear(Function):
         grad2d = grad.reshape(-1, grad.shape[-1])           # (N, out)
         g = _as_grad_operand(grad2d, weight)
         grad_x = grad_w = grad_b = None
+        want_bias = self.has_bias and self.needs_input_grad[2]
         if self.needs_input_grad[0] and self.needs_input_grad[1] and isinstance(g, np.ndarray):
-            grad_x, grad_w = cpu_matmul_pair((g, weight), (g.T, x2d))     # CPU: the two at once
-            grad_x = grad_x.reshape(self.x_shape)
+            # CPU: the two products at once, Σ_N dy (db) on dx's thread after its product
+            grad_x, grad_w, *grad_b = cpu_matmul_pair((g, weight), (g.T, x2d), grad2d if want_bias else None)
+            grad_x, grad_b = grad_x.reshape(self.x_shape), (grad_b[0] if grad_b else None)
         if self.needs_input_grad[0] and grad_x is None:
             grad_x = _product(g, weight, out_dtype=self.out_dtype).reshape(self.x_shape)   # dy @ W
         if self.needs_input_grad[1] and grad_w is None:
             grad_w = _product(g, x2d, trans_a=True, out_dtype=self.out_dtype)              # dyᵀ @ x
-        if self.has_bias and self.needs_input_grad[2]:
+        if want_bias and grad_b is None:
             grad_b = _column_sum(grad2d)                                               # Σ_N dy
         return (grad_x, grad_w, grad_b) if self.has_bias else (grad_x, grad_w)
 

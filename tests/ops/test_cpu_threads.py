@@ -129,3 +129,81 @@ def test_large_adds_and_small_vocabulary_scatter_equal_numpy():
     mm.ops.shape.scatter_add(table, ids, g)                                        # the sorted path
     np.add.at(expected, ids, g)
     np.testing.assert_allclose(table, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m, k, n", [(600, 300, 500), (64, 512, 4096), (7, 5, 3)])   # rows, columns, one call
+def test_cpu_matmul_adds_the_bias_in_each_block(m, k, n):
+    rng = np.random.default_rng(7)
+    a, w, bias = (rng.standard_normal(s, dtype=np.float32) for s in ((m, k), (n, k), (n,)))
+    out = cpu_matmul(a, w.T, bias)                                  # a linear layer's forward
+    np.testing.assert_allclose(out, _reference(a, w.T) + bias, rtol=2e-5, atol=2e-5 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("rows", [1024, 5])                          # the two threads, and one call each
+def test_cpu_matmul_pair_with_the_column_sum(rows):
+    rng = np.random.default_rng(8)
+    g, w, x = (rng.standard_normal(s, dtype=np.float32) for s in ((rows, 768), (768, 256), (rows, 256)))
+    dx, dw, db = cpu_matmul_pair((g, w), (g.T, x), g)
+    np.testing.assert_allclose(dx, _reference(g, w), rtol=2e-5, atol=1e-3)
+    np.testing.assert_allclose(dw, _reference(g.T, x), rtol=2e-5, atol=1e-3)
+    np.testing.assert_allclose(db, g.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def stale_empty(monkeypatch):
+    """np.empty hands out NaN-filled arrays, as stale memory could be: a buffer that is used
+    before every element is written shows it."""
+    real_full = np.full
+
+    def nan_filled(shape, dtype=float, order="C", **_):
+        return real_full(shape, np.nan, dtype=dtype, order=order)
+
+    monkeypatch.setattr(np, "empty", nan_filled)
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 3, 4, 32), (2, 5, 3, 2, 2)])   # threads, and one pass
+def test_qkv_gradient_covering_the_whole_array_needs_no_zeros(shape, stale_empty):
+    """q, k, v = qkv[0], qkv[1], qkv[2] read every element once: the summed gradient is built in an
+    uninitialised buffer, every element written once."""
+    rng = np.random.default_rng(9)
+    b, t, three, h, d = shape
+    x = mm.Tensor(rng.standard_normal((b, t, three * h * d)).astype(np.float32), requires_grad=True)
+    qkv = x.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)        # (3, B, H, T, D), a view
+    ws = [rng.standard_normal((b, h, t, d)).astype(np.float32) for _ in range(3)]
+    loss = (qkv[0] * ws[0]).sum() + (qkv[1] * ws[1]).sum() + (qkv[2] * ws[2]).sum()
+    loss.backward()
+    expected = np.stack(ws).transpose(1, 3, 0, 2, 4).reshape(x.shape)
+    np.testing.assert_array_equal(x.grad, expected)
+
+
+def test_two_reads_of_one_row_still_sum():
+    """x[0] read twice and x[1] once: not a cover of disjoint reads, so the zeros + sum path."""
+    x = mm.Tensor(np.arange(6.0).reshape(3, 2), requires_grad=True)
+    (x[0] * 2.0 + x[0] * 3.0 + x[1]).sum().backward()
+    np.testing.assert_array_equal(x.grad, [[5.0, 5.0], [1.0, 1.0], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_on_strided_heads_copied_in_threads(causal, stale_empty):
+    """Attention on the model's strided q, k, v views, large enough for the copies (and the scale on
+    q) to be shared out between threads, with dK, dV zeroed per thread: values and gradients against
+    the float64 formula."""
+    rng = np.random.default_rng(10)
+    b, t, h, d = 2, 160, 4, 64
+    qkv64 = rng.standard_normal((b, t, 3, h, d))
+    qkv = mm.Tensor(qkv64.astype(np.float32), requires_grad=True)
+    heads = qkv.transpose(2, 0, 3, 1, 4)                            # (3, B, H, T, D) views
+    out = mm.functional.scaled_dot_product_attention(heads[0], heads[1], heads[2], causal=causal)
+    g = rng.standard_normal(out.shape)
+    out.backward(g.astype(np.float32))
+    q, k, v = (qkv64[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    scores = np.einsum("bhid,bhjd->bhij", q, k) / np.sqrt(d)
+    if causal:
+        scores = np.where(np.triu(np.ones((t, t), bool), 1), -np.inf, scores)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out.data, p @ v, rtol=1e-4, atol=1e-5)
+    dp = g @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
+    grads = np.stack([ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ g])   # (3, B, H, T, D)
+    np.testing.assert_allclose(qkv.grad, grads.transpose(1, 3, 0, 2, 4), rtol=1e-4, atol=1e-4)
