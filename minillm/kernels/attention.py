@@ -434,6 +434,8 @@ def flash_attention_forward(q, k, v, causal: bool, scale: float):
     import cupy  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    if flash_tc_eligible(q, k, v, q.dtype):                  # bf16/fp16, D = 32 or 64: the tensor cores
+        return _flash_tc_forward(q, k, v, causal, scale)
     q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
     nq, nk, tq, tk, d, dv, group = _flash_args(q, k, v)
     kernel, bm, _, acc = _flash_instance("forward", q.dtype, max(d, dv))
@@ -452,6 +454,8 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: f
     import cupy  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    if flash_tc_eligible(q, k, v, q.dtype):
+        return _flash_tc_backward(q, k, v, out, lse, grad_out, causal, scale)
     q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
     grad_out = cupy.ascontiguousarray(grad_out, dtype=out.dtype)
     nq, nk, tq, tk, d, dv, group = _flash_args(q, k, v)
@@ -471,6 +475,368 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: f
     return grad_q, grad_k, grad_v
 
 
+# ================================================================ flash attention on the tensor cores
+#
+# The same algorithm as the kernels above (online softmax forward; backward from P recomputed with
+# lse, a dQ kernel over key tiles and a dK/dV kernel over query tiles), for bf16/fp16 inputs with
+# head size D = 32 or 64, where the products run on the tensor cores through WMMA: a warp
+# multiplies 16×16 fragments of bf16/fp16 and accumulates them in float32. The softmax statistics
+# (max, Σ exp, lse, Δ) and everything elementwise stay float32, on the CUDA cores.
+#
+# A block has 4 warps; each owns 16 rows of the tile (query rows in the forward and dQ kernels, key
+# rows in the dK/dV kernel). Per tile a warp computes its 16 rows of scores into shared memory
+# (float32), two lanes per row turn them into P (or dS) there, rounded to the input type, and the
+# warp multiplies that by the V (or K, Q, dO) tile. The forward's output accumulator lives in
+# shared memory, where the online softmax can rescale its rows; the backward's accumulators
+# (dQ; dK, dV) need no rescaling and stay in the warps' fragment registers.
+#
+# Shared memory per block (D = 64, 2-byte inputs) stays under the 48 KB a kernel gets without
+# asking: forward Q 64×D, K and V 32×D, S 64×32 (float), P 64×32, O 64×D (float) = 44 KB.
+_FLASH_TC_SOURCE = r"""
+#include <mma.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+using namespace nvcuda;
+
+#define TC_WARPS 4
+#define TC_THREADS 128
+#define TC_NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float tc_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float tc_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T tc_cast(float x);
+template <> __device__ __forceinline__ __half tc_cast<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 tc_cast<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// rows [r0, r0 + R) of a (n_rows, D) row-major matrix into tile (R, D); rows past n_rows are zeros.
+// 16-byte loads: D is a multiple of 8 two-byte elements, and every row starts 16-byte aligned.
+template <typename T, int R, int D>
+__device__ __forceinline__ void tc_load(T (*tile)[D], const T* __restrict__ src, int r0, int n_rows) {
+    constexpr int PER_ROW = D / 8;
+    for (int e = threadIdx.x; e < R * PER_ROW; e += TC_THREADS) {
+        const int r = e / PER_ROW, c = (e % PER_ROW) * 8;
+        uint4 value = make_uint4(0, 0, 0, 0);
+        if (r0 + r < n_rows) value = *reinterpret_cast<const uint4*>(src + (long long)(r0 + r) * D + c);
+        *reinterpret_cast<uint4*>(&tile[r][c]) = value;
+    }
+}
+
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> tc_acc;
+
+// out (16 × N, float, row-major, ldm ldo) = A (16 × K: rows of a, row-major, lda) · B, where B is
+// (K × N) = rows of b read row-major (b_transposed = false, ldb) or the transpose of N rows of b
+// (b_transposed = true: B = bᵀ, b row-major (N × K)).
+template <typename T, int K, int N, bool B_TRANSPOSED>
+__device__ __forceinline__ void tc_product(float* out, int ldo, const T* a, int lda, const T* b, int ldb) {
+#pragma unroll
+    for (int c = 0; c < N / 16; ++c) {
+        tc_acc acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < K / 16; ++kk) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, a + kk * 16, lda);
+            if (B_TRANSPOSED) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, b + (long long)c * 16 * ldb + kk * 16, ldb);
+                wmma::mma_sync(acc, fa, fb, acc);
+            } else {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, b + (long long)kk * 16 * ldb + c * 16, ldb);
+                wmma::mma_sync(acc, fa, fb, acc);
+            }
+        }
+        wmma::store_matrix_sync(out + c * 16, acc, ldo, wmma::mem_row_major);
+    }
+}
+
+// acc[c] (16 × 16 column blocks c of a 16 × D accumulator) += A (16 × K, row-major, lda) · b (K × D, row-major, ldb)
+template <typename T, int K, int D>
+__device__ __forceinline__ void tc_accumulate(tc_acc* acc, const T* a, int lda, const T* b, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, a + kk * 16, lda);
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, b + (long long)kk * 16 * ldb + c * 16, ldb);
+            wmma::mma_sync(acc[c], fa, fb, acc[c]);
+        }
+    }
+}
+
+// Forward. q (NQ, tq, D), k, v (NQ/group, tk, D) of T; o (NQ, tq, D), lse (NQ, tq) float32.
+// Grid (ceil(tq / 64), NQ), 128 threads; key tiles of 32.
+template <typename T, int D>
+__global__ void __launch_bounds__(TC_THREADS) flash_tc_forward(
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+        float* __restrict__ o, float* __restrict__ lse, int tq, int tk, int group, int causal, float scale) {
+    constexpr int BM = 64, BN = 32, HALF = BN / 2, DHALF = D / 2;
+    __shared__ __align__(32) T q_s[BM][D];
+    __shared__ __align__(32) T k_s[BN][D];
+    __shared__ __align__(32) T v_s[BN][D];
+    __shared__ __align__(32) float s_s[BM][BN];
+    __shared__ __align__(32) T p_s[BM][BN];
+    __shared__ __align__(32) float o_s[BM][D];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long n = blockIdx.y, kv = n / group;
+    const int row0 = blockIdx.x * BM, offset = tk - tq;
+    const int r = warp * 16 + (lane >> 1), half = lane & 1, i = row0 + r;   // this lane's row, half of it
+    const T* k_head = k + kv * tk * D;
+    const T* v_head = v + kv * tk * D;
+    tc_load<T, BM, D>(q_s, q + n * tq * D, row0, tq);
+    for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o_s[r][c] = 0.0f;
+    const int last = causal ? i + offset : tk - 1;                             // row i's last key
+    const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;      // the block's key range
+    float m = TC_NEG_INF, l = 0.0f;
+    for (int j0 = 0; j0 < k_end; j0 += BN) {
+        __syncthreads();                                  // the previous tile is no longer read
+        tc_load<T, BN, D>(k_s, k_head, j0, tk);
+        tc_load<T, BN, D>(v_s, v_head, j0, tk);
+        __syncthreads();
+        tc_product<T, D, BN, true>(&s_s[warp * 16][0], BN, &q_s[warp * 16][0], D, &k_s[0][0], D);   // Q Kᵀ
+        __syncwarp();
+        float s[HALF], tile_max = TC_NEG_INF;
+#pragma unroll
+        for (int u = 0; u < HALF; ++u) {
+            const int j = j0 + half * HALF + u;
+            s[u] = (j <= last && j < tk) ? s_s[r][half * HALF + u] * scale : TC_NEG_INF;
+            tile_max = fmaxf(tile_max, s[u]);
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        const float m_new = fmaxf(m, tile_max);
+        const float correction = m_new == TC_NEG_INF ? 1.0f : expf(m - m_new);   // 0 on the first visible tile
+        float sum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < HALF; ++u) {
+            const float p = m_new == TC_NEG_INF ? 0.0f : expf(s[u] - m_new);
+            sum += p;
+            p_s[r][half * HALF + u] = tc_cast<T>(p);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * correction + sum;
+        m = m_new;
+        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o_s[r][c] *= correction;
+        __syncwarp();
+        tc_acc acc[D / 16];                                                     // O += P V
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(acc[c], &o_s[warp * 16][c * 16], D, wmma::mem_row_major);
+        tc_accumulate<T, BN, D>(acc, &p_s[warp * 16][0], BN, &v_s[0][0], D);
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&o_s[warp * 16][c * 16], acc[c], D, wmma::mem_row_major);
+        __syncwarp();
+    }
+    if (i < tq) {
+        const float inv = 1.0f / l;
+        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o[(n * tq + i) * D + c] = o_s[r][c] * inv;
+        if (half == 0) lse[n * tq + i] = m + logf(l);
+    }
+}
+
+// dQ. q (NQ, tq, D), k, v (NK, tk, D), grad_out (NQ, tq, D) of T; lse, delta (NQ, tq) float;
+// grad_q (NQ, tq, D) float. Grid (ceil(tq / 64), NQ), 128 threads; key tiles of 32.
+// dS = P (dP - Δ) with P = exp(scale q·k - lse), dP = dO·v;  dQ = scale Σ_j dS_j k_j.
+template <typename T, int D>
+__global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dq(
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ grad_out,
+        const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ grad_q,
+        int tq, int tk, int group, int causal, float scale) {
+    constexpr int BM = 64, BN = 32, HALF = BN / 2, DHALF = D / 2;
+    __shared__ __align__(32) T q_s[BM][D];
+    __shared__ __align__(32) T g_s[BM][D];
+    __shared__ __align__(32) T k_s[BN][D];
+    __shared__ __align__(32) T v_s[BN][D];
+    __shared__ __align__(32) float f_s[BM][64];     // per row: scores in 0..31, dP in 32..63; dQ at the end
+    __shared__ __align__(32) T h_s[BM][BN];         // dS
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long n = blockIdx.y, kv = n / group;
+    const int row0 = blockIdx.x * BM, offset = tk - tq;
+    const int r = warp * 16 + (lane >> 1), half = lane & 1, i = row0 + r;
+    tc_load<T, BM, D>(q_s, q + n * tq * D, row0, tq);
+    tc_load<T, BM, D>(g_s, grad_out + n * tq * D, row0, tq);
+    const float row_lse = i < tq ? lse[n * tq + i] : 0.0f, row_delta = i < tq ? delta[n * tq + i] : 0.0f;
+    const int last = causal ? i + offset : tk - 1;
+    const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;
+    tc_acc dq[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) wmma::fill_fragment(dq[c], 0.0f);
+    for (int j0 = 0; j0 < k_end; j0 += BN) {
+        __syncthreads();
+        tc_load<T, BN, D>(k_s, k + kv * tk * D, j0, tk);
+        tc_load<T, BN, D>(v_s, v + kv * tk * D, j0, tk);
+        __syncthreads();
+        tc_product<T, D, BN, true>(&f_s[warp * 16][0], 64, &q_s[warp * 16][0], D, &k_s[0][0], D);    // Q Kᵀ
+        tc_product<T, D, BN, true>(&f_s[warp * 16][BN], 64, &g_s[warp * 16][0], D, &v_s[0][0], D);   // dO Vᵀ
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < HALF; ++u) {
+            const int col = half * HALF + u, j = j0 + col;
+            const bool visible = i < tq && j <= last && j < tk;
+            const float p = visible ? expf(f_s[r][col] * scale - row_lse) : 0.0f;
+            h_s[r][col] = tc_cast<T>(p * (f_s[r][BN + col] - row_delta) * scale);
+        }
+        __syncwarp();
+        tc_accumulate<T, BN, D>(dq, &h_s[warp * 16][0], BN, &k_s[0][0], D);                          // += dS K
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&f_s[warp * 16][c * 16], dq[c], 64, wmma::mem_row_major);
+    __syncwarp();
+    if (i < tq)
+        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_q[(n * tq + i) * D + c] = f_s[r][c];
+}
+
+// dK, dV. Grid (ceil(tk / 64), NK), 128 threads: each warp owns 16 keys; query tiles of 32 of each of
+// the group's query heads in turn.  dV_j = Σ_i P_ij dO_i,  dK_j = scale Σ_i dS_ij q_i.
+template <typename T, int D>
+__global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dkv(
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ grad_out,
+        const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ grad_k,
+        float* __restrict__ grad_v, int tq, int tk, int group, int causal, float scale) {
+    constexpr int BN = 64, BM = 32, HALF = BM / 2, DHALF = D / 2;
+    __shared__ __align__(32) T k_s[BN][D];
+    __shared__ __align__(32) T v_s[BN][D];
+    __shared__ __align__(32) T q_s[BM][D];
+    __shared__ __align__(32) T g_s[BM][D];
+    __shared__ __align__(32) float f_s[BN][64];     // per key row: Sᵀ (then P) in 0..31, dPᵀ in 32..63
+    __shared__ __align__(32) T h_s[BN][BM];         // Pᵀ, then dSᵀ
+    __shared__ float lse_s[BM], delta_s[BM];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long kv = blockIdx.y;
+    const int key0 = blockIdx.x * BN, offset = tk - tq;
+    const int r = warp * 16 + (lane >> 1), half = lane & 1, j = key0 + r;   // this lane's key row, half of it
+    tc_load<T, BN, D>(k_s, k + kv * tk * D, key0, tk);
+    tc_load<T, BN, D>(v_s, v + kv * tk * D, key0, tk);
+    tc_acc dk[D / 16], dv[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) { wmma::fill_fragment(dk[c], 0.0f); wmma::fill_fragment(dv[c], 0.0f); }
+    const int block_first = causal ? max(0, key0 - offset) : 0;               // the first query that sees a key here
+    for (int g = 0; g < group; ++g) {
+        const long long n = kv * group + g;
+        for (int i0 = (block_first / BM) * BM; i0 < tq; i0 += BM) {
+            __syncthreads();
+            tc_load<T, BM, D>(q_s, q + n * tq * D, i0, tq);
+            tc_load<T, BM, D>(g_s, grad_out + n * tq * D, i0, tq);
+            if (threadIdx.x < BM) {
+                const int i = i0 + threadIdx.x;
+                lse_s[threadIdx.x] = i < tq ? lse[n * tq + i] : 0.0f;
+                delta_s[threadIdx.x] = i < tq ? delta[n * tq + i] : 0.0f;
+            }
+            __syncthreads();
+            tc_product<T, D, BM, true>(&f_s[warp * 16][0], 64, &k_s[warp * 16][0], D, &q_s[0][0], D);    // K Qᵀ
+            tc_product<T, D, BM, true>(&f_s[warp * 16][BM], 64, &v_s[warp * 16][0], D, &g_s[0][0], D);   // V dOᵀ
+            __syncwarp();
+            float p[HALF];
+#pragma unroll
+            for (int u = 0; u < HALF; ++u) {
+                const int col = half * HALF + u, i = i0 + col;
+                const bool visible = i < tq && j < tk && (!causal || j <= i + offset);
+                p[u] = visible ? expf(f_s[r][col] * scale - lse_s[col]) : 0.0f;
+                h_s[r][col] = tc_cast<T>(p[u]);
+            }
+            __syncwarp();
+            tc_accumulate<T, BM, D>(dv, &h_s[warp * 16][0], BM, &g_s[0][0], D);                          // += Pᵀ dO
+            __syncwarp();
+#pragma unroll
+            for (int u = 0; u < HALF; ++u) {
+                const int col = half * HALF + u;
+                h_s[r][col] = tc_cast<T>(p[u] * (f_s[r][BM + col] - delta_s[col]) * scale);
+            }
+            __syncwarp();
+            tc_accumulate<T, BM, D>(dk, &h_s[warp * 16][0], BM, &q_s[0][0], D);                          // += s dSᵀ Q
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&f_s[warp * 16][c * 16], dv[c], 64, wmma::mem_row_major);
+    __syncwarp();
+    if (j < tk)
+        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_v[(kv * tk + j) * D + c] = f_s[r][c];
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&f_s[warp * 16][c * 16], dk[c], 64, wmma::mem_row_major);
+    __syncwarp();
+    if (j < tk)
+        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_k[(kv * tk + j) * D + c] = f_s[r][c];
+}
+"""
+
+
+_TC_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+TC_DIMS = (32, 64)                        # head sizes the tensor-core kernels are built for (D = Dv)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tensor_cores(device_id: int) -> bool:
+    """bf16 WMMA needs compute capability 8.0 (Ampere) or newer."""
+    import cupy  # noqa: PLC0415
+
+    return cupy.cuda.Device(device_id).compute_capability >= "80"
+
+
+def flash_tc_eligible(q, k, v, dtype) -> bool:
+    """Whether the tensor-core flash kernels take q, k, v (CuPy) once cast to ``dtype`` (bf16/fp16):
+    head sizes D = Dv in TC_DIMS, keys present, a GPU with bf16 tensor cores."""
+    import numpy as np  # noqa: PLC0415
+
+    return (dtype is not None and np.dtype(dtype).name in _TC_TYPES and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and q.shape[-1] in TC_DIMS and k.shape[-2] > 0 and _has_tensor_cores(q.device.id))
+
+
+def _tc_kernel(kind: str, dtype, dim: int):
+    from .common import compile_module  # noqa: PLC0415
+
+    name = f"flash_tc_{kind}<{_TC_TYPES[dtype.name]}, {dim}>"
+    return compile_module(_FLASH_TC_SOURCE, (name,), ("--std=c++14",)).get_function(name)
+
+
+def _tc_operand(a):
+    """C-contiguous and 16-byte aligned (the kernels load rows as 16-byte vectors)."""
+    import cupy  # noqa: PLC0415
+
+    a = cupy.ascontiguousarray(a)
+    return a if a.data.ptr % 16 == 0 else a.copy()
+
+
+def _flash_tc_forward(q, k, v, causal: bool, scale: float):
+    import cupy  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    q, k, v = (_tc_operand(a) for a in (q, k, v))
+    nq, nk, tq, tk, d, _, group = _flash_args(q, k, v)
+    out = cupy.empty((nq, tq, d), dtype=np.float32)
+    lse = cupy.empty((nq, tq), dtype=np.float32)
+    if nq and tq:
+        _tc_kernel("forward", q.dtype, d)(((tq + 63) // 64, nq), (128,),
+                                          (q, k, v, out, lse, np.int32(tq), np.int32(tk), group,
+                                           np.int32(causal), np.float32(scale)))
+    return out, lse
+
+
+def _flash_tc_backward(q, k, v, out, lse, grad_out, causal: bool, scale: float):
+    import cupy  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    q, k, v = (_tc_operand(a) for a in (q, k, v))
+    grad_out = cupy.ascontiguousarray(grad_out, dtype=np.float32)
+    nq, nk, tq, tk, d, _, group = _flash_args(q, k, v)
+    delta = cupy.sum(grad_out * out, axis=-1)                          # Δ_i = Σ_c dO_ic O_ic  (NQ, Tq), float32
+    g = _tc_operand(grad_out.astype(q.dtype))                          # dO as a tensor-core operand
+    grad_q = cupy.empty((nq, tq, d), dtype=np.float32)
+    grad_k = cupy.empty((nk, tk, d), dtype=np.float32)
+    grad_v = cupy.empty((nk, tk, d), dtype=np.float32)
+    sizes = (np.int32(tq), np.int32(tk), group, np.int32(causal), np.float32(scale))
+    if nq and tq:
+        _tc_kernel("backward_dq", q.dtype, d)(((tq + 63) // 64, nq), (128,), (q, k, v, g, lse, delta, grad_q) + sizes)
+        _tc_kernel("backward_dkv", q.dtype, d)(((tk + 63) // 64, nk), (128,),
+                                               (q, k, v, g, lse, delta, grad_k, grad_v) + sizes)
+    else:
+        grad_k.fill(0)
+        grad_v.fill(0)
+    return grad_q, grad_k, grad_v
+
+
 def compile_check_sources():
     """(label, source, template instances) of every kernel of this module, for an offline compile check."""
     names = []
@@ -484,7 +850,10 @@ def compile_check_sources():
             flash += [f"flash_forward<{t}, {a}, {dim}, {FLASH_THREADS}, {tile}>",
                       f"flash_backward_dq<{t}, {a}, {dim}, {FLASH_THREADS}, {tile}>",
                       f"flash_backward_dkv<{t}, {a}, {dim}, {tile}, {FLASH_THREADS}>"]
-    return [("attention softmax", _ATTENTION_SOFTMAX_SOURCE, names), ("flash", _FLASH_SOURCE, flash)]
+    tensor_cores = [f"flash_tc_{kind}<{t}, {dim}>" for t in _TC_TYPES.values() for dim in TC_DIMS
+                    for kind in ("forward", "backward_dq", "backward_dkv")]
+    return [("attention softmax", _ATTENTION_SOFTMAX_SOURCE, names), ("flash", _FLASH_SOURCE, flash),
+            ("flash, tensor cores", _FLASH_TC_SOURCE, tensor_cores)]
 
 
 # ================================================================ the score-matrix path

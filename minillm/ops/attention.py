@@ -278,9 +278,11 @@ def _group_summed_matmul(a, b):
 
 
 # Which GPU implementation runs (minillm/kernels/attention.py): "flash" (fused kernels, O(T)
-# memory, fp32 accumulation on the CUDA cores), "scores" (cuBLAS products around the
-# materialised score matrix: tensor cores, TF32 and autocast, O(Tq·Tk) memory while it runs),
-# or "auto": flash once the score matrices would hold FLASH_MIN_SCORES elements or more.
+# memory: on the tensor cores for bf16/fp16 with head size 32 or 64, else fp32 accumulation on
+# the CUDA cores), "scores" (cuBLAS products around the materialised score matrix: tensor cores,
+# TF32 and autocast, O(Tq·Tk) memory while it runs), or "auto": flash whenever the tensor-core
+# kernels apply (they never write the score matrix, so they win at every size), otherwise once
+# the score matrices would hold FLASH_MIN_SCORES elements or more.
 # Dropout always takes "scores" (the flash kernels have no dropout).
 GPU_ATTENTION = "auto"
 FLASH_MIN_SCORES = 1 << 28
@@ -289,7 +291,10 @@ FLASH_MIN_SCORES = 1 << 28
 def _use_flash(q, k, v, n_scores: int, dropout_p: float) -> bool:
     if dropout_p > 0 or GPU_ATTENTION == "scores" or not kernels.flash_supported(q, k, v):
         return False
-    return GPU_ATTENTION == "flash" or n_scores >= FLASH_MIN_SCORES
+    if GPU_ATTENTION == "flash" or n_scores >= FLASH_MIN_SCORES:
+        return True
+    reduced = precision.autocast_dtype() or (q.dtype if q.dtype.name in ("bfloat16", "float16") else None)
+    return kernels.flash_tc_eligible(q, k, v, reduced)
 
 
 class ScaledDotProductAttention(Function):

@@ -114,6 +114,45 @@ def test_autocast_attention_is_close_to_float32(path, reduced, tolerance, gpu, m
         assert relative_error(a, b) < tolerance
 
 
+# (B, Hq, Hkv, Tq, Tk, D) for the tensor-core kernels (bf16/fp16, D = 32 or 64): query tiles of 64
+# and key tiles of 32 (forward, dQ) or 64 keys and 32 queries (dK/dV), so 70, 130, 33, 129 and 200
+# leave ragged tiles; Tq < Tk is the KV cache (causal offset); Hkv < Hq is grouped-query attention.
+TC_SHAPES = [(2, 3, 3, 70, 70, 64), (1, 2, 2, 5, 130, 64), (1, 4, 2, 33, 33, 32), (1, 4, 1, 1, 77, 64),
+             (1, 2, 2, 130, 130, 32), (2, 2, 1, 129, 200, 64)]
+
+
+@pytest.mark.parametrize("shape", TC_SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("reduced,tolerance", [("bf16", 1.5e-2), ("fp16", 2e-3)])
+def test_tensor_core_flash_is_close_to_float32(shape, causal, reduced, tolerance, gpu, monkeypatch):
+    """The tensor-core kernels under autocast against the float32 score-matrix path. Their products
+    take bf16/fp16 operands and accumulate in float32, like the SIMT kernels' (same tolerances as
+    test_autocast_attention_is_close_to_float32: a few units of roundoff through three chained
+    products); P and dS are also rounded to the operand type before their products (u relative
+    each), which stays inside that bound. The test also checks that these kernels ran."""
+    from minillm.kernels import attention as kernels
+
+    b, hq, hkv, tq, tk, d = shape
+    arrays = (RNG.standard_normal((b, hq, tq, d)), RNG.standard_normal((b, hkv, tk, d)),
+              RNG.standard_normal((b, hkv, tk, d)))
+    cotangent = RNG.standard_normal((b, hq, tq, d))
+    calls = []
+    for name in ("_flash_tc_forward", "_flash_tc_backward"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    exact = run(arrays, gpu, np.float32, causal, "scores", monkeypatch, cotangent)
+    assert calls == []
+    monkeypatch.setattr(attention, "GPU_ATTENTION", "auto")   # auto picks the tensor cores for these
+    q, k, v = (mm.Tensor(a.astype(np.float32), requires_grad=True, device=gpu) for a in arrays)
+    with mm.autocast(reduced):
+        out = F.scaled_dot_product_attention(q, k, v, causal=causal)
+    out.backward(mm.backend.to_device(cotangent.astype(np.float32), gpu))
+    assert calls == ["_flash_tc_forward", "_flash_tc_backward"]
+    got = [mm.backend.to_numpy(x).astype(np.float64) for x in (out.data, q.grad, k.grad, v.grad)]
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+        assert relative_error(a, e) < tolerance, f"{name}: {relative_error(a, e):.2e}"
+
+
 def test_flash_memory_is_linear_in_t(gpu, monkeypatch):
     """The flash path keeps O(T) for backward: q, k, v, the output and lse, no (T, T) array."""
     monkeypatch.setattr(attention, "GPU_ATTENTION", "flash")
