@@ -263,8 +263,8 @@ def _grouped_matmul(a, b, out):
     return out
 
 
-def _group_summed_matmul(a, b):
-    """Σ_g a[:, g]ᵀ @ b[:, g] for a (n, G, R, X), b (n, G, R, Y) -> (n, X, Y).
+def _group_summed_matmul(a, b, out=None):
+    """Σ_g a[:, g]ᵀ @ b[:, g] for a (n, G, R, X), b (n, G, R, Y) -> (n, X, Y) (into ``out`` if given).
 
     The gradient of a key/value head shared by G query heads is the sum of the G
     heads' contributions. With merged (G·R) rows the sum is the GEMM's own inner
@@ -273,8 +273,16 @@ def _group_summed_matmul(a, b):
     xp = array_module(a)
     a2, b2 = _merge_groups(a), _merge_groups(b)
     if a2 is not None and b2 is not None:
-        return xp.matmul(a2.swapaxes(-1, -2), b2)
-    return xp.matmul(a.swapaxes(-1, -2), b).sum(axis=1)
+        return xp.matmul(a2.swapaxes(-1, -2), b2, out=out)
+    return xp.matmul(a.swapaxes(-1, -2), b).sum(axis=1, out=out)
+
+
+def _summed_product(a, b, dest, in_place: bool) -> None:
+    """dest = Σ_g a[:, g]ᵀ b[:, g] when ``in_place``, else dest += it (a tile's share of dK or dV)."""
+    if in_place:
+        _group_summed_matmul(a, b, out=dest)
+    else:
+        dest += _group_summed_matmul(a, b)
 
 
 # Which GPU implementation runs (minillm/kernels/attention.py): "flash" (fused kernels, O(T)
@@ -347,10 +355,10 @@ class ScaledDotProductAttention(Function):
         return out.reshape(lead + (tq, dv))
 
     def backward(self, grad):                                   # grad = dO (…, Tq, Dv)
-        # dV = P̃ᵀ dO and dK = s · dSᵀ Q are computed as (dOᵀ P̃)ᵀ and (s Qᵀ dS)ᵀ: the same
-        # products, but only the small (…, T, D) operands are transposed. CuPy would copy a
-        # transposed (…, Tk, Tq) view before its GEMM (measured: +400 MiB and 3x the time at
-        # B=8, H=12, T=1024); NumPy's BLAS runs both forms at the same speed.
+        # The CPU backward (the GPU's is _backward_gpu). dV = P̃ᵀ dO and dK = dSᵀ (s Q): NumPy
+        # hands the transposed P̃ and dS to the BLAS as flags (no copy), and the (…, Tk, D)
+        # results land in dK and dV directly (their transposed twins (dOᵀ P̃)ᵀ would need an
+        # add through a transposed view: 0.40 against 0.28 ms per tile of 8 matrices).
         if self.on_gpu:
             return self._backward_gpu(grad)
         q4, k3, v3, probs, keep, groups = self.saved
@@ -362,22 +370,28 @@ class ScaledDotProductAttention(Function):
         keep_scale = grad.dtype.type(1.0 / (1.0 - self.dropout_p))
         q_scale = grad.dtype.type(self.scale)
         want_q, want_k, want_v = self.needs_input_grad
-        one_tile = len(groups) == 1 and len(groups[0]) == 1    # then each gradient is one product
-        # gradients are allocated in their input's shape and filled through (N, ·, T, ·) views;
-        # dK and dV are sums over tiles: each thread zeroes its own matrices first
+        tk = k3.shape[1]
+        # gradients are allocated in their input's shape and filled through (N, ·, T, ·) views
         grad_q = xp.empty(grad.shape[:-1] + q4.shape[-1:], dtype=grad.dtype) if want_q else None
-        grad_k = xp.empty(k_shape, dtype=grad.dtype) if want_k and not one_tile else None
-        grad_v = xp.empty(v_shape, dtype=grad.dtype) if want_v and not one_tile else None
+        grad_k = xp.empty(k_shape, dtype=grad.dtype) if want_k else None
+        grad_v = xp.empty(v_shape, dtype=grad.dtype) if want_v else None
         grad_q4 = None if grad_q is None else grad_q.reshape(q4.shape)
         grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:]) for g in (grad_k, grad_v))
-        one_tile_grads = {}                                     # with one tile, dK and dV are whole products
+        summed = [a for a in (grad_k3, grad_v3) if a is not None]
 
         def backward_tiles(tiles):
-            first, last = min(tile[0] for tile in tiles), max(tile[1] for tile in tiles)
-            for summed in (grad_k3, grad_v3):                       # this thread's matrices
-                if summed is not None:
-                    summed[first:last] = 0
-            for b0, b1, r0, r1, k_end in tiles:
+            # dK and dV are sums over a matrix's tiles. The tiles that see every key run first
+            # and write their products in place; later tiles add theirs. A matrix whose first
+            # tile sees fewer keys (not the case with the default tiles) is zeroed first.
+            written = set()                                         # matrices of dK, dV holding a product
+            for b0, b1, r0, r1, k_end in sorted(tiles, key=lambda tile: -tile[4]):
+                fresh = [b for b in range(b0, b1) if b not in written]
+                in_place = k_end == tk and len(fresh) == b1 - b0
+                if not in_place:
+                    for b in fresh:
+                        for a in summed:
+                            a[b] = 0
+                written.update(fresh)
                 q_tile = q4[b0:b1, :, r0:r1]                        # (n, G, rows, D)
                 if probs is None:                                   # recompute P, as in forward
                     p = xp.empty(q_tile.shape[:-1] + (k_end,), dtype=q4.dtype)
@@ -389,11 +403,7 @@ class ScaledDotProductAttention(Function):
                 g = grad4[b0:b1, :, r0:r1]                          # (n, G, rows, Dv)
                 if want_v:
                     kept = p if keep is None else p * tile_keep     # P ⊙ M; P̃ = that / (1 − p)
-                    part = _group_summed_matmul(g, kept).swapaxes(-1, -2)   # Σ_g (dOᵀ P̃)ᵀ (n, k_end, Dv)
-                    if one_tile:
-                        one_tile_grads["v"] = part.reshape(v_shape)
-                    else:
-                        grad_v3[b0:b1, :k_end] += part
+                    _summed_product(kept, g, grad_v3[b0:b1, :k_end], in_place)   # Σ_g P̃ᵀ dO (n, k_end, Dv)
                 if want_q or want_k:
                     grad_scores = xp.empty(p.shape, dtype=p.dtype)
                     _grouped_matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2), out=grad_scores)  # dP̃ = dO Vᵀ
@@ -403,14 +413,9 @@ class ScaledDotProductAttention(Function):
                         _grouped_matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q_tile)  # dS K
                         grad_q_tile *= q_scale                                          # dQ = s · dS K
                     if want_k:
-                        part = _group_summed_matmul(q_tile, grad_scores).swapaxes(-1, -2)   # Σ_g (s Qᵀ dS)ᵀ
-                        if one_tile:
-                            one_tile_grads["k"] = part.reshape(k_shape)
-                        else:
-                            grad_k3[b0:b1, :k_end] += part
+                        _summed_product(grad_scores, q_tile, grad_k3[b0:b1, :k_end], in_place)  # Σ_g dSᵀ (s Q)
 
         _run_tile_groups(backward_tiles, groups)
-        grad_k, grad_v = one_tile_grads.get("k", grad_k), one_tile_grads.get("v", grad_v)
         if want_v and keep is not None:
             grad_v *= keep_scale
         return grad_q, grad_k, grad_v
