@@ -479,8 +479,9 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: f
 #
 # The same algorithm as the kernels above (online softmax forward; backward from P recomputed with
 # lse, a dQ kernel over key tiles and a dK/dV kernel over query tiles), for bf16/fp16 inputs with
-# head size D = 32 or 64, where the products run on the tensor cores through WMMA: a warp
-# multiplies 16×16 fragments of bf16/fp16 and accumulates them in float32. The softmax statistics
+# head size D = 32 or 64, where the products run on the tensor cores: a warp multiplies 16×16 by
+# 16×8 pieces of bf16/fp16 with one mma.sync instruction each and accumulates them in float32
+# (inline PTX; the pieces each lane holds are laid out below, as the PTX ISA defines them). The softmax statistics
 # (max, Σ exp, lse, Δ) and everything elementwise stay float32, on the CUDA cores.
 #
 # A block has 4 warps; each owns 16 rows of the tile (query rows in the forward and dQ kernels, key
@@ -488,15 +489,13 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: f
 # (float32), two lanes per row turn them into P (or dS) there, rounded to the input type, and the
 # warp multiplies that by the V (or K, Q, dO) tile. The forward's output accumulator lives in
 # shared memory, where the online softmax can rescale its rows; the backward's accumulators
-# (dQ; dK, dV) need no rescaling and stay in the warps' fragment registers.
+# (dQ; dK, dV) need no rescaling and stay in the warps' registers.
 #
 # Shared memory per block (D = 64, 2-byte inputs) stays under the 48 KB a kernel gets without
 # asking: forward Q 64×D, K and V 32×D, S 64×32 (float), P 64×32, O 64×D (float) = 44 KB.
 _FLASH_TC_SOURCE = r"""
-#include <mma.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-using namespace nvcuda;
 
 #define TC_WARPS 4
 #define TC_THREADS 128
@@ -507,6 +506,72 @@ __device__ __forceinline__ float tc_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T> __device__ __forceinline__ T tc_cast(float x);
 template <> __device__ __forceinline__ __half tc_cast<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 tc_cast<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// One tensor-core instruction, mma.sync m16n8k16: C (16 × 8, float32) += A (16 × 16) · B (16 × 8) of
+// bf16 or fp16, for the whole warp. Each lane holds pieces of A, B, C at places the PTX ISA fixes
+// ("matrix fragments for mma.m16n8k16"); with g = lane / 4 and t = lane % 4:
+//   A: a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B: b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]
+//   C: c[0], c[1] = C[g][2t, 2t+1]    c[2], c[3] = C[g+8][2t, 2t+1]
+// (two 16-bit values per 32-bit register, the first in the low half).
+template <typename T> __device__ __forceinline__ void tc_mma(float* c, const unsigned* a, const unsigned* b);
+template <> __device__ __forceinline__ void tc_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void tc_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename T> __device__ __forceinline__ unsigned tc_pair(const T* p) {      // p[0], p[1] adjacent
+    return *reinterpret_cast<const unsigned*>(p);
+}
+template <typename T> __device__ __forceinline__ unsigned tc_pack(T low, T high) {
+    return (unsigned)*reinterpret_cast<const unsigned short*>(&low)
+         | ((unsigned)*reinterpret_cast<const unsigned short*>(&high) << 16);
+}
+
+// A fragment: rows 0..15, columns k0..k0+15 of a row-major matrix (leading dimension lda).
+template <typename T> __device__ __forceinline__ void tc_load_a(unsigned* a, const T* m, int lda, int k0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    a[0] = tc_pair(m + g * lda + k0 + 2 * t);
+    a[1] = tc_pair(m + (g + 8) * lda + k0 + 2 * t);
+    a[2] = tc_pair(m + g * lda + k0 + 2 * t + 8);
+    a[3] = tc_pair(m + (g + 8) * lda + k0 + 2 * t + 8);
+}
+
+// B fragment (16 × 8 block at k0, n0) of B = bᵀ, b row-major (N × K): B[k][n] = b[n][k].
+template <typename T> __device__ __forceinline__ void tc_load_bt(unsigned* b, const T* m, int ldb, int k0, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    b[0] = tc_pair(m + (n0 + g) * ldb + k0 + 2 * t);
+    b[1] = tc_pair(m + (n0 + g) * ldb + k0 + 2 * t + 8);
+}
+
+// B fragment (16 × 8 block at k0, n0) of a row-major B (K × N): B[k][n] = m[k * ldb + n].
+template <typename T> __device__ __forceinline__ void tc_load_b(unsigned* b, const T* m, int ldb, int k0, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const T* col = m + n0 + g;
+    b[0] = tc_pack(col[(k0 + 2 * t) * ldb], col[(k0 + 2 * t + 1) * ldb]);
+    b[1] = tc_pack(col[(k0 + 2 * t + 8) * ldb], col[(k0 + 2 * t + 9) * ldb]);
+}
+
+// C fragments (16 × 8 blocks n0 = 0, 8, ...) of a row-major float matrix: load and store.
+__device__ __forceinline__ void tc_load_c(float* c, const float* m, int ldm, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const float2 top = *reinterpret_cast<const float2*>(m + g * ldm + n0 + 2 * t);
+    const float2 bottom = *reinterpret_cast<const float2*>(m + (g + 8) * ldm + n0 + 2 * t);
+    c[0] = top.x; c[1] = top.y; c[2] = bottom.x; c[3] = bottom.y;
+}
+__device__ __forceinline__ void tc_store_c(float* m, int ldm, int n0, const float* c) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    *reinterpret_cast<float2*>(m + g * ldm + n0 + 2 * t) = make_float2(c[0], c[1]);
+    *reinterpret_cast<float2*>(m + (g + 8) * ldm + n0 + 2 * t) = make_float2(c[2], c[3]);
+}
 
 // rows [r0, r0 + R) of a (n_rows, D) row-major matrix into tile (R, D); rows past n_rows are zeros.
 // 16-byte loads: D is a multiple of 8 two-byte elements, and every row starts 16-byte aligned.
@@ -521,47 +586,40 @@ __device__ __forceinline__ void tc_load(T (*tile)[D], const T* __restrict__ src,
     }
 }
 
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> tc_acc;
-
-// out (16 × N, float, row-major, ldm ldo) = A (16 × K: rows of a, row-major, lda) · B, where B is
-// (K × N) = rows of b read row-major (b_transposed = false, ldb) or the transpose of N rows of b
-// (b_transposed = true: B = bᵀ, b row-major (N × K)).
-template <typename T, int K, int N, bool B_TRANSPOSED>
+// out (16 × N, float, row-major, ldo) = A (16 × K: rows of a, row-major, lda) · B, where B (K × N) is
+// the transpose of N rows of b (row-major, ldb): out = a bᵀ.
+template <typename T, int K, int N>
 __device__ __forceinline__ void tc_product(float* out, int ldo, const T* a, int lda, const T* b, int ldb) {
+    float acc[N / 8][4];
 #pragma unroll
-    for (int c = 0; c < N / 16; ++c) {
-        tc_acc acc;
-        wmma::fill_fragment(acc, 0.0f);
+    for (int n = 0; n < N / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < K / 16; ++kk) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, a + kk * 16, lda);
-            if (B_TRANSPOSED) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, b + (long long)c * 16 * ldb + kk * 16, ldb);
-                wmma::mma_sync(acc, fa, fb, acc);
-            } else {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, b + (long long)kk * 16 * ldb + c * 16, ldb);
-                wmma::mma_sync(acc, fa, fb, acc);
-            }
+    for (int kk = 0; kk < K; kk += 16) {
+        unsigned fa[4];
+        tc_load_a(fa, a, lda, kk);
+#pragma unroll
+        for (int n = 0; n < N / 8; ++n) {
+            unsigned fb[2];
+            tc_load_bt(fb, b, ldb, kk, n * 8);
+            tc_mma<T>(acc[n], fa, fb);
         }
-        wmma::store_matrix_sync(out + c * 16, acc, ldo, wmma::mem_row_major);
     }
+#pragma unroll
+    for (int n = 0; n < N / 8; ++n) tc_store_c(out, ldo, n * 8, acc[n]);
 }
 
-// acc[c] (16 × 16 column blocks c of a 16 × D accumulator) += A (16 × K, row-major, lda) · b (K × D, row-major, ldb)
+// acc (16 × D as D/8 C fragments) += A (16 × K, row-major, lda) · b (K × D, row-major, ldb)
 template <typename T, int K, int D>
-__device__ __forceinline__ void tc_accumulate(tc_acc* acc, const T* a, int lda, const T* b, int ldb) {
+__device__ __forceinline__ void tc_accumulate(float (*acc)[4], const T* a, int lda, const T* b, int ldb) {
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, a + kk * 16, lda);
+    for (int kk = 0; kk < K; kk += 16) {
+        unsigned fa[4];
+        tc_load_a(fa, a, lda, kk);
 #pragma unroll
-        for (int c = 0; c < D / 16; ++c) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-            wmma::load_matrix_sync(fb, b + (long long)kk * 16 * ldb + c * 16, ldb);
-            wmma::mma_sync(acc[c], fa, fb, acc[c]);
+        for (int n = 0; n < D / 8; ++n) {
+            unsigned fb[2];
+            tc_load_b(fb, b, ldb, kk, n * 8);
+            tc_mma<T>(acc[n], fa, fb);
         }
     }
 }
@@ -595,7 +653,7 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_forward(
         tc_load<T, BN, D>(k_s, k_head, j0, tk);
         tc_load<T, BN, D>(v_s, v_head, j0, tk);
         __syncthreads();
-        tc_product<T, D, BN, true>(&s_s[warp * 16][0], BN, &q_s[warp * 16][0], D, &k_s[0][0], D);   // Q Kᵀ
+        tc_product<T, D, BN>(&s_s[warp * 16][0], BN, &q_s[warp * 16][0], D, &k_s[0][0], D);   // Q Kᵀ
         __syncwarp();
         float s[HALF], tile_max = TC_NEG_INF;
 #pragma unroll
@@ -619,12 +677,12 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_forward(
         m = m_new;
         for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o_s[r][c] *= correction;
         __syncwarp();
-        tc_acc acc[D / 16];                                                     // O += P V
+        float acc[D / 8][4];                                                    // O += P V
 #pragma unroll
-        for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(acc[c], &o_s[warp * 16][c * 16], D, wmma::mem_row_major);
+        for (int c = 0; c < D / 8; ++c) tc_load_c(acc[c], &o_s[warp * 16][0], D, c * 8);
         tc_accumulate<T, BN, D>(acc, &p_s[warp * 16][0], BN, &v_s[0][0], D);
 #pragma unroll
-        for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&o_s[warp * 16][c * 16], acc[c], D, wmma::mem_row_major);
+        for (int c = 0; c < D / 8; ++c) tc_store_c(&o_s[warp * 16][0], D, c * 8, acc[c]);
         __syncwarp();
     }
     if (i < tq) {
@@ -658,16 +716,16 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dq(
     const float row_lse = i < tq ? lse[n * tq + i] : 0.0f, row_delta = i < tq ? delta[n * tq + i] : 0.0f;
     const int last = causal ? i + offset : tk - 1;
     const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;
-    tc_acc dq[D / 16];
+    float dq[D / 8][4];
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::fill_fragment(dq[c], 0.0f);
+    for (int c = 0; c < D / 8; ++c) dq[c][0] = dq[c][1] = dq[c][2] = dq[c][3] = 0.0f;
     for (int j0 = 0; j0 < k_end; j0 += BN) {
         __syncthreads();
         tc_load<T, BN, D>(k_s, k + kv * tk * D, j0, tk);
         tc_load<T, BN, D>(v_s, v + kv * tk * D, j0, tk);
         __syncthreads();
-        tc_product<T, D, BN, true>(&f_s[warp * 16][0], 64, &q_s[warp * 16][0], D, &k_s[0][0], D);    // Q Kᵀ
-        tc_product<T, D, BN, true>(&f_s[warp * 16][BN], 64, &g_s[warp * 16][0], D, &v_s[0][0], D);   // dO Vᵀ
+        tc_product<T, D, BN>(&f_s[warp * 16][0], 64, &q_s[warp * 16][0], D, &k_s[0][0], D);    // Q Kᵀ
+        tc_product<T, D, BN>(&f_s[warp * 16][BN], 64, &g_s[warp * 16][0], D, &v_s[0][0], D);   // dO Vᵀ
         __syncwarp();
 #pragma unroll
         for (int u = 0; u < HALF; ++u) {
@@ -681,7 +739,7 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dq(
     }
     __syncwarp();
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&f_s[warp * 16][c * 16], dq[c], 64, wmma::mem_row_major);
+    for (int c = 0; c < D / 8; ++c) tc_store_c(&f_s[warp * 16][0], 64, c * 8, dq[c]);
     __syncwarp();
     if (i < tq)
         for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_q[(n * tq + i) * D + c] = f_s[r][c];
@@ -708,9 +766,10 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dkv(
     const int r = warp * 16 + (lane >> 1), half = lane & 1, j = key0 + r;   // this lane's key row, half of it
     tc_load<T, BN, D>(k_s, k + kv * tk * D, key0, tk);
     tc_load<T, BN, D>(v_s, v + kv * tk * D, key0, tk);
-    tc_acc dk[D / 16], dv[D / 16];
+    float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) { wmma::fill_fragment(dk[c], 0.0f); wmma::fill_fragment(dv[c], 0.0f); }
+    for (int c = 0; c < D / 8; ++c)
+        for (int e = 0; e < 4; ++e) dk[c][e] = dv[c][e] = 0.0f;
     const int block_first = causal ? max(0, key0 - offset) : 0;               // the first query that sees a key here
     for (int g = 0; g < group; ++g) {
         const long long n = kv * group + g;
@@ -724,8 +783,8 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dkv(
                 delta_s[threadIdx.x] = i < tq ? delta[n * tq + i] : 0.0f;
             }
             __syncthreads();
-            tc_product<T, D, BM, true>(&f_s[warp * 16][0], 64, &k_s[warp * 16][0], D, &q_s[0][0], D);    // K Qᵀ
-            tc_product<T, D, BM, true>(&f_s[warp * 16][BM], 64, &v_s[warp * 16][0], D, &g_s[0][0], D);   // V dOᵀ
+            tc_product<T, D, BM>(&f_s[warp * 16][0], 64, &k_s[warp * 16][0], D, &q_s[0][0], D);    // K Qᵀ
+            tc_product<T, D, BM>(&f_s[warp * 16][BM], 64, &v_s[warp * 16][0], D, &g_s[0][0], D);   // V dOᵀ
             __syncwarp();
             float p[HALF];
 #pragma unroll
@@ -749,13 +808,13 @@ __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dkv(
     }
     __syncwarp();
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&f_s[warp * 16][c * 16], dv[c], 64, wmma::mem_row_major);
+    for (int c = 0; c < D / 8; ++c) tc_store_c(&f_s[warp * 16][0], 64, c * 8, dv[c]);
     __syncwarp();
     if (j < tk)
         for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_v[(kv * tk + j) * D + c] = f_s[r][c];
     __syncwarp();
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::store_matrix_sync(&f_s[warp * 16][c * 16], dk[c], 64, wmma::mem_row_major);
+    for (int c = 0; c < D / 8; ++c) tc_store_c(&f_s[warp * 16][0], 64, c * 8, dk[c]);
     __syncwarp();
     if (j < tk)
         for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_k[(kv * tk + j) * D + c] = f_s[r][c];
