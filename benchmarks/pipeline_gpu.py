@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -114,18 +115,24 @@ def train(args) -> None:
     if group is None:
         model = make_model()
         trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir)
-        engine = None
+        probe = None
     else:
-        from minillm.distributed.pipeline import build_stage
+        from minillm.distributed.pipeline import build_stage, build_stage_on_device
         from minillm.distributed.pipeline_trainer import PipelineTrainer
 
-        stage = build_stage(make_model, group.rank, group.world_size)
+        if args.stage_init:   # only this rank's stage, drawn by its GPU: no host-side init of the whole model
+            mm.manual_seed(rank)
+            stage = build_stage_on_device(cfg, group.rank, group.world_size, device)
+        else:                 # the whole model drawn on the CPU stream, as one process would, then cut
+            stage = build_stage(make_model, group.rank, group.world_size)
         trainer = PipelineTrainer(stage, tcfg, _dataset(cfg), group.comm, args.schedule, run_dir=args.run_dir)
-        engine = trainer.engine
-        _watch_activation_memory(engine)
+        probe = StepProbe(trainer.engine, HostStandIn if device == "cpu" else None)
     if args.resume:
         trainer.resume()
+    backend.synchronize(device)
     build_s = time.perf_counter() - start
+    print(f"built in {build_s:.1f} s: {sum(p.data.size for p in trainer.model.parameters()):,} parameters here",
+          flush=True)
     losses, times = [], []
     pool = _pool(device)
     while trainer.step < min(args.steps, args.stop_at or args.steps):
@@ -140,19 +147,20 @@ def train(args) -> None:
         if args.kill_rank is not None and rank == args.kill_rank and trainer.step == args.kill_step:
             print(f"rank {rank}: SIGKILL myself at step {trainer.step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-    memory = {"rank": rank, "device": device, "pool_peak_gib": pool["peak"] / 2**30 if pool else None,
-              "activation_peak_gib": getattr(engine, "activation_peak", 0) / 2**30 if engine else None,
-              "max_in_flight": engine.max_in_flight if engine else None,
-              "stage_blocks": [engine.stage.start, engine.stage.end] if engine else None,
-              "parameters": sum(p.data.size for p in trainer.model.parameters())}
-    report = {"losses": losses, "step_s": times, "build_s": build_s, "memory": [memory]}
-    if group is not None:   # every rank's memory to the last stage, which writes the report
-        group.store.set(f"report/{rank}", memory)
-        report["memory"] = [group.store.get(f"report/{r}") for r in range(group.world_size)]
+    record = {"rank": rank, "device": device, "parameters": sum(p.data.size for p in trainer.model.parameters()),
+              "pool_peak_gib": pool["peak"] / 2**30 if pool else None, "device_used_gib": _device_used_gib(device)}
+    if probe is not None:
+        record.update(probe.summary(trainer.optimizer))
+        print(f"last step on the GPU (ms from its start): {probe.timeline_text()}", flush=True)
+    report = {"losses": losses, "step_s": times, "build_s": build_s, "micro_batches": args.micro_batches,
+              "stages": group.world_size if group is not None else 1, "ranks": [record]}
+    if group is not None:   # every rank's record to the last stage, which writes the report
+        group.store.set(f"report/{rank}", record)
+        report["ranks"] = [group.store.get(f"report/{r}") for r in range(group.world_size)]
     if args.out and (group is None or group.rank == group.world_size - 1):
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    print("memory:", json.dumps(memory), flush=True)
+    print("record:", json.dumps(record), flush=True)
     if group is not None:
         from minillm.distributed import destroy_process_group
 
@@ -178,27 +186,139 @@ def _pool(device):
     return state
 
 
-def _watch_activation_memory(engine) -> None:
-    """Record, after each forward, the bytes in use above the step's start: what the schedule keeps alive."""
-    if engine.device == "cpu":
-        engine.activation_peak = 0
-        return
+def _device_used_gib(device):
+    """Device memory in use (all of it: the pool, the CUDA context, NCCL's and cuBLAS's buffers)."""
+    if device == "cpu":
+        return None
     import cupy
 
-    pool = cupy.get_default_memory_pool()
-    run, forward = engine.train_step, engine._forward
-    engine.activation_peak = 0
+    free, total = cupy.cuda.runtime.memGetInfo()
+    return (total - free) / 2**30
 
-    def train_step(batches):
-        engine.step_base = pool.used_bytes()
-        return run(batches)
 
-    def tracked_forward(mb, x):
-        out = forward(mb, x)
-        engine.activation_peak = max(engine.activation_peak, pool.used_bytes() - engine.step_base)
-        return out
+class StepProbe:
+    """What each pipeline step does on this GPU, measured without a host sync.
 
-    engine.train_step, engine._forward = train_step, tracked_forward
+    Time: CUDA events recorded around every forward, backward and exchange of
+    the schedule (on the compute stream, where NCCL runs too), read after the
+    step: the GPU time of each, the step's span on the GPU, and the host time
+    until the whole schedule was issued (close to the span: the host is the
+    bottleneck; far below it: the GPUs are).
+
+    Memory: after every forward and backward, the pool's bytes in use minus
+    what the step started with (parameters, optimizer state, the step's
+    batches: gradients are None then, ``zero_grad``) minus the gradients
+    allocated so far: the activations the schedule keeps alive (and the
+    received buffers), without the parameter gradients that 1F1B's early
+    backwards allocate and GPipe's all-forward peak does not have yet.
+    """
+
+    def __init__(self, engine, cupy=None):
+        if cupy is None:
+            import cupy
+        self.cupy, self.engine = cupy, engine
+        self.pool = cupy.get_default_memory_pool()
+        self.params = list(engine.stage.parameters())
+        self.steps, self.activation_peak, self.static, self.events, self.timeline = [], 0, 0, [], []
+        for name in ("forward", "backward", "exchange"):
+            setattr(engine, f"_{name}", self._timed(name, getattr(engine, f"_{name}")))
+        run, issue_loss = engine.train_step, engine._loss_from_last_stage
+
+        def train_step(batches, checked=False):
+            self.static = self.pool.used_bytes()
+            self.events, self.issued = [], None
+            self.start, host0 = self._event(), time.perf_counter()
+            loss = run(batches, checked=checked)      # ends in the loss broadcast's synchronize
+            self._collect(time.perf_counter() - host0, (self.issued or time.perf_counter()) - host0)
+            return loss
+
+        def loss_from_last_stage(*args):
+            self.issued = time.perf_counter()         # the whole schedule is enqueued
+            return issue_loss(*args)
+
+        engine.train_step, engine._loss_from_last_stage = train_step, loss_from_last_stage
+
+    def _event(self):
+        event = self.cupy.cuda.Event()
+        event.record()
+        return event
+
+    def _timed(self, kind, fn):
+        def timed(*args):
+            start = self._event()
+            out = fn(*args)
+            self.events.append((kind, args[0] if kind != "exchange" else args[2], start, self._event()))
+            grads = sum(p.grad.nbytes for p in self.params if p.grad is not None)
+            if len(self.steps) >= 1:                  # from step 2: the first step's one-off buffers excluded
+                self.activation_peak = max(self.activation_peak, self.pool.used_bytes() - self.static - grads)
+            return out
+        return timed
+
+    def _collect(self, host_s, issued_s):
+        elapsed = self.cupy.cuda.get_elapsed_time
+        busy = {"forward": 0.0, "backward": 0.0, "exchange": 0.0}
+        timeline = []
+        for kind, mb, start, end in self.events:
+            end.synchronize()
+            busy[kind] += elapsed(start, end)
+            timeline.append((kind, mb, elapsed(self.start, start), elapsed(self.start, end)))
+        span = max((t[3] for t in timeline), default=0.0)
+        self.steps.append({"host_ms": host_s * 1e3, "issued_ms": issued_s * 1e3, "span_ms": span,
+                           **{f"{k}_ms": v for k, v in busy.items()}})
+        self.timeline = timeline
+
+    def timeline_text(self) -> str:
+        names = {"forward": "F", "backward": "B", "exchange": "x"}
+        return " ".join(f"{names[k]}{'' if mb is None or mb < 0 else mb}:{a:.1f}-{b:.1f}" for k, mb, a, b in self.timeline)
+
+    def summary(self, optimizer) -> dict:
+        later = self.steps[2:] or self.steps   # steps 3.. (the first ones compile and allocate)
+
+        def median(key):
+            values = sorted(s[key] for s in later)
+            return values[len(values) // 2] if values else None
+
+        optimizer_bytes = sum(v.nbytes for state in optimizer.state.values() for v in state.values()
+                              if hasattr(v, "nbytes"))
+        span, busy = median("span_ms"), median("forward_ms") + median("backward_ms") if later else None
+        return {"stage_blocks": [self.engine.stage.start, self.engine.stage.end],
+                "max_in_flight": self.engine.max_in_flight,
+                "params_gib": sum(p.data.nbytes for p in self.params) / 2**30,
+                "grads_gib": sum(p.data.nbytes for p in self.params if p.requires_grad) / 2**30,
+                "optimizer_gib": optimizer_bytes / 2**30,
+                "static_gib": self.static / 2**30,
+                "activation_peak_gib": self.activation_peak / 2**30,
+                "gpu_forward_ms": median("forward_ms"), "gpu_backward_ms": median("backward_ms"),
+                "gpu_exchange_ms": median("exchange_ms"), "gpu_span_ms": span,
+                "host_issue_ms": median("issued_ms"), "host_step_ms": median("host_ms"),
+                "bubble": (1 - busy / span) if span and busy is not None else None}
+
+
+class HostStandIn:
+    """The pieces of CuPy that StepProbe uses, on the host, to rehearse it on the CPU: events read the
+    host clock, and the pool's bytes in use are tracemalloc's (NumPy reports its allocations to it)."""
+
+    class cuda:  # noqa: N801 - CuPy's name
+        class Event:
+            def record(self):
+                self.t = time.perf_counter()
+
+            def synchronize(self):
+                pass
+
+        @staticmethod
+        def get_elapsed_time(start, end):
+            return (end.t - start.t) * 1e3
+
+    class _Pool:
+        def used_bytes(self):
+            return tracemalloc.get_traced_memory()[0]
+
+    @classmethod
+    def get_default_memory_pool(cls):
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
+        return cls._Pool()
 
 
 def main(argv=None) -> None:
@@ -220,6 +340,8 @@ def main(argv=None) -> None:
     t.add_argument("--precision", default="fp32")
     t.add_argument("--device", default="cuda")
     t.add_argument("--init-cpu", action="store_true", help="initialise on the CPU (identical weights everywhere)")
+    t.add_argument("--stage-init", action="store_true",
+                   help="each rank builds only its stage, drawn by its GPU (build_stage_on_device: a 10B model)")
     t.add_argument("--timeout", type=float, default=60)
     t.add_argument("--out")
     t.add_argument("--run-dir")
@@ -230,7 +352,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "device", "cpu") == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    collectives(args) if args.what == "collectives" else train(args)
+    from minillm.distributed.communicator import CommError
+
+    try:
+        collectives(args) if args.what == "collectives" else train(args)
+    except CommError as error:   # a peer died or hung: one clear line, a non-zero exit
+        print(f"minillm: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
