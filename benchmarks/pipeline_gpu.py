@@ -113,8 +113,12 @@ def train(args) -> None:
 
     start = time.perf_counter()
     if group is None:
+        from minillm.distributed.pipeline import PipelineStage
+
         model = make_model()
-        trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir)
+        whole = PipelineStage(model, 0, 1)   # the whole model as one stage: the same forward, with the ids'
+        trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir,   # range checks (one GPU sync each)
+                          loss_fn=lambda m, batch: whole(*batch, checked=True)[1])   # left out, as the stages do
         probe = None
     else:
         from minillm.distributed.pipeline import build_stage, build_stage_on_device
