@@ -65,10 +65,22 @@ _live: list = []          # this process's NCCL communicators that are not abort
 _state = {"watchdog": None, "failed": False}
 
 
-def abort_all(reason: str = "") -> None:
+def _arm(seconds: float | None) -> None:
+    """(Re)start faulthandler's timer: after ``seconds`` without a re-arm, print every thread's stack and
+    exit with code 1 (None: stop it). Never raises: without a usable stderr there is no timer."""
+    try:
+        if seconds is None:
+            faulthandler.cancel_dump_traceback_later()
+        else:
+            faulthandler.dump_traceback_later(seconds, exit=True)
+    except Exception:  # noqa: BLE001 - e.g. sys.stderr closed or None
+        pass
+
+
+def abort_all() -> None:
     """Abort every NCCL communicator of this process and bound the time left to exit (see the module doc)."""
     _state["failed"] = True
-    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)   # if leaving hangs anyway: stacks, exit 1
+    _arm(EXIT_GRACE_S)   # if leaving hangs anyway: stacks, exit 1
     for comm in list(_live):
         comm.abort()
 
@@ -95,7 +107,7 @@ def _watch_round(now: float | None = None) -> bool:
         return False
     comms = list(_live)
     if not comms:
-        faulthandler.cancel_dump_traceback_later()
+        _arm(None)
         return True
     stall = _oldest_stall(comms, time.monotonic() if now is None else now)
     if stall is not None:
@@ -107,7 +119,7 @@ def _watch_round(now: float | None = None) -> bool:
         aborting.join(ABORT_WAIT_S)      # ncclCommAbort frees the GPU; exit even if it does not return
         os._exit(1)
         return False                     # (only where os._exit is replaced, in tests)
-    faulthandler.dump_traceback_later(max(c.timeout for c in comms) + HARD_MARGIN_S, exit=True)  # heartbeat
+    _arm(max(c.timeout for c in comms) + HARD_MARGIN_S)   # the heartbeat
     return True
 
 
