@@ -481,28 +481,22 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: f
 # lse, a dQ kernel over key tiles and a dK/dV kernel over query tiles), for bf16/fp16 inputs with
 # head size D = 32 or 64, where the products run on the tensor cores: a warp multiplies 16×16 by
 # 16×8 pieces of bf16/fp16 with one mma.sync instruction each and accumulates them in float32
-# (inline PTX; the pieces each lane holds are laid out below, as the PTX ISA defines them). The softmax statistics
-# (max, Σ exp, lse, Δ) and everything elementwise stay float32, on the CUDA cores.
+# (inline PTX; which lane holds which piece is laid out below, as the PTX ISA defines it). The
+# softmax statistics (max, Σ exp, lse, Δ) and everything elementwise stay float32.
 #
-# A block has 4 warps; each owns 16 rows of the tile (query rows in the forward and dQ kernels, key
-# rows in the dK/dV kernel). Per tile a warp computes its 16 rows of scores into shared memory
-# (float32), two lanes per row turn them into P (or dS) there, rounded to the input type, and the
-# warp multiplies that by the V (or K, Q, dO) tile. The forward's output accumulator lives in
-# shared memory, where the online softmax can rescale its rows; the backward's accumulators
-# (dQ; dK, dV) need no rescaling and stay in the warps' registers.
-#
-# Shared memory per block (D = 64, 2-byte inputs) stays under the 48 KB a kernel gets without
-# asking: forward Q 64×D, K and V 32×D, S 64×32 (float), P 64×32, O 64×D (float) = 44 KB.
+# A block has 4 warps; each owns 16 rows (query rows in the forward and dQ kernels, key rows in the
+# dK/dV kernel), loaded once into registers as the left operand of its products. The other side
+# (K and V, or Q and dO) comes through shared memory in tiles of 64 rows. A product's result
+# stays in registers, where the softmax (or its backward) works on it, and is handed straight on
+# as the left operand of the next product, rounded to bf16/fp16: the score matrix never leaves the
+# registers, as in FlashAttention-2 (Dao, 2023). Shared memory: two 64-row tiles per block.
 _FLASH_TC_SOURCE = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#define TC_WARPS 4
 #define TC_THREADS 128
 #define TC_NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ float tc_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float tc_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T tc_cast(float x);
 template <> __device__ __forceinline__ __half tc_cast<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 tc_cast<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
@@ -513,7 +507,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 tc_cast<__nv_bfloat16>(floa
 //   A: a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
 //   B: b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]
 //   C: c[0], c[1] = C[g][2t, 2t+1]    c[2], c[3] = C[g+8][2t, 2t+1]
-// (two 16-bit values per 32-bit register, the first in the low half).
+// (two 16-bit values per 32-bit register, the first in the low half). A lane thus holds two rows
+// (g and g+8) of every C block, and C blocks 2kk and 2kk+1 side by side are exactly the A fragment
+// of columns 16kk..16kk+15: scores computed as C feed the next product as A without leaving the
+// registers (as in FlashAttention-2).
 template <typename T> __device__ __forceinline__ void tc_mma(float* c, const unsigned* a, const unsigned* b);
 template <> __device__ __forceinline__ void tc_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -528,296 +525,307 @@ template <> __device__ __forceinline__ void tc_mma<__half>(float* c, const unsig
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+template <typename T> __device__ __forceinline__ unsigned tc_bits(T x) {
+    return (unsigned)*reinterpret_cast<const unsigned short*>(&x);
+}
+template <typename T> __device__ __forceinline__ unsigned tc_pack(T low, T high) {
+    return tc_bits(low) | (tc_bits(high) << 16);
+}
+template <typename T> __device__ __forceinline__ unsigned tc_pack_floats(float low, float high) {
+    return tc_pack(tc_cast<T>(low), tc_cast<T>(high));
+}
 template <typename T> __device__ __forceinline__ unsigned tc_pair(const T* p) {      // p[0], p[1] adjacent
     return *reinterpret_cast<const unsigned*>(p);
 }
-template <typename T> __device__ __forceinline__ unsigned tc_pack(T low, T high) {
-    return (unsigned)*reinterpret_cast<const unsigned short*>(&low)
-         | ((unsigned)*reinterpret_cast<const unsigned short*>(&high) << 16);
-}
 
-// A fragment: rows 0..15, columns k0..k0+15 of a row-major matrix (leading dimension lda).
-template <typename T> __device__ __forceinline__ void tc_load_a(unsigned* a, const T* m, int lda, int k0) {
+// The A fragments (16 rows × D, as D/16 fragments) of rows r0..r0+15 of a (n_rows, D) row-major
+// matrix in global memory; rows past n_rows are zeros.
+template <typename T, int D>
+__device__ __forceinline__ void tc_rows_as_a(unsigned (*a)[4], const T* m, int r0, int n_rows) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = tc_pair(m + g * lda + k0 + 2 * t);
-    a[1] = tc_pair(m + (g + 8) * lda + k0 + 2 * t);
-    a[2] = tc_pair(m + g * lda + k0 + 2 * t + 8);
-    a[3] = tc_pair(m + (g + 8) * lda + k0 + 2 * t + 8);
+    const bool top = r0 + g < n_rows, bottom = r0 + g + 8 < n_rows;
+    const T* row_top = m + (long long)(r0 + g) * D;
+    const T* row_bottom = row_top + 8 * D;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int c = kk * 16 + 2 * t;
+        a[kk][0] = top ? tc_pair(row_top + c) : 0u;
+        a[kk][1] = bottom ? tc_pair(row_bottom + c) : 0u;
+        a[kk][2] = top ? tc_pair(row_top + c + 8) : 0u;
+        a[kk][3] = bottom ? tc_pair(row_bottom + c + 8) : 0u;
+    }
 }
 
-// B fragment (16 × 8 block at k0, n0) of B = bᵀ, b row-major (N × K): B[k][n] = b[n][k].
-template <typename T> __device__ __forceinline__ void tc_load_bt(unsigned* b, const T* m, int ldb, int k0, int n0) {
+// B fragment (k0.., n0..) of B = bᵀ where b is a row-major tile (N × K, leading dimension LD): B[k][n] = b[n][k].
+template <typename T, int LD> __device__ __forceinline__ void tc_bt(unsigned* b, const T* m, int k0, int n0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    b[0] = tc_pair(m + (n0 + g) * ldb + k0 + 2 * t);
-    b[1] = tc_pair(m + (n0 + g) * ldb + k0 + 2 * t + 8);
+    b[0] = tc_pair(m + (n0 + g) * LD + k0 + 2 * t);
+    b[1] = tc_pair(m + (n0 + g) * LD + k0 + 2 * t + 8);
 }
 
-// B fragment (16 × 8 block at k0, n0) of a row-major B (K × N): B[k][n] = m[k * ldb + n].
-template <typename T> __device__ __forceinline__ void tc_load_b(unsigned* b, const T* m, int ldb, int k0, int n0) {
+// B fragment (k0.., n0..) of a row-major tile B (K × N, leading dimension LD).
+template <typename T, int LD> __device__ __forceinline__ void tc_b(unsigned* b, const T* m, int k0, int n0) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const T* col = m + n0 + g;
-    b[0] = tc_pack(col[(k0 + 2 * t) * ldb], col[(k0 + 2 * t + 1) * ldb]);
-    b[1] = tc_pack(col[(k0 + 2 * t + 8) * ldb], col[(k0 + 2 * t + 9) * ldb]);
+    b[0] = tc_pack(col[(k0 + 2 * t) * LD], col[(k0 + 2 * t + 1) * LD]);
+    b[1] = tc_pack(col[(k0 + 2 * t + 8) * LD], col[(k0 + 2 * t + 9) * LD]);
 }
 
-// C fragments (16 × 8 blocks n0 = 0, 8, ...) of a row-major float matrix: load and store.
-__device__ __forceinline__ void tc_load_c(float* c, const float* m, int ldm, int n0) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const float2 top = *reinterpret_cast<const float2*>(m + g * ldm + n0 + 2 * t);
-    const float2 bottom = *reinterpret_cast<const float2*>(m + (g + 8) * ldm + n0 + 2 * t);
-    c[0] = top.x; c[1] = top.y; c[2] = bottom.x; c[3] = bottom.y;
-}
-__device__ __forceinline__ void tc_store_c(float* m, int ldm, int n0, const float* c) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    *reinterpret_cast<float2*>(m + g * ldm + n0 + 2 * t) = make_float2(c[0], c[1]);
-    *reinterpret_cast<float2*>(m + (g + 8) * ldm + n0 + 2 * t) = make_float2(c[2], c[3]);
+// C (16 × N, N/8 blocks) = A (16 × K, K/16 fragments) · tileᵀ (tile: N rows × K, row-major, LD).
+template <typename T, int K, int N, int LD>
+__device__ __forceinline__ void tc_times_transposed(float (*c)[4], const unsigned (*a)[4], const T* tile) {
+#pragma unroll
+    for (int nb = 0; nb < N / 8; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+        for (int nb = 0; nb < N / 8; ++nb) {
+            unsigned b[2];
+            tc_bt<T, LD>(b, tile, kk * 16, nb * 8);
+            tc_mma<T>(c[nb], a[kk], b);
+        }
 }
 
-// rows [r0, r0 + R) of a (n_rows, D) row-major matrix into tile (R, D); rows past n_rows are zeros.
+// acc (16 × D, D/8 blocks) += P (16 × K, held as K/8 C blocks, rounded to T here) · tile (K × D, row-major, LD).
+template <typename T, int K, int D, int LD>
+__device__ __forceinline__ void tc_accumulate(float (*acc)[4], const float (*p)[4], const T* tile) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        const unsigned a[4] = {tc_pack_floats<T>(p[2 * kk][0], p[2 * kk][1]), tc_pack_floats<T>(p[2 * kk][2], p[2 * kk][3]),
+                               tc_pack_floats<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                               tc_pack_floats<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int c = 0; c < D / 8; ++c) {
+            unsigned b[2];
+            tc_b<T, LD>(b, tile, kk * 16, c * 8);
+            tc_mma<T>(acc[c], a, b);
+        }
+    }
+}
+
+// rows [r0, r0 + R) of a (n_rows, D) row-major matrix into tile (R × LD); rows past n_rows are zeros.
 // 16-byte loads: D is a multiple of 8 two-byte elements, and every row starts 16-byte aligned.
-template <typename T, int R, int D>
-__device__ __forceinline__ void tc_load(T (*tile)[D], const T* __restrict__ src, int r0, int n_rows) {
+// (Rows are LD = D + 8 long in shared memory: the fragment reads of 8 rows then fall in 8 different
+// groups of banks instead of one.)
+template <typename T, int R, int D, int LD>
+__device__ __forceinline__ void tc_load(T* tile, const T* __restrict__ src, int r0, int n_rows) {
     constexpr int PER_ROW = D / 8;
     for (int e = threadIdx.x; e < R * PER_ROW; e += TC_THREADS) {
         const int r = e / PER_ROW, c = (e % PER_ROW) * 8;
         uint4 value = make_uint4(0, 0, 0, 0);
         if (r0 + r < n_rows) value = *reinterpret_cast<const uint4*>(src + (long long)(r0 + r) * D + c);
-        *reinterpret_cast<uint4*>(&tile[r][c]) = value;
+        *reinterpret_cast<uint4*>(tile + r * LD + c) = value;
     }
 }
 
-// out (16 × N, float, row-major, ldo) = A (16 × K: rows of a, row-major, lda) · B, where B (K × N) is
-// the transpose of N rows of b (row-major, ldb): out = a bᵀ.
-template <typename T, int K, int N>
-__device__ __forceinline__ void tc_product(float* out, int ldo, const T* a, int lda, const T* b, int ldb) {
-    float acc[N / 8][4];
-#pragma unroll
-    for (int n = 0; n < N / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < K; kk += 16) {
-        unsigned fa[4];
-        tc_load_a(fa, a, lda, kk);
-#pragma unroll
-        for (int n = 0; n < N / 8; ++n) {
-            unsigned fb[2];
-            tc_load_bt(fb, b, ldb, kk, n * 8);
-            tc_mma<T>(acc[n], fa, fb);
-        }
-    }
-#pragma unroll
-    for (int n = 0; n < N / 8; ++n) tc_store_c(out, ldo, n * 8, acc[n]);
+// Sum over the 4 lanes that hold one row of a C block (lanes 4g .. 4g+3), and the same for max.
+__device__ __forceinline__ float tc_row_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
-
-// acc (16 × D as D/8 C fragments) += A (16 × K, row-major, lda) · b (K × D, row-major, ldb)
-template <typename T, int K, int D>
-__device__ __forceinline__ void tc_accumulate(float (*acc)[4], const T* a, int lda, const T* b, int ldb) {
-#pragma unroll
-    for (int kk = 0; kk < K; kk += 16) {
-        unsigned fa[4];
-        tc_load_a(fa, a, lda, kk);
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            unsigned fb[2];
-            tc_load_b(fb, b, ldb, kk, n * 8);
-            tc_mma<T>(acc[n], fa, fb);
-        }
-    }
+__device__ __forceinline__ float tc_row_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
 // Forward. q (NQ, tq, D), k, v (NQ/group, tk, D) of T; o (NQ, tq, D), lse (NQ, tq) float32.
-// Grid (ceil(tq / 64), NQ), 128 threads; key tiles of 32.
+// Grid (ceil(tq / 64), NQ), 128 threads: warp w owns query rows 16w..16w+15 of the block's 64, a
+// lane two of them (g and g+8); key tiles of 64 in shared memory. Per tile: S = Q Kᵀ, the online
+// softmax on S in registers, O += P V.
 template <typename T, int D>
 __global__ void __launch_bounds__(TC_THREADS) flash_tc_forward(
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
         float* __restrict__ o, float* __restrict__ lse, int tq, int tk, int group, int causal, float scale) {
-    constexpr int BM = 64, BN = 32, HALF = BN / 2, DHALF = D / 2;
-    __shared__ __align__(32) T q_s[BM][D];
-    __shared__ __align__(32) T k_s[BN][D];
-    __shared__ __align__(32) T v_s[BN][D];
-    __shared__ __align__(32) float s_s[BM][BN];
-    __shared__ __align__(32) T p_s[BM][BN];
-    __shared__ __align__(32) float o_s[BM][D];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int BM = 64, BN = 64, LD = D + 8;
+    __shared__ __align__(16) T k_s[BN * LD];
+    __shared__ __align__(16) T v_s[BN * LD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long n = blockIdx.y, kv = n / group;
     const int row0 = blockIdx.x * BM, offset = tk - tq;
-    const int r = warp * 16 + (lane >> 1), half = lane & 1, i = row0 + r;   // this lane's row, half of it
-    const T* k_head = k + kv * tk * D;
-    const T* v_head = v + kv * tk * D;
-    tc_load<T, BM, D>(q_s, q + n * tq * D, row0, tq);
-    for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o_s[r][c] = 0.0f;
-    const int last = causal ? i + offset : tk - 1;                             // row i's last key
-    const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;      // the block's key range
-    float m = TC_NEG_INF, l = 0.0f;
+    const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
+    const int last[2] = {causal ? rows[0] + offset : tk - 1, causal ? rows[1] + offset : tk - 1};
+    unsigned qa[D / 16][4];
+    tc_rows_as_a<T, D>(qa, q + n * tq * D, row0 + warp * 16, tq);
+    float acc[D / 8][4];
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
+    float m[2] = {TC_NEG_INF, TC_NEG_INF}, l[2] = {0.0f, 0.0f};
+    const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;       // the block's key range
     for (int j0 = 0; j0 < k_end; j0 += BN) {
         __syncthreads();                                  // the previous tile is no longer read
-        tc_load<T, BN, D>(k_s, k_head, j0, tk);
-        tc_load<T, BN, D>(v_s, v_head, j0, tk);
+        tc_load<T, BN, D, LD>(k_s, k + kv * tk * D, j0, tk);
+        tc_load<T, BN, D, LD>(v_s, v + kv * tk * D, j0, tk);
         __syncthreads();
-        tc_product<T, D, BN>(&s_s[warp * 16][0], BN, &q_s[warp * 16][0], D, &k_s[0][0], D);   // Q Kᵀ
-        __syncwarp();
-        float s[HALF], tile_max = TC_NEG_INF;
+        float s[BN / 8][4];
+        tc_times_transposed<T, D, BN, LD>(s, qa, k_s);                           // S = Q Kᵀ
+        float tile_max[2] = {TC_NEG_INF, TC_NEG_INF};
 #pragma unroll
-        for (int u = 0; u < HALF; ++u) {
-            const int j = j0 + half * HALF + u;
-            s[u] = (j <= last && j < tk) ? s_s[r][half * HALF + u] * scale : TC_NEG_INF;
-            tile_max = fmaxf(tile_max, s[u]);
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nb * 8 + 2 * t + (e & 1), h = e >> 1;
+                s[nb][e] = (j <= last[h] && j < tk) ? s[nb][e] * scale : TC_NEG_INF;
+                tile_max[h] = fmaxf(tile_max[h], s[nb][e]);
+            }
+        float correction[2], m_new[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            m_new[h] = fmaxf(m[h], tc_row_max(tile_max[h]));
+            correction[h] = m_new[h] == TC_NEG_INF ? 1.0f : expf(m[h] - m_new[h]);   // 0 on the first visible tile
         }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        const float m_new = fmaxf(m, tile_max);
-        const float correction = m_new == TC_NEG_INF ? 1.0f : expf(m - m_new);   // 0 on the first visible tile
-        float sum = 0.0f;
 #pragma unroll
-        for (int u = 0; u < HALF; ++u) {
-            const float p = m_new == TC_NEG_INF ? 0.0f : expf(s[u] - m_new);
-            sum += p;
-            p_s[r][half * HALF + u] = tc_cast<T>(p);
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int h = e >> 1;
+                s[nb][e] = m_new[h] == TC_NEG_INF ? 0.0f : expf(s[nb][e] - m_new[h]);   // P (unnormalised)
+                sum[h] += s[nb][e];
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            l[h] = l[h] * correction[h] + tc_row_sum(sum[h]);
+            m[h] = m_new[h];
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        l = l * correction + sum;
-        m = m_new;
-        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o_s[r][c] *= correction;
-        __syncwarp();
-        float acc[D / 8][4];                                                    // O += P V
 #pragma unroll
-        for (int c = 0; c < D / 8; ++c) tc_load_c(acc[c], &o_s[warp * 16][0], D, c * 8);
-        tc_accumulate<T, BN, D>(acc, &p_s[warp * 16][0], BN, &v_s[0][0], D);
-#pragma unroll
-        for (int c = 0; c < D / 8; ++c) tc_store_c(&o_s[warp * 16][0], D, c * 8, acc[c]);
-        __syncwarp();
+        for (int c = 0; c < D / 8; ++c) {
+            acc[c][0] *= correction[0]; acc[c][1] *= correction[0];
+            acc[c][2] *= correction[1]; acc[c][3] *= correction[1];
+        }
+        tc_accumulate<T, BN, D, LD>(acc, s, v_s);                                 // O += P V
     }
-    if (i < tq) {
-        const float inv = 1.0f / l;
-        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) o[(n * tq + i) * D + c] = o_s[r][c] * inv;
-        if (half == 0) lse[n * tq + i] = m + logf(l);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (rows[h] >= tq) continue;
+        const float inv = 1.0f / l[h];
+        float* out = o + (n * tq + rows[h]) * D + 2 * t;
+#pragma unroll
+        for (int c = 0; c < D / 8; ++c)
+            *reinterpret_cast<float2*>(out + c * 8) = make_float2(acc[c][2 * h] * inv, acc[c][2 * h + 1] * inv);
+        if (t == 0) lse[n * tq + rows[h]] = m[h] + logf(l[h]);
     }
 }
 
 // dQ. q (NQ, tq, D), k, v (NK, tk, D), grad_out (NQ, tq, D) of T; lse, delta (NQ, tq) float;
-// grad_q (NQ, tq, D) float. Grid (ceil(tq / 64), NQ), 128 threads; key tiles of 32.
+// grad_q (NQ, tq, D) float. Grid (ceil(tq / 64), NQ), 128 threads as in the forward; key tiles of 64.
 // dS = P (dP - Δ) with P = exp(scale q·k - lse), dP = dO·v;  dQ = scale Σ_j dS_j k_j.
 template <typename T, int D>
 __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dq(
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ grad_out,
         const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ grad_q,
         int tq, int tk, int group, int causal, float scale) {
-    constexpr int BM = 64, BN = 32, HALF = BN / 2, DHALF = D / 2;
-    __shared__ __align__(32) T q_s[BM][D];
-    __shared__ __align__(32) T g_s[BM][D];
-    __shared__ __align__(32) T k_s[BN][D];
-    __shared__ __align__(32) T v_s[BN][D];
-    __shared__ __align__(32) float f_s[BM][64];     // per row: scores in 0..31, dP in 32..63; dQ at the end
-    __shared__ __align__(32) T h_s[BM][BN];         // dS
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int BM = 64, BN = 64, LD = D + 8;
+    __shared__ __align__(16) T k_s[BN * LD];
+    __shared__ __align__(16) T v_s[BN * LD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long n = blockIdx.y, kv = n / group;
     const int row0 = blockIdx.x * BM, offset = tk - tq;
-    const int r = warp * 16 + (lane >> 1), half = lane & 1, i = row0 + r;
-    tc_load<T, BM, D>(q_s, q + n * tq * D, row0, tq);
-    tc_load<T, BM, D>(g_s, grad_out + n * tq * D, row0, tq);
-    const float row_lse = i < tq ? lse[n * tq + i] : 0.0f, row_delta = i < tq ? delta[n * tq + i] : 0.0f;
-    const int last = causal ? i + offset : tk - 1;
-    const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;
+    const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
+    const int last[2] = {causal ? rows[0] + offset : tk - 1, causal ? rows[1] + offset : tk - 1};
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        row_lse[h] = rows[h] < tq ? lse[n * tq + rows[h]] : 0.0f;
+        row_delta[h] = rows[h] < tq ? delta[n * tq + rows[h]] : 0.0f;
+    }
+    unsigned qa[D / 16][4], ga[D / 16][4];
+    tc_rows_as_a<T, D>(qa, q + n * tq * D, row0 + warp * 16, tq);
+    tc_rows_as_a<T, D>(ga, grad_out + n * tq * D, row0 + warp * 16, tq);
     float dq[D / 8][4];
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) dq[c][0] = dq[c][1] = dq[c][2] = dq[c][3] = 0.0f;
+    const int k_end = causal ? min(tk, min(row0 + BM, tq) + offset) : tk;
     for (int j0 = 0; j0 < k_end; j0 += BN) {
         __syncthreads();
-        tc_load<T, BN, D>(k_s, k + kv * tk * D, j0, tk);
-        tc_load<T, BN, D>(v_s, v + kv * tk * D, j0, tk);
+        tc_load<T, BN, D, LD>(k_s, k + kv * tk * D, j0, tk);
+        tc_load<T, BN, D, LD>(v_s, v + kv * tk * D, j0, tk);
         __syncthreads();
-        tc_product<T, D, BN>(&f_s[warp * 16][0], 64, &q_s[warp * 16][0], D, &k_s[0][0], D);    // Q Kᵀ
-        tc_product<T, D, BN>(&f_s[warp * 16][BN], 64, &g_s[warp * 16][0], D, &v_s[0][0], D);   // dO Vᵀ
-        __syncwarp();
+        float s[BN / 8][4], dp[BN / 8][4];
+        tc_times_transposed<T, D, BN, LD>(s, qa, k_s);                           // S = Q Kᵀ
+        tc_times_transposed<T, D, BN, LD>(dp, ga, v_s);                          // dP = dO Vᵀ
 #pragma unroll
-        for (int u = 0; u < HALF; ++u) {
-            const int col = half * HALF + u, j = j0 + col;
-            const bool visible = i < tq && j <= last && j < tk;
-            const float p = visible ? expf(f_s[r][col] * scale - row_lse) : 0.0f;
-            h_s[r][col] = tc_cast<T>(p * (f_s[r][BN + col] - row_delta) * scale);
-        }
-        __syncwarp();
-        tc_accumulate<T, BN, D>(dq, &h_s[warp * 16][0], BN, &k_s[0][0], D);                          // += dS K
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nb * 8 + 2 * t + (e & 1), h = e >> 1;
+                const bool visible = rows[h] < tq && j <= last[h] && j < tk;
+                const float p = visible ? expf(s[nb][e] * scale - row_lse[h]) : 0.0f;
+                s[nb][e] = p * (dp[nb][e] - row_delta[h]) * scale;              // scale · dS
+            }
+        tc_accumulate<T, BN, D, LD>(dq, s, k_s);                                 // dQ += scale dS K
     }
-    __syncwarp();
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) tc_store_c(&f_s[warp * 16][0], 64, c * 8, dq[c]);
-    __syncwarp();
-    if (i < tq)
-        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_q[(n * tq + i) * D + c] = f_s[r][c];
+    for (int h = 0; h < 2; ++h) {
+        if (rows[h] >= tq) continue;
+        float* out = grad_q + (n * tq + rows[h]) * D + 2 * t;
+#pragma unroll
+        for (int c = 0; c < D / 8; ++c) *reinterpret_cast<float2*>(out + c * 8) = make_float2(dq[c][2 * h], dq[c][2 * h + 1]);
+    }
 }
 
-// dK, dV. Grid (ceil(tk / 64), NK), 128 threads: each warp owns 16 keys; query tiles of 32 of each of
-// the group's query heads in turn.  dV_j = Σ_i P_ij dO_i,  dK_j = scale Σ_i dS_ij q_i.
+// dK, dV. Grid (ceil(tk / 64), NK), 128 threads: warp w owns key rows 16w..16w+15 of the block's 64;
+// query tiles of 64 of each of the group's query heads in turn. With Sᵀ = K Qᵀ and dPᵀ = V dOᵀ in
+// registers:  dV += Pᵀ dO,  dK += scale dSᵀ Q.
 template <typename T, int D>
 __global__ void __launch_bounds__(TC_THREADS) flash_tc_backward_dkv(
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ grad_out,
         const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ grad_k,
         float* __restrict__ grad_v, int tq, int tk, int group, int causal, float scale) {
-    constexpr int BN = 64, BM = 32, HALF = BM / 2, DHALF = D / 2;
-    __shared__ __align__(32) T k_s[BN][D];
-    __shared__ __align__(32) T v_s[BN][D];
-    __shared__ __align__(32) T q_s[BM][D];
-    __shared__ __align__(32) T g_s[BM][D];
-    __shared__ __align__(32) float f_s[BN][64];     // per key row: Sᵀ (then P) in 0..31, dPᵀ in 32..63
-    __shared__ __align__(32) T h_s[BN][BM];         // Pᵀ, then dSᵀ
+    constexpr int BN = 64, BM = 64, LD = D + 8;
+    __shared__ __align__(16) T q_s[BM * LD];
+    __shared__ __align__(16) T g_s[BM * LD];
     __shared__ float lse_s[BM], delta_s[BM];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long kv = blockIdx.y;
     const int key0 = blockIdx.x * BN, offset = tk - tq;
-    const int r = warp * 16 + (lane >> 1), half = lane & 1, j = key0 + r;   // this lane's key row, half of it
-    tc_load<T, BN, D>(k_s, k + kv * tk * D, key0, tk);
-    tc_load<T, BN, D>(v_s, v + kv * tk * D, key0, tk);
+    const int keys[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+    unsigned ka[D / 16][4], va[D / 16][4];
+    tc_rows_as_a<T, D>(ka, k + kv * tk * D, key0 + warp * 16, tk);
+    tc_rows_as_a<T, D>(va, v + kv * tk * D, key0 + warp * 16, tk);
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
     for (int c = 0; c < D / 8; ++c)
+#pragma unroll
         for (int e = 0; e < 4; ++e) dk[c][e] = dv[c][e] = 0.0f;
     const int block_first = causal ? max(0, key0 - offset) : 0;               // the first query that sees a key here
-    for (int g = 0; g < group; ++g) {
-        const long long n = kv * group + g;
+    for (int head = 0; head < group; ++head) {
+        const long long n = kv * group + head;
         for (int i0 = (block_first / BM) * BM; i0 < tq; i0 += BM) {
             __syncthreads();
-            tc_load<T, BM, D>(q_s, q + n * tq * D, i0, tq);
-            tc_load<T, BM, D>(g_s, grad_out + n * tq * D, i0, tq);
+            tc_load<T, BM, D, LD>(q_s, q + n * tq * D, i0, tq);
+            tc_load<T, BM, D, LD>(g_s, grad_out + n * tq * D, i0, tq);
             if (threadIdx.x < BM) {
                 const int i = i0 + threadIdx.x;
                 lse_s[threadIdx.x] = i < tq ? lse[n * tq + i] : 0.0f;
                 delta_s[threadIdx.x] = i < tq ? delta[n * tq + i] : 0.0f;
             }
             __syncthreads();
-            tc_product<T, D, BM>(&f_s[warp * 16][0], 64, &k_s[warp * 16][0], D, &q_s[0][0], D);    // K Qᵀ
-            tc_product<T, D, BM>(&f_s[warp * 16][BM], 64, &v_s[warp * 16][0], D, &g_s[0][0], D);   // V dOᵀ
-            __syncwarp();
-            float p[HALF];
+            float p[BM / 8][4], ds[BM / 8][4];
+            tc_times_transposed<T, D, BM, LD>(p, ka, q_s);                       // Sᵀ = K Qᵀ
+            tc_times_transposed<T, D, BM, LD>(ds, va, g_s);                      // dPᵀ = V dOᵀ
 #pragma unroll
-            for (int u = 0; u < HALF; ++u) {
-                const int col = half * HALF + u, i = i0 + col;
-                const bool visible = i < tq && j < tk && (!causal || j <= i + offset);
-                p[u] = visible ? expf(f_s[r][col] * scale - lse_s[col]) : 0.0f;
-                h_s[r][col] = tc_cast<T>(p[u]);
-            }
-            __syncwarp();
-            tc_accumulate<T, BM, D>(dv, &h_s[warp * 16][0], BM, &g_s[0][0], D);                          // += Pᵀ dO
-            __syncwarp();
+            for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
-            for (int u = 0; u < HALF; ++u) {
-                const int col = half * HALF + u;
-                h_s[r][col] = tc_cast<T>(p[u] * (f_s[r][BM + col] - delta_s[col]) * scale);
-            }
-            __syncwarp();
-            tc_accumulate<T, BM, D>(dk, &h_s[warp * 16][0], BM, &q_s[0][0], D);                          // += s dSᵀ Q
+                for (int e = 0; e < 4; ++e) {
+                    const int col = nb * 8 + 2 * t + (e & 1), i = i0 + col, j = keys[e >> 1];
+                    const bool visible = i < tq && j < tk && (!causal || j <= i + offset);
+                    p[nb][e] = visible ? expf(p[nb][e] * scale - lse_s[col]) : 0.0f;
+                    ds[nb][e] = p[nb][e] * (ds[nb][e] - delta_s[col]) * scale;  // scale · dSᵀ
+                }
+            tc_accumulate<T, BM, D, LD>(dv, p, g_s);                             // dV += Pᵀ dO
+            tc_accumulate<T, BM, D, LD>(dk, ds, q_s);                            // dK += scale dSᵀ Q
         }
     }
-    __syncwarp();
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) tc_store_c(&f_s[warp * 16][0], 64, c * 8, dv[c]);
-    __syncwarp();
-    if (j < tk)
-        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_v[(kv * tk + j) * D + c] = f_s[r][c];
-    __syncwarp();
+    for (int h = 0; h < 2; ++h) {
+        if (keys[h] >= tk) continue;
+        float* out_k = grad_k + (kv * tk + keys[h]) * D + 2 * t;
+        float* out_v = grad_v + (kv * tk + keys[h]) * D + 2 * t;
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) tc_store_c(&f_s[warp * 16][0], 64, c * 8, dk[c]);
-    __syncwarp();
-    if (j < tk)
-        for (int c = half * DHALF; c < (half + 1) * DHALF; ++c) grad_k[(kv * tk + j) * D + c] = f_s[r][c];
+        for (int c = 0; c < D / 8; ++c) {
+            *reinterpret_cast<float2*>(out_k + c * 8) = make_float2(dk[c][2 * h], dk[c][2 * h + 1]);
+            *reinterpret_cast<float2*>(out_v + c * 8) = make_float2(dv[c][2 * h], dv[c][2 * h + 1]);
+        }
+    }
 }
 """
 
