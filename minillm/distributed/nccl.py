@@ -47,6 +47,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 
 from .communicator import CommError, Communicator, float_dtype_name
 
@@ -61,7 +62,7 @@ HARD_MARGIN_S = 30.0     # no watchdog round for timeout + this: faulthandler du
 ABORT_WAIT_S = 10.0      # the watchdog waits this long for ncclCommAbort before exiting anyway
 EXIT_GRACE_S = 20.0      # after a failure, the process is ended if it has not exited within this
 
-_live: list = []          # this process's NCCL communicators that are not aborted
+_live = weakref.WeakSet()  # this process's NCCL communicators that are not aborted (nor garbage)
 _state = {"watchdog": None, "failed": False}
 
 
@@ -153,7 +154,7 @@ class NCCLCommunicator(Communicator):
         store.wait_arrivals(f"{name}/nccl-ready", size, timeout)
         with cupy.cuda.Device(device):
             self.comm = nccl.NcclCommunicator(size, uid, rank)
-        _live.append(self)
+        _live.add(self)
         _start_watchdog()
 
     # -------------------------------------------------------------- helpers
@@ -272,8 +273,7 @@ class NCCLCommunicator(Communicator):
     def abort(self) -> None:
         """``ncclCommAbort``: this communicator's kernels stop; every later call raises CommError."""
         comm, self.comm = getattr(self, "comm", None), None
-        if self in _live:
-            _live.remove(self)
+        _live.discard(self)
         if comm is not None:
             try:
                 comm.abort()

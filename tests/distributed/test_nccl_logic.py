@@ -8,6 +8,7 @@ NCCL against NumPy on two H200s.)"""
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 
@@ -51,7 +52,7 @@ def process(monkeypatch):
     """A clean process-wide state: no live communicators, not failing, faulthandler recorded."""
     handler = FaultHandler()
     monkeypatch.setattr(nccl, "faulthandler", handler)
-    monkeypatch.setattr(nccl, "_live", [])
+    monkeypatch.setattr(nccl, "_live", weakref.WeakSet())
     monkeypatch.setattr(nccl, "_state", {"watchdog": None, "failed": False})
     return handler
 
@@ -60,7 +61,7 @@ def _communicator(pending, error=None, timeout=0.3, name="world"):
     comm = object.__new__(NCCLCommunicator)   # no GPU: only the host-side state
     comm.rank, comm.size, comm.timeout, comm.name = 0, 2, timeout, name
     comm.comm, comm.pending = Comm(error), [(event, what, time.monotonic()) for event, what in pending]
-    nccl._live.append(comm)
+    nccl._live.add(comm)
     return comm
 
 
@@ -78,7 +79,7 @@ def test_a_call_that_never_finishes_times_out_and_aborts_every_communicator(proc
     with pytest.raises(CommError, match=r"NCCL send/recv \(to 1, from None\) did not complete within 0.3 s"):
         world.synchronize()
     assert 0.3 <= time.monotonic() - start < 2
-    assert all(c.aborted for c in inner) and world.comm is None and tied.comm is None and nccl._live == []
+    assert all(c.aborted for c in inner) and world.comm is None and tied.comm is None and not nccl._live
     assert process.calls == [("arm", nccl.EXIT_GRACE_S, True)]      # the exit itself is bounded
     with pytest.raises(CommError, match="'tied' was aborted after an earlier failure"):
         tied.synchronize()                                          # no call reaches an aborted NCCL comm
@@ -101,18 +102,19 @@ def test_watchdog_aborts_all_and_exits_when_the_host_is_stuck_elsewhere(process,
     monkeypatch.setattr("minillm.distributed.nccl.os._exit", exits.append)
     world.pending[1] = (world.pending[1][0], "recv", time.monotonic() - 10)   # issued long ago
     assert nccl._watch_round() is False
-    assert exits == [1] and all(c.aborted for c in inner) and nccl._live == []
+    assert exits == [1] and all(c.aborted for c in inner) and not nccl._live
     assert "rank 0: NCCL recv did not complete within 0.1 s" in capsys.readouterr().err
 
 
 def test_watchdog_round_rearms_the_hard_timer_while_all_is_well(process):
     assert nccl._watch_round() is True                               # nothing to watch: no timer
     assert process.calls == [("cancel",)]
-    _communicator([(Event(False), "send")], timeout=7)              # unfinished, but recent
-    _communicator([], timeout=3, name="tied")
+    kept = [_communicator([(Event(False), "send")], timeout=7),     # unfinished, but recent
+            _communicator([], timeout=3, name="tied")]               # (the registry holds weak references)
     assert nccl._watch_round() is True
     assert process.calls[-1] == ("arm", 7 + nccl.HARD_MARGIN_S, True)
     nccl.abort_all()
+    assert all(c.comm is None for c in kept)
     calls = len(process.calls)
     assert nccl._watch_round() is False and len(process.calls) == calls   # failing: the exit timer stays
 
@@ -124,9 +126,10 @@ HOLD_THE_GIL = "re.match(r'(a+)+$', 'a' * 64 + 'b')"   # catastrophic backtracki
 def test_a_process_blocked_with_the_gil_held_still_exits(how):
     """The watchdog thread cannot run while a C call holds the GIL; faulthandler's C thread ends the process."""
     arm = ("nccl.HARD_MARGIN_S = 1.0\n"
-           "nccl._live.append(types.SimpleNamespace(timeout=0.5, pending=[], rank=0))\n"
+           "class Comm: timeout, pending, rank = 0.5, [], 0\n"
+           "comm = Comm()\nnccl._live.add(comm)\n"
            "nccl._watch_round()\n") if how == "heartbeat" else "nccl.EXIT_GRACE_S = 1.5\nnccl.abort_all()\n"
-    code = ("import re, types\nfrom minillm.distributed import nccl\n" + arm +
+    code = ("import re\nfrom minillm.distributed import nccl\n" + arm +
             f"print('blocking', flush=True)\n{HOLD_THE_GIL}\nprint('not reached', flush=True)\n")
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
