@@ -58,7 +58,7 @@ NCCL_OPS = {"sum": 0, "max": 2, "avg": 4}
 _MAX_PENDING = 32  # events kept before the host waits for the oldest (bounds run-ahead)
 WATCH_INTERVAL_S = 1.0   # the watchdog's round
 STALL_MARGIN_S = 5.0     # the watchdog acts at timeout + this (synchronize() raises at the timeout first)
-HARD_MARGIN_S = 30.0     # no watchdog round for timeout + this: faulthandler dumps the stacks and exits
+HARD_MARGIN_S = 15.0     # no watchdog round for timeout + this: faulthandler dumps the stacks and exits
 ABORT_WAIT_S = 10.0      # the watchdog waits this long for ncclCommAbort before exiting anyway
 EXIT_GRACE_S = 20.0      # after a failure, the process is ended if it has not exited within this
 
