@@ -59,12 +59,15 @@ import regex
 from .gpt2 import bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
 from .pretokenize import GPT2_PATTERN, chunk_finder, count_chunks, resolve_pattern
 from .train import learn_merges
+from .words import MAX_WORD_BYTES, WordCache, first_equal, gather, word_keys, word_starts
 
 FORMAT_NAME = "minillm-bpe-tokenizer"
 FORMAT_VERSION = 1
 _NO_RANK = 1 << 62  # larger than any merge rank
 _CACHE_LIMIT = 1 << 19  # distinct chunks kept in the encode cache
 _BATCH_MIN_CHUNKS = 64  # from this many new chunks, all of them go through one NumPy merge loop
+_ONE_WORD = regex.compile(r"\s+\S+").fullmatch  # whitespace, then non-whitespace
+_WORDS_MIN_CHARS = 2000  # from this many characters, GPT-2's pattern encodes word by word (words.py)
 ID_TYPECODE = "I" if array("I").itemsize == 4 else "L"  # packed ids: 4-byte unsigned ints
 ID_TYPECODE_NUMPY, ID_BYTES = np.dtype(np.uint32), 4      # the same, for NumPy
 
@@ -170,7 +173,20 @@ class BPETokenizer:
             except UnicodeDecodeError:  # part of a character: never a whole chunk
                 pass
         self._cache: dict[str, bytes] = dict(self._whole_tokens)  # chunk -> packed ids
+        self._words = WordCache(self._vocabulary_words()) if pattern == GPT2_PATTERN else None  # words.py
         self._special_regexes: dict[frozenset[str], regex.Pattern] = {}
+
+    def _vocabulary_words(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokens that are a word of their own (whitespace, then non-whitespace, one chunk:
+        " the", "\n\n#"), as (key0, key1, id) arrays: the word cache's starting content."""
+        words = [t for t in self._whole_tokens if len(t.encode("utf-8")) <= MAX_WORD_BYTES and _ONE_WORD(t)]
+        one_chunk = set(self._split("".join(words)))           # words end to end: a text of these words
+        words = [w for w in words if w in one_chunk]
+        text = "".join(words)
+        data = text.encode("utf-8")
+        starts = word_starts(text, data) if data else np.zeros(0, dtype=np.int64)
+        key0, key1 = word_keys(data, starts, np.diff(starts, append=len(data)))
+        return key0, key1, np.frombuffer(b"".join(map(self._whole_tokens.__getitem__, words)), dtype=ID_TYPECODE_NUMPY)
 
     # ------------------------------------------------------------ building
 
@@ -373,24 +389,39 @@ class BPETokenizer:
                 return self._bpe(text)
             except UnicodeEncodeError:
                 raise _surrogate_error(text) from None
+        if self._words is not None and len(text) >= _WORDS_MIN_CHARS:
+            try:
+                return self._encode_words(text).tolist()
+            except UnicodeEncodeError:
+                raise _surrogate_error(text) from None
         return array(ID_TYPECODE, self._encode_packed(text)).tolist()
 
     def _encode_packed(self, text: str) -> bytes:
         """encode_ordinary's ids packed as ``array(ID_TYPECODE)`` bytes (needs a pattern)."""
-        chunks = self._split(text)
-        cache = self._cache
-        try:  # the common case: every chunk is a token or was seen before
-            return b"".join(map(cache.__getitem__, chunks))
-        except KeyError:
-            pass
         try:
-            new_chunks = list(set(chunks).difference(cache))
-            if len(new_chunks) >= _BATCH_MIN_CHUNKS:
-                fresh = dict(zip(new_chunks, self._bpe_many(new_chunks)))
-            else:
-                fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in new_chunks}
+            if self._words is not None and len(text) >= _WORDS_MIN_CHARS:
+                return self._encode_words(text).tobytes()
+            chunks = self._split(text)
+            try:  # the common case: every chunk is a token or was seen before
+                return b"".join(map(self._cache.__getitem__, chunks))
+            except KeyError:
+                return b"".join(map(self._chunk_lookup(chunks).__getitem__, chunks))
         except UnicodeEncodeError:
             raise _surrogate_error(text) from None
+
+    def _chunk_lookup(self, chunks: Sequence[str]) -> dict[str, bytes]:
+        """A dict with every one of ``chunks`` -> its packed ids: the chunk cache, once the
+        chunks it lacks are merged (all at once by ``_bpe_many`` when there are many) and added
+        (a full cache is cleared to the vocabulary first; the new chunks are then returned
+        beside it)."""
+        cache = self._cache
+        new_chunks = list(set(chunks).difference(cache))
+        if not new_chunks:
+            return cache
+        if len(new_chunks) >= _BATCH_MIN_CHUNKS:
+            fresh = dict(zip(new_chunks, self._bpe_many(new_chunks)))
+        else:
+            fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in new_chunks}
         lookup = cache
         if len(cache) + len(fresh) > _CACHE_LIMIT:  # full: forget merge results, keep the vocabulary
             lookup = {**cache, **fresh}
@@ -399,7 +430,76 @@ class BPETokenizer:
             if len(cache) + len(fresh) > _CACHE_LIMIT:
                 fresh = {}
         cache.update(fresh)
-        return b"".join(map(lookup.__getitem__, chunks))
+        return lookup
+
+    def _encode_words(self, text: str) -> np.ndarray:
+        """encode_ordinary's ids as a uint32 array, word by word (GPT-2's pattern; words.py
+        says why that is exact): each word's ids from the word cache, the words it lacks
+        through ``_new_word_ids``."""
+        data = text.encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+        if not data:
+            return np.empty(0, dtype=ID_TYPECODE_NUMPY)
+        starts = word_starts(text, data)                                  # (W,) byte offsets
+        lengths = np.diff(starts, append=len(data))                       # (W,) bytes
+        key0, key1 = word_keys(data, starts, lengths)
+        source = self._words.ids                                          # taken before any add
+        found, start, count = self._words.find(key0, key1)               # word i: source[start : start + count]
+        missing = np.flatnonzero(~found | (lengths > MAX_WORD_BYTES))     # long words are never cached
+        if missing.size:
+            ids, new_start, new_count = self._new_word_ids(
+                data, starts[missing], lengths[missing], key0[missing], key1[missing])
+            start[missing] = source.size + new_start
+            count[missing] = new_count
+            source = np.concatenate((source, ids))
+        return gather(source, start, count)
+
+    def _new_word_ids(self, data: bytes, starts, lengths, key0, key1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids of words that are not in the word cache, as ``(ids, start, count)``: word i's are
+        ``ids[start[i] : start[i] + count[i]]``. Each distinct word is chunked once, and the short
+        ones are added to the word cache.
+
+        Equal words share one representative (:func:`~.words.first_equal`; long words are each
+        their own). The representatives, end to end in text order, are a text whose chunks are
+        theirs (the first word of the text, the only one that can lack leading whitespace,
+        stays first; a last word of whitespace only stays last): it is chunked in one
+        ``findall``, its chunks get their ids from the chunk cache and ``_bpe_many``, and each
+        word takes the ids of the chunks that end inside it.
+        """
+        n = starts.size
+        short = np.flatnonzero(lengths <= MAX_WORD_BYTES)
+        rep = np.arange(n)                                                # [i]: whose ids word i takes
+        rep[short], exact = first_equal(key0[short], key1[short])
+        rep[short] = short[rep[short]]
+        cacheable = np.zeros(n, dtype=bool)                               # distinct short words
+        cacheable[short] = exact
+        is_rep = rep == np.arange(n)
+        reps = np.flatnonzero(is_rep)                                     # (R,) in text order
+        words = gather(np.frombuffer(data, dtype=np.uint8), starts[reps], lengths[reps])
+        text = words.tobytes().decode("utf-8")
+        chunks = self._split(text)
+        lookup = self._chunk_lookup(chunks)
+        packed = list(map(lookup.__getitem__, chunks))
+        ids = np.frombuffer(b"".join(packed), dtype=ID_TYPECODE_NUMPY)
+        chunk_end = np.cumsum(np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks)))  # in characters
+        if text.isascii():
+            word_chars = lengths[reps]
+        else:  # characters = bytes that do not continue a character (10xxxxxx)
+            starts_here = (words & 0xC0) != 0x80
+            word_chars = np.add.reduceat(starts_here.astype(np.int64), np.cumsum(lengths[reps]) - lengths[reps])
+        word_end = np.cumsum(word_chars)
+        last = np.searchsorted(chunk_end, word_end)                       # (R,) the chunk that ends each word
+        if not np.array_equal(chunk_end[np.minimum(last, chunk_end.size - 1)], word_end):
+            raise AssertionError("a chunk crosses a word boundary: words.py's premise fails (a bug)")
+        token_end = np.cumsum(np.fromiter(map(len, packed), dtype=np.int64, count=len(packed)) // ID_BYTES)
+        rep_end = token_end[last]
+        rep_start = rep_end - np.diff(rep_end, prepend=0)
+        rep_count = rep_end - rep_start
+
+        cached = np.flatnonzero(cacheable[reps])                          # (index into reps)
+        self._words.add(key0[reps[cached]], key1[reps[cached]], ids, rep_start[cached], rep_count[cached])
+
+        rank = (np.cumsum(is_rep) - 1)[rep]                 # [i]: its representative's index in reps
+        return ids, rep_start[rank], rep_count[rank]
 
     def encode(
         self,
