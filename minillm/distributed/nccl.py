@@ -23,9 +23,10 @@ the interpreter's exit too: CuPy's ``NcclCommunicator.__dealloc__`` calls
 Two watchmen cover a host blocked where we do not poll (a copy or a
 ``.item()`` queued behind a send to a dead peer):
 
-- one watchdog thread per process looks at every communicator's oldest
-  unfinished call; past ``timeout + 5`` s it prints the error, aborts them
-  all (waiting at most ``ABORT_WAIT_S``) and exits the process with code 1;
+- one watchdog thread per process asks every communicator for NCCL's
+  asynchronous error and looks at its oldest unfinished call: on an error,
+  or past ``timeout + 5`` s, it prints the error, aborts them all (waiting at
+  most ``ABORT_WAIT_S``) and exits the process with code 1;
 - a thread needs the GIL, and a C call that blocks holding it (a CUDA call
   made without releasing it) would silence that thread. So the watchdog also
   re-arms ``faulthandler.dump_traceback_later`` at every round (a C thread
@@ -93,12 +94,19 @@ def _finished(event) -> bool:
         return True
 
 
-def _oldest_stall(comms, now: float):
-    """(communicator, what) of the first call unfinished for longer than its timeout + STALL_MARGIN_S, else None."""
+def _trouble(comms, now: float):
+    """(communicator, message) for the first one that NCCL reports an asynchronous error on (a failed peer,
+    a broken link) or whose oldest unfinished call is older than its timeout + STALL_MARGIN_S; else None."""
     for comm in comms:
+        inner = comm.comm
+        try:
+            if inner is not None:
+                inner.check_async_error()
+        except Exception as error:  # noqa: BLE001 - an NcclError
+            return comm, f"NCCL reported an error: {error}"
         for event, what, issued in list(comm.pending):
             if now - issued > comm.timeout + STALL_MARGIN_S and not _finished(event):
-                return comm, what
+                return comm, f"NCCL {what} did not complete within {comm.timeout:g} s (a peer died or hangs)"
     return None
 
 
@@ -110,11 +118,11 @@ def _watch_round(now: float | None = None) -> bool:
     if not comms:
         _arm(None)
         return True
-    stall = _oldest_stall(comms, time.monotonic() if now is None else now)
-    if stall is not None:
-        comm, what = stall
-        print(f"minillm: error: rank {comm.rank}: NCCL {what} did not complete within {comm.timeout:g} s "
-              "(a peer died or hangs); aborting every communicator and exiting", file=sys.stderr, flush=True)
+    trouble = _trouble(comms, time.monotonic() if now is None else now)
+    if trouble is not None:
+        comm, message = trouble
+        print(f"minillm: error: rank {comm.rank}: {message}; aborting every communicator and exiting",
+              file=sys.stderr, flush=True)
         aborting = threading.Thread(target=abort_all, daemon=True, name="nccl-abort")
         aborting.start()
         aborting.join(ABORT_WAIT_S)      # ncclCommAbort frees the GPU; exit even if it does not return

@@ -106,6 +106,17 @@ def test_watchdog_aborts_all_and_exits_when_the_host_is_stuck_elsewhere(process,
     assert "rank 0: NCCL recv did not complete within 0.1 s" in capsys.readouterr().err
 
 
+def test_watchdog_exits_on_an_async_error_at_once(process, monkeypatch, capsys):
+    quiet = _communicator([(Event(False), "send")], timeout=60)                     # recent: no stall
+    failing = _communicator([], error="NCCL_ERROR_REMOTE_ERROR", name="tied")
+    inner = quiet.comm, failing.comm
+    exits = []
+    monkeypatch.setattr("minillm.distributed.nccl.os._exit", exits.append)
+    assert nccl._watch_round() is False
+    assert exits == [1] and all(c.aborted for c in inner)
+    assert "NCCL reported an error: NCCL_ERROR_REMOTE_ERROR; aborting every communicator" in capsys.readouterr().err
+
+
 def test_watchdog_round_rearms_the_hard_timer_while_all_is_well(process):
     assert nccl._watch_round() is True                               # nothing to watch: no timer
     assert process.calls == [("cancel",)]
@@ -126,7 +137,7 @@ HOLD_THE_GIL = "re.match(r'(a+)+$', 'a' * 64 + 'b')"   # catastrophic backtracki
 def test_a_process_blocked_with_the_gil_held_still_exits(how):
     """The watchdog thread cannot run while a C call holds the GIL; faulthandler's C thread ends the process."""
     arm = ("nccl.HARD_MARGIN_S = 1.0\n"
-           "class Comm: timeout, pending, rank = 0.5, [], 0\n"
+           "class Comm: timeout, pending, rank, comm = 0.5, [], 0, None\n"
            "comm = Comm()\nnccl._live.add(comm)\n"
            "nccl._watch_round()\n") if how == "heartbeat" else "nccl.EXIT_GRACE_S = 1.5\nnccl.abort_all()\n"
     code = ("import re\nfrom minillm.distributed import nccl\n" + arm +
