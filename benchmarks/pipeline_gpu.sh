@@ -176,7 +176,7 @@ if one:
     t1 = median(one["step_s"][3:])
     ideal = t1 * (M + P - 1) / (M * P)
     row("t1, ideal", f"one GPU t1 = {t1*1e3:.0f} ms (median of steps 4..), ideal t1(M+P-1)/(MP) = {ideal*1e3:.0f} ms")
-    for name, run in (("PP=2 M=8 1F1B", pp), ("PP=2 M=8 GPipe", gp)):
+    for name, run in ((f"PP=2 M={M} 1F1B", pp), (f"PP=2 M={M} GPipe", gp)):
         if run and len(run["step_s"]) > 3:
             t = median(run["step_s"][3:])
             row(name, f"{t*1e3:.0f} ms = {t/ideal:.3f} x ideal (target <= 1.10), {t1/t:.2f}x one GPU")
