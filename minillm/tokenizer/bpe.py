@@ -59,7 +59,7 @@ import regex
 from .gpt2 import bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
 from .pretokenize import GPT2_PATTERN, chunk_finder, count_chunks, resolve_pattern
 from .train import learn_merges
-from .words import MAX_WORD_BYTES, WordCache, first_equal, gather, word_keys, word_starts
+from .words import MAX_WORD_BYTES, KeyTable, WordCache, first_equal, gather, word_keys, word_starts
 
 FORMAT_NAME = "minillm-bpe-tokenizer"
 FORMAT_VERSION = 1
@@ -142,15 +142,12 @@ class BPETokenizer:
             self._ranks.setdefault((a, b), rank)
             self._merged_ids.append(new)
 
-        # the same ranks as sorted arrays, for the merge loop that runs on many chunks at
-        # once (_bpe_many): pair (a, b) -> key a * key_base + b, looked up by binary search
-        self._key_base = max(self._vocab) + 1
-        first_rank = np.fromiter(self._ranks.values(), dtype=np.int64, count=len(self._ranks))
-        pairs = np.array(list(self._ranks), dtype=np.int64).reshape(-1, 2)
-        keys = pairs[:, 0] * self._key_base + pairs[:, 1]
-        order = np.argsort(keys)
-        self._pair_keys = np.append(keys[order], -1)             # -1: a sentinel past the end
-        self._pair_ranks = np.append(first_rank[order], _NO_RANK)
+        # the same ranks in a NumPy hash table, for the merge loop that runs on many chunks at
+        # once (_bpe_many): pair (a, b) -> rank, for all pairs of a round in one lookup
+        pairs = np.array(list(self._ranks), dtype=np.uint64).reshape(-1, 2)
+        self._pair_table = KeyTable()
+        self._pair_table.add(pairs[:, 0].copy(), pairs[:, 1].copy(),
+                             np.fromiter(self._ranks.values(), dtype=np.int64, count=len(self._ranks)))
         self._merged_id_array = np.array(self._merged_ids, dtype=np.int64)
         self._byte_id_array = np.array(self._byte_ids, dtype=np.int64)
         self._byte_pair_ranks = np.full((256, 256), _NO_RANK, dtype=np.int64)   # [byte x, byte y] -> rank
@@ -371,13 +368,9 @@ class BPETokenizer:
         return [packed[start:end] for start, end in zip([0] + ends[:-1], ends)]
 
     def _pair_rank_array(self, ids, word, at):
-        """Ranks of the pairs (ids[j], ids[j + 1]) for j in ``at`` (no rank across chunks), by binary
-        search in the sorted pair keys."""
-        pair = ids[at] * self._key_base + ids[at + 1]
-        found = np.searchsorted(self._pair_keys[:-1], pair)
-        ranks = np.where((self._pair_keys[found] == pair) & (word[at] == word[at + 1]), self._pair_ranks[found],
-                         _NO_RANK)
-        return ranks
+        """Ranks of the pairs (ids[j], ids[j + 1]) for j in ``at`` (no rank across chunks)."""
+        rank = self._pair_table.find(ids[at].astype(np.uint64), ids[at + 1].astype(np.uint64))
+        return np.where((rank >= 0) & (word[at] == word[at + 1]), rank, _NO_RANK)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text``, special-token strings included as plain text."""
