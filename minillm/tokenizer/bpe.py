@@ -32,12 +32,20 @@ Why it is fast in pure Python: ``_cache`` maps chunk text -> its ids,
 packed as 4-byte unsigned ints (``array("I")``). It starts as the
 vocabulary itself (every token's text -> its id: step 2) and keeps the
 merge loop's result for each other distinct chunk (most chunks repeat:
-" the", ",", "\\n"). So encoding a long text is one regex ``findall``, one
+" the", ",", "\\n"). So encoding a text is one regex ``findall``, one
 dict lookup per chunk, one ``b"".join`` and one ``array.tolist()``, all
 loops in C; the merge loop runs only for chunks that are not tokens and
 were never seen before (7,400 of tinyshakespeare's 298,000 chunks), and
 for many such chunks at once it runs on all of them side by side in NumPy
 (``_bpe_many``: ~2.4x faster than the loop chunk by chunk).
+
+With GPT-2's pattern, a text of ``_WORDS_MIN_CHARS`` characters or more
+skips even the per-chunk work: it is cut into words (whitespace, then
+non-whitespace; no chunk crosses a word boundary, words.py proves it) and
+every word's ids come from a cache of words, all words at once in NumPy
+(``_encode_words``: ~200,000 words of tinyshakespeare, no Python object
+made per word). Only the words not cached yet become strings and go the
+chunk way above, once per distinct word (``_new_word_ids``).
 
 Not handled: normalization (NFC etc.: text is encoded as given), lone
 surrogates (they are not text and cannot be UTF-8: ValueError), and chunks
@@ -67,7 +75,8 @@ _NO_RANK = 1 << 62  # larger than any merge rank
 _CACHE_LIMIT = 1 << 19  # distinct chunks kept in the encode cache
 _BATCH_MIN_CHUNKS = 64  # from this many new chunks, all of them go through one NumPy merge loop
 _ONE_WORD = regex.compile(r"\s+\S+").fullmatch  # whitespace, then non-whitespace
-_WORDS_MIN_CHARS = 2000  # from this many characters, GPT-2's pattern encodes word by word (words.py)
+_WORDS_MIN_CHARS = 5000  # from this many characters, GPT-2's pattern encodes word by word (words.py; below
+                         # it the NumPy calls' fixed cost, ~50 us, outweighs the gain: measured crossover)
 ID_TYPECODE = "I" if array("I").itemsize == 4 else "L"  # packed ids: 4-byte unsigned ints
 ID_TYPECODE_NUMPY, ID_BYTES = np.dtype(np.uint32), 4      # the same, for NumPy
 
