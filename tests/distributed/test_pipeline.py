@@ -170,6 +170,13 @@ def test_a_stage_built_on_its_own_device_draws_only_its_part_and_trains(tmp_path
     _assert_close(_losses(tmp_path / "pp")[0], _losses(tmp_path / "one")[0], each=True)
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_stages_built_on_their_own_cover_an_untied_model(stages):
+    config = make_model(n_layer=LAYERS, bias=False, tie_embeddings=False).config
+    names = [n for stage in range(stages) for n, _ in build_stage_on_device(config, stage, stages, "cpu").named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in GPT(config).named_parameters())   # each once: nothing tied
+
+
 def test_partition_balances_cost():
     assert partition([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
     assert partition([1, 1, 1, 1], 2, last_extra=2) == [(0, 3), (3, 4)]
