@@ -43,7 +43,7 @@ import numpy as np
 import regex
 
 MAX_WORD_BYTES = 15       # longest cached word: 8 bytes in one key, 7 + the length in the other
-WORD_LIMIT = 1 << 19      # words kept in a WordCache before it is cleared
+WORD_LIMIT = 1 << 18      # words kept in a WordCache before it is cleared (table + ids: at most ~30 MB)
 
 # _IS_SPACE[c]: code point c is \s for the regex package; no code point above U+3000 is (tested)
 _LAST_SPACE = 0x3000
