@@ -163,16 +163,26 @@ def f(x, spec=".2f"):
 def ran(name):
     rc, took = parts.get(name, ("not run", "-"))
     return f"exit {rc}, {took} s"
-one, pp, gp = R["one_gpu"], R["pp2_1f1b"], R["pp2_gpipe"]
+json.dump({"parts": parts, **R}, open(os.path.join(out, "results.json"), "w"), indent=1)
+one, pp, gp, two, big = R["one_gpu"], R["pp2_1f1b"], R["pp2_gpipe"], R["two_nodes"], R["big"]
 M, P = (pp or gp or one or {}).get("micro_batches", 8), 2
-if one and pp:
-    n = min(len(one["losses"]), len(pp["losses"]))
-    row("equality 1F1B", f"{n} steps, max rel loss diff vs one GPU {rel(pp['losses'][:n], one['losses'][:n]):.2e} "
-        f"(last {pp['losses'][n-1]:.6f} vs {one['losses'][n-1]:.6f})")
-if one and gp:
-    n = min(len(one["losses"]), len(gp["losses"]))
-    row("equality GPipe", f"{n} steps, max rel loss diff vs one GPU {rel(gp['losses'][:n], one['losses'][:n]):.2e}")
-if one:
+sections = []
+def section(fn):   # a section that fails (a missing field, a None) leaves one line, not a traceback
+    sections.append(fn)
+    return fn
+
+@section
+def equality():
+    for name, run in (("equality 1F1B", pp), ("equality GPipe", gp)):
+        if one and run:
+            n = min(len(one["losses"]), len(run["losses"]))
+            row(name, f"{n} steps, max rel loss diff vs one GPU {rel(run['losses'][:n], one['losses'][:n]):.2e} "
+                f"(step {n}: {run['losses'][n-1]:.6f} vs {one['losses'][n-1]:.6f})")
+
+@section
+def timing():
+    if not one:
+        return
     t1 = median(one["step_s"][3:])
     ideal = t1 * (M + P - 1) / (M * P)
     row("t1, ideal", f"one GPU t1 = {t1*1e3:.0f} ms (median of steps 4..), ideal t1(M+P-1)/(MP) = {ideal*1e3:.0f} ms")
@@ -180,19 +190,27 @@ if one:
         if run and len(run["step_s"]) > 3:
             t = median(run["step_s"][3:])
             row(name, f"{t*1e3:.0f} ms = {t/ideal:.3f} x ideal (target <= 1.10), {t1/t:.2f}x one GPU")
-for name, run in (("1F1B", pp), ("GPipe", gp)):
-    for r in (run or {}).get("ranks", []):
-        if r.get("gpu_span_ms") is None:
-            continue
-        row(f"  {name} stage {r['rank']}", f"blocks {r['stage_blocks']}: GPU per step F {r['gpu_forward_ms']:.0f} + "
-            f"B {r['gpu_backward_ms']:.0f} ms, send/recv+waits {r['gpu_exchange_ms']:.0f} ms, span {r['gpu_span_ms']:.0f} ms, "
-            f"bubble {r['bubble']:.3f} (ideal {(P-1)/(M+P-1):.3f}); host issued the schedule in {r['host_issue_ms']:.0f} ms")
-if pp and pp.get("ranks") and all(r.get("gpu_span_ms") for r in pp["ranks"]) and one:
-    c = [r["gpu_forward_ms"] + r["gpu_backward_ms"] for r in pp["ranks"]]
-    bound = (M - 1) * max(c) / M + sum(c) / M
-    row("  stage balance", f"F+B per stage {[round(x) for x in c]} ms; with these stages the schedule cannot beat "
-        f"{bound:.0f} ms (+ optimizer); t1/2 = {median(one['step_s'][3:])*500:.0f} ms")
-if pp and gp:
+
+@section
+def stages():
+    for name, run in (("1F1B", pp), ("GPipe", gp)):
+        for r in (run or {}).get("ranks", []):
+            if not r.get("gpu_span_ms"):
+                continue
+            row(f"  {name} stage {r['rank']}", f"blocks {r['stage_blocks']}: GPU per step F {r['gpu_forward_ms']:.0f} + "
+                f"B {r['gpu_backward_ms']:.0f} ms, send/recv+waits {r['gpu_exchange_ms']:.0f} ms, span {r['gpu_span_ms']:.0f} ms, "
+                f"bubble {f(r['bubble'], '.3f')} (ideal {(P-1)/(M+P-1):.3f}); host issued the schedule in "
+                f"{f(r['host_issue_ms'], '.0f')} ms")
+    if pp and pp.get("ranks") and all(r.get("gpu_span_ms") for r in pp["ranks"]) and one:
+        c = [r["gpu_forward_ms"] + r["gpu_backward_ms"] for r in pp["ranks"]]
+        bound = (M - 1) * max(c) / M + sum(c) / M
+        row("  stage balance", f"F+B per stage {[round(x) for x in c]} ms; with these stages the schedule cannot beat "
+            f"{bound:.0f} ms (+ optimizer); t1/2 = {median(one['step_s'][3:])*500:.0f} ms")
+
+@section
+def activations():
+    if not (pp and gp):
+        return
     for a, b in zip(gp["ranks"], pp["ranks"]):
         if a.get("activation_peak_gib") is None:
             continue
@@ -202,30 +220,41 @@ if pp and gp:
             f"(target <= P/M x 1.1 = {P/M*1.1:.3f})")
         row(f"  memory stage {a['rank']}", f"params {b['params_gib']:.2f} + grads {b['grads_gib']:.2f} + AdamW "
             f"{b['optimizer_gib']:.2f} GiB; peak pool GPipe {f(a['pool_peak_gib'])} / 1F1B {f(b['pool_peak_gib'])} GiB")
-two = R["two_nodes"]
-if two:
-    ref = pp or one
-    row("two nodes", f"{len(two['losses'])} steps, max rel diff vs one node {rel(two['losses'], ref['losses'][:len(two['losses'])]):.2e} "
-        f"({ran('two_nodes')})")
-elif "two_nodes" in parts:
-    row("two nodes", f"no result ({ran('two_nodes')})")
-if "fault_one_launcher" in parts:
-    row("fault, 1 launcher", f"launcher {ran('fault_one_launcher')} (want non-zero, well under the timeout)")
-if "fault_two_launchers" in parts:
-    rc, took = parts["fault_two_launchers"]
-    message = open(os.path.join(work, "survivor_message.txt")).read().strip().replace("\n", " | ")[:300] \
-        if os.path.exists(os.path.join(work, "survivor_message.txt")) else ""
-    row("fault, 2 launchers", f"survivor's launcher/killed's launcher exit {rc}; survivor gone {took} s after the kill: {message}")
-res, ref = R["resumed"], R["small_ref"]
-if res and ref:
-    k = len(ref["losses"]) - len(res["losses"])
-    row("resume", f"one GPU from the step-{k} checkpoint of the killed PP=2 run: steps {k+1}..{len(ref['losses'])} max rel "
-        f"diff vs the uninterrupted one-GPU run {rel(res['losses'], ref['losses'][k:]):.2e}")
-elif "resume" in parts:
-    row("resume", f"no result ({ran('resume')}, reference {'present' if ref else 'missing'})")
-big = R["big"]
-if big:
-    M = big.get("micro_batches", M)
+
+@section
+def nodes():
+    if two and (pp or one):
+        ref = pp or one
+        n = len(two["losses"])
+        row("two nodes", f"{n} steps, max rel diff vs one node {rel(two['losses'], ref['losses'][:n]):.2e} ({ran('two_nodes')})")
+    elif "two_nodes" in parts:
+        row("two nodes", f"no result ({ran('two_nodes')})")
+
+@section
+def faults():
+    if "fault_one_launcher" in parts:
+        row("fault, 1 launcher", f"launcher {ran('fault_one_launcher')} (want non-zero, well under the timeout)")
+    if "fault_two_launchers" in parts:
+        rc, took = parts["fault_two_launchers"]
+        path = os.path.join(work, "survivor_message.txt")
+        message = open(path).read().strip().replace("\n", " | ")[:300] if os.path.exists(path) else ""
+        row("fault, 2 launchers", f"exit codes survivor's launcher/killed's launcher {rc}; survivor gone {took} s after "
+            f"the kill: {message}")
+    res, ref = R["resumed"], R["small_ref"]
+    if res and ref:
+        k = len(ref["losses"]) - len(res["losses"])
+        row("resume", f"one GPU from the step-{k} checkpoint of the killed PP=2 run: steps {k+1}..{len(ref['losses'])} "
+            f"max rel diff vs the uninterrupted one-GPU run {rel(res['losses'], ref['losses'][k:]):.2e}")
+    elif "resume" in parts:
+        row("resume", f"no result ({ran('resume')}, reference {'present' if ref else 'missing'})")
+
+@section
+def ten_billion():
+    if not big:
+        if "big" in parts:
+            row("10B", f"no result ({ran('big')})")
+        return
+    m = big.get("micro_batches", M)
     steps = big["step_s"]
     row("10B", f"{sum(r['parameters'] for r in big['ranks']):,} parameters over 2 GPUs (the tied embedding on both); "
         f"built in {big['build_s']:.0f} s; step {median(steps[2:])*1e3:.0f} ms (median of steps 3..{len(steps)}; "
@@ -236,17 +265,21 @@ if big:
         per_mb = r["activation_peak_gib"] / max(r["max_in_flight"], 1)
         base = r["pool_peak_gib"] if r["pool_peak_gib"] is not None else \
             r["params_gib"] + r["grads_gib"] + r["optimizer_gib"] + r["activation_peak_gib"]
-        gpipe = base + (M - r["max_in_flight"]) * per_mb
-        row(f"  10B stage {r['rank']}", f"params {r['params_gib']:.1f} + grads {r['grads_gib']:.1f} + AdamW {r['optimizer_gib']:.1f} GiB; "
-            f"activations {r['activation_peak_gib']:.2f} GiB ({r['max_in_flight']} micro-batches, {per_mb:.2f} each); "
-            f"peak pool {f(r['pool_peak_gib'], '.1f')} GiB, device in use {f(r['device_used_gib'], '.1f')} GiB; GPipe "
-            f"(M={M} in flight) would need ~{gpipe:.1f} GiB (the peak + {M - r['max_in_flight']} more micro-batches)")
-elif "big" in parts:
-    row("10B", f"no result ({ran('big')})")
+        gpipe = base + (m - r["max_in_flight"]) * per_mb
+        row(f"  10B stage {r['rank']}", f"params {r['params_gib']:.1f} + grads {r['grads_gib']:.1f} + AdamW "
+            f"{r['optimizer_gib']:.1f} GiB; activations {r['activation_peak_gib']:.2f} GiB ({r['max_in_flight']} "
+            f"micro-batches, {per_mb:.2f} each); peak pool {f(r['pool_peak_gib'], '.1f')} GiB, device in use "
+            f"{f(r['device_used_gib'], '.1f')} GiB; GPipe (M={m} in flight) would need ~{gpipe:.1f} GiB "
+            f"(the peak + {m - r['max_in_flight']} more micro-batches)")
+
+for fn in sections:
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001
+        row("(summary)", f"{fn.__name__}: {type(error).__name__}: {error}")
 width = max((len(w) for w, _ in rows), default=10)
 print("\n".join(f"{w:<{width}}  {t}" for w, t in rows))
 print(f"parts (exit, seconds): " + ", ".join(f"{n} {rc}/{t}" for n, (rc, t) in parts.items()))
-json.dump({"parts": parts, **R}, open(os.path.join(out, "results.json"), "w"), indent=1)
 EOF
 echo "total $(elapsed) s; logs in $OUT (pipeline_gpu.log, results.json, summary.txt)"
 rm -rf "$W"
