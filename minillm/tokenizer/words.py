@@ -186,10 +186,13 @@ def first_equal(key0: np.ndarray, key1: np.ndarray) -> tuple[np.ndarray, np.ndar
 class WordCache:
     """Words (as :func:`word_keys`) -> their token ids, all ids end to end in one array.
 
-    It starts with, and is cleared back to, the ``base`` words (``key0``, ``key1``, one id
-    each): the tokens that are a word of their own (" the", " and"), as the chunk cache
-    starts with the vocabulary. ``ids`` is replaced, never changed in place, so an array
-    taken before :meth:`add` keeps what the spans taken with it point at.
+    A word's value in the :class:`KeyTable` is where its ids start in ``ids``, times 64, plus
+    how many there are (a word of at most 15 bytes has at most 15 tokens), so one lookup
+    gives both. The cache starts with, and is cleared back to, the ``base`` words
+    (``key0``, ``key1``, one id each): the tokens that are a word of their own (" the",
+    " and"), as the chunk cache starts with the vocabulary. ``ids`` is replaced, never
+    changed in place, so an array taken before :meth:`add` keeps what the spans taken with
+    it point at.
     """
 
     def __init__(self, base: tuple[np.ndarray, np.ndarray, np.ndarray], limit: int = WORD_LIMIT) -> None:
@@ -200,8 +203,6 @@ class WordCache:
     def clear(self) -> None:
         self._table = KeyTable()
         self.ids = np.empty(0, dtype=np.uint32)
-        self._start = np.empty(0, dtype=np.int64)   # [entry]: where its ids begin in self.ids
-        self._count = np.empty(0, dtype=np.int64)   # [entry]: how many
         key0, key1, ids = self._base
         if key0.size <= self.limit:
             self.add(key0, key1, ids, np.arange(key0.size), np.ones(key0.size, dtype=np.int64))
@@ -211,13 +212,9 @@ class WordCache:
 
     def find(self, key0: np.ndarray, key1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found, start, count): found[i] says whether word i is cached; its ids are then
-        ``self.ids[start[i] : start[i] + count[i]]`` (start and count are 0 elsewhere)."""
-        entry = self._table.find(key0, key1)
-        found = entry >= 0
-        if not self._start.size:
-            return found, np.zeros(key0.size, dtype=np.int64), np.zeros(key0.size, dtype=np.int64)
-        entry = np.where(found, entry, 0)
-        return found, np.where(found, self._start[entry], 0), np.where(found, self._count[entry], 0)
+        ``self.ids[start[i] : start[i] + count[i]]`` (start and count mean nothing elsewhere)."""
+        value = self._table.find(key0, key1)
+        return value >= 0, value >> 6, value & 63
 
     def add(self, key0, key1, ids: np.ndarray, start: np.ndarray, count: np.ndarray) -> None:
         """Cache new distinct words: word i's ids are ``ids[start[i] : start[i] + count[i]]``.
@@ -226,10 +223,8 @@ class WordCache:
             self.clear()
             if len(self) + key0.size > self.limit:
                 return
-        first = len(self)
-        self._table.add(key0, key1, np.arange(first, first + key0.size))
-        self._start = np.concatenate((self._start, self.ids.size + np.cumsum(count) - count))
-        self._count = np.concatenate((self._count, count))
+        where = self.ids.size + np.cumsum(count) - count                   # their starts in self.ids
+        self._table.add(key0, key1, where << 6 | count)
         self.ids = np.concatenate((self.ids, gather(ids, start, count).astype(self.ids.dtype)))
 
 
