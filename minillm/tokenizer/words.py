@@ -17,10 +17,13 @@ matches inside a word depends on nothing after it: the runs stop at the next
 word's whitespace as they would at the end of the text, and the one
 look-ahead, ``(?!\\S)``, looks from whitespace at the word's own
 non-whitespace (or, for a last word of whitespace only, at the end of the
-text, wherever that word is encoded). Hence a word's token ids never depend on
-its neighbours, and the tests check it (every word of tinyshakespeare and of
-random texts, against the chunk-by-chunk encode). This holds for GPT-2's
-pattern only; other patterns keep the chunk-by-chunk path.
+text, wherever that word is encoded); there is no look-behind, and every
+character can start a match, so matching resumes at each word's start as it
+would at the start of a text. Hence a word's token ids never depend on its
+neighbours. The tests check it on every string of up to 4 characters drawn
+from 14 character classes and on random text, and compare whole encodes
+(corpora, adversarial strings) with the published pattern's. This holds for
+GPT-2's pattern only; other patterns keep the chunk-by-chunk path.
 
 **The cache holds words of at most 15 bytes** (99.9% of tinyshakespeare's
 words; longer ones are chunked on every call), each word's ids keyed by the
