@@ -255,3 +255,10 @@ def test_first_equal_against_a_dict(hash_function, monkeypatch):
         assert exact.all() and first.tolist() == [seen[k] for k in zip(key0.tolist(), key1.tolist())]
     else:
         assert not exact.all()
+
+
+def test_lone_surrogate_in_a_long_text_is_a_clear_error(gpt2):
+    text = "hello world " * 1000 + "\ud800 x"
+    assert len(text) >= bpe._WORDS_MIN_CHARS
+    with pytest.raises(ValueError, match="U\\+D800 at position 12000"):
+        gpt2.encode(text)
