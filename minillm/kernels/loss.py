@@ -1,5 +1,6 @@
 """CUDA kernels behind ops/loss.py: cross-entropy forward (row losses, no (N, C) buffer) and
-backward (writes the only (N, C) array), one block per row."""
+backward (writes the only (N, C) array), one block per row. The logits' rows may lie further
+apart than their length (a view of padded rows) and are read in place."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ _CROSS_ENTROPY_SOURCE = ROW_HELPERS_SOURCE + r"""
 // kept apart: their sum would round in float32 for large logits), loss = log_sum - (z_n[t_n] - m).
 template <typename T>
 __global__ void cross_entropy_forward(const T* z, const long long* targets, const bool* valid,
-                                      T* losses, T* row_max, T* log_sum, int n_classes) {
+                                      T* losses, T* row_max, T* log_sum, int n_classes, long long ld) {
     __shared__ T scratch[64];
     const long long row = blockIdx.x;
-    z += row * n_classes;
+    z += row * ld;                      // rows ld apart (ld >= n_classes: padded rows of a product)
     T m, s;
     thread_max_sumexp(z, n_classes, m, s);
     block_max_sumexp(m, s, scratch);
@@ -29,10 +30,9 @@ __global__ void cross_entropy_forward(const T* z, const long long* targets, cons
 // (rows, n_classes) buffer.
 template <typename T>
 __global__ void cross_entropy_backward(const T* z, const T* row_max, const T* log_sum, const long long* targets,
-                                       const T* row_grad, T* dz, int n_classes) {
+                                       const T* row_grad, T* dz, int n_classes, long long ld) {
     const long long row = blockIdx.x;
-    const long long offset = row * n_classes;
-    z += offset; dz += offset;
+    z += row * ld; dz += row * n_classes;
     const T m = row_max[row], log_s = log_sum[row], g = row_grad[row];
     const long long target = targets[row];
     for (int j = threadIdx.x; j < n_classes; j += blockDim.x)
@@ -46,6 +46,18 @@ def _kernel(name, dtype):
     return row_kernel(_CROSS_ENTROPY_SOURCE, _CROSS_ENTROPY_NAMES, name, dtype)
 
 
+def _rows(logits):
+    """(logits as (N, C) rows, the distance between rows in elements): a view when each row is
+    contiguous (e.g. the padded rows of the LM head's product, ops/matmul.py), else a copy."""
+    import cupy  # noqa: PLC0415
+
+    z = logits.reshape(-1, logits.shape[-1])
+    item = z.itemsize
+    if z.shape[1] > 1 and z.strides[1] != item or z.strides[0] % item or z.strides[0] < z.shape[1] * item:
+        z = cupy.ascontiguousarray(z)
+    return z, max(z.strides[0] // item, z.shape[1]) if z.shape[0] > 1 else z.shape[1]
+
+
 def cross_entropy_forward(logits, targets, valid):
     """Per-row cross-entropy of CuPy ``logits`` (N, C) against int ``targets`` (N,) (in range),
     with ``valid`` (N,) bool: returns (losses (N,), 0 where not valid; row max m (N,);
@@ -53,14 +65,14 @@ def cross_entropy_forward(logits, targets, valid):
     import cupy  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    logits = cupy.ascontiguousarray(logits)
+    logits, ld = _rows(logits)
     rows, n_classes = logits.shape
     losses, row_max, log_sum = (cupy.empty(rows, dtype=logits.dtype) for _ in range(3))
     if rows:
         kernel = _kernel("cross_entropy_forward<{t}>", logits.dtype)
         kernel((rows,), (row_launch(n_classes),),
                (logits, cupy.ascontiguousarray(targets, dtype=cupy.int64), cupy.ascontiguousarray(valid),
-                losses, row_max, log_sum, np.int32(n_classes)))
+                losses, row_max, log_sum, np.int32(n_classes), np.int64(ld)))
     return losses, row_max, log_sum
 
 
@@ -71,13 +83,13 @@ def cross_entropy_backward(logits, row_max, log_sum, targets, row_grad):
     import cupy  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    logits = cupy.ascontiguousarray(logits)
-    n_classes = logits.shape[-1]
-    rows = logits.size // n_classes
-    grad = cupy.empty_like(logits)
+    shape = logits.shape
+    logits, ld = _rows(logits)
+    rows, n_classes = logits.shape
+    grad = cupy.empty(shape, dtype=logits.dtype)                     # contiguous, whatever logits' rows
     if rows:
         kernel = _kernel("cross_entropy_backward<{t}>", logits.dtype)
         kernel((rows,), (row_launch(n_classes),),
                (logits, row_max, log_sum, cupy.ascontiguousarray(targets, dtype=cupy.int64),
-                cupy.ascontiguousarray(row_grad, dtype=logits.dtype), grad, np.int32(n_classes)))
+                cupy.ascontiguousarray(row_grad, dtype=logits.dtype), grad, np.int32(n_classes), np.int64(ld)))
     return grad

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import precision
 from ..kernels.matmul import matmul as _gpu_matmul
+from ..kernels.matmul import tensor_core_width, zero_padded
 from ..tensor import Function, Tensor
 from .common import cpu_matmul, cpu_matmul_pair, unbroadcast
 
@@ -94,6 +95,11 @@ class Linear(Function):
         dx = dy @ W                       (N, out) @ (out, in) -> (N, in)
         dW = dyᵀ @ x                      (out, N) @ (N, in)   -> (out, in)
         db = Σ_N dy                       (out,)
+
+    On a GPU in 16 bits, an ``out`` that is not a multiple of 8 (GPT-2's vocabulary) is multiplied
+    as if W had zero rows up to the next multiple (dy zero columns): cuBLAS's tensor-core kernels
+    need 16-byte-aligned rows (kernels/matmul.py, ``tensor_core_width``); y is a view of the real
+    columns, and the padding's rows are dropped from dW.
     """
 
     def forward(self, x, weight, bias=None):
@@ -113,15 +119,26 @@ class Linear(Function):
         if isinstance(x2d, np.ndarray):                                    # CPU: each thread adds the
             y = cpu_matmul(x2d, weight.swapaxes(-1, -2), bias)             # bias to its block of y
         else:
-            y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)  # (N, out)
+            out = weight.shape[0]
+            padded = tensor_core_width(out, weight.dtype)
+            if padded != out:                                              # 16-bit, out % 8: rows of y 8-aligned
+                weight = zero_padded(weight, rows=padded)                  # (out_p, in), zero rows at the end
+                self.save(x2d, weight)
+            y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)   # (N, out) or (N, out_p)
+            if padded != out:
+                y = y[:, :out]                                             # a view: rows padded_out apart
             if bias is not None:
                 y += bias
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def backward(self, grad):
         x2d, weight = self.saved
         grad2d = grad.reshape(-1, grad.shape[-1])           # (N, out)
-        g = _as_grad_operand(grad2d, weight)
+        out = grad2d.shape[1]
+        if weight.shape[0] != out:                          # the forward's padded product: dy padded too
+            g = zero_padded(grad2d, columns=weight.shape[0], dtype=weight.dtype)
+        else:
+            g = _as_grad_operand(grad2d, weight)
         grad_x = grad_w = grad_b = None
         want_bias = self.has_bias and self.needs_input_grad[2]
         if self.needs_input_grad[0] and self.needs_input_grad[1] and isinstance(g, np.ndarray):
@@ -132,6 +149,8 @@ class Linear(Function):
             grad_x = _product(g, weight, out_dtype=self.out_dtype).reshape(self.x_shape)   # dy @ W
         if self.needs_input_grad[1] and grad_w is None:
             grad_w = _product(g, x2d, trans_a=True, out_dtype=self.out_dtype)              # dyᵀ @ x
+            if grad_w.shape[0] != out:
+                grad_w = grad_w[:out]                                                      # the padding's rows off
         if want_bias and grad_b is None:
             grad_b = _column_sum(grad2d)                                               # Σ_N dy
         return (grad_x, grad_w, grad_b) if self.has_bias else (grad_x, grad_w)

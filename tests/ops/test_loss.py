@@ -200,3 +200,26 @@ def test_cuda_kernels_equal_numpy_path(device):
                 results.append((as_np(loss), as_np(z.grad)))
             np.testing.assert_allclose(results[1][0], results[0][0], **tol)
             np.testing.assert_allclose(results[1][1], results[0][1], **tol)
+
+
+def test_cuda_kernels_read_padded_rows_in_place(device):
+    """Logits whose rows lie further apart than their length (the LM head's padded product,
+    ops/matmul.py) give the loss and gradient of the same logits made contiguous, exactly, and
+    are read without a copy (the gradient comes back contiguous in the logits' shape)."""
+    if device != "cuda":
+        pytest.skip("CUDA kernels are tested with --device cuda")
+    import cupy
+
+    rng = np.random.default_rng(8)
+    full = cupy.asarray((rng.standard_normal((2, 5, 16)) * 3).astype(np.float32))
+    padded = full[..., :13]                                        # rows 16 apart, 13 long
+    targets = rng.integers(0, 13, (2, 5))
+    results = []
+    for logits in (padded, cupy.ascontiguousarray(padded)):
+        z = mm.Tensor(logits, requires_grad=True)
+        loss = F.cross_entropy(z, targets)
+        loss.backward()
+        assert z.grad.shape == (2, 5, 13) and z.grad.flags.c_contiguous
+        results.append((as_np(loss), as_np(z.grad)))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
