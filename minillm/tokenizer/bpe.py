@@ -337,7 +337,7 @@ class BPETokenizer:
         >>> [array(ID_TYPECODE, b).tolist() for b in tok._bpe_many(["aaab", "ac", "a"])]
         [[258], [97, 99], [97]]
         """
-        encoded = [c.encode("utf-8") for c in chunks]   # UnicodeEncodeError on a lone surrogate
+        encoded = list(map(str.encode, chunks))        # UTF-8; UnicodeEncodeError on a lone surrogate
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         word = np.repeat(np.arange(len(chunks)), lengths)                            # (N,) chunk of each id
         # the first round's pairs are all pairs of bytes: looked up in a 256 x 256 table
@@ -349,11 +349,11 @@ class BPETokenizer:
         while ids.size:
             starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))   # each chunk's first id
             counts = np.diff(np.append(starts, ids.size))
-            best = np.minimum.reduceat(rank, starts)                                 # (chunks,) next merge
-            finished = np.repeat(best == _NO_RANK, counts)                           # ids of finished chunks
+            best = np.repeat(np.minimum.reduceat(rank, starts), counts)              # (N,) its chunk's next merge
+            finished = best == _NO_RANK                                              # ids of finished chunks
             done_ids.append(ids[finished])
             done_word.append(word[finished])
-            hit = (rank == np.repeat(best, counts)) & ~finished
+            hit = (rank == best) & ~finished
             at = np.flatnonzero(hit)                                                 # left ids of the merges
             if np.any(at[1:] == at[:-1] + 1):   # "a a a" with merge (a, a): only the 1st, 3rd, ... of a run
                 run_start = np.concatenate(([True], at[1:] != at[:-1] + 1))
