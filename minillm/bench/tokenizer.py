@@ -1,6 +1,6 @@
 """Tokenizer figures (``minillm bench tokenizer``): encode MB/s with GPT-2's vocabulary on
-tinyshakespeare (1 process and encode_batch; the first call of a freshly loaded tokenizer, empty
-cache, loading not timed, and the same text again), train time and bytes/token at vocab 4096, and
+tinyshakespeare (1 process and encode_batch; the first call of a freshly loaded tokenizer, caches
+holding only vocabulary tokens, loading not timed, and the same text again), train time and bytes/token at vocab 4096, and
 peak memory training on ~100 MB of generated text. Run it on an idle machine: it prints the load
 average first.
 """
@@ -49,8 +49,9 @@ def run_tokenizer_bench(data: Path | None = None, workers: int | None = None, vo
     megabytes = len(text.encode("utf-8")) / 1e6
     print(f"tinyshakespeare: {megabytes:.2f} MB, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 
-    # encode, GPT-2's vocabulary. "first call": a fresh tokenizer (empty chunk
-    # cache), timed from the call, not the loading; "again": the same text again
+    # encode, GPT-2's vocabulary. "first call": a fresh tokenizer (its chunk and word
+    # caches hold only vocabulary tokens), timed from the call, not the loading; "again":
+    # the same text again (the word cache holds single words, never a whole text)
     print(f"load average {os.getloadavg()[0]:.1f} (other busy processes slow every figure below)")
     spec = f"gpt2:{gpt2_dir}"
     load_seconds, _ = _best_time(lambda: load_tokenizer(spec), 1)
