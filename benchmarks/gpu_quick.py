@@ -109,10 +109,11 @@ def gemm_micro():
         report(what="gemm 8192x768 @ (3072x768)T", case=name, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
 
 
-def head_micro():
-    """The LM head's three bf16 products (y = x Wᵀ, dx = dy W, dW = dyᵀ x) for GPT-2's vocabulary of
+def head_micro(dtypes=("bf16", "fp32", "tf32")):
+    """The LM head's three products (y = x Wᵀ, dx = dy W, dW = dyᵀ x) for GPT-2's vocabulary of
     50,257 (rows of dy and y 50,257 elements long: not a multiple of 8) against 50,264 (a multiple
-    of 8), and one block's products, to see what the odd leading dimension costs cuBLAS."""
+    of 8), in bf16 and in float32 (plain and TF32), and one block's products in bf16, to see what
+    the odd leading dimension costs cuBLAS."""
     import cupy
 
     from minillm.kernels.matmul import gemm
@@ -120,24 +121,22 @@ def head_micro():
 
     rng = np.random.default_rng(0)
     n, c = 8192, 768
-    x = cupy.asarray(rng.standard_normal((n, c)).astype(np.float32)).astype(bfloat16())
-    for out_features in (50257, 50264, 2304, 768, 3072):
-        w = cupy.asarray(rng.standard_normal((out_features, c)).astype(np.float32)).astype(bfloat16())
-        dy = cupy.asarray(rng.standard_normal((n, out_features)).astype(np.float32)).astype(bfloat16())
-        flops = 2 * n * c * out_features
-        cases = {"y = x Wt": lambda: gemm(x, w, trans_b=True, out_dtype=np.float32),
-                 "dx = dy W": lambda: gemm(dy, w, out_dtype=np.float32),
-                 "dW = dyt x": lambda: gemm(dy, x, trans_a=True, out_dtype=np.float32)}
-        for name, fn in cases.items():
-            ms = cuda_time(fn, repeat=10)
-            report(what=f"bf16 product, out_features {out_features}", case=name, ms=round(ms, 3),
-                   tflops=round(flops / ms / 1e9, 1))
-    for out_features in (768, 3072):   # x (n, c) -> (n, out): the same products with the inputs swapped
-        w = cupy.asarray(rng.standard_normal((c, out_features)).astype(np.float32)).astype(bfloat16())
-        xin = cupy.asarray(rng.standard_normal((n, out_features)).astype(np.float32)).astype(bfloat16())
-        ms = cuda_time(lambda: gemm(xin, w, trans_b=True, out_dtype=np.float32), repeat=10)
-        report(what=f"bf16 product {out_features} -> {c}", case="y = x Wt", ms=round(ms, 3),
-               tflops=round(2 * n * c * out_features / ms / 1e9, 1))
+    for name in dtypes:
+        dtype = bfloat16() if name == "bf16" else np.float32
+        tf32 = name == "tf32"
+        x = cupy.asarray(rng.standard_normal((n, c)).astype(np.float32)).astype(dtype)
+        widths = (50257, 50264, 2304, 768, 3072) if name == "bf16" else (50257, 50264)
+        for out_features in widths:
+            w = cupy.asarray(rng.standard_normal((out_features, c)).astype(np.float32)).astype(dtype)
+            dy = cupy.asarray(rng.standard_normal((n, out_features)).astype(np.float32)).astype(dtype)
+            flops = 2 * n * c * out_features
+            cases = {"y = x Wt": lambda: gemm(x, w, trans_b=True, out_dtype=np.float32, tf32=tf32),
+                     "dx = dy W": lambda: gemm(dy, w, out_dtype=np.float32, tf32=tf32),
+                     "dW = dyt x": lambda: gemm(dy, x, trans_a=True, out_dtype=np.float32, tf32=tf32)}
+            for case, fn in cases.items():
+                ms = cuda_time(fn, repeat=5)
+                report(what=f"{name} product, out_features {out_features}", case=case, ms=round(ms, 3),
+                       tflops=round(flops / ms / 1e9, 1))
 
 
 def train(modes=("fp32", "tf32", "bf16"), steps=4, warmup=2):
