@@ -65,7 +65,7 @@ import numpy as np
 import regex
 
 from .gpt2 import bytes_to_chars, chars_to_bytes, read_encoder_json, read_vocab_bpe
-from .pretokenize import GPT2_PATTERN, chunk_finder, count_chunks, resolve_pattern
+from .pretokenize import GPT2_PATTERN, chunk_finder, count_chunks, resolve_pattern, split_blocks
 from .train import learn_merges
 from .words import MAX_WORD_BYTES, KeyTable, WordCache, first_equal, gather, word_keys, word_starts
 
@@ -77,6 +77,7 @@ _BATCH_MIN_CHUNKS = 64  # from this many new chunks, all of them go through one 
 _ONE_WORD = regex.compile(r"\s+\S+").fullmatch  # whitespace, then non-whitespace
 _WORDS_MIN_CHARS = 5000  # from this many characters, GPT-2's pattern encodes word by word (words.py; below
                          # it the NumPy calls' fixed cost, ~50 us, outweighs the gain: measured crossover)
+_WORDS_BLOCK_CHARS = 1 << 21  # longer texts go word by word in blocks of about this many characters
 ID_TYPECODE = "I" if array("I").itemsize == 4 else "L"  # packed ids: 4-byte unsigned ints
 ID_TYPECODE_NUMPY, ID_BYTES = np.dtype(np.uint32), 4      # the same, for NumPy
 
@@ -436,8 +437,17 @@ class BPETokenizer:
 
     def _encode_words(self, text: str) -> np.ndarray:
         """encode_ordinary's ids as a uint32 array, word by word (GPT-2's pattern; words.py
-        says why that is exact): each word's ids from the word cache, the words it lacks
-        through ``_new_word_ids``."""
+        says why that is exact). A long text goes in blocks of about ``_WORDS_BLOCK_CHARS``
+        cut at safe line breaks (``split_blocks``: the blocks' chunks are the text's), so
+        the arrays per call stay bounded and each block finds the words of the blocks
+        before it in the cache."""
+        if len(text) <= _WORDS_BLOCK_CHARS:
+            return self._encode_word_block(text)
+        return np.concatenate([self._encode_word_block(block) for block in split_blocks(text, _WORDS_BLOCK_CHARS)])
+
+    def _encode_word_block(self, text: str) -> np.ndarray:
+        """_encode_words for one block: each word's ids from the word cache, the words it
+        lacks through ``_new_word_ids``."""
         data = text.encode("utf-8")  # UnicodeEncodeError on a lone surrogate
         if not data:
             return np.empty(0, dtype=ID_TYPECODE_NUMPY)

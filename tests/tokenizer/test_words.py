@@ -262,3 +262,16 @@ def test_lone_surrogate_in_a_long_text_is_a_clear_error(gpt2):
     assert len(text) >= bpe._WORDS_MIN_CHARS
     with pytest.raises(ValueError, match="U\\+D800 at position 12000"):
         gpt2.encode(text)
+
+
+def test_long_text_in_blocks_equals_the_reference(gpt2, monkeypatch):
+    text = shared_file("the-verdict.txt").read_text(encoding="utf-8") + "\n".join(ADVERSARIAL) * 5
+    monkeypatch.setattr(bpe, "_WORDS_BLOCK_CHARS", 3000)
+    blocks = []
+    block = BPETokenizer._encode_word_block
+    monkeypatch.setattr(BPETokenizer, "_encode_word_block", lambda self, t: (blocks.append(t), block(self, t))[1])
+    tok = emptied(gpt2)
+    expected = reference(tok, text)
+    assert tok.encode(text) == expected
+    assert len(blocks) > 1 and "".join(blocks) == text
+    assert tok.encode(text) == expected
