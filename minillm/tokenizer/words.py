@@ -46,7 +46,7 @@ import numpy as np
 import regex
 
 MAX_WORD_BYTES = 15       # longest cached word: 8 bytes in one key, 7 + the length in the other
-WORD_LIMIT = 1 << 18      # words kept in a WordCache before it is cleared (table + ids: at most ~30 MB)
+WORD_LIMIT = 1 << 18      # words a WordCache keeps besides its base before it is cleared (~30 MB at most)
 
 # _IS_SPACE[c]: code point c is \s for the regex package; no code point above U+3000 is (tested)
 _LAST_SPACE = 0x3000
@@ -199,7 +199,7 @@ class WordCache:
     """
 
     def __init__(self, base: tuple[np.ndarray, np.ndarray, np.ndarray], limit: int = WORD_LIMIT) -> None:
-        self.limit = limit
+        self.limit = limit          # words kept besides the base
         self._base = base
         self.clear()
 
@@ -207,11 +207,14 @@ class WordCache:
         self._table = KeyTable()
         self.ids = np.empty(0, dtype=np.uint32)
         key0, key1, ids = self._base
-        if key0.size <= self.limit:
-            self.add(key0, key1, ids, np.arange(key0.size), np.ones(key0.size, dtype=np.int64))
+        self._add(key0, key1, ids, np.arange(key0.size), np.ones(key0.size, dtype=np.int64))
 
     def __len__(self) -> int:
         return self._table.count
+
+    def added(self) -> int:
+        """How many words were added since the cache was (re)filled with the base."""
+        return len(self) - self._base[0].size
 
     def find(self, key0: np.ndarray, key1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found, start, count): found[i] says whether word i is cached; its ids are then
@@ -221,11 +224,16 @@ class WordCache:
 
     def add(self, key0, key1, ids: np.ndarray, start: np.ndarray, count: np.ndarray) -> None:
         """Cache new distinct words: word i's ids are ``ids[start[i] : start[i] + count[i]]``.
-        A full cache is cleared first; more words than the limit at once are not cached."""
-        if len(self) + key0.size > self.limit:
-            self.clear()
-            if len(self) + key0.size > self.limit:
+        When that makes more than ``limit`` words besides the base, the cache is cleared back
+        to the base first; more than ``limit`` new words at once are not cached at all (and the
+        cache is left as it is)."""
+        if self.added() + key0.size > self.limit:
+            if key0.size > self.limit:
                 return
+            self.clear()
+        self._add(key0, key1, ids, start, count)
+
+    def _add(self, key0, key1, ids, start, count) -> None:
         where = self.ids.size + np.cumsum(count) - count                   # their starts in self.ids
         self._table.add(key0, key1, where << 6 | count)
         self.ids = np.concatenate((self.ids, gather(ids, start, count).astype(self.ids.dtype)))
