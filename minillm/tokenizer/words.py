@@ -46,7 +46,8 @@ import numpy as np
 import regex
 
 MAX_WORD_BYTES = 15       # longest cached word: 8 bytes in one key, 7 + the length in the other
-WORD_LIMIT = 1 << 18      # words a WordCache keeps besides its base before it is cleared (~30 MB at most)
+WORD_LIMIT = 200_000     # words a WordCache keeps besides its base (GPT-2: 33,012) before it is cleared;
+                          # with the base, a table of 2^20 slots (24 MB) + the ids: ~30 MB at most
 
 # _IS_SPACE[c]: code point c is \s for the regex package; no code point above U+3000 is (tested)
 _LAST_SPACE = 0x3000
