@@ -186,12 +186,13 @@ def test_commands_refuse_reduced_precision_on_the_cpu(argv, capsys):
 
 
 @pytest.mark.parametrize("out_features", [13, 16])
-@pytest.mark.parametrize("reduced,tolerance", [("bf16", 1.5e-2), ("fp16", 2e-3)])
+@pytest.mark.parametrize("reduced,tolerance", [("bf16", 1.5e-2), ("fp16", 2e-3), ("tf32", 2e-3)])
 def test_autocast_linear_of_any_width(out_features, reduced, tolerance, gpu):
-    """A 16-bit linear layer whose width is not a multiple of 8 multiplies with zero-padded rows
-    (kernels/matmul.py, tensor_core_width): output, dx, dW and db equal the float32 layer's within
-    the rounding of the operands (u = 2^-8 bf16, 2^-11 fp16, a few u through a product), and the
-    padding shows only in where the output's rows start (16 apart for 13 columns)."""
+    """A tensor-core linear layer (16-bit, or TF32) whose width is not a multiple of 8 multiplies
+    with zero-padded rows (kernels/matmul.py, tensor_core_width): output, dx, dW and db equal the
+    float32 layer's within the rounding of the operands (u = 2^-8 bf16, 2^-11 fp16 and TF32, a
+    few u through a product), and the padding shows only in where the output's rows start (16
+    apart for 13 columns)."""
     import cupy
 
     x0, w0, b0 = RNG.standard_normal((4, 6, 40)), RNG.standard_normal((out_features, 40)) * 0.2, RNG.standard_normal(out_features)
@@ -202,11 +203,13 @@ def test_autocast_linear_of_any_width(out_features, reduced, tolerance, gpu):
         if mode is None:
             y = F.linear(x, w, b)
         else:
-            with mm.autocast(mode):
+            with mm.precision.use_precision(mode):
                 y = F.linear(x, w, b)
+                y.backward(cupy.asarray(cotangent))      # TF32 is read when each product runs
             padded = -(-out_features // 8) * 8
             assert y.data.strides[-2] == padded * 4
-        y.backward(cupy.asarray(cotangent))
+        if mode is None:
+            y.backward(cupy.asarray(cotangent))
         assert w.grad.shape == (out_features, 40) and y.shape == (4, 6, out_features)
         results.append([mm.backend.to_numpy(a) for a in (y.data, x.grad, w.grad, b.grad)])
     for name, a, e in zip(("y", "dx", "dW", "db"), results[1], results[0]):

@@ -209,18 +209,23 @@ def matmul(a, b, trans_a: bool = False, trans_b: bool = False, out_dtype=None, t
     return c.reshape(batch_shape + c.shape[-2:])
 
 
-# cuBLAS's fast tensor-core kernels for 16-bit operands want every row to start 16 bytes apart
-# from the last, a multiple of 8 elements. GPT-2's vocabulary of 50,257 is not: measured on an
-# H200 (benchmarks/gpu_quick.py head), the LM head's three bf16 products take 6.7 + 4.6 + 4.3 ms at
-# 50,257 columns and 1.0 + 0.8 + 0.8 ms at 50,264. So a 16-bit linear layer whose output width is
-# not a multiple of 8 multiplies with its weight padded by zero rows (and its output gradient by
-# zero columns) to the next multiple of 8, and hands on a view of the real columns.
+# cuBLAS's fast tensor-core kernels want every row to start at a 16-byte boundary. GPT-2's
+# vocabulary of 50,257 is not a multiple of 8 (nor of 4): measured on an H200
+# (benchmarks/gpu_quick.py head), the LM head's three products take 6.7 + 4.6 + 4.3 ms in bf16 at
+# 50,257 columns and 1.0 + 0.8 + 0.8 ms at 50,264; in TF32 4.9 + 4.9 + 5.4 against 1.7 + 1.6 +
+# 3.0 ms (plain float32, on the CUDA cores, does not care: 12.3 + 12.8 + 11.8 either way). So a
+# linear layer whose product runs on the tensor cores (16-bit, or float32 in TF32) and whose output
+# width is not a multiple of 8 multiplies with its weight padded by zero rows (its output gradient
+# by zero columns) to the next multiple of 8, and hands on a view of the real columns.
 TENSOR_CORE_ROWS = 8
 
 
-def tensor_core_width(features: int, dtype) -> int:
-    """``features`` rounded up to a multiple of 8 for 16-bit products (unchanged for other dtypes)."""
-    if np.dtype(dtype).itemsize != 2 or features % TENSOR_CORE_ROWS == 0:
+def tensor_core_width(features: int, dtype, tf32: bool = False) -> int:
+    """``features`` rounded up to a multiple of 8 for products on the tensor cores: 16-bit dtypes,
+    or float32 with ``tf32``; unchanged otherwise."""
+    dtype = np.dtype(dtype)
+    on_tensor_cores = dtype.itemsize == 2 or (tf32 and dtype == np.float32)
+    if not on_tensor_cores or features % TENSOR_CORE_ROWS == 0:
         return features
     return -(-features // TENSOR_CORE_ROWS) * TENSOR_CORE_ROWS
 

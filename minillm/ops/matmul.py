@@ -96,7 +96,8 @@ class Linear(Function):
         dW = dyᵀ @ x                      (out, N) @ (N, in)   -> (out, in)
         db = Σ_N dy                       (out,)
 
-    On a GPU in 16 bits, an ``out`` that is not a multiple of 8 (GPT-2's vocabulary) is multiplied
+    On a GPU's tensor cores (16 bits, or TF32), an ``out`` that is not a multiple of 8 (GPT-2's
+    vocabulary) is multiplied
     as if W had zero rows up to the next multiple (dy zero columns): cuBLAS's tensor-core kernels
     need 16-byte-aligned rows (kernels/matmul.py, ``tensor_core_width``); y is a view of the real
     columns, and the padding's rows are dropped from dW.
@@ -120,8 +121,8 @@ class Linear(Function):
             y = cpu_matmul(x2d, weight.swapaxes(-1, -2), bias)             # bias to its block of y
         else:
             out = weight.shape[0]
-            padded = tensor_core_width(out, weight.dtype)
-            if padded != out:                                              # 16-bit, out % 8: rows of y 8-aligned
+            padded = tensor_core_width(out, weight.dtype, precision.tf32_enabled())
+            if padded != out:                                              # tensor cores, out % 8: rows 8-aligned
                 weight = zero_padded(weight, rows=padded)                  # (out_p, in), zero rows at the end
                 self.save(x2d, weight)
             y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)   # (N, out) or (N, out_p)
