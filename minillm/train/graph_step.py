@@ -127,6 +127,7 @@ class CapturedForwardBackward:
                     cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
         # the gradients the graph writes, at fixed addresses: handed back to the parameters after each replay
         self.grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
+        self.weights = [(p, p.data) for p in model.parameters()]   # the arrays the graph reads
         for p, _ in self.grads:
             p.grad = None   # nothing ran yet: they hold no values until the first replay
 
@@ -138,6 +139,12 @@ class CapturedForwardBackward:
                 loss.backward(Tensor(self.seed))       # d(seed · loss): seed = S / grad_accum
                 loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
         return loss_sum
+
+    def reads_current_weights(self) -> bool:
+        """Whether every parameter still holds the array the graph was captured with (an in-place
+        update, like AdamW's, is seen by the next replay; a replaced array, e.g. by ``model.to`` or a
+        checkpoint loaded into new arrays, needs a new capture)."""
+        return all(p.data is array for p, array in self.weights)
 
     def matches(self, batches) -> bool:
         """Whether ``batches`` have the shapes and dtypes this graph was captured for."""

@@ -254,6 +254,8 @@ class Trainer:
     def _replay_forward_backward(self, batches, seed: float):
         """The forward and backward as a replayed CUDA graph (captured at the first call)."""
         batches = graph_step.host_batches(batches)
+        if self._captured is not None and not self._captured.reads_current_weights():
+            self._captured = None                     # a parameter's array was replaced: capture again
         if self._captured is None:
             vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
             if vocab_size is None:

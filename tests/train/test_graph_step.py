@@ -150,3 +150,23 @@ def test_captured_step_stops_before_updating_on_a_non_finite_loss(gpu):
 def test_cuda_graph_is_refused_for_dropout_on_a_gpu(gpu):
     with pytest.raises(ValueError, match="--dropout 0"):
         Trainer(make_model(dropout=0.1), make_config(device=gpu, cuda_graph=True), make_dataset())
+
+
+def test_replaced_weight_arrays_are_captured_again(gpu):
+    """A parameter given a new array after the capture (a checkpoint loaded into fresh arrays) is
+    read by the next step: the trainer captures again instead of replaying the old arrays."""
+    trainer = Trainer(make_model(seed=3), make_config(device=gpu, cuda_graph=True, clip=None), make_dataset())
+    trainer.train_step()
+    trainer.train_step()
+    first = trainer._captured
+    reference = Trainer(make_model(seed=3), make_config(device=gpu, clip=None), make_dataset())
+    for p, q in zip(reference.model.parameters(), trainer.model.parameters()):
+        q.data = q.data * 0.5                       # new arrays
+        p.data[...] = q.data
+    batches = [trainer.data.get_batch("train", 4)]
+    trainer.optimizer.zero_grad()
+    loss = trainer._replay_forward_backward(batches, 1.0)
+    assert trainer._captured is not first
+    inputs, targets = (mm.backend.to_device(a, gpu) for a in batches[0])
+    _, expected = reference.model(inputs, targets)
+    assert math.isclose(float(loss), float(expected.data), rel_tol=1e-6)
