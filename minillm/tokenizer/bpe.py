@@ -510,7 +510,7 @@ class BPETokenizer:
         cached = np.flatnonzero(cacheable[reps])                          # (index into reps)
         self._words.add(key0[reps[cached]], key1[reps[cached]], ids, rep_start[cached], rep_count[cached])
 
-        rank = (np.cumsum(is_rep) - 1)[rep]                 # [i]: its representative's index in reps
+        rank = (np.cumsum(is_rep) - 1)[rep]                               # [i]: its representative's index in reps
         return ids, rep_start[rank], rep_count[rank]
 
     def encode(

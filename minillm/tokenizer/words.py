@@ -161,9 +161,6 @@ class KeyTable:
             lost[np.flatnonzero(empty)[won]] = False
             todo, slot = todo[lost], (slot[lost] + 1) & mask
 
-    def clear(self) -> None:
-        self._reset(12)
-
 
 def first_equal(key0: np.ndarray, key1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(first, exact)``: for each key pair, the index of a pair equal to it (the same index for
