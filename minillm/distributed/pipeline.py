@@ -31,6 +31,7 @@ from .. import functional as F
 from ..nn import Module
 from ..ops.embedding import Embedding as EmbeddingLookup
 from ..ops.loss import CrossEntropy
+from ..train.graph_step import check_token_batch  # noqa: F401 (the stages check their ids with it; re-exported)
 
 EMBEDDING_PARTS = ("wte", "wpe", "drop")  # on the first stage
 HEAD_PARTS = ("ln_f", "lm_head")          # on the last stage
@@ -154,16 +155,6 @@ class PipelineStage(Module):
         if checked:
             return logits, CrossEntropy.apply(logits, targets=targets, ignore_index=-100, reduction="mean")
         return logits, F.cross_entropy(logits, targets)
-
-
-def check_token_batch(inputs, targets, vocab_size: int) -> None:
-    """Every id and target in [0, vocab_size) (targets may be -100, ignored), checked on the host
-    (NumPy arrays, before they go to the GPU): what F.embedding and F.cross_entropy check on the device."""
-    for name, array, allowed in (("token id", inputs, None), ("target id", targets, -100)):
-        values = array if allowed is None else array[array != allowed]
-        if values.size and (values.min() < 0 or values.max() >= vocab_size):
-            bad = values.min() if values.min() < 0 else values.max()
-            raise ValueError(f"{name} {int(bad)} is out of range for a vocabulary of {vocab_size}")
 
 
 def build_stage(model_factory, stage: int, stages: int, seq_len: int | None = None) -> PipelineStage:

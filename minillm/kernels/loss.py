@@ -53,7 +53,8 @@ def _rows(logits):
 
     z = logits.reshape(-1, logits.shape[-1])
     item = z.itemsize
-    if z.shape[1] > 1 and z.strides[1] != item or z.strides[0] % item or z.strides[0] < z.shape[1] * item:
+    rows_contiguous = z.shape[1] <= 1 or z.strides[1] == item
+    if not rows_contiguous or z.strides[0] % item or z.strides[0] < z.shape[1] * item:
         z = cupy.ascontiguousarray(z)
     return z, max(z.strides[0] // item, z.shape[1]) if z.shape[0] > 1 else z.shape[1]
 

@@ -57,19 +57,21 @@ def check_graph_capturable(model) -> None:
                          f"at every step (dropout is {rate})")
 
 
-def check_token_ids(batches, vocab_size: int, ignore_index: int = -100) -> None:
-    """The range checks the captured ops skip, made on the host: in each micro-batch (inputs,
-    targets, ...) every id lies in [0, vocab_size); targets may also be ``ignore_index``."""
-    for batch in batches:
-        for position, array in enumerate(batch):
-            values = array if position == 0 else array[array != ignore_index]
-            if not values.size:
-                continue
-            low, high = int(values.min()), int(values.max())
-            if low < 0 or high >= vocab_size:
-                what = "token id" if position == 0 else "target id"
-                raise ValueError(f"{what} {low if low < 0 else high} is out of range for a vocabulary of "
-                                 f"{vocab_size} (ids must lie in [0, {vocab_size - 1}])")
+def check_token_batch(inputs, targets, vocab_size: int) -> None:
+    """Every id and target in [0, vocab_size) (targets may be -100, ignored), checked on the host
+    (NumPy arrays, before they go to the GPU): what F.embedding and F.cross_entropy check on the
+    device, one host sync each. Callers that skip those device checks (a captured step; the
+    pipeline's stages, minillm/distributed/pipeline.py) check here instead."""
+    for name, array, allowed in (("token id", inputs, None), ("target id", targets, -100)):
+        values = array if allowed is None else array[array != allowed]
+        if values.size and (values.min() < 0 or values.max() >= vocab_size):
+            bad = values.min() if values.min() < 0 else values.max()
+            raise ValueError(f"{name} {int(bad)} is out of range for a vocabulary of {vocab_size}")
+
+
+def _layout(batches) -> list[tuple]:
+    """(shape, dtype) of every array of every micro-batch: what a graph is captured for."""
+    return [tuple((a.shape, np.dtype(a.dtype)) for a in batch) for batch in batches]
 
 
 class CapturedForwardBackward:
@@ -80,8 +82,8 @@ class CapturedForwardBackward:
 
     ``batches``: a list of tuples of integer NumPy arrays (inputs, targets, ...), one tuple
     per micro-batch, used here for their shapes and dtypes. Every replay takes batches of
-    exactly these shapes. ``vocab_size``: integer arrays are checked to lie in [0, V) on
-    the host (a target may also be -100, cross-entropy's ignore index).
+    exactly these shapes, (inputs, targets, ...) with inputs and targets checked on the host
+    to lie in [0, vocab_size) (a target may also be -100, cross-entropy's ignore index).
     """
 
     def __init__(self, model, loss_fn: Callable, batches: Sequence[tuple], precision_name: str, vocab_size: int,
@@ -92,7 +94,7 @@ class CapturedForwardBackward:
 
         self.model, self.loss_fn, self.precision_name = model, loss_fn, precision_name
         self.vocab_size, self.device = int(vocab_size), device
-        self.shapes = [tuple((a.shape, np.dtype(a.dtype)) for a in batch) for batch in batches]
+        self.shapes = _layout(batches)
         with backend.device_context(device):
             self.stream = cupy.cuda.Stream(non_blocking=True)
             # the static inputs and the backward seed: written before every replay, read by the graph
@@ -148,7 +150,7 @@ class CapturedForwardBackward:
 
     def matches(self, batches) -> bool:
         """Whether ``batches`` have the shapes and dtypes this graph was captured for."""
-        return [tuple((a.shape, np.dtype(a.dtype)) for a in batch) for batch in batches] == self.shapes
+        return _layout(batches) == self.shapes
 
     def replay(self, batches, seed: float):
         """Copy ``batches`` (host arrays) in, replay the graph; returns the summed loss (a device scalar).
@@ -160,7 +162,8 @@ class CapturedForwardBackward:
         if not self.matches(batches):
             raise ValueError("--cuda-graph: every step's batches must have the shapes of the first "
                              f"(captured {self.shapes}); train without --cuda-graph for varying shapes")
-        check_token_ids(batches, self.vocab_size)
+        for inputs, targets, *_ in batches:
+            check_token_batch(inputs, targets, self.vocab_size)
         with backend.device_context(self.device):
             caller = cupy.cuda.get_current_stream()
             self.stream.wait_event(caller.record())    # the previous optimizer step has updated the weights

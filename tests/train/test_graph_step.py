@@ -14,7 +14,7 @@ import pytest
 
 import minillm as mm
 from minillm.train import TrainConfig, Trainer
-from minillm.train.graph_step import check_graph_capturable, check_token_ids
+from minillm.train.graph_step import check_graph_capturable, check_token_batch
 from minillm.train.trainer import TrainingDiverged
 
 from train_helpers import VOCAB, make_config, make_dataset, make_model
@@ -49,13 +49,13 @@ def test_cuda_graph_refuses_dropout():
 
 def test_token_ids_are_checked_on_the_host():
     good = (np.array([[0, VOCAB - 1]]), np.array([[1, -100]]))
-    check_token_ids([good, good], VOCAB)                          # -100 is cross-entropy's ignore index
+    check_token_batch(*good, VOCAB)                               # -100 is cross-entropy's ignore index
     with pytest.raises(ValueError, match=f"token id {VOCAB} is out of range"):
-        check_token_ids([good, (np.array([[0, VOCAB]]), good[1])], VOCAB)
+        check_token_batch(np.array([[0, VOCAB]]), good[1], VOCAB)
     with pytest.raises(ValueError, match="token id -100 is out of range"):
-        check_token_ids([(np.array([[-100, 1]]), good[1])], VOCAB)  # inputs have no ignore index
+        check_token_batch(np.array([[-100, 1]]), good[1], VOCAB)  # inputs have no ignore index
     with pytest.raises(ValueError, match="target id -1 is out of range"):
-        check_token_ids([(good[0], np.array([[-1, 2]]))], VOCAB)
+        check_token_batch(good[0], np.array([[-1, 2]]), VOCAB)
 
 
 def test_train_command_refuses_cuda_graph_on_a_cpu(tmp_path, capsys):
