@@ -116,9 +116,13 @@ def train(args) -> None:
         from minillm.distributed.pipeline import PipelineStage
 
         model = make_model()
-        whole = PipelineStage(model, 0, 1)   # the whole model as one stage: the same forward, with the ids'
-        trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir,   # range checks (one GPU sync each)
-                          loss_fn=lambda m, batch: whole(*batch, checked=True)[1])   # left out, as the stages do
+        whole = PipelineStage(model, 0, 1)   # the whole model as one stage: the same forward
+
+        def loss_fn(m, batch):               # the ids' range checks (one GPU sync each) left out, as the stages do
+            with backend.ids_checked_on_host():
+                return whole(*batch)[1]
+
+        trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir, loss_fn=loss_fn)
         probe = None
     else:
         from minillm.distributed.pipeline import build_stage, build_stage_on_device

@@ -146,24 +146,27 @@ def to_numpy(array) -> np.ndarray:
     return _cupy.asnumpy(array)
 
 
-_capturing = False
+_ids_checked_on_host = False
 
 
 @contextlib.contextmanager
-def capture_mode():
-    """While a CUDA graph is being captured (``minillm.train.graph_step``): ops skip the
-    checks that read a value back to the host (a capture records kernels, it runs none)."""
-    global _capturing
-    previous, _capturing = _capturing, True
+def ids_checked_on_host():
+    """Within this block the embedding's token ids and the loss's targets were range-checked
+    on the host already (``minillm.train.graph_step.check_token_batch``), so the ops skip
+    their own checks, which read a value back from the GPU. Two callers need it: a CUDA-graph
+    capture (it records kernels and runs none, so nothing can be read back) and the pipeline's
+    schedule (a sync there would stall the stages' overlap)."""
+    global _ids_checked_on_host
+    previous, _ids_checked_on_host = _ids_checked_on_host, True
     try:
         yield
     finally:
-        _capturing = previous
+        _ids_checked_on_host = previous
 
 
-def capturing() -> bool:
-    """True inside ``capture_mode()``: no host syncs (the caller checks its inputs on the host)."""
-    return _capturing
+def ids_checked() -> bool:
+    """True inside ``ids_checked_on_host()``: ops skip their device-side id checks."""
+    return _ids_checked_on_host
 
 
 def synchronize(device: str = "cuda") -> None:

@@ -36,3 +36,25 @@ def test_tune_cpu_allocator_is_idempotent():
     x = mm.Tensor(np.ones(1 << 20, np.float32), requires_grad=True)
     (x * 2.0).sum().backward()
     assert float(x.grad[0]) == 2.0
+
+
+def test_ids_checked_on_host_skips_only_the_range_checks():
+    """Inside ``ids_checked_on_host()`` (a CUDA-graph capture, the pipeline's schedule) the embedding
+    and the loss skip their range checks, one GPU sync each; outside, and after it, they check."""
+    import minillm.functional as F
+
+    weight, logits = mm.Tensor(np.arange(12, dtype=np.float32).reshape(4, 3)), mm.Tensor(np.zeros((1, 2, 4), np.float32))
+    with pytest.raises(IndexError, match="id -1 is out of range"):
+        F.embedding(np.array([[0, -1]]), weight)
+    with pytest.raises(ValueError, match="target id 4 is out of range"):
+        F.cross_entropy(logits, np.array([[0, 4]]))
+    with backend.ids_checked_on_host():
+        assert backend.ids_checked()
+        rows = F.embedding(np.array([[0, -1]]), weight)          # unchecked: NumPy's -1 is the last row
+        np.testing.assert_array_equal(rows.data[0, 1], weight.data[-1])
+        F.cross_entropy(logits, np.array([[0, 3]]))             # in range: the same loss as checked
+        with pytest.raises(TypeError):                           # the host-side dtype check stays
+            F.embedding(np.array([[0.5]]), weight)
+    assert not backend.ids_checked()
+    with pytest.raises(IndexError, match="id -1 is out of range"):
+        F.embedding(np.array([[0, -1]]), weight)

@@ -29,8 +29,6 @@ from types import SimpleNamespace
 
 from .. import functional as F
 from ..nn import Module
-from ..ops.embedding import Embedding as EmbeddingLookup
-from ..ops.loss import CrossEntropy
 from ..train.graph_step import check_token_batch  # noqa: F401 (the stages check their ids with it; re-exported)
 
 EMBEDDING_PARTS = ("wte", "wpe", "drop")  # on the first stage
@@ -132,14 +130,16 @@ class PipelineStage(Module):
             return [self.wte.weight]
         return []
 
-    def forward(self, inputs, targets=None, checked: bool = False):
-        """``checked``: the ids and targets were range-checked on the host already
-        (``check_token_batch``), so the ops' own checks, one GPU sync each, are skipped:
-        a host sync inside a schedule stalls the host until this GPU has drained,
-        including the receive it waits on, and so serialises the stages."""
+    def forward(self, inputs, targets=None):
+        """This stage's part of the model's forward: token ids (b, T) or the previous stage's
+        activations (b, T, C) in; activations out, or on the last stage the logits (and the
+        loss with ``targets``). The schedule runs it inside ``backend.ids_checked_on_host()``
+        (ids checked by ``check_token_batch``): the ops' own range checks, one GPU sync each,
+        would stall the host until this GPU has drained, including the receive it waits
+        on, and so serialise the stages."""
         if self.is_first:
             T = inputs.shape[1]
-            x = EmbeddingLookup.apply(self.wte.weight, ids=inputs) if checked else self.wte(inputs)   # (b, T, C)
+            x = self.wte(inputs)                                   # (b, T, C)
             if self.wpe is not None:
                 x = x + self.wpe.weight[0:T]                       # (T, C) broadcast over the batch
             x = self.drop(x)
@@ -152,8 +152,6 @@ class PipelineStage(Module):
         logits = F.linear(self.ln_f(x), self.output_weight)        # (b, T, V)
         if targets is None:
             return logits
-        if checked:
-            return logits, CrossEntropy.apply(logits, targets=targets, ignore_index=-100, reduction="mean")
         return logits, F.cross_entropy(logits, targets)
 
 

@@ -31,6 +31,7 @@ each such crossing pair goes into one ``send_recv`` call (one NCCL group).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -112,17 +113,24 @@ class PipelineEngine:
             self._send_backward(self._backward(mb, self._recv_backward(mb)))
 
     # ------------------------------------------------------------ compute
+    def _ids_checked(self):
+        """Where ``train_step`` was told the ids were checked on the host: the ops skip their own
+        checks (one GPU sync each, which would serialise the stages); otherwise nothing."""
+        return backend.ids_checked_on_host() if self.checked else contextlib.nullcontext()
+
     def _forward(self, mb: int, x):
         start = self._now()
         inputs, targets = self.batches[mb]
         if self.stage.is_first:
             x = inputs                                           # token ids (b, T)
         if self.stage.is_last:
-            _, loss = self.stage(x, targets, checked=self.checked)
+            with self._ids_checked():
+                _, loss = self.stage(x, targets)
             self.loss_sum = loss.data if self.loss_sum is None else self.loss_sum + loss.data
             out = loss
         else:
-            out = self.stage(x, checked=self.checked)            # (b, T, C)
+            with self._ids_checked():
+                out = self.stage(x)                              # (b, T, C)
         self.inputs[mb], self.outputs[mb] = x, out
         self.max_in_flight = max(self.max_in_flight, len(self.outputs))
         self._record("forward", mb, start)

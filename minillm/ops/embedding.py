@@ -64,7 +64,7 @@ class Embedding(Function):
 def _check_ids(ids, vocab_size: int):
     """``ids`` as an integer array; TypeError for non-integers, IndexError for ids outside [0, V)."""
     ids = as_int_array(ids, "embedding", "ids")
-    if ids.size and not backend.capturing():   # a CUDA-graph capture checks its ids on the host instead
+    if ids.size and not backend.ids_checked():   # checked on the host already (backend.ids_checked_on_host)
         xp = array_module(ids)
         lowest, highest = backend.to_numpy(xp.stack([ids.min(), ids.max()])).tolist()  # one sync on a GPU
         if lowest < 0 or highest >= vocab_size:

@@ -134,7 +134,7 @@ def _check_targets(logits: Tensor, targets, ignore_index: int, reduction: str):
     targets = backend.to_device(targets, logits.device)
     num_classes = logits.shape[-1]
     xp = array_module(targets)
-    if backend.capturing():                                         # a CUDA-graph capture checks them on the host
+    if backend.ids_checked():                                       # checked on the host already
         return xp.ascontiguousarray(targets)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
     if bad.any():                                                   # one sync on a GPU

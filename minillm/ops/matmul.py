@@ -115,16 +115,19 @@ class Linear(Function):
             raise ValueError(f"linear: bias shape {bias.shape} != ({weight.shape[0]},)")
         self.has_bias = bias is not None
         self.x_shape, self.out_dtype = x.shape, x.dtype
-        x2d, weight = precision.autocast_operands(x.reshape(-1, x.shape[-1]), weight)   # (N, in), (out, in)
+        x2d = x.reshape(-1, x.shape[-1])                                   # (N, in)
+        out = weight.shape[0]
+        padded = out
+        if not isinstance(x2d, np.ndarray):      # tensor cores (16 bits, TF32) want rows 8-aligned: out % 8
+            cast = precision.autocast_dtype() if weight.dtype == np.float32 else None
+            padded = tensor_core_width(out, cast or weight.dtype, precision.tf32_enabled())
+        if padded != out:                        # cast (under autocast) and pad in one pass: (out_p, in)
+            weight = zero_padded(weight, rows=padded, dtype=cast)
+        x2d, weight = precision.autocast_operands(x2d, weight)              # (N, in), (out or out_p, in)
         self.save(x2d, weight)
         if isinstance(x2d, np.ndarray):                                    # CPU: each thread adds the
             y = cpu_matmul(x2d, weight.swapaxes(-1, -2), bias)             # bias to its block of y
         else:
-            out = weight.shape[0]
-            padded = tensor_core_width(out, weight.dtype, precision.tf32_enabled())
-            if padded != out:                                              # tensor cores, out % 8: rows 8-aligned
-                weight = zero_padded(weight, rows=padded)                  # (out_p, in), zero rows at the end
-                self.save(x2d, weight)
             y = _product(x2d, weight, trans_b=True, out_dtype=self.out_dtype)   # (N, out) or (N, out_p)
             if padded != out:
                 y = y[:, :out]                                             # a view: rows padded_out apart

@@ -18,7 +18,7 @@ A captured step follows four rules:
 
 - **No host sync inside.** A capture records, it does not run: nothing can be read
   back. The embedding's and the cross-entropy's token-id range checks (one device->host
-  read each) are skipped while capturing (``backend.capturing()``); ``replay`` checks
+  read each) are skipped while capturing (``backend.ids_checked_on_host()``); ``replay`` checks
   the ids on the host instead, before copying them into the static buffers.
 - **Fixed addresses.** Memory allocated during the capture comes from a private CuPy
   memory pool that nothing else allocates from, kept as long as the graph. A block
@@ -110,7 +110,7 @@ class CapturedForwardBackward:
                 self.stream.synchronize()
                 cupy.cuda.set_allocator(self.pool.malloc)
                 try:
-                    with backend.capture_mode():
+                    with backend.ids_checked_on_host():
                         self.stream.begin_capture(getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2))
                         try:
                             self.loss_sum = self._forward_backward()
