@@ -32,6 +32,22 @@ def device(request):
     return name
 
 
+@pytest.fixture
+def gpu(device):
+    """The device for a test of GPU-only code (CUDA kernels, graphs, reduced precision): skipped
+    on the CPU, run with ``pytest --device cuda``."""
+    if device == "cpu":
+        pytest.skip("a GPU-only test: run with --device cuda")
+    return device
+
+
+@pytest.fixture
+def restore_precision():
+    """Leave the float32 matmul precision as the test found it (tests that switch TF32 on)."""
+    yield
+    mm.set_float32_matmul_precision("highest")
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     mm.manual_seed(0)

@@ -21,13 +21,6 @@ def test_cuda_graph_needs_a_gpu_model():
         generate(model_on("cpu"), np.array([[1, 2]]), 3, temperature=0, cuda_graph=True)
 
 
-@pytest.fixture
-def gpu(device):
-    if device == "cpu":
-        pytest.skip("CUDA graphs run with --device cuda")
-    return device
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graph_decoding_gives_the_uncaptured_tokens(batch, precision, gpu):

@@ -12,17 +12,7 @@ from minillm.models import GPT, GPTConfig
 RNG = np.random.default_rng(3)
 
 
-@pytest.fixture
-def gpu(device):
-    if device == "cpu":
-        pytest.skip("reduced-precision products run with --device cuda")
-    return device
-
-
-@pytest.fixture(autouse=True)
-def _restore_precision():
-    yield
-    mm.set_float32_matmul_precision("highest")
+pytestmark = pytest.mark.usefixtures("restore_precision")
 
 
 def relative_error(a, b):

@@ -220,9 +220,7 @@ def test_softmax_bad_axis(device):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cuda_kernels_equal_numpy_path(device, dtype):
-    if device != "cuda":
-        pytest.skip("CUDA kernels are tested with --device cuda")
+def test_cuda_kernels_equal_numpy_path(gpu, dtype):
     rng = np.random.default_rng(4)
     # float32: GELU's derivative has (1 - t²) with t ≈ ±1, where one ulp of tanh moves it by ~1e-7
     # and ½ x k (1 + 3c x²) amplifies that ~50-fold for |x| ~ 10: CUDA's and NumPy's tanh differ by an ulp

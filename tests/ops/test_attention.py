@@ -299,10 +299,8 @@ def test_causal_mask():
         causal_mask(3, 3)[0, 0] = True                      # the cached mask is read-only
 
 
-def test_gpu_kernels_equal_the_array_module_version(device):
+def test_gpu_kernels_equal_the_array_module_version(gpu):
     """The CUDA row kernels (mask + softmax, softmax backward) against the NumPy path, float32 and float64."""
-    if device == "cpu":
-        pytest.skip("CUDA kernels run only with --device cuda")
     import cupy  # noqa: PLC0415
 
     from minillm.ops import attention  # noqa: PLC0415

@@ -15,13 +15,6 @@ from minillm.ops import attention
 RNG = np.random.default_rng(7)
 
 
-@pytest.fixture
-def gpu(device):
-    if device == "cpu":
-        pytest.skip("GPU attention kernels run with --device cuda")
-    return device
-
-
 def reference(q, k, v, causal, scale=None):
     """float64 NumPy: softmax(mask(s Q Kᵀ)) V with k, v heads repeated for grouped queries."""
     group = q.shape[-3] // k.shape[-3]

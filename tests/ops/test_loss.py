@@ -182,9 +182,7 @@ def test_bad_targets_raise_clear_errors(device):
         F.cross_entropy(z, np.array([0, 1, 2]), reduction="max")
 
 
-def test_cuda_kernels_equal_numpy_path(device):
-    if device != "cuda":
-        pytest.skip("CUDA kernels are tested with --device cuda")
+def test_cuda_kernels_equal_numpy_path(gpu):
     rng = np.random.default_rng(6)
     for dtype, tol in ((np.float64, dict(rtol=1e-12, atol=1e-14)), (np.float32, dict(rtol=2e-5, atol=1e-7))):
         for reduction in ("mean", "sum", "none"):
@@ -202,12 +200,10 @@ def test_cuda_kernels_equal_numpy_path(device):
             np.testing.assert_allclose(results[1][1], results[0][1], **tol)
 
 
-def test_cuda_kernels_read_padded_rows_in_place(device):
+def test_cuda_kernels_read_padded_rows_in_place(gpu):
     """Logits whose rows lie further apart than their length (the LM head's padded product,
     ops/matmul.py) give the loss and gradient of the same logits made contiguous, exactly, and
     are read without a copy (the gradient comes back contiguous in the logits' shape)."""
-    if device != "cuda":
-        pytest.skip("CUDA kernels are tested with --device cuda")
     import cupy
 
     rng = np.random.default_rng(8)

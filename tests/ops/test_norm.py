@@ -146,9 +146,7 @@ def test_bad_weight_shape(device):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cuda_kernels_equal_numpy_path(device, dtype):
-    if device != "cuda":
-        pytest.skip("CUDA kernels are tested with --device cuda")
+def test_cuda_kernels_equal_numpy_path(gpu, dtype):
     rng = np.random.default_rng(4)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
     for shape, with_bias in (((3, 700, 768), True), ((5, 3), False), ((1, 2000), True)):

@@ -180,15 +180,13 @@ def test_minimises_a_quadratic_through_autograd():
     np.testing.assert_allclose(x.numpy(), target, atol=1e-2)
 
 
-def test_fused_gpu_kernel_equals_numpy_path(device):
-    if device == "cpu":
-        pytest.skip("the fused AdamW kernel runs on CuPy arrays only (pytest --device cuda)")
+def test_fused_gpu_kernel_equals_numpy_path(gpu):
     from minillm.kernels.optim import adamw_update_
 
     rng = np.random.default_rng(2)
     p, g, m = (rng.standard_normal((64, 33)).astype(np.float32) for _ in range(3))
     v = np.abs(rng.standard_normal((64, 33))).astype(np.float32)
-    on_gpu = [backend.to_device(x, device) for x in (p, g, m, v)]
+    on_gpu = [backend.to_device(x, gpu) for x in (p, g, m, v)]
     hyper = dict(beta1=0.9, beta2=0.95, step_size=3e-3, eps_hat=1e-8, decay=0.999)
     adamw_update_(on_gpu[0], on_gpu[1], on_gpu[2], on_gpu[3], **hyper)
     cpu_opt = optim.AdamW([make_param(p, "cpu", np.float32)])
@@ -313,17 +311,15 @@ def test_buckets_of_awkward_sizes_and_a_missed_step_match_reference(device, monk
         assert launches == [4, 4, 3, 3, 3, 1, 3, 1, 3, 1, 3, 1]
 
 
-def test_non_contiguous_bucket_falls_back_to_per_parameter_kernel(device, monkeypatch):
-    if device == "cpu":
-        pytest.skip("the CUDA kernels run on CuPy arrays only (pytest --device cuda)")
+def test_non_contiguous_bucket_falls_back_to_per_parameter_kernel(gpu, monkeypatch):
     from minillm.optim import adamw as adamw_module
 
     launches = []
     monkeypatch.setattr(adamw_module, "multi_adamw_", lambda *args: launches.append(args))
     rng = np.random.default_rng(5)
     init_t, init_c = rng.standard_normal((6, 4)), rng.standard_normal(9)
-    transposed = mm.Tensor(backend.to_device(init_t.astype(np.float32), device).T, requires_grad=True)
-    contiguous = make_param(init_c, device, np.float32)
+    transposed = mm.Tensor(backend.to_device(init_t.astype(np.float32), gpu).T, requires_grad=True)
+    contiguous = make_param(init_c, gpu, np.float32)
     assert not transposed.data.flags.c_contiguous
     opt = optim.AdamW([transposed, contiguous], lr=0.02, weight_decay=0.05)
     grads_t, grads_c = [rng.standard_normal((4, 6)) for _ in range(3)], [rng.standard_normal(9) for _ in range(3)]
@@ -345,9 +341,7 @@ def test_non_contiguous_bucket_falls_back_to_per_parameter_kernel(device, monkey
 # atol of 1e-6 (~8 ulps) for float32, 1e-13 for float64. A wrong chunk boundary or column leaves
 # elements unchanged or mixed up and misses by O(1e-3) at least.
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (np.float64, 1e-13)])
-def test_multi_tensor_kernel_equals_per_parameter_kernel(device, dtype, tol):
-    if device == "cpu":
-        pytest.skip("the CUDA kernels run on CuPy arrays only (pytest --device cuda)")
+def test_multi_tensor_kernel_equals_per_parameter_kernel(gpu, dtype, tol):
     from minillm.kernels.optim import adamw_update_, multi_adamw_, multi_tensor_fusable
 
     rng = np.random.default_rng(6)
@@ -355,8 +349,8 @@ def test_multi_tensor_kernel_equals_per_parameter_kernel(device, dtype, tol):
     for shape in AWKWARD_SHAPES + [(300, 700)]:
         p, g, m = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
         host.append([p, g, m, np.abs(rng.standard_normal(shape)).astype(dtype)])
-    multi = [[backend.to_device(x, device) for x in four] for four in host]
-    single = [[backend.to_device(x, device) for x in four] for four in host]
+    multi = [[backend.to_device(x, gpu) for x in four] for four in host]
+    single = [[backend.to_device(x, gpu) for x in four] for four in host]
     columns = [[four[k] for four in multi] for k in range(4)]
     assert multi_tensor_fusable([a for column in columns for a in column])
     for t in range(1, 4):
@@ -366,8 +360,8 @@ def test_multi_tensor_kernel_equals_per_parameter_kernel(device, dtype, tol):
             adamw_update_(*four, **hyper)
         new_grads = [rng.standard_normal(h[0].shape).astype(dtype) for h in host]
         for four_m, four_s, g in zip(multi, single, new_grads):  # the next step's gradient, one for both
-            four_m[1][...] = backend.to_device(g, device)
-            four_s[1][...] = backend.to_device(g, device)
+            four_m[1][...] = backend.to_device(g, gpu)
+            four_s[1][...] = backend.to_device(g, gpu)
     for k, (four_m, four_s) in enumerate(zip(multi, single)):
         assert four_m[0].dtype == dtype
         for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq"), four_m, four_s):

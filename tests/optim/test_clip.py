@@ -52,15 +52,13 @@ def test_non_finite_norm_is_reported_and_nothing_scaled():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_multi_tensor_kernels_equal_the_array_version(device, dtype):
-    if device == "cpu":
-        pytest.skip("the multi-tensor kernels run on CuPy arrays only (pytest --device cuda)")
+def test_multi_tensor_kernels_equal_the_array_version(gpu, dtype):
     from minillm.kernels import optim as kernels
 
     rng = np.random.default_rng(3)
     host = [rng.standard_normal(n).astype(dtype) for n in (0, 1, 65_536, 65_537, 200_003)]
     host.append(rng.standard_normal((300, 7)).astype(dtype))
-    arrays = [backend.to_device(a, device) for a in host]
+    arrays = [backend.to_device(a, gpu) for a in host]
     assert kernels.multi_tensor_fusable(arrays)
     expected = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in host)
     assert float(kernels.multi_sum_squares(arrays)) == pytest.approx(expected, rel=1e-5)

@@ -20,17 +20,7 @@ from minillm.train.trainer import TrainingDiverged
 from train_helpers import VOCAB, make_config, make_dataset, make_model
 
 
-@pytest.fixture
-def gpu(device):
-    if device == "cpu":
-        pytest.skip("CUDA graphs run with --device cuda")
-    return device
-
-
-@pytest.fixture(autouse=True)
-def _restore_precision():
-    yield
-    mm.set_float32_matmul_precision("highest")
+pytestmark = pytest.mark.usefixtures("restore_precision")
 
 
 # ------------------------------------------------------------------ everywhere
