@@ -125,14 +125,15 @@ def train(args) -> None:
         trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir, loss_fn=loss_fn)
         probe = None
     else:
-        from minillm.distributed.pipeline import build_stage, build_stage_on_device
+        from minillm.distributed.pipeline import build_stage
         from minillm.distributed.pipeline_trainer import PipelineTrainer
 
         if args.stage_init:   # only this rank's stage, drawn by its GPU: no host-side init of the whole model
             mm.manual_seed(rank)
-            stage = build_stage_on_device(cfg, group.rank, group.world_size, device)
-        else:                 # the whole model drawn on the CPU stream, as one process would, then cut
-            stage = build_stage(make_model, group.rank, group.world_size)
+            stage = build_stage(cfg, group.rank, group.world_size, device=device, own_stream=True)
+        else:                 # only this rank's stage held, its weights the one-process run's (the CPU stream's)
+            mm.manual_seed(0)
+            stage = build_stage(cfg, group.rank, group.world_size, device=None if args.init_cpu else device)
         trainer = PipelineTrainer(stage, tcfg, _dataset(cfg), group.comm, args.schedule, run_dir=args.run_dir)
         probe = StepProbe(trainer.engine, HostStandIn if device == "cpu" else None)
     if args.resume:
@@ -349,7 +350,7 @@ def main(argv=None) -> None:
     t.add_argument("--device", default="cuda")
     t.add_argument("--init-cpu", action="store_true", help="initialise on the CPU (identical weights everywhere)")
     t.add_argument("--stage-init", action="store_true",
-                   help="each rank builds only its stage, drawn by its GPU (build_stage_on_device: a 10B model)")
+                   help="each rank draws only its stage, by its GPU's stream (build_stage(own_stream=True): a 10B model)")
     t.add_argument("--timeout", type=float, default=60)
     t.add_argument("--out")
     t.add_argument("--run-dir")

@@ -53,7 +53,8 @@ def train_config(steps: int, micro_batches: int) -> TrainConfig:
 
 def pipeline_rank(group, schedule: str, steps: int, micro_batches: int):
     """One stage's run: its losses, the most micro-batches it held, and the last step's timeline."""
-    stage = build_stage(make_model, group.rank, group.world_size)
+    mm.manual_seed(0)   # only this rank's stage is built, its weights make_model()'s (the same seed and stream)
+    stage = build_stage(GPTConfig(**TINY), group.rank, group.world_size)
     trainer = PipelineTrainer(stage, train_config(steps, micro_batches), make_data(), group.comm, schedule,
                               timeline=True)
     losses = [trainer.train_step()[0] for _ in range(steps)]

@@ -57,6 +57,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     from .. import manual_seed  # noqa: PLC0415
     from ..data.dataset import TokenDataset  # noqa: PLC0415
     from ..models import GPT  # noqa: PLC0415
+    from ..models.gpt import gpt_num_parameters  # noqa: PLC0415
     from ..train import TrainConfig, Trainer  # noqa: PLC0415
 
     device = backend.parse_device(device)
@@ -72,8 +73,13 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
         from ..distributed.mesh import init_mesh  # noqa: PLC0415
 
         mesh, device = init_mesh(mesh_shape, device)
-    model = GPT(config)
-    parameters = model.num_parameters()
+    if mesh is None:
+        model = GPT(config)
+    else:
+        from ..distributed.parallel_trainer import rank_model  # noqa: PLC0415
+
+        model = rank_model(config, mesh, device)   # --pp: only this rank's stage is built
+    parameters = gpt_num_parameters(config)        # the whole model's (MFU counts its FLOPs per token)
     train_cfg = TrainConfig(steps=warmup + steps + 1, batch_size=B, grad_accum=grad_accum, warmup=0, device=device,
                             progress=False, precision=precision, cuda_graph=cuda_graph)
     if mesh is None:

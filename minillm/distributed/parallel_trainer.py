@@ -4,8 +4,9 @@
 divergence checks, logging, evaluation and checkpoint cadence); it overrides
 the hooks the Trainer exposes, each only where the math requires it:
 
-1. the model: this rank's tensor-parallel shard (``shard_gpt``) when tp > 1,
-   cut to this rank's pipeline stage (``PipelineStage``) when pp > 1;
+1. the model: this rank's pipeline stage when pp > 1 (``rank_model`` builds
+   only it, ``pipeline.build_stage``; a whole GPT given is cut to it), then
+   its tensor-parallel shard (``shard_gpt``) when tp > 1;
 2. ``forward_backward``: every rank draws the same global batches and keeps
    its data-parallel rows; the micro-batches run through the pipeline schedule
    (pp > 1) or one after the other; gradients are averaged over the dp group
@@ -37,11 +38,12 @@ from ..train.trainer import Trainer
 from .data_parallel import DataParallel
 from .pipeline import check_token_batch
 from .pipeline_trainer import OneWriter, gather_stage_states, stage_slice
-from .tensor_parallel import gather_array, shard_array, shard_gpt
+from .tensor_parallel import gather_array, shard_array, shard_gpt, shard_spec
 
 
 class ParallelTrainer(OneWriter, Trainer):
-    """``Trainer`` over a ``DeviceMesh``; ``model`` is the whole model, built alike (same seed) on every rank."""
+    """``Trainer`` over a ``DeviceMesh``. ``model``: the whole model, built alike (same seed) on every rank,
+    or, with pp > 1, this rank's stage of it (``rank_model``: only the stage is ever built)."""
 
     def __init__(self, model, config, data, mesh, run_dir=None, schedule: str = "1f1b", bucket_mb: float = 25.0,
                  **options):
@@ -52,13 +54,17 @@ class ParallelTrainer(OneWriter, Trainer):
                              "have to agree on loss scaling); use --precision bf16")
         full_config = model.config
         self._vocab_size = full_config.vocab_size
-        if mesh.shape.tp > 1:
-            shard_gpt(model, mesh.tp)                     # this rank's columns / rows of every block
-        self._specs = dict(getattr(model, "shard_specs", {}))   # name -> ShardSpec (sharded parameters only)
         if P > 1:
             from .pipeline import PipelineStage, stage_bounds  # noqa: PLC0415
 
-            model = PipelineStage(model, mesh.pp_rank, P, stage_bounds(full_config, P))
+            if not isinstance(model, PipelineStage):
+                model = PipelineStage(model, mesh.pp_rank, P, stage_bounds(full_config, P))
+            elif (model.stage, model.stages) != (mesh.pp_rank, P):
+                raise ValueError(f"the model is stage {model.stage} of {model.stages}, but this rank runs stage "
+                                 f"{mesh.pp_rank} of {P}")
+        if mesh.shape.tp > 1:
+            shard_gpt(model, mesh.tp)                     # this rank's columns / rows of every block (of its stage)
+        self._full_config = full_config
         options.setdefault("model_config", full_config.to_dict())
         super().__init__(model, config, data, run_dir=run_dir, **options)
         self.is_writer = mesh.world.rank == 0
@@ -71,6 +77,11 @@ class ParallelTrainer(OneWriter, Trainer):
         if mesh.dp_rank > 0:                              # replicas draw their own dropout masks
             backend.manual_seed(config.seed + 7919 * mesh.dp_rank)
         self._names = {id(p): name for name, p in self.model.named_parameters()}
+
+    def _spec(self, name: str):
+        """How the whole model's parameter ``name`` is cut over the tp group (None: replicated, or tp = 1);
+        by name, so that rank 0 also joins the parameters of stages it does not hold."""
+        return shard_spec(self._full_config, name) if self.mesh.shape.tp > 1 else None
 
     # ------------------------------------------------------------ the step
     def forward_backward(self) -> float:
@@ -126,7 +137,7 @@ class ParallelTrainer(OneWriter, Trainer):
         not_counted = {}                                           # parameters another rank counts, by id
         if self.mesh.tp_rank > 0:                                  # (the tied matrix on a last stage at tp
             not_counted.update((id(p), p) for p in params         #  rank > 0 is both: subtracted once)
-                               if self._names[id(p)] not in self._specs)
+                               if self._spec(self._names[id(p)]) is None)
         if self.engine is not None and self.engine.tied_comm is not None and self.model.is_last:
             not_counted[id(self.model.wte.weight)] = self.model.wte.weight   # the first stage counts it
         not_counted = [p.grad.reshape(-1) for p in not_counted.values() if p.grad is not None]
@@ -170,12 +181,12 @@ class ParallelTrainer(OneWriter, Trainer):
                 return None
             model_state, optimizer_state = gathered
             order = ordinary_parameter_order(model_state)
-        model_state = {name: gather_array(value, self._specs.get(name), tp, device)
+        model_state = {name: gather_array(value, self._spec(name), tp, device)
                        for name, value in model_state.items()}
         for index, values in optimizer_state["state"].items():
             for key, value in values.items():
                 if hasattr(value, "shape") and value.ndim > 0:
-                    values[key] = gather_array(value, self._specs.get(order[int(index)]), tp, device)
+                    values[key] = gather_array(value, self._spec(order[int(index)]), tp, device)
         return model_state, optimizer_state
 
     def rank_states(self) -> list[dict]:
@@ -205,14 +216,14 @@ class ParallelTrainer(OneWriter, Trainer):
         if self.engine is not None:
             checkpoint = stage_slice(checkpoint, self.model, self.optimizer)
         tp = self.mesh.tp
-        checkpoint.model_state = {name: shard_array(value, self._specs.get(name), tp.rank, tp.size)
+        checkpoint.model_state = {name: shard_array(value, self._spec(name), tp.rank, tp.size)
                                   for name, value in checkpoint.model_state.items()}
         if checkpoint.optimizer_state is not None:
             order = [self._names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
             for index, values in checkpoint.optimizer_state["state"].items():
                 for key, value in values.items():
                     if hasattr(value, "shape") and value.ndim > 0:
-                        values[key] = shard_array(value, self._specs.get(order[int(index)]), tp.rank, tp.size)
+                        values[key] = shard_array(value, self._spec(order[int(index)]), tp.rank, tp.size)
         return checkpoint
 
     def resume(self) -> int:
@@ -234,6 +245,19 @@ class ParallelTrainer(OneWriter, Trainer):
         from ..train.checkpoint import read_metadata  # noqa: PLC0415
 
         return read_metadata(self.run_dir).get("extra", {})
+
+
+def rank_model(config, mesh, device=None):
+    """What this rank of ``mesh`` trains, built from the seed in force: its pipeline stage when pp > 1
+    (``build_stage``: only the stage is ever drawn and held, its weights the single-process model's),
+    else the whole GPT (tensor parallelism then cuts the whole model's matrices: ``shard_gpt``)."""
+    if mesh is None or mesh.shape.pp == 1:
+        from ..models import GPT  # noqa: PLC0415
+
+        return GPT(config, device=device)
+    from .pipeline import build_stage  # noqa: PLC0415
+
+    return build_stage(config, mesh.pp_rank, mesh.shape.pp, device=device)
 
 
 def ordinary_parameter_order(model_state: dict) -> list[str]:

@@ -4,7 +4,10 @@
     wte, wpe, drop   h[a1 .. a2)          h[a_{P-1} .. n_layer)
     h[0 .. a1)                            ln_f, output head (wte.weight again when tied)
 
-Each rank keeps only its stage. What crosses a stage boundary, per
+Each rank builds only its stage (``build_stage``): the other stages' weights
+are drawn and thrown away chunk by chunk, so the random stream stays that of
+one process and the stage's weights are the single-process model's for the
+seed. What crosses a stage boundary, per
 micro-batch, is one activation (b, T, C) going forward and its gradient
 (b, T, C) coming back: the residual stream between two blocks.
 
@@ -25,6 +28,7 @@ sum of the embedding's and the head's contributions.
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 from .. import functional as F
@@ -155,42 +159,59 @@ class PipelineStage(Module):
         return logits, F.cross_entropy(logits, targets)
 
 
-def build_stage(model_factory, stage: int, stages: int, seq_len: int | None = None) -> PipelineStage:
-    """This rank's stage of the model ``model_factory()`` builds, the rest of it dropped.
+def build_stage(config, stage: int, stages: int, *, device=None, dtype=None, seq_len: int | None = None,
+                own_stream: bool = False) -> PipelineStage:
+    """This rank's stage of ``GPT(config)``, built by itself: no other stage's weights are ever held.
 
-    The whole model is initialised first, in the order one process would, so
-    that the stages together start from exactly the single-process weights;
-    only the stage's parameters stay referenced (the rest is freed at once),
-    and gradients, optimizer state and activations exist for the stage only.
-    (For a model too big to draw whole on every rank: ``build_stage_on_device``.)
-    """
-    model = model_factory()
-    bounds = stage_bounds(model.config, stages, seq_len)
-    return PipelineStage(model, stage, stages, bounds)
+    The parts are built in ``GPT.__init__``'s order (embeddings, blocks 0 ..
+    n_layer-1, head: ``embedding_modules``, ``transformer_block``,
+    ``head_modules``). By default every weight comes from the CPU stream, as in
+    one process: the stage's own parts are drawn there and moved to ``device``;
+    the other stages' parts are built under ``nn.layers.draws_discarded()``,
+    which draws their samples in chunks and throws them away. So the stream
+    reaches each owned part in the state ``GPT(config)`` would, the stage's
+    weights are bit for bit the single-process model's for the seed in force,
+    and the stream ends where ``GPT(config)`` leaves it (later dropout masks
+    agree too). The last stage of a tied model draws its copy of wte in
+    place, the same values as the first stage's (wpe, drawn with it, is
+    dropped at once). Memory: the stage plus one chunk of samples; time: every
+    rank still draws all the model's samples on the host (~10 ns each).
 
-
-def build_stage_on_device(config, stage: int, stages: int, device: str, seq_len: int | None = None) -> PipelineStage:
-    """This rank's stage and nothing else, its weights drawn on ``device`` by the device's random stream.
-
-    No other stage's weights are drawn anywhere, and nothing on the host: what
-    a ~10B model needs (``build_stage`` draws all of it on the CPU on every
-    rank: ~10^10 normal samples, 40 GB). The price: the weights are not the
-    single-process model's for the seed (those come from the CPU stream), and
-    the last stage's copy of a tied embedding is drawn apart, so
-    ``PipelineEngine`` broadcasts the first stage's over the tied pair.
+    ``own_stream=True`` skips the other stages entirely and draws the stage's
+    weights by ``device``'s own stream (``nn.layers.init_on_device``): no host
+    work at all, what a ~10B model needs (10^10 samples, ~110 s per rank on the
+    host). The price: the weights are not the single-process model's, and the
+    last stage's tied copy is drawn apart, so ``PipelineEngine`` broadcasts the
+    first stage's over the tied pair.
     """
     from ..models.gpt import embedding_modules, head_modules, transformer_block  # noqa: PLC0415
-    from ..nn.layers import init_on_device  # noqa: PLC0415
+    from ..nn.layers import draws_discarded, init_on_device  # noqa: PLC0415
 
     if not 0 <= stage < stages:
         raise ValueError(f"stage {stage} is not in 0..{stages - 1}")
     bounds = stage_bounds(config, stages, seq_len)
     start, end = bounds[stage]
+    first, last = stage == 0, stage == stages - 1
+    init = dict(device=device, dtype=dtype)
+
+    def part(owned: bool, make):
+        """``make()`` if this stage owns the part; else None, its draws made and discarded (host stream)."""
+        if owned:
+            return make()
+        if not own_stream:
+            with draws_discarded():
+                make()
+        return None
+
     parts = SimpleNamespace(config=config, lm_head=None)
-    with init_on_device():
-        if stage == 0 or (stage == stages - 1 and config.tie_embeddings):   # the last stage: the tied copy
-            parts.wte, parts.wpe, parts.drop = embedding_modules(config, device=device)
-        parts.h = {index: transformer_block(config, device=device) for index in range(start, end)}
-        if stage == stages - 1:
-            parts.ln_f, parts.lm_head = head_modules(config, device=device)
+    with init_on_device() if own_stream else contextlib.nullcontext():
+        embeddings = part(first or (last and config.tie_embeddings),   # the last stage: the tied copy of wte
+                          lambda: embedding_modules(config, **init))
+        if embeddings is not None:
+            parts.wte, parts.wpe, parts.drop = embeddings
+        parts.h = {index: part(start <= index < end, lambda: transformer_block(config, **init))
+                   for index in range(config.n_layer)}
+        head = part(last, lambda: head_modules(config, **init))   # drawn elsewhere too: the stream ends alike
+        if head is not None:
+            parts.ln_f, parts.lm_head = head
     return PipelineStage(parts, stage, stages, bounds)   # takes the parts it owns from a model-like object

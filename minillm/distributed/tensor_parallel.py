@@ -264,15 +264,18 @@ def gpt_shard_specs(config) -> dict[str, ShardSpec]:
             "mlp.c_fc.weight": fc, "mlp.c_fc.bias": fc, "mlp.c_proj.weight": row}
 
 
+def shard_spec(config, name: str) -> ShardSpec | None:
+    """How the whole model's parameter ``name`` (``h.3.attn.c_attn.weight``) is cut; None: replicated."""
+    for suffix, spec in gpt_shard_specs(config).items():
+        if name.endswith("." + suffix):
+            return spec
+    return None
+
+
 def model_shard_specs(model) -> dict[str, ShardSpec]:
     """{full parameter name: ShardSpec} for every sharded parameter of a GPT (names as in its state_dict)."""
-    suffixes = gpt_shard_specs(model.config)
-    specs = {}
-    for name, _ in model.named_parameters():
-        for suffix, spec in suffixes.items():
-            if name.endswith("." + suffix):
-                specs[name] = spec
-    return specs
+    specs = {name: shard_spec(model.config, name) for name, _ in model.named_parameters()}
+    return {name: spec for name, spec in specs.items() if spec is not None}
 
 
 # ================================================================ parallel layers
@@ -339,11 +342,14 @@ def shard_gpt(model, comm, vocab_parallel: bool = True):
     same keys; ``model.shard_specs`` says how each sharded one was cut. With
     ``vocab_parallel`` the output head and the loss are split by vocabulary too
     (``TensorParallelGPT``); the embedding tables stay whole on every rank.
+    ``model`` may also be a pipeline stage (``PipelineStage``): its own blocks
+    are sharded, and its head stays whole (the stage computes it).
     """
     config = model.config
     check_tensor_parallel(config, comm.size)
     suffixes = gpt_shard_specs(config)
-    for block in model.h:
+    stage_blocks = getattr(model, "blocks", None)                    # a PipelineStage's blocks, else a GPT's
+    for block in model.h if stage_blocks is None else stage_blocks:
         attn, mlp = block.attn, block.mlp
         if mlp.c_fc.weight.shape[0] % comm.size:
             raise ValueError(f"--tp {comm.size} does not divide the MLP width {mlp.c_fc.weight.shape[0]}")
@@ -355,7 +361,7 @@ def shard_gpt(model, comm, vocab_parallel: bool = True):
         mlp.c_proj = RowParallelLinear(*_sharded(mlp.c_proj, suffixes["mlp.c_proj.weight"], False, comm), comm)
     model.shard_specs = model_shard_specs(model)
     model.tensor_parallel = comm
-    if vocab_parallel:
+    if vocab_parallel and stage_blocks is None:
         # the same object, its class now GPT with the vocabulary-parallel forward in front (module doc)
         model.__class__ = type(f"TensorParallel{type(model).__name__}", (TensorParallelGPT, type(model)), {})
     return model

@@ -11,8 +11,12 @@ Initialisation: every random weight is drawn from the CPU random stream
 ``mm.manual_seed`` gives the same model on the CPU and on any GPU. Inside
 ``init_on_device()`` they are drawn by the device's own random stream instead
 (no host work, no copy): for a model too big to draw on the host quickly (a
-pipeline stage of a 10B model, ``distributed.pipeline.build_stage_on_device``),
-at the price of weights that depend on the device.
+pipeline stage of a 10B model, ``distributed.pipeline.build_stage(...,
+own_stream=True)``), at the price of weights that depend on the device.
+Inside ``draws_discarded()`` the layers built hold nothing: their random
+weights are drawn (so the CPU stream moves on exactly as far) and thrown away,
+which lets a pipeline stage draw only its own parts and still get, sample for
+sample, the weights one process gives them (``build_stage``).
 """
 
 from __future__ import annotations
@@ -52,13 +56,62 @@ def init_on_device():
         _draw_on_device[0] = previous
 
 
+DISCARD_CHUNK = 1 << 20     # samples drawn at once while discarding (4 MiB of float32)
+_discarding = [False]       # set inside draws_discarded()
+
+
+@contextmanager
+def draws_discarded():
+    """Build layers that hold nothing but advance the CPU random stream as if they were drawn.
+
+    Inside, ``normal_parameter`` draws its samples from the CPU stream in chunks
+    of ``DISCARD_CHUNK`` and throws them away, and ``constant_parameter`` fills
+    nothing; both return a read-only placeholder Parameter without storage (a
+    zero-stride view of one number, on the CPU). The stream ends exactly where
+    building the layers for real leaves it: the bit generator is sequential and
+    a float32 normal's ziggurat draw depends only on the generator's state
+    (including PCG64's buffered 32-bit half), so n float32 samples drawn in
+    chunks consume the same raw draws as one call for n (a float64 draw would
+    not: it consumes 64 bits per sample). ``distributed.pipeline.build_stage``
+    builds the other stages' parts this way.
+    """
+    previous, _discarding[0] = _discarding[0], True
+    try:
+        yield
+    finally:
+        _discarding[0] = previous
+
+
+def discard_normal_draws(count: int, chunk: int | None = None) -> None:
+    """Advance the CPU stream past ``count`` float32 normal samples, drawn ``chunk`` at a time and dropped
+    (one reused buffer of at most ``chunk`` numbers: the memory of a chunk, whatever ``count``)."""
+    chunk = DISCARD_CHUNK if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"discard_normal_draws: chunk must be at least 1, got {chunk}")
+    rng = backend.cpu_generator()
+    buffer = np.empty(min(count, chunk), dtype=np.float32)
+    while count > 0:
+        n = min(count, chunk)
+        rng.standard_normal(dtype=np.float32, out=buffer[:n])     # the same raw draws as normal_parameter's
+        count -= n
+
+
+def _placeholder(shape, value: float, dtype) -> Parameter:
+    """A read-only Parameter of ``shape`` reading ``value`` everywhere, holding one number (stride 0)."""
+    return Parameter(np.broadcast_to(np.full((), value, dtype=dtype), shape))
+
+
 def normal_parameter(shape, std: float, device=None, dtype=None) -> Parameter:
     """A Parameter ~ Normal(0, std²), drawn on the CPU stream, then moved to ``device``
-    (inside ``init_on_device()``: drawn on ``device`` by its stream).
+    (inside ``init_on_device()``: drawn on ``device`` by its stream; inside
+    ``draws_discarded()``: drawn on the CPU stream and dropped, a placeholder returned).
 
     Always drawn in float32 and then cast, so a seed gives the same weights
     (up to rounding) whatever the dtype and device.
     """
+    if _discarding[0]:
+        discard_normal_draws(math.prod(shape))
+        return _placeholder(shape, 0.0, _dtype(dtype))
     where = backend.parse_device(device) if _draw_on_device[0] and device is not None else "cpu"
     data = backend.random_normal(shape, device=where, dtype=np.float32, std=std)
     dtype = _dtype(dtype)
@@ -66,7 +119,9 @@ def normal_parameter(shape, std: float, device=None, dtype=None) -> Parameter:
 
 
 def constant_parameter(shape, value: float, device=None, dtype=None) -> Parameter:
-    """A Parameter filled with ``value`` (LayerNorm's ones, biases' zeros)."""
+    """A Parameter filled with ``value`` (LayerNorm's ones, biases' zeros); a placeholder inside ``draws_discarded()``."""
+    if _discarding[0]:
+        return _placeholder(shape, value, _dtype(dtype))
     return Parameter(np.full(shape, value, dtype=_dtype(dtype)), device=device)
 
 

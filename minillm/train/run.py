@@ -303,13 +303,14 @@ def start_run(prepared: PreparedRun, mesh=None, schedule: str = "1f1b") -> Train
         (plan.run_dir / RUN_FILE).write_text(json.dumps(run_info, indent=1) + "\n", encoding="utf-8")
 
     manual_seed(cfg.seed)
-    model = GPT(prepared.model_config)
     tokenizer = {"spec": plan.tokenizer, "file": TOKENIZER_FILE}
     if mesh is None:
+        model = GPT(prepared.model_config)
         trainer = Trainer(model, cfg, dataset, run_dir=plan.run_dir, tokenizer=tokenizer)
     else:
-        from ..distributed.parallel_trainer import ParallelTrainer  # noqa: PLC0415
+        from ..distributed.parallel_trainer import ParallelTrainer, rank_model  # noqa: PLC0415
 
+        model = rank_model(prepared.model_config, mesh, cfg.device)   # --pp: only this rank's stage is built
         trainer = ParallelTrainer(model, cfg, dataset, mesh, run_dir=plan.run_dir, schedule=schedule,
                                   tokenizer=tokenizer)
     if plan.resume:

@@ -25,13 +25,16 @@ SCRIPT = textwrap.dedent(f"""
     import os, signal, sys
     sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests" / "train")!r}]
     from train_helpers import make_config, make_dataset, make_model
+    import minillm as mm
     from minillm.distributed import init_process_group, destroy_process_group
     from minillm.distributed.pipeline import build_stage
     from minillm.distributed.pipeline_trainer import PipelineTrainer
 
     run_dir, kill_rank = sys.argv[1], int(sys.argv[2])
     group = init_process_group("cpu", timeout=10)
-    stage = build_stage(lambda: make_model(n_layer=2), group.rank, group.world_size)
+    config = make_model(n_layer=2).config        # the helpers' model shape
+    mm.manual_seed(0)                            # make_model's seed: the stage holds its weights
+    stage = build_stage(config, group.rank, group.world_size)
     trainer = PipelineTrainer(stage, make_config(**{RUN!r}), make_dataset(), group.comm, run_dir=run_dir)
     while trainer.step < 10:
         loss, _ = trainer.train_step()
@@ -128,3 +131,32 @@ def test_bubble_fraction_by_hand():
               ("send/recv", -1, 4.0, 5.0)]
     assert bubble_fraction(events) == pytest.approx(0.4)
     assert ideal_bubble(2, 8) == pytest.approx(1 / 9)
+
+
+def _minillm(*argv, launch: bool = False):
+    prefix = ["launch", "--nproc-per-node", "2", "--device", "cpu", "--master-port", str(free_port()), "--"]
+    command = [sys.executable, "-m", "minillm", *(prefix if launch else []), *map(str, argv)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_minillm_train_pp2_builds_only_its_stage_and_logs_the_single_process_losses(tmp_path):
+    """``minillm train --pp 2`` (each rank builds only its stage, its weights the one-process model's):
+    the same losses as one process, and a resumed run (the checkpoint overwrites the drawn weights) too."""
+    import json
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 300, encoding="utf-8")
+    common = ["--data", text, "--tokenizer", "bytes", "--n-layer", "2", "--n-head", "2", "--d-model", "32",
+              "--context", "16", "--batch-size", "4", "--micro-batches", "2", "--eval-interval", "3",
+              "--eval-batches", "1", "--samples", "0", "--quiet", "--device", "cpu"]
+    for name, parallel in (("one", []), ("pp", ["--pp", 2])):
+        _minillm("train", *common, *parallel, "--steps", 4, "--out", tmp_path / name, launch=bool(parallel))
+        _minillm("train", *common, *parallel, "--steps", 6, "--resume", tmp_path / name, launch=bool(parallel))
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    one, pp = read("one"), read("pp")
+    assert [r["step"] for r in pp] == [r["step"] for r in one] and len(one) >= 6
+    values = lambda records: [r.get("loss", r.get("val_loss")) for r in records]  # noqa: E731
+    assert values(pp) == pytest.approx(values(one), rel=1e-6)

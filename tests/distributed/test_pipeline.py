@@ -18,6 +18,7 @@ order of additions: it cannot be compared.
 
 import json
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import make_config, make_dataset, make_model  # noqa: E402
 
 import minillm as mm  # noqa: E402
-from minillm.distributed.pipeline import (PipelineStage, build_stage, build_stage_on_device, partition,  # noqa: E402
-                                          stage_bounds)
+from minillm import backend  # noqa: E402
+from minillm.distributed.pipeline import PipelineStage, build_stage, partition, stage_bounds  # noqa: E402
 from minillm.distributed.pipeline_trainer import PipelineTrainer  # noqa: E402
 from minillm.distributed.spawn import spawn  # noqa: E402
-from minillm.models import GPT  # noqa: E402
+from minillm.models import GPT, GPTConfig  # noqa: E402
+from minillm.nn import layers  # noqa: E402
 from minillm.train import Trainer  # noqa: E402
 from minillm.train.checkpoint import load_checkpoint  # noqa: E402
 
@@ -40,7 +42,10 @@ RUN = dict(steps=20, batch_size=2, grad_accum=4, clip=0.5, eval_interval=10, eva
 
 
 def _model():
-    return make_model(n_layer=LAYERS, bias=False)
+    return make_model(n_layer=LAYERS, bias=False)   # seed 0
+
+
+CONFIG = _model().config
 
 
 def _losses(run_dir):
@@ -59,7 +64,8 @@ def _single(run_dir, stop_at=None, resume=False, **overrides):
 
 
 def _pipeline_rank(group, run_dir, schedule, stop_at, resume, overrides):
-    stage = build_stage(_model, group.rank, group.world_size)
+    mm.manual_seed(0)                                    # _model()'s seed: only this stage is built
+    stage = build_stage(CONFIG, group.rank, group.world_size)
     trainer = PipelineTrainer(stage, make_config(**{**RUN, **overrides}), make_dataset(), group.comm, schedule,
                               run_dir=run_dir)
     if resume:
@@ -135,11 +141,10 @@ def test_resume_across_stage_counts(reference, tmp_path, first, second):
 
 
 def _direct_rank(group, run_dir, steps):
-    """A stage built by itself (``build_stage_on_device``, here on the CPU): its weights before and after
-    the engine's start, then ``steps`` steps of training."""
-    config = _model().config
+    """A stage drawn by its device's own stream (``own_stream``, here the CPU's): its weights before and
+    after the engine's start, then ``steps`` steps of training."""
     mm.manual_seed(1 + group.rank)                       # each rank its own stream, as on separate GPUs
-    stage = build_stage_on_device(config, group.rank, group.world_size, "cpu")
+    stage = build_stage(CONFIG, group.rank, group.world_size, device="cpu", own_stream=True)
     drawn = {n: p.data.copy() for n, p in stage.named_parameters()}
     trainer = PipelineTrainer(stage, make_config(**{**RUN, "steps": steps, "eval_interval": 0}), make_dataset(),
                               group.comm, "1f1b", run_dir=run_dir)
@@ -148,15 +153,14 @@ def _direct_rank(group, run_dir, steps):
     return drawn, initial
 
 
-def test_a_stage_built_on_its_own_device_draws_only_its_part_and_trains(tmp_path):
+def test_a_stage_drawn_by_its_own_stream_draws_only_its_part_and_trains(tmp_path):
     """Stage 0 built directly draws exactly what the whole model's first parts are (same stream, same
     order); the last stage's tied embedding, drawn apart, starts as the first stage's; and the stages
     together train exactly like one process started from their weights."""
     steps = 6
     (drawn0, initial0), (drawn1, initial1) = spawn(_direct_rank, 2, args=(tmp_path / "pp", steps))
-    config = _model().config
     mm.manual_seed(1)
-    whole = dict(GPT(config).named_parameters())
+    whole = dict(GPT(CONFIG).named_parameters())
     assert set(drawn0) | set(drawn1) == set(whole)       # nothing missing, nothing extra
     for name, value in drawn0.items():
         np.testing.assert_array_equal(value, whole[name].data)
@@ -171,10 +175,82 @@ def test_a_stage_built_on_its_own_device_draws_only_its_part_and_trains(tmp_path
 
 
 @pytest.mark.parametrize("stages", [1, 3])
-def test_stages_built_on_their_own_cover_an_untied_model(stages):
+def test_stages_drawn_by_their_own_stream_cover_an_untied_model(stages):
     config = make_model(n_layer=LAYERS, bias=False, tie_embeddings=False).config
-    names = [n for stage in range(stages) for n, _ in build_stage_on_device(config, stage, stages, "cpu").named_parameters()]
+    names = [n for stage in range(stages)
+             for n, _ in build_stage(config, stage, stages, device="cpu", own_stream=True).named_parameters()]
     assert sorted(names) == sorted(n for n, _ in GPT(config).named_parameters())   # each once: nothing tied
+
+
+@pytest.mark.parametrize("start", [0, 1, 3])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000, 4096, 5000])
+def test_normals_drawn_in_chunks_leave_the_stream_as_one_draw(start, chunk):
+    """What ``draws_discarded`` relies on: n float32 normals drawn in chunks of any size (odd ones too:
+    PCG64 keeps half of a 64-bit draw for the next 32-bit one) leave the generator exactly where one
+    draw of n leaves it, and the samples after are the same."""
+    n = 4099
+    mm.manual_seed(11)
+    backend.cpu_generator().standard_normal(start, dtype=np.float32)    # an odd start: a buffered half or not
+    backend.cpu_generator().standard_normal(n, dtype=np.float32)
+    after_one = backend.get_rng_state()
+    expected = backend.cpu_generator().standard_normal(9, dtype=np.float32)
+    mm.manual_seed(11)
+    backend.cpu_generator().standard_normal(start, dtype=np.float32)
+    layers.discard_normal_draws(n, chunk)
+    assert backend.get_rng_state() == after_one
+    np.testing.assert_array_equal(backend.cpu_generator().standard_normal(9, dtype=np.float32), expected)
+
+
+def _pipeline_configs():
+    tiny = dict(vocab_size=64, context_length=16, n_layer=4, n_head=2, d_model=16)
+    llama = {**GPTConfig.from_preset("llama-tiny").to_dict(), "n_layer": 4}
+    return {"tied": GPTConfig(**tiny), "untied": GPTConfig(**tiny, tie_embeddings=False),
+            "llama-untied": GPTConfig(**{**llama, "tie_embeddings": False}), "llama-tied": GPTConfig(**llama)}
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("kind", list(_pipeline_configs()))
+def test_each_stage_built_alone_holds_the_single_process_weights(kind, stages):
+    """Every stage built by itself (the rest drawn and discarded) has, bit for bit, the weights of the
+    same parameters of GPT(config) built whole from the same seed; together they cover it (the tied
+    wte on the first and last stage); and the random stream ends where the whole build leaves it."""
+    config = _pipeline_configs()[kind]
+    mm.manual_seed(5)
+    whole = {n: p.data for n, p in GPT(config).named_parameters()}
+    after_whole = backend.get_rng_state()
+    covered = []
+    for stage in range(stages):
+        mm.manual_seed(5)
+        built = build_stage(config, stage, stages)
+        assert backend.get_rng_state() == after_whole, f"stage {stage}: the stream ended elsewhere"
+        for name, p in built.named_parameters():
+            assert p.data.flags.writeable and p.data.flags.c_contiguous, name   # real arrays, no placeholders
+            np.testing.assert_array_equal(p.data, whole[name], err_msg=f"stage {stage}: {name}")
+            covered.append(name)
+    tied = ["wte.weight"] if config.tie_embeddings else []
+    assert sorted(covered) == sorted([*whole, *tied])
+
+
+def test_a_stage_built_alone_holds_no_other_stages_arrays(monkeypatch):
+    """Memory traced while a stage is built: what stays allocated is its own parameters (plus its modules'
+    few objects), and the peak stays within 100 kB of that (a chunk of discarded samples, 4 kB here; the
+    last stage's wpe, 32 kB, drawn with its tied wte and dropped at once). Any other stage's part held
+    would add a wte (256 kB) or a block (790 kB); a discarded matrix drawn whole, not by chunks, c_fc's 256 kB."""
+    monkeypatch.setattr(layers, "DISCARD_CHUNK", 1000)       # the default's 4 MiB chunk is larger than this model
+    config = GPTConfig(vocab_size=512, context_length=64, n_layer=4, n_head=4, d_model=128)
+    whole_bytes = 4 * GPT(config).num_parameters()           # 3.5 MB
+    for stages, stage in [(4, 1), (4, 3), (2, 0)]:
+        mm.manual_seed(0)
+        tracemalloc.start()
+        try:
+            built = build_stage(config, stage, stages)
+            held, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        own = sum(p.data.nbytes for p in built.parameters())
+        assert own < whole_bytes - 700_000                  # a block (790 kB) or more is another stage's
+        assert own <= held < own + 32_000, (stages, stage, held - own)
+        assert peak < own + 100_000, (stages, stage, peak - own)
 
 
 def test_partition_balances_cost():
