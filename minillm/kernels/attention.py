@@ -203,6 +203,18 @@ template <> __device__ __forceinline__ double minus_inf<double>() { return __lon
 
 #define CHUNK 16
 
+// Keys j0 .. j0 + BN - 1 of one head's K and V into shared memory as A, zeros past tk and past
+// d / dv: the key tile that the forward's and dQ's THREADS threads copy together.
+template <typename T, typename A, int D, int BN, int THREADS>
+__device__ __forceinline__ void load_key_tile(A (&k_tile)[BN][D], A (&v_tile)[BN][D], const T* k_head,
+                                              const T* v_head, int j0, int tk, int d, int dv) {
+    for (int e = threadIdx.x; e < BN * D; e += THREADS) {
+        const int r = e / D, c = e % D, j = j0 + r;
+        k_tile[r][c] = (j < tk && c < d) ? to_acc(k_head[(long long)j * d + c]) : A(0);
+        v_tile[r][c] = (j < tk && c < dv) ? to_acc(v_head[(long long)j * dv + c]) : A(0);
+    }
+}
+
 // q (NQ, tq, d), k (NQ/group, tk, d), v (NQ/group, tk, dv) of T; o (NQ, tq, dv), lse (NQ, tq) of A.
 // Grid (ceil(tq / BM), NQ); BM threads, one query row each; BN keys per shared-memory tile.
 template <typename T, typename A, int D, int BM, int BN>
@@ -227,11 +239,7 @@ __global__ void __launch_bounds__(BM) flash_forward(
     A m = minus_inf<A>(), l = A(0);
     for (int j0 = 0; j0 < k_end; j0 += BN) {
         __syncthreads();
-        for (int e = threadIdx.x; e < BN * D; e += BM) {
-            const int r = e / D, c = e % D, j = j0 + r;
-            k_tile[r][c] = (j < tk && c < d) ? to_acc(k_head[(long long)j * d + c]) : A(0);
-            v_tile[r][c] = (j < tk && c < dv) ? to_acc(v_head[(long long)j * dv + c]) : A(0);
-        }
+        load_key_tile<T, A, D, BN, BM>(k_tile, v_tile, k_head, v_head, j0, tk, d, dv);
         __syncthreads();
         for (int jc = 0; jc < BN; jc += CHUNK) {
             if (j0 + jc > last) break;                  // keys j0 + jc <= last: at least one visible
@@ -295,11 +303,7 @@ __global__ void __launch_bounds__(BM) flash_backward_dq(
     const int k_end = causal ? min(tk, min(row0 + BM, tq) - 1 + offset + 1) : tk;
     for (int j0 = 0; j0 < k_end; j0 += BN) {
         __syncthreads();
-        for (int e = threadIdx.x; e < BN * D; e += BM) {
-            const int r = e / D, c = e % D, j = j0 + r;
-            k_tile[r][c] = (j < tk && c < d) ? to_acc(k_head[(long long)j * d + c]) : A(0);
-            v_tile[r][c] = (j < tk && c < dv) ? to_acc(v_head[(long long)j * dv + c]) : A(0);
-        }
+        load_key_tile<T, A, D, BN, BM>(k_tile, v_tile, k_head, v_head, j0, tk, d, dv);
         __syncthreads();
         for (int u = 0; u < BN; ++u) {
             if (j0 + u > last) break;
