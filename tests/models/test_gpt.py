@@ -106,6 +106,16 @@ def test_gpt2_124m_has_124_439_808_parameters():
     assert model.wte.weight.shape == (50257, 768) and model.h[11].mlp.c_fc.weight.shape == (3072, 768)
 
 
+@pytest.mark.parametrize("preset, count", [
+    ("tiny", 35_712), ("gpt2-124m", 124_439_808), ("gpt2-medium", 354_823_168),
+    ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+])
+def test_preset_table_of_docs_model_md(preset, count):
+    """The parameter column of docs/model.md's preset table: GPT-2's published sizes (tied head)."""
+    cfg = GPTConfig.from_preset(preset)
+    assert gpt_num_parameters(cfg) == formula(cfg) == count
+
+
 def test_gpt2_init_statistics():
     mm.manual_seed(0)
     cfg = GPTConfig(vocab_size=500, context_length=64, n_layer=8, n_head=4, d_model=128)
@@ -146,8 +156,10 @@ def test_repr_shows_structure():
 # ------------------------------------------------------------------ forward
 
 
-def test_forward_matches_numpy_reference(device):
-    cfg = tiny(gelu_approximate="none")
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_forward_matches_numpy_reference(device, approximate):
+    # "tanh" is not passed: docs/model.md promises GPT-2's tanh GELU as the default MLP
+    cfg = tiny() if approximate == "tanh" else tiny(gelu_approximate="none")
     model = GPT(cfg).to(device, dtype=np.float64)
     rng = np.random.default_rng(1)
     state = {k: v + 0.2 * rng.standard_normal(v.shape) for k, v in numpy_state(model).items()}
@@ -155,7 +167,7 @@ def test_forward_matches_numpy_reference(device):
     ids = random_ids(cfg, (2, 9))
     logits = model(ids)
     assert logits.shape == (2, 9, cfg.vocab_size) and logits.dtype == np.float64
-    expected = ref.gpt_logits(ids, state, cfg.n_layer, cfg.n_head, approximate="none")
+    expected = ref.gpt_logits(ids, state, cfg.n_layer, cfg.n_head, approximate=approximate)
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-9, atol=1e-10)
 
 

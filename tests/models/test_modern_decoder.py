@@ -71,6 +71,18 @@ def test_real_model_shapes_have_their_published_parameter_counts():
     assert gpt_num_parameters(GPTConfig.from_preset("qwen3-0.6b")) == 596_049_920
 
 
+def test_rotary_bases_and_scaling_of_the_presets():
+    """docs/model.md: θ = 10,000 by default, Llama 3 500,000 (Llama 3.2's scaling factor 32), Qwen3 1,000,000:
+    the values of the published config.json files."""
+    assert GPTConfig(positions="rope").rope_theta == 10_000.0
+    llama = GPTConfig.from_preset("llama-3.2-1b")
+    assert llama.rope_theta == 500_000.0
+    assert llama.rope_scaling == dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8192)
+    qwen = GPTConfig.from_preset("qwen3-0.6b")
+    assert (qwen.rope_theta, qwen.rope_scaling, qwen.qk_norm, qwen.layer_norm_eps) == (1_000_000.0, None, True, 1e-6)
+
+
 def test_whole_llama_gradcheck():
     cfg = qwen_tiny(tie_embeddings=False, n_layer=1, rope_scaling=LLAMA3_SCALING)
     model, _ = perturbed_model(cfg)
