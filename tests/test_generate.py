@@ -75,6 +75,24 @@ def test_batched_rows_are_independent():
         np.testing.assert_array_equal(batched[row], generate(model, prompts[row], 10, temperature=0))
 
 
+def test_cache_is_sized_to_the_tokens_fed_back(monkeypatch):
+    """docs/generation.md: the cache holds prompt + max_new_tokens - 1 positions (the last new token is
+    never fed back), at most the context length."""
+    model = make_model()
+    sizes = []
+    real = model.new_kv_cache
+    monkeypatch.setattr(model, "new_kv_cache", lambda batch, max_len=None: sizes.append((batch, max_len)) or
+                        real(batch, max_len))
+    generate(model, np.zeros((2, 4), dtype=np.int64), 10, temperature=0)
+    generate(model, np.zeros((1, 4), dtype=np.int64), 40, temperature=0)     # 4 + 40 - 1 > context 32
+    assert sizes == [(2, 13), (1, 32)]
+
+
+def test_kv_cache_memory_of_gpt2_small():
+    """docs/generation.md: 2 · n_layer · B · max_len · C floats, 75 MB for GPT-2 124M at B = 1, 1024 positions."""
+    assert GPTConfig.from_preset("gpt2-124m").kv_cache_bytes(1024) == 2 * 12 * 1024 * 768 * 4 == 75_497_472
+
+
 def test_generation_continues_past_the_context():
     # the window slides (tests/test_generate_window.py checks the tokens); the model itself still refuses
     model = make_model()
@@ -255,6 +273,26 @@ def test_sampling_probs_worked_example():
     probs = sampling_probs(np.log([[0.5, 0.3, 0.2]]), top_k=1)
     np.testing.assert_array_equal(probs, [[1.0, 0.0, 0.0]])
     np.testing.assert_allclose(sampling_probs(np.log([[0.5, 0.3, 0.2]]), top_p=1.0), [[0.5, 0.3, 0.2]])
+
+
+def test_top_k_keeps_exactly_k_even_among_ties():
+    """docs/generation.md: exactly k tokens survive top-k (np.argpartition), also when logits tie."""
+    probs = sampling_probs(np.zeros((2, 10)), top_k=3)
+    assert ((probs > 0).sum(axis=-1) == 3).all()
+    np.testing.assert_allclose(probs[probs > 0], 1 / 3)
+    probs = sampling_probs(np.array([[1.0, 5.0, 5.0, 5.0, 5.0, 0.0]]), top_k=2)   # four tie for the top
+    assert (probs > 0).sum() == 2 and set(np.flatnonzero(probs[0])) <= {1, 2, 3, 4}
+
+
+def test_top_p_keeps_the_first_token_and_follows_top_k():
+    """docs/generation.md: the most likely token always survives top-p; top-k is applied first, then top-p.
+    Hand-worked: p = [0.4, 0.3, 0.2, 0.1]; top_k=2 gives [4/7, 3/7, 0, 0]; then top_p=0.5 keeps the first
+    only (mass before the second is 4/7 >= 0.5). The other order would keep two (0.4 < 0.5)."""
+    np.testing.assert_array_equal(sampling_probs(np.log([[0.2, 0.5, 0.3]]), top_p=1e-9), [[0.0, 1.0, 0.0]])
+    logits = np.log([[0.4, 0.3, 0.2, 0.1]])
+    np.testing.assert_allclose(sampling_probs(logits, top_k=2), [[4 / 7, 3 / 7, 0, 0]])
+    np.testing.assert_allclose(sampling_probs(logits, top_p=0.5), [[4 / 7, 3 / 7, 0, 0]])
+    np.testing.assert_array_equal(sampling_probs(logits, top_k=2, top_p=0.5), [[1.0, 0.0, 0.0, 0.0]])
 
 
 @settings(max_examples=50, deadline=None)

@@ -59,6 +59,11 @@ def test_rotary_model_and_a_prompt_longer_than_the_context():
     assert generate(model, [prompt], 3 * C, temperature=1.0, seed=3)[0].tolist() == expected
 
 
+def test_default_window_keeps_three_quarters_of_the_context():
+    # docs/generation.md: window_keep defaults to 3C/4 (GPT-2: 768 of 1024), at least one token
+    assert [default_window_keep(c) for c in (1024, 64, 8, 1)] == [768, 48, 6, 1]
+
+
 def test_the_window_really_slides():
     # a reference that never slides (always the whole sequence) cannot even run past C: the windows
     # above are not a quiet crop of something else, and within the context nothing changes
