@@ -248,3 +248,46 @@ def test_load_on_device(tmp_path, device):
     with mm.no_grad():
         logits = model(ids).numpy()[0]
     np.testing.assert_allclose(logits, gpt2_reference_logits(tensors, ids[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_every_problem_of_a_file_is_in_one_error(tmp_path):
+    """docs/generation.md: a file that does not fit gets ONE error listing every missing, unexpected and
+    mis-shaped tensor by its GPT-2 name."""
+    tensors = hf_tensors()
+    del tensors["transformer.h.1.mlp.c_fc.bias"], tensors["transformer.ln_f.weight"]
+    tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((C, C + 1), np.float32)
+    tensors["transformer.h.0.attn.rotary"] = np.zeros(3, np.float32)
+    message = _error_for(tmp_path, tensors)
+    assert "missing tensor(s): transformer.h.1.mlp.c_fc.bias, transformer.ln_f.weight" in message
+    assert f"transformer.h.0.attn.c_proj.weight: shape ({C}, {C + 1}), expected ({C}, {C})" in message
+    assert "unexpected tensor(s): transformer.h.0.attn.rotary" in message
+
+
+def test_a_gpt2_directory_brings_its_own_tokenizer_files(tmp_path, shared_data, capsys):
+    """docs/generation.md: with GPT-2's tokenizer files beside the weights (encoder.json + vocab.bpe, or the
+    hub's names for them, vocab.json + merges.txt), `minillm generate --hf-gpt2 DIR` needs nothing else.
+    The ids are GPT-2's published ones ("Hello world" = 15496, 995)."""
+    import shutil  # noqa: PLC0415
+
+    from minillm.cli import main  # noqa: PLC0415
+    from minillm.generate import generate  # noqa: PLC0415
+    from minillm.weights.pretrained import load_pretrained  # noqa: PLC0415
+
+    files = shared_data / "gpt2"
+    if not (files / "encoder.json").is_file() or not (files / "vocab.bpe").is_file():
+        pytest.skip(f"GPT-2's tokenizer files are not in {files}")
+    mm.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, d_model=8))
+    for names in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+        directory = save_hf_gpt2(model, tmp_path / names[0])
+        for source, name in zip(("encoder.json", "vocab.bpe"), names):
+            shutil.copyfile(files / source, directory / name)
+        _, tokenizer = load_pretrained(directory)
+        assert tokenizer.encode("Hello world") == [15496, 995] and tokenizer.special_tokens == {"<|endoftext|>": 50256}
+    assert main(["generate", "--hf-gpt2", str(directory), "--prompt", "Hello world", "--max-new-tokens", "3",
+                 "--temperature", "0", "--ignore-eos"]) == 0
+    expected = generate(model, [[15496, 995]], 3, temperature=0)[0]
+    assert capsys.readouterr().out == tokenizer.decode(expected.tolist()) + "\n"
+    bare = save_hf_gpt2(model, tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="no GPT-2 tokenizer files"):
+        load_pretrained(bare)
