@@ -43,6 +43,21 @@ def test_set_trainable_counts(which):
         set_trainable(model, "some")
 
 
+def test_the_trainable_counts_of_the_spam_table():
+    """docs/finetuning.md's table, for runs/pydoc's shape (vocabulary 2,048, context 128, 4 layers × 128) and
+    two classes: 1,071,872 in the GPT; head 258, last block 198,786, all 1,072,130, LoRA r = α = 16 131,330."""
+    from minillm.finetune import FinetuneConfig  # noqa: PLC0415
+    from minillm.finetune.run import build_task_model  # noqa: PLC0415
+    from minillm.models import gpt_num_parameters  # noqa: PLC0415
+
+    config = GPTConfig(vocab_size=2048, context_length=128, n_layer=4, n_head=4, d_model=128)
+    assert gpt_num_parameters(config) == 1_071_872
+    for options, count in ((dict(trainable="head"), 258), (dict(trainable="last-block"), 198_786),
+                           (dict(trainable="all"), 1_072_130), (dict(lora_rank=16, lora_alpha=16), 131_330)):
+        model = build_task_model(GPT(config), FinetuneConfig("classify", "unused.tsv", **options), 2)
+        assert model.num_parameters(trainable_only=True) == count, options
+
+
 def test_accuracy():
     assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
     with pytest.raises(ValueError):

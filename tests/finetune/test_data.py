@@ -109,6 +109,27 @@ def test_split_is_seeded_disjoint_and_sized():
         split_indices(10, (0.5, 0.4))
 
 
+def test_the_book_data_sets_split_as_docs_say(shared_data):
+    """docs/finetuning.md: the SMS data has 747 spam and 4,827 ham; --balance keeps 747 of each, split 70/10/20
+    with the default seed into 1,045 / 149 / 300; SFT's 85/5/10 of 1,099 instructions is 934 / 54 / 111."""
+    from collections import Counter  # noqa: PLC0415
+
+    from minillm.finetune import FinetuneConfig  # noqa: PLC0415
+    from minillm.finetune.run import SPLITS  # noqa: PLC0415
+
+    path = shared_data / "sms-spam-collection.tsv"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    texts, labels = read_labelled(path)
+    assert Counter(labels) == {"ham": 4827, "spam": 747}
+    seed = FinetuneConfig("classify", str(path)).split_seed
+    keep = balance(range(len(texts)), labels, seed)
+    assert Counter(labels[i] for i in keep) == {"ham": 747, "spam": 747}
+    assert [len(p) for p in split_indices(len(keep), SPLITS["classify"], seed)] == [1045, 149, 300]
+    for task in ("sft", "dpo"):
+        assert [len(p) for p in split_indices(1099, SPLITS[task], seed)] == [934, 54, 111]
+
+
 def test_epoch_batches_cover_each_epoch_once_and_resume_exactly():
     data = EpochBatches({"train": list(range(10))}, collate=lambda b: (np.array(b),), seed=3)
     epoch = np.concatenate([data.get_batch("train", 4)[0] for _ in range(3)])   # 4 + 4 + 2

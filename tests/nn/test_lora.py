@@ -53,6 +53,33 @@ def _sum_of_squares(layer, x, a, b):
     return (y * y).sum()
 
 
+def test_a_starts_as_n_0_one_over_in_and_b_at_zero():
+    """docs/finetuning.md: A (r × in) ~ N(0, 1/in), B (out × r) zeros."""
+    layer = LoRALinear(nn.Linear(400, 30), rank=16, alpha=16)
+    A, B = layer.lora_A.data, layer.lora_B.data
+    assert A.shape == (16, 400) and B.shape == (30, 16) and np.all(B == 0)
+    std = 1 / np.sqrt(400)                                              # 6,400 draws: std known to ~1%
+    assert abs(A.std() - std) < 0.05 * std and abs(A.mean()) < 4 * std / 80
+
+
+def test_first_step_moves_b_only_and_both_gradients_are_the_derived_ones():
+    """docs/finetuning.md: with g = dL/dy, dL/dB = (α/r) gᵀ (x Aᵀ) and dL/dA = (α/r) (g B)ᵀ x, which is 0 while
+    B = 0: at the first step B moves, then A. Checked in plain NumPy, α/r = 6 / 2."""
+    rng = np.random.default_rng(7)
+    layer = LoRALinear(nn.Linear(5, 3).to(np.float64), rank=2, alpha=6.0)
+    x, g = rng.normal(size=(4, 5)), rng.normal(size=(4, 3))
+    (layer(mm.Tensor(x)) * mm.Tensor(g)).sum().backward()              # dL/dy = g
+    A = layer.lora_A.data
+    np.testing.assert_array_equal(layer.lora_A.grad, 0.0)
+    np.testing.assert_allclose(layer.lora_B.grad, 3.0 * g.T @ (x @ A.T), rtol=1e-12)
+    B = rng.normal(size=(3, 2))
+    layer.lora_B.data[...] = B
+    layer.zero_grad()
+    (layer(mm.Tensor(x)) * mm.Tensor(g)).sum().backward()
+    np.testing.assert_allclose(layer.lora_A.grad, 3.0 * (g @ B).T @ x, rtol=1e-12)
+    np.testing.assert_allclose(layer.lora_B.grad, 3.0 * g.T @ (x @ A.T), rtol=1e-12)
+
+
 def test_merged_equals_unmerged_and_unmerge_restores_the_weight():
     model = _tiny_gpt()
     names = apply_lora(model, rank=4, alpha=8)
