@@ -194,11 +194,36 @@ ROUND_TRIP_TOKENIZERS = {
 }
 
 
-@pytest.mark.parametrize("text", ["a\ud800b", "\udfff", "ok then \udc80"])
-def test_lone_surrogates_are_rejected_clearly(trained, text):
+@pytest.mark.parametrize("text, position", [("a\ud800b", 1), ("\udfff", 0), ("ok then \udc80", 8)])
+def test_lone_surrogates_are_rejected_clearly(trained, text, position):
+    # docs/tokenizer.md: a ValueError that names the position
     for tok in (trained, BPETokenizer.bytes()):
-        with pytest.raises(ValueError, match="surrogate"):
+        with pytest.raises(ValueError, match=rf"(?s)position {position}\b.*surrogate"):
             tok.encode(text)
+
+
+def test_no_unicode_normalization(trained):
+    # docs/tokenizer.md: text is tokenized exactly as given: é and e + combining acute stay different
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert trained.encode(composed) != trained.encode(decomposed)
+    assert trained.decode_bytes(trained.encode(decomposed)) == decomposed.encode("utf-8")
+    assert trained.decode_bytes(trained.encode(composed)) == b"caf\xc3\xa9"
+
+
+def test_pre_tokenization_patterns_on_hand_worked_examples():
+    """docs/tokenizer.md, section 4, worked by hand from the published patterns. GPT-2: the last space before a
+    word stays with it ("a   b" -> a, two spaces, " b"), lower-case contractions only, numbers whole, each
+    newline of a run before a word on its own. GPT-4: case-insensitive contractions, numbers in groups of at
+    most 3 digits, punctuation glued to the newlines after it."""
+    gpt2 = ["HE", "'", "LL", " pay", " 12345", ".", "\n", "\n", "x"]
+    gpt4 = ["HE", "'LL", " pay", " ", "123", "45", ".\n\n", "x"]
+    text = "HE'LL pay 12345.\n\nx"
+    for findall in (regex.compile(GPT2_PATTERN).findall, compile_pattern("gpt2").findall, chunk_finder("gpt2")):
+        assert findall(text) == gpt2
+        assert findall("a   b") == ["a", "  ", " b"]
+        assert findall("it's") == ["it", "'s"]
+    assert compile_pattern("gpt4").findall(text) == gpt4
+    assert compile_pattern("gpt4").findall("it's") == ["it", "'s"]
 
 
 def test_compresses(trained):

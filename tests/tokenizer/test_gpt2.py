@@ -184,3 +184,16 @@ def test_encoder_json_is_not_a_tokenizer_file(gpt2_dir):
 
     with pytest.raises(TokenizerFileError, match="from_gpt2_files"):
         BPETokenizer.load(gpt2_dir / "encoder.json")
+
+
+def test_tinyshakespeare_chunk_figures(gpt2):
+    """docs/tokenizer.md: tinyshakespeare is 297,833 chunks, 15,057 distinct; 7,657 of the distinct ones and
+    91% of all chunks are whole GPT-2 tokens (the shortcut that skips the merge loop)."""
+    from minillm.tokenizer import count_chunks  # noqa: PLC0415
+
+    counts = count_chunks(shared_file("tinyshakespeare.txt").read_text(encoding="utf-8"))
+    assert (sum(counts.values()), len(counts)) == (297_833, 15_057)
+    tokens = set(gpt2.vocab.values())                                        # token bytes
+    whole = [chunk for chunk in counts if chunk.encode("utf-8") in tokens]
+    assert len(whole) == 7_657
+    assert round(sum(counts[chunk] for chunk in whole) / sum(counts.values()), 2) == 0.91
