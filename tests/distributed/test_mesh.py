@@ -77,13 +77,15 @@ def _three_d(group, tmp, stop):
 
 def test_pp2_x_dp2_x_tp2_on_8_ranks_equals_one_process_and_resumes_on_one(tmp_path):
     """The whole grid: 20 steps on 8 ranks like one process; its checkpoint (one ordinary file,
-    written at step 10) resumed by a single process continues identically."""
+    written at step 10) resumed by a single process continues identically. float64: the parameters
+    to 1e-10 (measured 3e-13: only the order of additions differs; a float32 rounding anywhere would
+    show as 1e-7 or more); the losses to 1e-7, as the pipeline broadcasts the loss in float32."""
     ref_losses, ref_params = spawn(single_process, 1, args=("float64", 20, 8, 2))[0]
     results = spawn(_three_d, 8, args=(tmp_path, 10), timeout=60)
-    assert max_relative(results[0][0], ref_losses[:10]) < 1e-6
+    assert max_relative(results[0][0], ref_losses[:10]) < 1e-7
     losses, params = spawn(_three_d, 1, args=(tmp_path, 20))[0]
-    assert max_relative(losses, ref_losses[10:]) < 1e-6
-    assert max_relative(params, ref_params) < 1e-6
+    assert max_relative(losses, ref_losses[10:]) < 1e-7
+    assert max_relative(params, ref_params) < 1e-10
 
 
 def _bad_token_step(group, grad_accum):

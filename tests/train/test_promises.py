@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,120 @@ def test_checkpoint_fsyncs_arrays_and_directory_before_the_commit_rename(tmp_pat
         ("fsync", "."),                                  #    ... made durable
     ]
     assert load_checkpoint(tmp_path).step == 1
+
+
+# ------------------------------------------------------------------ evaluation batches (§7)
+
+
+def record_evaluation_batches(trainer, monkeypatch):
+    """Every batch ``trainer.evaluate`` scores, as (inputs, targets) NumPy copies, in order."""
+    seen = []
+    real_batch_loss = trainer.batch_loss
+
+    def batch_loss(inputs, targets):
+        seen.append((backend.to_numpy(inputs).copy(), backend.to_numpy(targets).copy()))
+        return real_batch_loss(inputs, targets)
+
+    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    return seen
+
+
+def numpy_cross_entropy(model, batches):
+    """The mean next-token cross-entropy over every position of ``batches``, from the model's logits in NumPy."""
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        logits = backend.to_numpy(model(inputs).data).astype(np.float64)      # (B, T, V)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        total -= np.take_along_axis(log_probs, targets[..., None], axis=-1).sum()
+        count += targets.size
+    model.train()
+    return total / count
+
+
+def test_evaluation_scores_the_same_k_batches_every_time_and_another_datasets_split(monkeypatch):
+    """§7: eval_batches = k is k batches of the validation split, the same k at every evaluation (the
+    curve shows the model changing, not the sample); evaluate(max_batches=None, data=other) walks
+    every window of the other dataset's validation split once."""
+    from minillm.data.dataset import TokenDataset
+
+    trainer = make_trainer(steps=4, eval_batches=3, batch_size=4)
+    seen = record_evaluation_batches(trainer, monkeypatch)
+    first = trainer.evaluate()
+    batches = list(seen)
+    assert len(batches) == 3 and len({x.tobytes() for x, _ in batches}) == 3   # 3 different random batches
+    val = trainer.data.split("val").tokens
+    for inputs, targets in batches:                        # windows of the validation split
+        for x, y in zip(inputs, targets):
+            window = np.r_[x, y[-1]]
+            assert np.array_equal(y[:-1], x[1:]) and any(np.array_equal(val[s:s + 17], window)
+                                                         for s in range(len(val) - 16))
+    assert first == pytest.approx(numpy_cross_entropy(trainer.model, batches), rel=1e-5)
+    trainer.train_step()
+    seen.clear()
+    trainer.evaluate()
+    assert len(seen) == 3 and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                                  for a, b in zip(seen, batches))   # the same batches after training
+
+    other = TokenDataset(np.arange(200, dtype=np.uint16) % 32, 16, stride=16, val_fraction=0.5)   # 100 val tokens
+    seen.clear()
+    loss = trainer.evaluate(max_batches=None, data=other)
+    starts = range(0, (100 - 16 - 1) // 16 * 16 + 1, 16)  # (n - T - 1) // stride + 1 = 6 windows
+    windows = [other.split("val").tokens[s:s + 17] for s in starts]
+    assert [len(x) for x, _ in seen] == [4, 2]             # batch 4, then the last smaller one
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in seen]), np.array([w[:16] for w in windows]))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in seen]), np.array([w[1:] for w in windows]))
+    assert loss == pytest.approx(numpy_cross_entropy(trainer.model, seen), rel=1e-5)
+
+
+# ------------------------------------------------------------------ AdamW allocates nothing per step (§2)
+
+
+def test_adamw_step_on_the_cpu_allocates_nothing_after_the_first():
+    """§2 "Implementation": in-place passes through one shared scratch buffer, nothing allocated per
+    step. Traced over two later steps (one parameter above the threads' block size, one at it, one
+    small), the peak stays far below one parameter's bytes; a temporary per pass would hold one."""
+    import tracemalloc
+
+    from minillm.ops.common import CPU_BLOCK_ELEMENTS as N
+    from minillm.tensor import Tensor as T
+
+    rng = np.random.default_rng(0)
+    params = [T(rng.standard_normal(n).astype(np.float32), requires_grad=True) for n in (4 * N + 7, N, 1000)]
+    opt = optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = rng.standard_normal(p.shape).astype(np.float32)
+    opt.step()                                             # the first step makes the moments and the scratch
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        opt.step()
+        opt.step()
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - start < 4 * N // 8, peak - start         # < 64 kB; one block's temporary is 512 kB
+    assert held - start < 4096
+
+
+# ------------------------------------------------------------------ `minillm train` with no arguments (§10)
+
+
+def test_default_run_is_the_documented_small_gpt_in_numbered_run_directories(tmp_path, monkeypatch):
+    """§10: no arguments = the built-in corpus, a BPE tokenizer of 2,048 tokens, 4 layers, 4 heads,
+    d_model 128, context 128, in runs/pydoc, then runs/pydoc-2, ...; AdamW's own default decay 0.01 (§2)."""
+    import inspect
+
+    from minillm.train.run import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    plan = resolve_run()
+    assert plan.data is None and plan.tokenizer == "bpe:2048" and plan.run_dir == Path("runs/pydoc")
+    assert {k: plan.model[k] for k in ("n_layer", "n_head", "d_model", "context_length")} == dict(
+        n_layer=4, n_head=4, d_model=128, context_length=128)
+    assert plan.train.steps == 1500                        # §10's measured row: "1500 steps"
+    for taken, expected in (("runs/pydoc", "runs/pydoc-2"), ("runs/pydoc-2", "runs/pydoc-3")):
+        (tmp_path / taken).mkdir(parents=True)
+        assert resolve_run().run_dir == Path(expected)
+    assert inspect.signature(optim.AdamW).parameters["weight_decay"].default == 0.01
