@@ -58,6 +58,23 @@ def test_the_trainable_counts_of_the_spam_table():
         assert model.num_parameters(trainable_only=True) == count, options
 
 
+def test_frozen_parameters_get_no_gradient_and_the_optimizer_never_sees_them():
+    """docs/finetuning.md: frozen parameters have requires_grad False; the engine computes no gradient for them
+    and the optimizer (the Trainer builds its groups with weight_decay_groups) never sees them."""
+    from minillm import optim  # noqa: PLC0415
+    from minillm.finetune.classify import classification_loss  # noqa: PLC0415
+
+    model = _classifier(num_classes=2)
+    set_trainable(model, "last-block")
+    trainable = {id(p) for p in model.head.parameters()} | {id(p) for p in model.gpt.h[1].parameters()} \
+        | {id(p) for p in model.gpt.ln_f.parameters()}
+    classification_loss(model, (np.array([[4, 9, 2], [7, 1, 0]]), np.array([3, 2]), np.array([1, 0]))).backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (id(param) in trainable), name
+    groups = optim.weight_decay_groups(model.named_parameters(), 0.1)
+    assert {id(p) for group in groups for p in group["params"]} == trainable
+
+
 def test_accuracy():
     assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
     with pytest.raises(ValueError):

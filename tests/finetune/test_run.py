@@ -115,6 +115,20 @@ def test_sft_then_dpo(tmp_path):
     assert {"chosen_reward", "rejected_reward"} <= set(last)
 
 
+def test_a_record_whose_prompt_fills_the_context_is_left_out_and_said_so(tmp_path):
+    # docs/finetuning.md: with --truncate, an SFT record whose prompt alone fills the context is left out, and said so
+    base = make_base_run(tmp_path / "base", context_length=192)
+    records = json.loads(write_instructions(tmp_path / "i.json", n=20).read_text())
+    records.insert(5, {"instruction": "i" * 300, "input": "", "output": "o"})
+    (tmp_path / "i.json").write_text(json.dumps(records), encoding="utf-8")
+    said = []
+    gpt, tok = load_language_model(base)
+    config = FinetuneConfig("sft", str(tmp_path / "i.json"), epochs=1, truncate=True, max_new_tokens=1)
+    finetune(gpt, tok, config, dict(QUIET), run_dir=tmp_path / "run", say=said.append)
+    assert any("1 record(s) left out: their prompt alone fills the context of 192" in m for m in said), said
+    assert sum(json.loads((tmp_path / "run" / "finetune.json").read_text())["split_sizes"].values()) == 20
+
+
 def test_a_classifier_run_is_not_a_language_model(tmp_path):
     base = make_base_run(tmp_path / "base")
     gpt, tok = load_language_model(base)
