@@ -119,11 +119,43 @@ def test_documented_defaults():
     from minillm.distributed.data_parallel import DataParallel
     from minillm.nn import layers
 
-    assert inspect.signature(init_process_group).parameters["timeout"].default == 60     # "Faults"
+    from minillm.distributed.mesh import init_mesh
+
+    for join in (init_process_group, init_mesh):                                       # "Faults": what
+        assert inspect.signature(join).parameters["timeout"].default == 60             # minillm train uses
     assert nccl.EXIT_GRACE_S == 20                                                     # "bounds the exit (20 s)"
     for cls in (DataParallel, ParallelTrainer):                                       # "~25 MB buckets"
         assert inspect.signature(cls).parameters["bucket_mb"].default == 25
     assert layers.DISCARD_CHUNK == 2 ** 20 and 4 * layers.DISCARD_CHUNK == 4 * 2 ** 20   # "chunks of 2^20 (4 MiB)"
+
+
+# ---------------------------------------------------------------- --pp: each rank builds only its stage
+
+
+def test_rank_model_builds_only_the_stage_never_the_whole_gpt(monkeypatch):
+    """`minillm train --pp`, `bench train --pp` and ParallelTrainer build through ``rank_model``: with
+    pp > 1 it must never construct the whole GPT (whose weights a rank would hold, however briefly), and
+    the stage it returns holds its own parameters only, equal to GPT(config)'s from the same seed."""
+    from types import SimpleNamespace
+
+    import minillm as mm
+    from minillm.distributed.parallel_trainer import rank_model
+
+    config = GPTConfig(**{**MODEL, "n_layer": 4})
+    mm.manual_seed(3)
+    whole = {name: p.data.copy() for name, p in GPT(config).named_parameters()}
+
+    def no_whole_model(self, *args, **kwargs):
+        raise AssertionError("the whole GPT was built")
+
+    monkeypatch.setattr(GPT, "__init__", no_whole_model)
+    mesh = SimpleNamespace(shape=MeshShape(pp=2, tp=2), pp_rank=1)
+    mm.manual_seed(3)
+    stage = rank_model(config, mesh)
+    names = [name for name, _ in stage.named_parameters()]
+    assert "wpe.weight" not in names and "h.0.attn.c_attn.weight" not in names and "h.3.mlp.c_fc.weight" in names
+    for name, p in stage.named_parameters():
+        np.testing.assert_array_equal(p.data, whole[name], err_msg=name)
 
 
 # ---------------------------------------------------------------- the grid through the command line

@@ -313,3 +313,29 @@ def test_default_run_is_the_documented_small_gpt_in_numbered_run_directories(tmp
         (tmp_path / taken).mkdir(parents=True)
         assert resolve_run().run_dir == Path(expected)
     assert inspect.signature(optim.AdamW).parameters["weight_decay"].default == 0.01
+
+
+def test_bench_train_defaults_are_the_documented_cpu_reference():
+    """§10: `minillm bench train` defaults to 6 layers, 6 heads, d_model 384, context 256, batch 8, vocab 65."""
+    from minillm.bench.train import BENCH_DEFAULT
+    from minillm.cli import build_parser
+
+    assert BENCH_DEFAULT == dict(n_layer=6, n_head=6, d_model=384, context_length=256, vocab_size=65)
+    args = build_parser().parse_args(["bench", "train"])
+    assert (args.batch_size, args.grad_accum, args.preset) == (8, 1, None)
+    assert all(getattr(args, name) is None for name in ("n_layer", "n_head", "d_model", "context_length"))
+
+
+# ------------------------------------------------------------------ the metrics log (§5)
+
+
+def test_metrics_lines_hold_the_documented_fields(tmp_path):
+    """§5: every step appends {"kind": "train", step, loss, lr, grad_norm, tokens, tokens_per_s, time_s};
+    every evaluation {"kind": "eval", step, val_loss, val_perplexity = exp(val_loss)}."""
+    make_trainer(tmp_path, steps=2, eval_interval=2, clip=None).fit()
+    train, evals = read_metrics(tmp_path, "train"), read_metrics(tmp_path, "eval")
+    assert [sorted(r) for r in train] == [sorted(["kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                                                  "time_s"])] * 2
+    assert [sorted(r) for r in evals] == [sorted(["kind", "step", "val_loss", "val_perplexity"])]
+    assert evals[0]["val_perplexity"] == pytest.approx(math.exp(evals[0]["val_loss"]))
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in train) and train[1]["time_s"] >= train[0]["time_s"]
