@@ -140,3 +140,5 @@ def test_epoch_batches_cover_each_epoch_once_and_resume_exactly():
     again.load_state_dict(state)
     assert [again.get_batch("train", 4)[0].tolist() for _ in range(3)] == ahead
     assert data.steps_per_epoch(4) == 3
+    second = np.concatenate(ahead)                                      # the next epoch: a new seeded order
+    assert sorted(second.tolist()) == list(range(10)) and second.tolist() != epoch.tolist()

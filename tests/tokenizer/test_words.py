@@ -276,3 +276,15 @@ def test_long_text_in_blocks_equals_the_reference(gpt2, monkeypatch):
     assert tok.encode(text) == expected
     assert len(blocks) > 1 and "".join(blocks) == text
     assert tok.encode(text) == expected
+
+
+def test_texts_from_5000_characters_go_word_by_word(gpt2, monkeypatch):
+    # docs/tokenizer.md: GPT-2's pattern encodes texts of 5,000 characters or more word by word, shorter ones
+    # chunk by chunk; both give the reference ids
+    calls = []
+    real = gpt2._encode_words
+    monkeypatch.setattr(gpt2, "_encode_words", lambda text: calls.append(len(text)) or real(text))
+    text = ("First Citizen:\nBefore we proceed any further, hear me speak. " * 100)
+    for length in (4_999, 5_000):
+        assert gpt2.encode(text[:length]) == reference(gpt2, text[:length])
+    assert calls == [5_000]
