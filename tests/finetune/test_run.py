@@ -154,3 +154,31 @@ def test_a_lora_sft_run_loads_as_a_plain_gpt_with_the_adapters_merged(tmp_path):
     with mm.no_grad():
         np.testing.assert_allclose(plain(ids).numpy(), adapted(ids).numpy(), rtol=1e-4, atol=1e-5)
         assert not np.allclose(plain(ids).numpy(), load_language_model(base)[0](ids).numpy())   # it trained
+
+
+def test_the_defaults_the_help_states_are_the_ones_a_run_uses():
+    """`minillm finetune ... --help` states defaults the run takes from FinetuneConfig (the CLI passes None
+    through); docs/finetuning.md: --split-seed defaults to 123. A default changed in one place shows here."""
+    import argparse  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    from minillm.cli import build_parser  # noqa: PLC0415
+    from minillm.commands.finetune import TASK_DEFAULTS  # noqa: PLC0415
+
+    def commands(parser):
+        (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    assert defaults["split_seed"] == 123
+    checked = 0
+    for task, parser in commands(commands(build_parser())["finetune"]).items():
+        for action in parser._actions:
+            stated = re.search(r"default: ([^,)]+)", action.help or "")
+            if action.dest not in defaults or action.default is not None or not stated:
+                continue
+            used = TASK_DEFAULTS[task][1] if action.dest == "epochs" else defaults[action.dest]
+            assert float(stated.group(1)) == used, (task, action.dest, stated.group(1), used)
+            checked += 1
+    assert checked == 3 * 5 + 1 + 1                     # split seed, LoRA's three, epochs; max-new-tokens; beta
