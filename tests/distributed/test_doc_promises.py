@@ -109,6 +109,63 @@ def test_data_parallel_with_dropout_resumes_bit_for_bit_on_the_same_layout(tmp_p
     assert first + resumed == straight                       # exactly: == on float64 losses
 
 
+# ---------------------------------------------------------------- what each layout sends
+
+
+def _traffic(group, shape):
+    """One step of 2 micro-batches of 8 windows (T = 16, C = 32, V = 64, 2 blocks): every collective and
+    point-to-point payload this rank issued, as Counter{(op, shape): calls}."""
+    from collections import Counter
+
+    import minillm as mm
+    from minillm.distributed.parallel_trainer import rank_model
+
+    mesh = DeviceMesh(group.comm, MeshShape(**shape))
+    model, data, config = tiny_run("float64", 2, 8, 2)
+    if mesh.shape.pp > 1:
+        mm.manual_seed(3)
+        model = rank_model(model.config, mesh)
+    trainer = ParallelTrainer(model, config, data, mesh)
+    log = Counter()
+    comms = [mesh.world] + ([trainer.engine.tied_comm] if trainer.engine and trainer.engine.tied_comm else [])
+    for comm in comms:
+        for op in ("all_reduce", "broadcast", "all_gather"):
+            real = getattr(comm, op)
+            setattr(comm, op, lambda array, *a, _real=real, _op=op, **k: log.update([(_op, array.shape)])
+                    or _real(array, *a, **k))
+        real_send_recv = comm.send_recv
+
+        def send_recv(send, send_peer, recv, recv_peer, _real=real_send_recv):
+            log.update([("send", send.shape)] if send is not None else [])
+            log.update([("recv", recv.shape)] if recv is not None else [])
+            return _real(send, send_peer, recv, recv_peer)
+        comm.send_recv = send_recv
+    trainer.train_step()
+    return dict(log)        # a copy: spawn's closing barrier (an all-reduce) must not land in it
+
+
+def test_tensor_parallel_sends_four_activations_per_block_plus_the_vocabulary_parallel_head():
+    """"What it sends" (--tp): per block and forward-backward, 4 all-reduces of a (b, T, C) activation
+    (g after attention and after the MLP; f before each in the backward); the vocabulary-parallel head
+    adds one more (f before it), its (V, C) gradient and three (b·T,) vectors; the clip one number.
+    A replicated head (the same arithmetic, slower) or an extra collective shows here."""
+    M, b, T, C, V, L = 2, 8, 16, 32, 64, 2
+    for log in spawn(_traffic, 2, args=(dict(tp=2),)):
+        assert log == {("all_reduce", (b, T, C)): M * (4 * L + 1), ("all_reduce", (V, C)): M,
+                       ("all_reduce", (b * T,)): 3 * M, ("all_reduce", (1,)): 1}
+
+
+def test_pipeline_sends_one_activation_per_micro_batch_and_boundary():
+    """"What a pipeline sends": per micro-batch and boundary, the (b, T, C) residual stream forward and
+    its gradient back, and no all-reduce but the tied embedding's (V, C), once per step (with the
+    loss broadcast and the clip's norm: one number each)."""
+    M, b, T, C, V = 2, 8, 16, 32, 64
+    first, last = spawn(_traffic, 2, args=(dict(pp=2),))
+    small = {("broadcast", (1,)): 1, ("all_reduce", (1,)): 1, ("all_reduce", (V, C)): 1}
+    assert first == {("send", (b, T, C)): M, ("recv", (b, T, C)): M, **small}
+    assert last == {("send", (b, T, C)): M, ("recv", (b, T, C)): M, **small}
+
+
 # ---------------------------------------------------------------- documented defaults
 
 
