@@ -129,6 +129,29 @@ def test_a_record_whose_prompt_fills_the_context_is_left_out_and_said_so(tmp_pat
     assert sum(json.loads((tmp_path / "run" / "finetune.json").read_text())["split_sizes"].values()) == 20
 
 
+def test_read_end_pads_every_batch_to_the_longest_training_text(tmp_path):
+    """docs/finetuning.md: --read end pads every text to the longest training text (the book's way); the
+    default pads each batch to its own longest text."""
+    from minillm.finetune.run import prepare_data  # noqa: PLC0415
+    from minillm.tokenizer import BPETokenizer  # noqa: PLC0415
+
+    path = tmp_path / "s.tsv"                                                     # texts of 1 .. 30 bytes
+    path.write_text("".join(f"{'spam' if k % 2 else 'ham'}\tx{'y' * (k - 1)}\n" for k in range(1, 31)))
+    tokenizer = BPETokenizer.bytes(special_tokens=["<|endoftext|>"])              # one id per byte
+    seed = 124                                                                   # the 30-byte text is not training
+    end, extra = prepare_data(FinetuneConfig("classify", str(path), read="end", split_seed=seed), tokenizer, 48)
+    last, _ = prepare_data(FinetuneConfig("classify", str(path), split_seed=seed), tokenizer, 48)
+    train_lengths = [len(ids) for ids, _ in end.split("train")]
+    longest = max(train_lengths)
+    assert len(set(train_lengths)) == len(train_lengths) == 21 and longest < 30
+    assert extra["padded_length"] == longest
+    for split in ("train", "val", "test"):
+        for ids, lengths, _ in end.iter_batches(split, 4):
+            assert ids.shape[1] == longest
+        for ids, lengths, _ in last.iter_batches(split, 4):
+            assert ids.shape[1] == lengths.max()
+
+
 def test_a_classifier_run_is_not_a_language_model(tmp_path):
     base = make_base_run(tmp_path / "base")
     gpt, tok = load_language_model(base)
