@@ -48,7 +48,7 @@ step" (nanoGPT's crop). With the cache, a jump clears the cache and re-prefills
 it with the kept tokens: their positions restart at 0, exactly as when the
 window is recomputed from scratch (learned position embeddings make the
 positions part of every cached key and value, so the cache cannot simply be
-shifted). A jump costs one prefill of ``keep`` tokens every ``C - keep`` new
+shifted). A jump costs one prefill of ``keep`` tokens every ``C - keep + 1`` new
 tokens. ``use_cache=False`` recomputes the same windows from scratch, and the
 two give the same tokens. A prompt longer than C starts from its last C tokens.
 """

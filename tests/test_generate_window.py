@@ -59,6 +59,31 @@ def test_rotary_model_and_a_prompt_longer_than_the_context():
     assert generate(model, [prompt], 3 * C, temperature=1.0, seed=3)[0].tolist() == expected
 
 
+@pytest.mark.parametrize("keep", [6, 3])
+def test_a_slide_costs_one_prefill_of_keep_tokens_every_c_minus_keep_plus_one_tokens(keep, monkeypatch):
+    """docs/generation.md: with the cache, the window costs one prefill of ``keep`` tokens every C - keep + 1
+    new tokens (the kept window, then C - keep steps that grow it back to C); every other step runs one
+    position."""
+    model = make_model()
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **k: widths.append(np.shape(ids)[-1]) or forward(ids, *a, **k))
+    prompt, new = [3, 14, 15], 3 * C
+    generate(model, [prompt], new, temperature=0, window_keep=keep)
+    # the rule by hand: token n (n = 3 .. 3 + new - 1) is predicted from the window [s, n); s jumps to n - keep
+    # when the window would hold C + 1 tokens; the last token is never fed back
+    s, expected = 0, [len(prompt)]
+    for n in range(len(prompt) + 1, len(prompt) + new):
+        if n - s > C:
+            s = n - keep
+            expected.append(keep)
+        else:
+            expected.append(1)
+    assert widths == expected
+    slides = [i for i, width in enumerate(widths) if i and width == keep]
+    assert len(slides) > 2 and set(np.diff(slides)) == {C - keep + 1}
+
+
 def test_default_window_keeps_three_quarters_of_the_context():
     # docs/generation.md: window_keep defaults to 3C/4 (GPT-2: 768 of 1024), at least one token
     assert [default_window_keep(c) for c in (1024, 64, 8, 1)] == [768, 48, 6, 1]
