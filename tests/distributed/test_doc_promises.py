@@ -166,6 +166,26 @@ def test_pipeline_sends_one_activation_per_micro_batch_and_boundary():
     assert last == {("send", (b, T, C)): M, ("recv", (b, T, C)): M, **small}
 
 
+def _bucket_views(group):
+    from minillm.distributed.data_parallel import DataParallel
+
+    model, data, _ = tiny_run()
+    ddp = DataParallel(model.parameters(), group.comm, bucket_mb=0.01)
+    inputs, targets = ddp.shard_batch(data.get_batch("train", 8))
+    model(inputs, targets)[1].backward()
+    ddp.finish()
+    views = [any(np.shares_memory(p.grad, b.buffer) for b in ddp.buckets) for p in model.parameters()]
+    in_buckets = [id(p) for b in ddp.buckets for p in b.params]
+    return views, in_buckets == [id(p) for p in reversed(list(model.parameters()))], len(ddp.buckets)
+
+
+def test_averaged_gradients_are_views_into_the_buckets_in_reverse_parameter_order():
+    """"Buckets": grouped in the reverse of the parameter order, and each .grad becomes a view into its
+    averaged bucket (no copy back)."""
+    for views, reverse_order, buckets in spawn(_bucket_views, 2):
+        assert buckets > 3 and reverse_order and all(views)
+
+
 # ---------------------------------------------------------------- documented defaults
 
 

@@ -309,6 +309,9 @@ def test_default_run_is_the_documented_small_gpt_in_numbered_run_directories(tmp
     assert {k: plan.model[k] for k in ("n_layer", "n_head", "d_model", "context_length")} == dict(
         n_layer=4, n_head=4, d_model=128, context_length=128)
     assert plan.train.steps == 1500                        # §10's measured row: "1500 steps"
+    from minillm.cli import build_parser
+
+    assert build_parser().parse_args(["train"]).samples == 3   # "then it prints three samples"
     for taken, expected in (("runs/pydoc", "runs/pydoc-2"), ("runs/pydoc-2", "runs/pydoc-3")):
         (tmp_path / taken).mkdir(parents=True)
         assert resolve_run().run_dir == Path(expected)
@@ -339,3 +342,15 @@ def test_metrics_lines_hold_the_documented_fields(tmp_path):
     assert [sorted(r) for r in evals] == [sorted(["kind", "step", "val_loss", "val_perplexity"])]
     assert evals[0]["val_perplexity"] == pytest.approx(math.exp(evals[0]["val_loss"]))
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in train) and train[1]["time_s"] >= train[0]["time_s"]
+
+
+def test_fit_returns_the_documented_result(tmp_path):
+    """§5: fit() returns FitResult(step, train_loss, val_loss, interrupted, seconds, tokens_per_second):
+    the last step's loss and the last evaluation's, as logged."""
+    result = make_trainer(tmp_path, steps=3, eval_interval=2, batch_size=4).fit()
+    train, evals = read_metrics(tmp_path, "train"), read_metrics(tmp_path, "eval")
+    assert (result.step, result.interrupted) == (3, False) and [r["step"] for r in evals] == [2, 3]
+    assert result.train_loss == train[-1]["loss"] != train[0]["loss"]
+    assert result.val_loss == evals[-1]["val_loss"] != evals[0]["val_loss"]
+    assert result.seconds >= train[-1]["time_s"]          # the call's wall time: training, evaluation, saving
+    assert result.tokens_per_second == pytest.approx(3 * 4 * 16 / result.seconds, rel=1e-9)   # 3 steps of 4 x 16
