@@ -28,14 +28,14 @@ def test_tsv_csv_jsonl_give_the_same_records(tmp_path):
 
 def test_a_missing_label_column_names_the_columns(tmp_path):
     (tmp_path / "d.csv").write_text("category,text\nspam,hello\nham,bye\n")
-    with pytest.raises(DataError, match=r"no 'label' column; the records have \['category', 'text'\]"):
+    with pytest.raises(DataError, match=r"d\.csv: no 'label' column; the records have \['category', 'text'\]"):
         read_labelled(tmp_path / "d.csv")
     assert read_labelled(tmp_path / "d.csv", label_field="category")[1] == ["spam", "ham"]
 
 
 def test_bad_lines_and_empty_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n  \n")
-    with pytest.raises(DataError, match="is empty"):
+    with pytest.raises(DataError, match=r"empty\.jsonl is empty"):                 # errors name the file
         read_records(tmp_path / "empty.jsonl")
     (tmp_path / "notab.tsv").write_text("spam\thi\nno tab here\n")
     with pytest.raises(DataError, match=r"notab.tsv, line 2: expected 'label<TAB>text'"):
@@ -68,6 +68,11 @@ def test_texts_longer_than_the_context_stop_unless_truncated(tmp_path):
     (ids, prompt_length), = instruction_examples(tok, long, 200, truncate=True)
     assert len(ids) == 201 and prompt_length < 200                     # inputs and targets: 200 each
     huge_prompt = [{"instruction": "i" * 300, "output": "o"}]
+    from minillm.finetune import FinetuneConfig  # noqa: PLC0415
+    from minillm.finetune.run import prepare_data  # noqa: PLC0415
+    (tmp_path / "long.tsv").write_text("ham\tok\nspam\t" + "z" * 20 + "\n")      # a run names file and record
+    with pytest.raises(DataError, match=r"long\.tsv, record 2 is 20 tokens, longer than the 8 .*--truncate"):
+        prepare_data(FinetuneConfig("classify", str(tmp_path / "long.tsv")), tok, 8)
     assert instruction_examples(tok, huge_prompt, 200, truncate=True) == [None]   # no room for a response: left out
     with pytest.raises(DataError, match="the prompt alone is"):
         instruction_examples(tok, huge_prompt, 200, truncate=False)
