@@ -33,6 +33,22 @@ def test_a_missing_label_column_names_the_columns(tmp_path):
     assert read_labelled(tmp_path / "d.csv", label_field="category")[1] == ["spam", "ham"]
 
 
+def test_other_column_names_and_sorted_labels_in_a_run(tmp_path):
+    """docs/finetuning.md: CSV columns named by --text-column/--label-column; labels are any strings, sorted,
+    class 0, 1, ... in that order."""
+    from minillm.finetune import FinetuneConfig  # noqa: PLC0415
+    from minillm.finetune.run import prepare_data  # noqa: PLC0415
+
+    rows = [("zebra", "z"), ("apple", "a"), ("mango", "m")] * 10
+    (tmp_path / "d.csv").write_text("category,message\n" + "".join(f"{l},{t}\n" for l, t in rows))
+    config = FinetuneConfig("classify", str(tmp_path / "d.csv"), text_column="message", label_column="category")
+    data, extra = prepare_data(config, _tokenizer(), 16)
+    assert extra["labels"] == ["apple", "mango", "zebra"]
+    examples = sum((data.split(name) for name in ("train", "val", "test")), [])
+    assert sorted((bytes(ids).decode(), label) for ids, label in examples) == sorted(
+        (t, {"apple": 0, "mango": 1, "zebra": 2}[l]) for l, t in rows)
+
+
 def test_bad_lines_and_empty_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n  \n")
     with pytest.raises(DataError, match=r"empty\.jsonl is empty"):                 # errors name the file
