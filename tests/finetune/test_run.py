@@ -32,6 +32,11 @@ def test_classification_run_learns_logs_accuracy_and_reloads(tmp_path):
     assert evals[-1]["train_acc"] > 0.9 > evals[0]["train_acc"]
     info = json.loads((tmp_path / "run" / "finetune.json").read_text())
     assert info["labels"] == ["ham", "spam"] and info["split_sizes"] == {"train": 63, "val": 9, "test": 18}
+    # docs/finetuning.md: what `minillm train`'s run directory holds, plus finetune.json with the settings and
+    # the model's shape
+    assert all((tmp_path / "run" / name).exists() for name in
+               ("checkpoint.json", "checkpoints", "metrics.jsonl", "tokenizer.json"))
+    assert info["finetune"] == config.to_dict() and info["model_config"] == gpt.config.to_dict()
     model, _, _ = load_finetuned(tmp_path / "run")
     with mm.no_grad():
         np.testing.assert_array_equal(model.head.weight.numpy(), result.model.head.weight.numpy())
