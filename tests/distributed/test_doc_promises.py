@@ -61,6 +61,31 @@ def test_llama_shard_specs_keep_whole_heads_and_matching_gate_and_up_rows():
     assert specs["mlp.c_proj.weight"].shard(np.zeros((C, hidden)), 1, 2).shape == (C, 24)
 
 
+# ---------------------------------------------------------------- tensor parallel: what it saves
+
+
+def test_parameters_per_rank_at_tp2_by_hand_and_for_gpt2_124m(monkeypatch):
+    """"What it saves": the block matrices (and their column-parallel biases) are divided by T; the
+    embeddings, norms and row-parallel biases are not. By hand for the test model (C = 32, 4C MLP,
+    V = 64, T = 16, 2 blocks), and the doc's figure: gpt2-124m holds 81.9 M of 124.4 M (65.8%) per GPU."""
+    from minillm.nn import layers
+
+    C, V, ctx = 32, 64, 16
+    whole_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    shard_block = 2 * 2 * C + (3 * C * C + 3 * C) // 2 + (C * C // 2 + C) + (4 * C * C + 4 * C) // 2 + (4 * C * C // 2 + C)
+    embeddings = V * C + ctx * C + 2 * C                    # wte, wpe, ln_f
+    model = GPT(GPTConfig(**MODEL))
+    assert model.num_parameters() == embeddings + 2 * whole_block
+    assert shard_gpt(model, Comm()).num_parameters() == embeddings + 2 * shard_block
+
+    monkeypatch.setattr(layers, "discard_normal_draws", lambda count, chunk=None: None)   # placeholders, no draws
+    with layers.draws_discarded():
+        gpt2 = GPT(GPTConfig.from_preset("gpt2-124m"))
+    assert gpt2.num_parameters() == 124_439_808             # "What it sends": 497.8 MB of float32 gradients
+    per_gpu = shard_gpt(gpt2, Comm()).num_parameters()
+    assert (round(per_gpu / 1e6, 1), round(100 * per_gpu / 124_439_808, 1)) == (81.9, 65.8)
+
+
 # ---------------------------------------------------------------- tensor parallel: a Llama-style run
 
 
