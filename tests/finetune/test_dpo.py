@@ -75,3 +75,26 @@ def test_an_untouched_policy_scores_one_half_and_zero_margin():
     np.testing.assert_allclose(metrics["val_loss"], np.log(2), rtol=1e-6)
     assert all(not p.requires_grad for p in objective.reference.parameters())
     assert objective.reference is not model
+
+
+def test_chosen_and_rejected_go_through_in_one_batch_and_the_reference_without_a_graph(monkeypatch):
+    """docs/finetuning.md: the chosen and rejected rows go through the model in one batch of 2B rows (chosen
+    first); the reference runs under no_grad. The loss is -log σ(β((π_c − π_r) − (ref_c − ref_r))) of the halves."""
+    mm.manual_seed(1)
+    policy = GPT(GPTConfig.from_preset("tiny", vocab_size=20, context_length=8)).to(np.float64)
+    reference = GPT(GPTConfig.from_preset("tiny", vocab_size=20, context_length=8)).to(np.float64)
+    objective = DPOObjective(reference, beta=0.5)
+    calls = []
+    for name, model in (("policy", policy), ("reference", reference)):
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda ids, *a, _n=name, _f=forward, **k:
+                            calls.append((_n, np.shape(ids), mm.is_grad_enabled())) or _f(ids, *a, **k))
+    inputs = np.array([[1, 2, 3, 4], [1, 5, 6, 0], [1, 2, 7, 8], [1, 5, 9, 0]])   # chosen 0, 1; rejected 2, 3
+    targets = np.array([[-100, 3, 4, 0], [-100, 6, 0, -100], [-100, 7, 8, 0], [-100, 9, 0, -100]])
+    loss = objective(policy, (inputs, targets))
+    assert calls == [("policy", (4, 4), True), ("reference", (4, 4), False)]
+    with mm.no_grad():
+        pol = sequence_log_probs(policy, inputs, targets).numpy()
+        ref = sequence_log_probs(reference, inputs, targets).numpy()
+    z = 0.5 * ((pol[:2] - pol[2:]) - (ref[:2] - ref[2:]))
+    np.testing.assert_allclose(loss.item(), np.mean(np.logaddexp(0.0, -z)), rtol=1e-10)
