@@ -288,3 +288,11 @@ def test_texts_from_5000_characters_go_word_by_word(gpt2, monkeypatch):
     for length in (4_999, 5_000):
         assert gpt2.encode(text[:length]) == reference(gpt2, text[:length])
     assert calls == [5_000]
+
+
+def test_the_documented_limits():
+    # docs/tokenizer.md states these sizes; a change to one of them must change the doc too
+    from minillm.tokenizer import parallel, pretokenize  # noqa: PLC0415
+
+    assert (bpe._CACHE_LIMIT, words.WORD_LIMIT, parallel.MIN_PARALLEL_CHARS, pretokenize.BLOCK_CHARS) == \
+        (2 ** 19, 200_000, 2 ** 22, 2 ** 20)
