@@ -128,7 +128,7 @@ class FitResult:
     val_loss: float | None             # the last evaluation's loss (None if there was none)
     interrupted: bool                  # stopped by Ctrl-C (after saving, when there is a run_dir)
     seconds: float                     # wall time of this fit() call
-    tokens_per_second: float           # training tokens / training time in this call
+    tokens_per_second: float           # training tokens / seconds (this call's wall time, evaluation included)
 
 
 class Trainer:
