@@ -80,6 +80,22 @@ def test_first_step_moves_b_only_and_both_gradients_are_the_derived_ones():
     np.testing.assert_allclose(layer.lora_B.grad, 3.0 * g.T @ (x @ A.T), rtol=1e-12)
 
 
+def test_dropout_acts_on_the_adapters_input_only_and_only_in_training():
+    """docs/finetuning.md: y = x Wᵀ + b + (α/r) · dropout(x) Aᵀ Bᵀ. With A = B = I the branch is (α/r) dropout(x):
+    each entry 0 or x / (1 − p) in training, x in eval; the base term is never dropped."""
+    linear = nn.Linear(6, 6).to(np.float64)
+    layer = LoRALinear(linear, rank=6, alpha=12.0, dropout=0.5)
+    layer.lora_A.data[...] = np.eye(6)
+    layer.lora_B.data[...] = np.eye(6)
+    x = np.random.default_rng(5).uniform(1, 2, size=(50, 6))
+    base = x @ linear.weight.data.T + linear.bias.data
+    branch = (layer.train()(mm.Tensor(x)).numpy() - base) / 2.0                   # α/r = 2
+    dropped = np.isclose(branch, 0.0, atol=1e-12)
+    assert 0.3 < dropped.mean() < 0.7
+    np.testing.assert_allclose(branch[~dropped], 2 * x[~dropped], rtol=1e-12)    # kept: x / (1 - p)
+    np.testing.assert_allclose((layer.eval()(mm.Tensor(x)).numpy() - base) / 2.0, x, rtol=1e-12)
+
+
 def test_merged_equals_unmerged_and_unmerge_restores_the_weight():
     model = _tiny_gpt()
     names = apply_lora(model, rank=4, alpha=8)
