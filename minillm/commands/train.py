@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAULT_TRAIN, check_prompts, \
     new_run_directory, prepare_run, print_samples, resolve_run, start_run
@@ -151,9 +152,10 @@ def join_mesh(args: argparse.Namespace, plan):
     if cfg.batch_size % shape.dp:
         raise ValueError(f"each micro-batch of {cfg.batch_size} windows (--batch-size / --micro-batches) is split "
                          f"over the --dp {shape.dp} replicas: it must be a multiple of {shape.dp}")
-    if plan.model["n_head"] % shape.tp:
-        raise ValueError(f"--tp {shape.tp} must divide --n-head {plan.model['n_head']}: each tensor-parallel rank "
-                         f"holds whole attention heads")
+    if shape.tp > 1:                              # heads that split evenly, no dropout: before any work
+        from ..distributed.tensor_parallel import check_tensor_parallel  # noqa: PLC0415
+
+        check_tensor_parallel(SimpleNamespace(**{"n_kv_head": None, "dropout": 0.0, **plan.model}), shape.tp)
     mesh, cfg.device = init_mesh(shape, cfg.device)
     if args.out is None and not plan.resume:
         from ..distributed.parallel_trainer import all_gather_json  # noqa: PLC0415

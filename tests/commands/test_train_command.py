@@ -39,6 +39,16 @@ def test_inconsistent_arguments_get_one_clear_line(tmp_path, text_file, capsys):
     assert "nope.json" in capsys.readouterr().err
 
 
+def test_tensor_parallel_refusals_come_before_any_work(tmp_path, text_file, capsys):
+    """--tp with dropout, or a --tp that does not divide the heads: one line, in the very process that was
+    started (no rendezvous waited for, no data read), and no run directory left behind."""
+    for extra, message in ((["--dropout", "0.1"], "--tp with dropout > 0 is not supported"),
+                           (["--n-head", "3", "--d-model", "48"], "--tp 2 does not divide n_head=3")):
+        assert run(["train", "--data", tmp_path / "never-read.txt", "--tp", "2", *extra, "--out", tmp_path / "r"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+
+
 def test_train_end_to_end_then_resume(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     assert run(["train", "--data", text_file, "--tokenizer", "bytes", *TINY, "--steps", "3", "--out", out,
