@@ -43,3 +43,39 @@ def test_alpaca_prompt():
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
         "request.\n\n### Instruction:\nAdd.\n\n### Input:\n1 and 2\n\n### Response:\n")
     assert "### Input" not in format_prompt("Say hi.")
+
+
+def test_a_response_is_the_greedy_continuation_up_to_end_of_text():
+    """docs/finetuning.md: SFT's responses are greedy continuations of the Alpaca prompt that stop at
+    end-of-text (which is not printed). Reference: argmax of a full forward, step by step. The head's
+    end-of-text row is set to a row the greedy run reaches, so the stop really happens."""
+    import minillm as mm  # noqa: PLC0415
+    from minillm.finetune.sft import respond  # noqa: PLC0415
+    from minillm.models import GPT, GPTConfig  # noqa: PLC0415
+    from minillm.tokenizer import BPETokenizer  # noqa: PLC0415
+
+    tok = BPETokenizer.bytes(special_tokens=["<|endoftext|>"])
+    mm.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=257, context_length=256, n_layer=1, tie_embeddings=False))
+    rng = np.random.default_rng(0)
+    for param in model.parameters():
+        param.data[...] = rng.standard_normal(param.shape).astype(np.float32) * 0.3
+    prompt = tok.encode(format_prompt("Say hi."), allowed_special="none")
+
+    def greedy(steps):
+        ids, new = list(prompt), []
+        with mm.no_grad():
+            for _ in range(steps):
+                token = int(np.argmax(model(np.array([ids])).numpy()[0, -1]))
+                if token == 256:
+                    break
+                new.append(token)
+                ids.append(token)
+        return new
+
+    free = greedy(8)
+    stop = next(i for i, token in enumerate(free) if token not in free[:i] and i >= 2)   # a first occurrence
+    model.lm_head.weight.data[256] = model.lm_head.weight.data[free[stop]] + 1e-3
+    expected = greedy(8)
+    assert expected == free[:stop]
+    assert respond(model, tok, "Say hi.", max_new_tokens=8) == tok.decode(expected).strip()
