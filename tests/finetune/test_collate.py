@@ -1,4 +1,4 @@
-"""The SFT and DPO collates and their masks against a hand-worked example."""
+"""The SFT and DPO collates and their masks against a hand-worked example; SFT responses against greedy decoding."""
 
 import numpy as np
 
