@@ -1,18 +1,10 @@
-"""Shared fixtures for the tokenizer tests: where ../shared/data is, GPT-2."""
+"""Shared fixtures for the tokenizer tests: GPT-2's tokenizer from ../shared/data."""
 
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
-
-
-def shared_file(name: str) -> Path:
-    """A file of ../shared/data, or skip the test (with the reason) if absent."""
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared test data is not part of the repository)")
-    return path
+from tokenizer_helpers import shared_file
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from minillm.tokenizer import BPETokenizer
 from minillm.tokenizer.bpe import ID_TYPECODE
 
-from conftest import shared_file
+from tokenizer_helpers import shared_file
 
 
 def _loop(tok, chunks):

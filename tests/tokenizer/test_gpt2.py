@@ -15,7 +15,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_file
+from tokenizer_helpers import shared_file
 from minillm.tokenizer import BPETokenizer, load_tokenizer
 from minillm.tokenizer.gpt2 import bytes_to_unicode
 

@@ -17,7 +17,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_file
+from tokenizer_helpers import shared_file
 from minillm.data.corpus import builtin_corpus
 from minillm.tokenizer import BPETokenizer
 from test_gpt2 import reference_bytes_to_unicode

@@ -10,7 +10,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import shared_file
+from tokenizer_helpers import shared_file
 from minillm.tokenizer import GPT2_PATTERN, BPETokenizer, bpe, words
 from minillm.tokenizer.words import KeyTable, first_equal, word_keys, word_starts
 
