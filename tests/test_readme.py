@@ -23,3 +23,31 @@ def test_the_taste_block_runs():
     assert mm.gradcheck(lambda x, w: F.gelu(F.linear(x, w)), x, w) is True       # "True"
     ids = namespace["ids"]                                             # 3 prompt tokens + 20 new ones
     assert ids.shape == (1, 23) and ids.dtype == np.int64 and ids[0, :3].tolist() == [1, 2, 3]
+
+
+def _section(title: str) -> str:
+    return README.read_text(encoding="utf-8").split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_what_is_where_names_paths_that_exist():
+    """README's "What is where" table: every path in its first column is in the repository."""
+    root = README.parent
+    rows = [row for row in _section("What is where").splitlines() if row.startswith("| `")]
+    paths = [path for row in rows for path in re.findall(r"`([^`]+)`", row.split("|")[1])]
+    assert len(paths) >= 20
+    assert [path for path in paths if not (root / path).exists()] == []
+
+
+def test_every_example_and_doc_is_listed_has_a_main_and_is_smoke_tested():
+    """README's "Examples and docs": the examples named are exactly those in examples/, each is a
+    `main()` "and is smoke-tested" (loaded by a test in tests/examples), and every doc named exists."""
+    root = README.parent
+    section = _section("Examples and docs")
+    on_disk = {p.name for p in (root / "examples").glob("[0-9][0-9]_*.py")}
+    assert set(re.findall(r"\b\d\d_\w+\.py\b", section)) == on_disk
+    tests = "".join(p.read_text(encoding="utf-8") for p in (root / "tests" / "examples").glob("test_*.py"))
+    for name in sorted(on_disk):
+        assert "\ndef main(" in (root / "examples" / name).read_text(encoding="utf-8"), name
+        assert f'load("{name[:-3]}")' in tests, f"{name} has no smoke test"
+    docs = set(re.findall(r"docs/(\w+\.md)", section))
+    assert docs == {p.name for p in (root / "docs").glob("*.md")}
