@@ -326,6 +326,19 @@ def test_gelu_tanh_backward_needs_no_transcendental_function(monkeypatch):
                                rtol=1e-12, atol=1e-14)
 
 
+def test_causal_cpu_tiles_skip_a_quarter_of_the_scores_at_t_256():
+    """§8: a causal tile of queries r0..r1−1 computes only keys < r1 (+ Tk − Tq): "at T = 256,
+    1/4 of the matmul and softmax work is skipped", and every needed score is computed once."""
+    from minillm.ops import attention
+
+    n, T = 12, 256
+    covered = np.zeros((n, T, T), int)
+    for b0, b1, r0, r1, k_end in attention._tiles(n, T, T, True, "cpu"):
+        covered[b0:b1, r0:r1, :k_end] += 1
+    assert covered.max() == 1 and covered[:, ~attention.causal_mask(T, T)].min() == 1
+    assert covered.sum() == n * T * T * 3 // 4
+
+
 def test_dropout_keeps_only_the_boolean_mask():
     """§8 Dropout: only M (bool) is saved."""
     x = mm.Tensor(RNG.standard_normal((4, 5)), requires_grad=True)

@@ -202,9 +202,10 @@ class GELU(Function):
         y = ½ x (1 + t),   t = tanh(u),   u = k (x + c x³),   k = √(2/π), c = 0.044715
         dy/dx = ½ (1 + t) + ½ x · (1 - t²) · du/dx,   du/dx = k (1 + 3c x²)
 
-    On the CPU the forward saves x and t (or Φ), so the backward needs no
-    transcendental function at all. On a GPU one CUDA kernel computes y, and
-    one computes dx from (grad, x), recomputing t: 2 launches, nothing extra saved.
+    On the CPU the forward saves x and t (or Φ), so the tanh form's backward
+    needs no transcendental function at all (the exact form's, one exp for φ).
+    On a GPU one CUDA kernel computes y, and one computes dx from (grad, x),
+    recomputing t: 2 launches, nothing extra saved.
     """
 
     float_only = True
