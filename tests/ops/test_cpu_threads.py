@@ -207,3 +207,91 @@ def test_attention_on_strided_heads_copied_in_threads(causal, stale_empty):
     ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
     grads = np.stack([ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ g])   # (3, B, H, T, D)
     np.testing.assert_allclose(qkv.grad, grads.transpose(1, 3, 0, 2, 4), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- run_parallel's hand-off
+
+
+def test_run_parallel_many_calls_keep_the_order_and_use_the_helpers():
+    """10,000 splits of 1..5 pieces: results in piece order; with 2+ threads some ran off this thread."""
+    import threading
+    caller, others = threading.get_ident(), set()
+
+    def work(piece):
+        if threading.get_ident() != caller:
+            others.add(threading.get_ident())
+        return piece * piece
+
+    for i in range(10_000):
+        pieces = list(range(i % 5 + 1))
+        assert run_parallel(work, pieces) == [p * p for p in pieces]
+    assert len(others) == min(common.CPU_THREADS - 1, 4)
+
+
+@needs_threads
+@pytest.mark.parametrize("failing", [{0}, {1}, {0, 1}])
+def test_run_parallel_raises_a_pieces_error_once_no_piece_is_running(failing):
+    """The other thread's piece is slow: when the error comes out, it has finished (nothing
+    still writes into the split's outputs), and the helpers take the next split as usual."""
+    import time
+    finished = []
+
+    def work(piece):
+        if piece in failing:
+            raise ValueError(f"piece {piece}")
+        time.sleep(0.05)
+        finished.append(piece)
+        return piece
+
+    with pytest.raises(ValueError, match="piece") as raised:
+        run_parallel(work, [0, 1])
+    assert finished == sorted({0, 1} - failing)
+    if 0 in failing:
+        assert str(raised.value) == "piece 0"          # the caller's own error first
+    assert run_parallel(lambda p: p + 1, [0, 1, 2]) == [1, 2, 3]
+
+
+def test_nested_and_concurrent_splits_run_inline_without_deadlock():
+    """A split from inside a piece (on the caller and on a helper) and splits from other threads."""
+    import threading
+
+    def inner(piece):
+        return run_parallel(lambda q: (piece, q), [0, 1, 2])
+
+    for _ in range(200):
+        assert run_parallel(inner, [0, 1]) == [[(p, q) for q in range(3)] for p in range(2)]
+    errors, out = [], {}
+
+    def from_thread(t):
+        try:
+            out[t] = [run_parallel(lambda q: q * t, list(range(4))) for _ in range(300)]
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=from_thread, args=(t,)) for t in range(1, 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and all(not thread.is_alive() for thread in threads)
+    assert all(out[t] == [[q * t for q in range(4)]] * 300 for t in range(1, 4))
+
+
+def _split_in_forked_child(queue):
+    queue.put(run_parallel(lambda p: p + 10, [0, 1, 2, 3]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="needs fork")
+def test_run_parallel_in_a_forked_child():
+    """A child forked after the helpers started has none of their threads: it must start its own."""
+    import multiprocessing
+    run_parallel(lambda p: p, [0, 1])                     # the parent's helpers are running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_split_in_forked_child, args=(queue,))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("run_parallel hung in a forked child")
+    assert queue.get(timeout=5) == [10, 11, 12, 13]
