@@ -172,6 +172,45 @@ def test_backward_frees_every_ops_saved_arrays_and_inputs():
     assert all(fn.inputs == () and fn.saved == () and fn.freed for fn in nodes)
 
 
+def test_activations_are_released_during_backward_and_the_peak_is_the_forward_one():
+    """§3 Free: activations disappear during backward, from the top of the network down, and
+    peak memory stays at the end of the forward pass. A chain of 10 + 10 tanh (each keeps its
+    256 KB output) with a probe in the middle: when the probe's backward runs, the top half's
+    outputs are gone."""
+    import tracemalloc
+
+    seen = []
+
+    class Probe(Function):                    # identity; its backward notes the memory in use
+        def forward(self, x):
+            return x
+
+        def backward(self, grad):
+            seen.append(tracemalloc.get_traced_memory()[0])
+            return (grad,)
+
+    size = 8 << 15                            # bytes of one activation
+    tracemalloc.start()
+    try:
+        x = mm.Tensor(RNG.standard_normal(1 << 15), requires_grad=True)
+        y = x
+        for _ in range(10):
+            y = y.tanh()
+        y = Probe.apply(y)
+        for _ in range(10):
+            y = y.tanh()
+        loss = y.sum()
+        del y                                 # the user keeps only the loss
+        end_of_forward = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        loss.backward()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen[0] <= end_of_forward - 7 * size       # 10 top outputs freed, a few gradients alive
+    assert peak <= end_of_forward + 4 * size          # a gradient and the temporaries of one op
+
+
 def test_first_leaf_gradient_never_aliases_the_incoming_gradient():
     """§3: a leaf's first gradient is copied when it might alias another array (a view of the
     incoming gradient, or that gradient itself), so in-place updates (clipping) are safe."""
