@@ -378,6 +378,31 @@ def test_causal_cpu_tiles_skip_a_quarter_of_the_scores_at_t_256():
     assert covered.sum() == n * T * T * 3 // 4
 
 
+def test_masked_attention_entries_are_exactly_zero():
+    """§8: masked entries of P become exactly 0 (e^{−∞}), so they send no gradient at all: with
+    dO = 0 on the last query, the last key (seen by that query only) gets dK = dV = 0 exactly."""
+    q, k, v = (mm.Tensor(RNG.standard_normal((2, 3, 5, 4)) * 3, requires_grad=True) for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, causal=True)
+    g = RNG.standard_normal(out.shape)
+    g[..., -1, :] = 0.0
+    out.backward(g)
+    assert (k.grad[..., -1, :] == 0).all() and (v.grad[..., -1, :] == 0).all()
+    assert (v.grad[..., -2, :] != 0).all()                  # the key before is seen by a query with dO ≠ 0
+
+
+def test_draw_graph_prints_the_documented_tree():
+    """§1: `mm.draw_graph(loss)` prints the graph x, w -> Linear -> GELU -> Sum as a text tree."""
+    x = mm.Tensor(np.ones((4, 8)), requires_grad=True, name="x")
+    w = mm.Tensor(np.ones((3, 8)), requires_grad=True, name="w")
+    assert mm.draw_graph(F.gelu(F.linear(x, w)).sum()).splitlines() == [
+        "Sum -> () float64",
+        "└── GELU -> (4, 3) float64",
+        "    └── Linear -> (4, 3) float64",
+        "        ├── x (4, 8) float64  [requires grad]",
+        "        └── w (3, 8) float64  [requires grad]",
+    ]
+
+
 def test_dropout_keeps_only_the_boolean_mask():
     """§8 Dropout: only M (bool) is saved."""
     x = mm.Tensor(RNG.standard_normal((4, 5)), requires_grad=True)
