@@ -1,5 +1,6 @@
 """Smoke tests: every numbered example runs, on a reduced setting, and returns a sensible number."""
 
+import ast
 import importlib.util
 import math
 from pathlib import Path
@@ -21,6 +22,12 @@ def test_01_autograd(capsys):
     loss = load("01_autograd").main(["--steps", "30"])
     assert math.isfinite(loss) and loss < math.log(2)   # better than guessing between the two moons
     assert "accuracy" in capsys.readouterr().out
+    # README: "an MLP on the engine alone": tensors and ops, no nn layers and no optim (SGD by hand)
+    tree = ast.parse((EXAMPLES / "01_autograd.py").read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    assert imported == {"argparse", "numpy", "minillm", "minillm.functional"}
 
 
 def test_02_tokenizer(capsys):
@@ -33,9 +40,19 @@ def test_03_attention():
     assert difference < 1e-5   # the layer equals the step-by-step computation
 
 
-def test_04_gpt():
+def test_04_gpt(capsys):
     loss = load("04_gpt").main(["--preset", "tiny", "--batch", "2", "--time", "8"])
     assert loss == pytest.approx(math.log(256), abs=0.3)   # a fresh model is maximally unsure
+    out = capsys.readouterr().out
+    from minillm.models import GPT, GPTConfig
+
+    cfg = GPTConfig.from_preset("tiny")
+    counted = sum(p.size for p in GPT(cfg).parameters())  # "count the parameters against the formula"
+    C, V, L = cfg.d_model, cfg.vocab_size, cfg.context_length
+    assert counted == V * C + L * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
+    assert f"parameters: {counted:,} (formula: {counted:,})" in out
+    n = len(list(GPT(cfg).parameters()))
+    assert f"parameters with a gradient: {n} of {n}" in out   # "every parameter gets a gradient"
 
 
 def test_05_pretrain_shakespeare(tmp_path, capsys):
