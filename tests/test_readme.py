@@ -51,3 +51,37 @@ def test_every_example_and_doc_is_listed_has_a_main_and_is_smoke_tested():
         assert f'load("{name[:-3]}")' in tests, f"{name} has no smoke test"
     docs = set(re.findall(r"docs/(\w+\.md)", section))
     assert docs == {p.name for p in (root / "docs").glob("*.md")}
+
+
+def test_runtime_dependencies_are_numpy_regex_and_tqdm():
+    """README: "Runtime dependencies: `numpy`, `regex`, `tqdm` (and `cupy` for a GPU)": they are
+    pyproject's dependencies, and every module of minillm imports with nothing else available
+    (matplotlib, CuPy and ml_dtypes are imported only where they are used)."""
+    import subprocess
+    import sys
+    import tomllib
+
+    root = README.parent
+    assert "Runtime dependencies: `numpy`, `regex`, `tqdm` (and `cupy` for a GPU)" in README.read_text(encoding="utf-8")
+    declared = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert sorted(re.match(r"[A-Za-z0-9_-]+", d).group() for d in declared) == ["numpy", "regex", "tqdm"]
+    script = """
+import importlib, pkgutil, sys
+from importlib.metadata import packages_distributions
+ALLOWED = {"numpy", "regex", "tqdm", "minillm"}
+BLOCKED = {top for top, dists in packages_distributions().items() if not {d.lower() for d in dists} & ALLOWED}
+BLOCKED |= {"cupy", "cupyx", "ml_dtypes", "matplotlib"}        # whether installed or not
+class Block:                                                # every other installed package is absent
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import minillm
+names = [m.name for m in pkgutil.walk_packages(minillm.__path__, "minillm.") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+print(len(names))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) >= 80
