@@ -298,7 +298,8 @@ def test_gradcheck_report_names_input_errors_and_index():
 
 
 def _saved_arrays(fn):
-    out, stack = [], list(fn.saved)
+    """Every array an op holds on to: in ``saved`` or in any other attribute."""
+    out, stack = [], list(vars(fn).values())
     while stack:
         item = stack.pop()
         if isinstance(item, (list, tuple)):
@@ -317,6 +318,27 @@ def test_norms_keep_only_their_inputs_and_per_row_statistics(rms):
     y = F.rms_norm(x, w) if rms else F.layer_norm(x, w, b)
     for array in _saved_arrays(y._ctx):
         assert any(np.shares_memory(array, t.data) for t in (x, w, b)) or array.size <= 6, array.shape
+
+
+def test_cross_entropy_keeps_one_logits_sized_buffer_and_turns_it_into_the_gradient():
+    """§7 Cross-entropy, Memory: the forward keeps E = exp(z − m) in one (N, C) buffer ("one
+    full-size array beyond the logits") with per-row numbers; the backward turns that buffer
+    into the gradient in place, which is (softmax − onehot) / n_valid."""
+    logits = RNG.standard_normal((6, 7))
+    targets = np.array([0, 6, 3, -100, 2, 2])
+    z = mm.Tensor(logits, requires_grad=True)
+    loss = F.cross_entropy(z, targets)
+    big = [a for a in _saved_arrays(loss._ctx) if a.size >= z.size]
+    others = [a for a in big if not np.shares_memory(a, z.data)]
+    assert len(others) == 1 and all(a.size <= 6 for a in _saved_arrays(loss._ctx) if not any(a is b for b in big))
+    buffer = others[0]
+    loss.backward()
+    assert np.shares_memory(z.grad, buffer)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    valid = targets != -100
+    p[np.flatnonzero(valid), targets[valid]] -= 1
+    np.testing.assert_allclose(z.grad, p * valid[:, None] / valid.sum(), rtol=1e-12, atol=1e-15)
 
 
 def test_layer_norm_gradient_ignores_shifts_and_scales_of_a_row():
