@@ -102,11 +102,18 @@ def _softmax_rows_(scores, causal: bool):
 
 
 def _softmax_rows_cpu_(scores, causal: bool) -> None:
+    """The CPU's passes over one tile of scores. The row maximum is taken with
+    ``initial=−∞``: the same value (NaN still propagates), but NumPy then reduces
+    short rows with its vectorised loop, 2.4–2.8x faster on a tile's rows of
+    128–256 keys (a (16, 128, 128) tile: 200 -> 72 µs; the tile's softmax
+    505–534 -> 367–397 µs). In a training step of ``minillm bench train`` the
+    forward softmax passes took 40.5 -> 36.2 ms of CPU time (median of 10 steps
+    each, alternating in one process, load 0.8–1.3): the tiles are colder there."""
     tq, tk = scores.shape[-2:]
     if causal:  # every masked key is among the last Tq: mask that (Tq, Tq) corner only
         corner = scores[..., tk - tq:]
         np.add(corner, _causal_bias(tq, scores.dtype), out=corner)   # −∞ above the diagonal, e^{−∞} = 0
-    scores -= scores.max(axis=-1, keepdims=True)                    # (…, Tq, 1): stable exp
+    scores -= np.max(scores, axis=-1, keepdims=True, initial=-np.inf)   # (…, Tq, 1): stable exp
     np.exp(scores, out=scores)
     row_sums = scores @ np.ones(tk, dtype=scores.dtype)             # (…, Tq), through BLAS: ~4x .sum(-1)
     scores *= (1 / row_sums)[..., None]

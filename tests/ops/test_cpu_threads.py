@@ -295,3 +295,24 @@ def test_run_parallel_in_a_forked_child():
         child.kill()
         pytest.fail("run_parallel hung in a forked child")
     assert queue.get(timeout=5) == [10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("tq, tk", [(128, 128), (64, 256)])
+def test_attention_softmax_tile_rows_of_any_magnitude(tq, tk):
+    """The CPU tile softmax (row maximum taken with initial=−∞) against the float64 formula, on
+    rows far below and far above exp's range (−300…−200 and 200…300: a maximum that started
+    anywhere but −∞ or the row's own values would underflow or overflow them), and a NaN row."""
+    from minillm.ops.attention import _softmax_rows_cpu_, causal_mask
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal((3, tq, tk)) * 3
+    scores[1] -= 250.0
+    scores[2] += 250.0
+    scores[0, 7, 3] = np.nan
+    got = scores.astype(np.float32)
+    scores = got.astype(np.float64)                     # the reference from the same float32 scores
+    _softmax_rows_cpu_(got, causal=True)
+    masked = np.where(causal_mask(tq, tk), -np.inf, scores)
+    expected = np.exp(masked - masked.max(axis=-1, keepdims=True))
+    expected /= expected.sum(axis=-1, keepdims=True)
+    assert np.isnan(got[0, 7]).all() and not np.isnan(np.delete(got[0], 7, axis=0)).any()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
