@@ -341,6 +341,53 @@ def test_cross_entropy_keeps_one_logits_sized_buffer_and_turns_it_into_the_gradi
     np.testing.assert_allclose(z.grad, p * valid[:, None] / valid.sum(), rtol=1e-12, atol=1e-15)
 
 
+def test_rms_norm_and_log_softmax_backward_are_the_documented_formulas():
+    """§7: RMS norm dx = r (h − x̂ ⊙ mean(h ⊙ x̂)), h = g ⊙ w, dL/dw = Σ_rows g ⊙ x̂; log-softmax
+    dx = g − softmax(x) Σ_i g_i (each in plain NumPy, against the ops' gradients)."""
+    x, w, g = RNG.standard_normal((4, 6)), RNG.standard_normal(6), RNG.standard_normal((4, 6))
+    tx, tw = mm.Tensor(x, requires_grad=True), mm.Tensor(w, requires_grad=True)
+    F.rms_norm(tx, tw, eps=1e-6).backward(g)
+    r = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+    x_hat, h = x * r, g * w
+    np.testing.assert_allclose(tx.grad, r * (h - x_hat * (h * x_hat).mean(-1, keepdims=True)), rtol=1e-12)
+    np.testing.assert_allclose(tw.grad, (g * x_hat).sum(0), rtol=1e-12)
+    tx = mm.Tensor(x, requires_grad=True)
+    F.log_softmax(tx).backward(g)
+    softmax = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+    np.testing.assert_allclose(tx.grad, g - softmax * g.sum(-1, keepdims=True), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_attention_backward_is_the_documented_formulas(p):
+    """§8 Backward, in plain NumPy from the doc: dV = P̃ᵀ dO, dP̃ = dO Vᵀ, dP = dP̃ ⊙ M/(1 − p),
+    dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s dS K, dK = s dSᵀ Q, with the causal mask for
+    Tq < Tk (query i at position i + Tk − Tq); and rowsum(dP ⊙ P)_i = dO_i · O_i."""
+    tq, tk, d = 3, 5, 4
+    q, k, v = RNG.standard_normal((2, tq, d)), RNG.standard_normal((2, tk, d)), RNG.standard_normal((2, tk, 3))
+    g = RNG.standard_normal((2, tq, 3))
+    tensors = [mm.Tensor(a, requires_grad=True) for a in (q, k, v)]
+    mm.manual_seed(11)
+    out = F.scaled_dot_product_attention(*tensors, causal=True, dropout_p=p)
+    out.backward(g)
+    mm.manual_seed(11)
+    keep = mm.backend.random_uniform((2, tq, tk), dtype=np.float32) >= p     # §8 Dropout's M
+    s = 1 / np.sqrt(d)
+    scores = s * q @ k.transpose(0, 2, 1)
+    scores[:, np.arange(tk)[None, :] > np.arange(tq)[:, None] + (tk - tq)] = -np.inf
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    dropped = probs * keep / (1 - p)                                       # P̃
+    np.testing.assert_allclose(out.data, dropped @ v, rtol=1e-12)
+    d_dropped = g @ v.transpose(0, 2, 1)
+    d_probs = d_dropped * keep / (1 - p)
+    rowsum = (d_probs * probs).sum(-1, keepdims=True)
+    np.testing.assert_allclose(rowsum[..., 0], (g * out.data).sum(-1), rtol=1e-12)   # the Δ identity
+    d_scores = probs * (d_probs - rowsum)
+    np.testing.assert_allclose(tensors[2].grad, dropped.transpose(0, 2, 1) @ g, rtol=1e-12)
+    np.testing.assert_allclose(tensors[0].grad, s * d_scores @ k, rtol=1e-12)
+    np.testing.assert_allclose(tensors[1].grad, s * d_scores.transpose(0, 2, 1) @ q, rtol=1e-12)
+
+
 def test_layer_norm_gradient_ignores_shifts_and_scales_of_a_row():
     """§7's sanity checks on dx: Σ_j dx_j = 0 (adding a constant to a row changes nothing) and
     Σ_j dx_j x̂_j = r (h·x̂) ε/(σ² + ε) ≈ 0 (nor does scaling it, up to ε)."""
