@@ -49,8 +49,8 @@ def draw_timeline(events_per_stage, path, title: str = "") -> str:
     ax.invert_yaxis()
     ax.set_xlabel("time in the step (ms); white space = idle (the bubble)")
     ax.set_title(title)
-    ax.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()], list(COLORS), loc="upper right",
-              fontsize=7)
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()], list(COLORS), fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)   # beside the bars, never on them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
