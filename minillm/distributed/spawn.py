@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import random
 import socket
 import time
 import traceback
@@ -26,10 +27,35 @@ class SpawnError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago (for MASTER_PORT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port that was free a moment ago (for MASTER_PORT), chosen below the kernel's ephemeral range.
+
+    Between this call and rank 0's bind the port stands unused; a port the kernel
+    hands out by itself (``bind(0)``, an outgoing connection: the CPU transport
+    makes dozens) comes from the ephemeral range, so a port below it cannot be
+    taken that way in the meantime. Random, so that concurrent jobs rarely try the same one.
+    """
+    low = _ephemeral_range_start()
+    chooser = random.Random(os.urandom(8))
+    for _ in range(100):
+        port = chooser.randrange(10_000, max(10_001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:   # all tried were taken: any free one
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range_start() -> int:
+    """The first port the kernel hands out by itself (Linux: /proc; elsewhere IANA's 49152)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def _rank_main(fn, rank, world_size, port, backend, timeout, args, results):

@@ -4,6 +4,8 @@ Each rank builds its input from (seed, rank), so every rank (and the test) can
 compute every other rank's input and the exact expected result.
 """
 
+import socket
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,16 @@ def test_environment_variables_of_each_launcher():
     assert (slurm.rank, slurm.world_size, slurm.local_rank) == (5, 6, 1)
     with pytest.raises(ValueError, match="rank 4 is not in a world of size 4"):
         read_environment({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_free_port_is_below_the_ephemeral_range_and_free():
+    """MASTER_PORT candidates come from below the ports the kernel hands out by itself (which the CPU
+    transport's many sockets take), so none of those can grab one before rank 0 binds it."""
+    from minillm.distributed import spawn as spawn_module
+
+    low = spawn_module._ephemeral_range_start()
+    ports = [spawn_module.free_port() for _ in range(20)]
+    assert all(10_000 <= port < low for port in ports), (low, ports)
+    assert len(set(ports)) > 1                                   # random: concurrent jobs rarely collide
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports[0]))                       # free when handed out
