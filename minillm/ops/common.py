@@ -187,26 +187,58 @@ def run_parallel(work, pieces: list) -> list:
 CPU_BLOCK_ELEMENTS = 1 << 17
 
 
-def elementwise_in_threads(work, arrays, *args) -> None:
+def elementwise_in_threads(work, arrays, *args, scratch: bool = False) -> None:
     """``work(*arrays, *args)`` for a chain of elementwise passes over same-shaped arrays,
     run over contiguous pieces of the flattened arrays: one piece per CPU thread
     (``run_parallel``), each piece in blocks of ``CPU_BLOCK_ELEMENTS``, all the
     passes of a block while it is in cache. ``work`` must treat every element on
-    its own (no reductions). A single call for GPU arrays, non-contiguous ones, or
-    at most one block (most parameters of a small model: no slicing per call).
+    its own (no reductions). ``elementwise_groups_in_threads`` with one group.
     """
-    if (not isinstance(arrays[0], np.ndarray) or arrays[0].size <= CPU_BLOCK_ELEMENTS
-            or not all(a.flags.c_contiguous for a in arrays)):
-        work(*arrays, *args)
+    elementwise_groups_in_threads(work, [arrays], *args, scratch=scratch)
+
+
+def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) -> None:
+    """``work(*arrays, *args)`` for every group (a tuple of same-shaped arrays), as one split.
+
+    The elements of all groups, end to end, are cut into one contiguous share per
+    CPU thread, and each share runs over its groups' elements in blocks of
+    ``CPU_BLOCK_ELEMENTS``: ``work(*(a[block] for a in group), *args)``. AdamW
+    updates every parameter this way in one split, where it was one split per
+    parameter with the small ones (biases, norms) on one core: its step 26.8–29.5
+    -> 24.1–24.8 ms (medians of 12 steps each, alternating in one process, load
+    1.3–1.6). With ``scratch`` ``work`` gets one more array after the group's, a
+    temporary of the block's shape for its intermediate results: one per thread,
+    reused block after block (it stays in cache). Groups of GPU arrays or
+    non-contiguous ones: one call each, here.
+    """
+    flat, sizes = [], []
+    for arrays in groups:
+        if isinstance(arrays[0], np.ndarray) and all(a.flags.c_contiguous for a in arrays):
+            flat.append([a.reshape(-1) for a in arrays])
+            sizes.append(arrays[0].size)
+        else:
+            extra = (backend.array_module(arrays[0]).empty_like(arrays[0]),) if scratch else ()
+            work(*arrays, *extra, *args)
+    if not flat:
         return
-    flat = [a.reshape(-1) for a in arrays]
+    starts = np.cumsum([0] + sizes).tolist()     # group i holds elements starts[i] .. starts[i+1]-1 of all
+    total = starts[-1]
 
-    def run_piece(part):
-        for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
-            block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
-            work(*(a[block] for a in flat), *args)
+    def run_share(share):
+        buffers = {}                             # this thread's scratch, one per dtype
+        for arrays, first, end in zip(flat, starts[:-1], starts[1:]):
+            lo, hi = max(share.start, first), min(share.stop, end)
+            for start in range(lo, hi, CPU_BLOCK_ELEMENTS):
+                block = slice(start - first, min(start + CPU_BLOCK_ELEMENTS, hi) - first)
+                extra = ()
+                if scratch:
+                    dtype = arrays[0].dtype
+                    if dtype not in buffers:
+                        buffers[dtype] = np.empty(min(CPU_BLOCK_ELEMENTS, share.stop - share.start), dtype=dtype)
+                    extra = (buffers[dtype][: block.stop - block.start],)
+                work(*(a[block] for a in arrays), *extra, *args)
 
-    run_parallel(run_piece, row_ranges(flat[0].size, 1))
+    run_parallel(run_share, row_ranges(total, 1) if total > CPU_BLOCK_ELEMENTS else [slice(0, total)])
 
 
 def cpu_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

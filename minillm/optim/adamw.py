@@ -58,7 +58,7 @@ import numpy as np
 
 from .. import backend
 from ..kernels.optim import adamw_update_, multi_adamw_, multi_tensor_fusable
-from ..ops.common import elementwise_in_threads
+from ..ops.common import elementwise_groups_in_threads, elementwise_in_threads
 from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
 
@@ -100,9 +100,8 @@ class AdamW(Optimizer):
             for (device, _, t), columns in buckets_by_device_dtype_step(updates).items():
                 step_size, eps_hat, decay = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, t)
                 coefficients = (beta1, beta2, step_size, eps_hat, decay)
-                if device == "cpu":
-                    for arrays in zip(*columns):
-                        self._update_cpu(*arrays, *coefficients)
+                if device == "cpu":     # every parameter of the bucket in one split of the threads
+                    elementwise_groups_in_threads(_adamw_passes, list(zip(*columns)), *coefficients, scratch=True)
                     continue
                 with backend.device_context(device):
                     if multi_tensor_fusable([a for column in columns for a in column]):
@@ -114,8 +113,8 @@ class AdamW(Optimizer):
     def _update_cpu(self, param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, eps_hat, decay) -> None:
         """The AdamW update in place, in NumPy passes over memory (the elementwise cost on a CPU):
         shared out between the CPU's threads, in blocks that stay in cache for all 13 passes."""
-        arrays = (param, grad, exp_avg, exp_avg_sq, self.scratch_like(param))
-        elementwise_in_threads(_adamw_passes, arrays, beta1, beta2, step_size, eps_hat, decay)
+        elementwise_in_threads(_adamw_passes, (param, grad, exp_avg, exp_avg_sq),
+                               beta1, beta2, step_size, eps_hat, decay, scratch=True)
 
 
 def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,

@@ -316,3 +316,52 @@ def test_attention_softmax_tile_rows_of_any_magnitude(tq, tk):
     expected /= expected.sum(axis=-1, keepdims=True)
     assert np.isnan(got[0, 7]).all() and not np.isnan(np.delete(got[0], 7, axis=0)).any()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_elementwise_groups_in_threads_with_scratch_equals_numpy():
+    """Groups of sizes from 0 to several blocks (so that the threads' shares cut through one),
+    plus a non-contiguous one (a direct call): every element once, the scratch of the block's size."""
+    from minillm.ops.common import elementwise_groups_in_threads
+    rng = np.random.default_rng(6)
+    block = common.CPU_BLOCK_ELEMENTS
+    sizes = [0, 5, block, 3 * block + 11, 2 * block - 1, 300]
+    groups = [(rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32),
+               np.full(n, np.nan, np.float32)) for n in sizes]
+    strided = rng.standard_normal((64, 40)).astype(np.float32)[:, ::2]
+    groups.append((strided, strided + 1, np.full(strided.shape, np.nan, np.float32)))
+    scratch_sizes = []
+
+    def work(a, b, out, scratch, c):                      # out = a·b + c·a, through the scratch
+        assert scratch.shape == a.shape and scratch.dtype == a.dtype
+        scratch_sizes.append(scratch.size)
+        np.multiply(a, b, out=scratch)
+        np.multiply(a, c, out=out)
+        out += scratch
+
+    elementwise_groups_in_threads(work, groups, np.float32(0.5), scratch=True)
+    for a, b, out in groups:
+        np.testing.assert_array_equal(out, a * b + np.float32(0.5) * a)
+    assert max(scratch_sizes) <= block
+
+
+def test_adamw_on_many_parameters_in_one_split_equals_its_formula():
+    """Parameters from 1 element to several blocks, float32 and float64 (two buckets), 3 steps."""
+    rng = np.random.default_rng(7)
+    block = common.CPU_BLOCK_ELEMENTS
+    shapes = [(1,), (384,), (3, block // 3 + 5), (2 * block + 7,), (64, 33)]
+    dtypes = [np.float32, np.float32, np.float32, np.float32, np.float64]
+    p0 = [rng.standard_normal(s) for s in shapes]
+    params = [mm.Tensor(p.astype(d), requires_grad=True) for p, d in zip(p0, dtypes)]
+    opt = optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    state = [(p.copy(), np.zeros_like(p), np.zeros_like(p)) for p in p0]
+    for t in range(1, 4):
+        grads = [rng.standard_normal(s) for s in shapes]
+        for param, g, d in zip(params, grads, dtypes):
+            param.grad = g.astype(d)
+        opt.step()
+        for i, ((p, m, v), g) in enumerate(zip(state, grads)):
+            p *= 1 - 1e-2 * 0.1
+            m[...] = 0.9 * m + 0.1 * g
+            v[...] = 0.99 * v + 0.01 * g * g
+            p -= 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-8)
+            np.testing.assert_allclose(params[i].data, p, rtol=1e-5, atol=1e-6)
