@@ -211,34 +211,50 @@ def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) ->
     reused block after block (it stays in cache). Groups of GPU arrays or
     non-contiguous ones: one call each, here.
     """
-    flat, sizes = [], []
+    flat = []
     for arrays in groups:
         if isinstance(arrays[0], np.ndarray) and all(a.flags.c_contiguous for a in arrays):
             flat.append([a.reshape(-1) for a in arrays])
-            sizes.append(arrays[0].size)
         else:
             extra = (backend.array_module(arrays[0]).empty_like(arrays[0]),) if scratch else ()
             work(*arrays, *extra, *args)
-    if not flat:
-        return
-    starts = np.cumsum([0] + sizes).tolist()     # group i holds elements starts[i] .. starts[i+1]-1 of all
-    total = starts[-1]
 
     def run_share(share):
         buffers = {}                             # this thread's scratch, one per dtype
-        for arrays, first, end in zip(flat, starts[:-1], starts[1:]):
-            lo, hi = max(share.start, first), min(share.stop, end)
-            for start in range(lo, hi, CPU_BLOCK_ELEMENTS):
-                block = slice(start - first, min(start + CPU_BLOCK_ELEMENTS, hi) - first)
+        for i, part in share:
+            arrays = flat[i]
+            for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
+                block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
                 extra = ()
                 if scratch:
                     dtype = arrays[0].dtype
                     if dtype not in buffers:
-                        buffers[dtype] = np.empty(min(CPU_BLOCK_ELEMENTS, share.stop - share.start), dtype=dtype)
+                        buffers[dtype] = np.empty(CPU_BLOCK_ELEMENTS, dtype=dtype)
                     extra = (buffers[dtype][: block.stop - block.start],)
                 work(*(a[block] for a in arrays), *extra, *args)
 
-    run_parallel(run_share, row_ranges(total, 1) if total > CPU_BLOCK_ELEMENTS else [slice(0, total)])
+    if flat:
+        run_parallel(run_share, group_shares([arrays[0].size for arrays in flat]))
+
+
+def group_shares(sizes: list[int]) -> list[list[tuple[int, slice]]]:
+    """The elements of groups of ``sizes`` elements, end to end, cut into one contiguous share
+    per CPU thread (``row_ranges``: one share when few); each share as its pieces, (group
+    index, slice of that group's flattened elements), in order.
+
+    >>> group_shares([3, 0, 5]) == [[(0, slice(0, 3)), (2, slice(0, 5))]]
+    True
+    """
+    starts = np.cumsum([0] + list(sizes)).tolist()     # group i: elements starts[i] .. starts[i+1]-1
+    shares = []
+    for share in row_ranges(starts[-1], 1):
+        pieces = []
+        for i, (first, end) in enumerate(zip(starts[:-1], starts[1:])):
+            lo, hi = max(share.start, first), min(share.stop, end)
+            if lo < hi:
+                pieces.append((i, slice(lo - first, hi - first)))
+        shares.append(pieces)
+    return shares
 
 
 def cpu_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

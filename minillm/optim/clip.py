@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import numpy as np
+
 from .. import backend
 from ..kernels import optim as kernels
+from ..ops.common import group_shares, run_parallel
 
 
 def clip_grad_norm_(params: Iterable[Any], max_norm: float, reduce_total=None) -> float:
@@ -61,7 +64,24 @@ def _sum_of_squares(arrays):
     if kernels.multi_tensor_fusable(arrays):
         return kernels.multi_sum_squares(arrays)  # one launch for all arrays
     xp = backend.array_module(arrays[0])
+    if xp is np and all(a.flags.c_contiguous for a in arrays):
+        return _sum_of_squares_in_threads(arrays)
     return sum(xp.vdot(a, a) for a in arrays)  # vdot flattens; BLAS on the CPU, no temporary
+
+
+def _sum_of_squares_in_threads(arrays):
+    """Σ x² of NumPy arrays, all their elements cut into one share per CPU thread
+    (``group_shares``), each share summed piece by piece with ``vdot``; the partial
+    sums are added in share order, so the result does not depend on thread timing.
+    On one core this was the step's last serial pass over every gradient
+    (``minillm bench train``: 3.7 -> 2.3 ms, medians of 12 alternating steps, load ~1.3).
+    """
+    flat = [a.reshape(-1) for a in arrays]
+
+    def share_sum(share):
+        return [np.vdot(flat[i][part], flat[i][part]) for i, part in share]
+
+    return sum(s for sums in run_parallel(share_sum, group_shares([a.size for a in flat])) for s in sums)
 
 
 def _scale_(arrays, scale: float) -> None:

@@ -365,3 +365,24 @@ def test_adamw_on_many_parameters_in_one_split_equals_its_formula():
             v[...] = 0.99 * v + 0.01 * g * g
             p -= 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-8)
             np.testing.assert_allclose(params[i].data, p, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_sum_of_squares_in_threads_equals_numpy_and_repeats_exactly():
+    """Gradients large enough for both threads (a share boundary inside one of them), a tiny one
+    and an empty one: the total norm against float64 NumPy, the same bits on every call, and the
+    clip's scaling of every element."""
+    rng = np.random.default_rng(8)
+    shapes = [(700, 500), (3,), (0,), (123_457,)]
+    params = [mm.Tensor(np.zeros(s, np.float32), requires_grad=True) for s in shapes]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    expected = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+    norms = set()
+    for _ in range(20):
+        for p, g in zip(params, grads):
+            p.grad = g.copy()
+        norms.add(optim.clip_grad_norm_(params, max_norm=1.0))
+    assert len(norms) == 1
+    np.testing.assert_allclose(norms.pop(), expected, rtol=1e-6)
+    scale = 1.0 / (expected + 1e-6)
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.grad, g * scale, rtol=1e-5, atol=1e-9)
