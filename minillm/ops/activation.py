@@ -255,16 +255,18 @@ def _gelu_backward_into(x, t, grad, d, approximate: str) -> None:
     """d <- dL/dx from x and the saved t (no transcendental function in the tanh form)."""
     xp = array_module(x)
     if approximate == "tanh":
+        # ½ (1 + t) + ½ x (1 - t²) du/dx = (1 + t) (½ + A (1 - t)), A = ½ x du/dx: with
+        # 1 - t² = (1 - t)(1 + t) factored out, 10 passes instead of 11 (the step's GELU
+        # backward 36.7–37.1 -> 35.2–35.4 ms, medians of 12 alternating steps, load 1.0–1.3)
         xp.multiply(x, x, out=d)
         d *= 1.5 * SQRT_2_OVER_PI * GELU_CUBIC
         d += 0.5 * SQRT_2_OVER_PI
-        d *= x                                       # ½ x du/dx = ½ k x (1 + 3c x²)
-        one_minus_t2 = t * t
-        xp.subtract(1.0, one_minus_t2, out=one_minus_t2)
-        d *= one_minus_t2                            # ½ x (1 - t²) du/dx
-        half_t = xp.multiply(t, 0.5, out=one_minus_t2)
-        d += half_t
-        d += 0.5                                     # + ½ (1 + t)
+        d *= x                                       # A = ½ x du/dx = ½ k x (1 + 3c x²)
+        work = xp.subtract(1.0, t)
+        d *= work
+        d += 0.5                                     # ½ + A (1 - t)
+        xp.add(t, 1.0, out=work)
+        d *= work                                    # (1 + t) (½ + A (1 - t))
     else:
         xp.multiply(x, x, out=d)
         d *= -0.5
