@@ -202,8 +202,16 @@ class GELU(Function):
         y = ½ x (1 + t),   t = tanh(u),   u = k (x + c x³),   k = √(2/π), c = 0.044715
         dy/dx = ½ (1 + t) + ½ x · (1 - t²) · du/dx,   du/dx = k (1 + 3c x²)
 
-    On the CPU the forward saves x and t (or Φ), so the tanh form's backward
-    needs no transcendental function at all (the exact form's, one exp for φ).
+    On the CPU the forward saves x and s = ½ (1 + t) (or Φ: s plays its part,
+    y = x s), so the tanh form's backward needs no transcendental function at all
+    (the exact form's, one exp for φ): with ds/du = ½ (1 - t²) = 2 s (1 - s),
+
+        dy/dx = s + x · 2 s (1 - s) · du/dx = s · (1 + B (1 - s)),   B = 2 x du/dx,
+
+    9 passes over memory (11 from t before). Measured in ``minillm bench train``'s
+    step (medians of 4 alternating processes of 10 steps, load 1.0–1.6): GELU
+    backward 34.8 -> 32.4 ms, forward 26.2 -> 27.1 ms (the same 8 passes, ordered
+    differently), together 61.0 -> 59.5 ms.
     On a GPU one CUDA kernel computes y, and one computes dx from (grad, x),
     recomputing t: 2 launches, nothing extra saved.
     """
@@ -235,38 +243,34 @@ class GELU(Function):
 
 
 def _gelu_forward_into(x, t, out, approximate: str) -> None:
-    """t, out <- tanh(u) (or Φ(x)) and y = GELU(x), written into the given arrays."""
+    """t, out <- s = ½ (1 + tanh(u)) (or Φ(x)) and y = GELU(x) = x s, written into the given arrays."""
     xp = array_module(x)
     if approximate == "tanh":
         xp.multiply(x, x, out=t)                     # x²
         t *= SQRT_2_OVER_PI * GELU_CUBIC
         t += SQRT_2_OVER_PI
         t *= x                                       # u = k x (1 + c x²)
-        xp.tanh(t, out=t)                            # t = tanh(u)
-        xp.add(t, 1.0, out=out)
-        out *= x
-        out *= 0.5                                   # y = ½ x (1 + t)
+        xp.tanh(t, out=t)                            # tanh(u)
+        t *= 0.5
+        t += 0.5                                     # s = ½ (1 + tanh(u))
+        xp.multiply(x, t, out=out)                   # y = x s
     else:
         t[...] = normal_cdf_array(x)                 # Φ(x)
         xp.multiply(x, t, out=out)                   # y = x Φ(x)
 
 
 def _gelu_backward_into(x, t, grad, d, approximate: str) -> None:
-    """d <- dL/dx from x and the saved t (no transcendental function in the tanh form)."""
+    """d <- dL/dx from x and the saved s (or Φ): no transcendental function in the tanh form."""
     xp = array_module(x)
     if approximate == "tanh":
-        # ½ (1 + t) + ½ x (1 - t²) du/dx = (1 + t) (½ + A (1 - t)), A = ½ x du/dx: with
-        # 1 - t² = (1 - t)(1 + t) factored out, 10 passes instead of 11 (the step's GELU
-        # backward 36.7–37.1 -> 35.2–35.4 ms, medians of 12 alternating steps, load 1.0–1.3)
         xp.multiply(x, x, out=d)
-        d *= 1.5 * SQRT_2_OVER_PI * GELU_CUBIC
-        d += 0.5 * SQRT_2_OVER_PI
-        d *= x                                       # A = ½ x du/dx = ½ k x (1 + 3c x²)
-        work = xp.subtract(1.0, t)
-        d *= work
-        d += 0.5                                     # ½ + A (1 - t)
-        xp.add(t, 1.0, out=work)
-        d *= work                                    # (1 + t) (½ + A (1 - t))
+        d *= 6 * SQRT_2_OVER_PI * GELU_CUBIC
+        d += 2 * SQRT_2_OVER_PI
+        d *= x                                       # B = 2 x du/dx = 2 k x (1 + 3c x²)
+        one_minus_s = xp.subtract(1.0, t)
+        d *= one_minus_s
+        d += 1.0
+        d *= t                                       # s (1 + B (1 - s))
     else:
         xp.multiply(x, x, out=d)
         d *= -0.5
