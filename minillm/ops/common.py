@@ -207,9 +207,10 @@ def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) ->
     parameter with the small ones (biases, norms) on one core: its step 26.8–29.5
     -> 24.1–24.8 ms (medians of 12 steps each, alternating in one process, load
     1.3–1.6). With ``scratch`` ``work`` gets one more array after the group's, a
-    temporary of the block's shape for its intermediate results: one per thread,
-    reused block after block (it stays in cache). Groups of GPU arrays or
-    non-contiguous ones: one call each, here.
+    temporary of the block's shape for its intermediate results: one per thread
+    (``_thread_scratch``), reused block after block (it stays in cache), so ``work``
+    must not itself run such a chain. Groups of GPU arrays or non-contiguous ones:
+    one call each, here.
     """
     flat = []
     for arrays in groups:
@@ -220,21 +221,28 @@ def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) ->
             work(*arrays, *extra, *args)
 
     def run_share(share):
-        buffers = {}                             # this thread's scratch, one per dtype
         for i, part in share:
             arrays = flat[i]
             for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
                 block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
-                extra = ()
-                if scratch:
-                    dtype = arrays[0].dtype
-                    if dtype not in buffers:
-                        buffers[dtype] = np.empty(CPU_BLOCK_ELEMENTS, dtype=dtype)
-                    extra = (buffers[dtype][: block.stop - block.start],)
+                extra = (_thread_scratch(arrays[0].dtype)[: block.stop - block.start],) if scratch else ()
                 work(*(a[block] for a in arrays), *extra, *args)
 
     if flat:
         run_parallel(run_share, group_shares([arrays[0].size for arrays in flat]))
+
+
+_scratch = threading.local()     # each thread's block-sized work arrays, one per dtype, kept between calls
+
+
+def _thread_scratch(dtype) -> np.ndarray:
+    """This thread's scratch array of ``CPU_BLOCK_ELEMENTS`` elements of ``dtype``: made once, so an
+    AdamW step allocates nothing after the first (tests/train/test_promises.py)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.size < CPU_BLOCK_ELEMENTS:
+        buffer = buffers[dtype] = np.empty(CPU_BLOCK_ELEMENTS, dtype=dtype)
+    return buffer
 
 
 def group_shares(sizes: list[int]) -> list[list[tuple[int, slice]]]:
