@@ -34,21 +34,23 @@ from ..tensor import Function, Tensor
 from .common import row_ranges, run_parallel
 
 
-# 2 MB of float32, a core's L2 cache here. Was 1 << 18: (8, 256, 384) in 2 threads then ran as
-# blocks of 682 and 342 rows per thread; one block per thread is quicker (forward + backward
-# 2.89 -> 2.44 ms; (8, 1024, 768): 26.8 -> 22.6 ms; medians of 9, alternating, load ~1.3).
-_BLOCK_ELEMENTS = 1 << 19
+# Elements per block of rows: the backward's, whose passes use four (N, C) arrays (x, g, dx, x̂):
+# 4 MB of float32 together. The forward's use two (x, y): blocks twice as large, the same bytes.
+# (One size for both, 1 << 18, had the forward of (8, 256, 384) in 2 threads run as blocks of
+# 682 and 342 rows per thread; in the training step, alternating step by step, 15 each (load
+# ~1.5): forward 15.6 -> 13.8 ms with 1 << 19, while the backward went 26.4 -> 26.7 ms with it.)
+_BLOCK_ELEMENTS = 1 << 18
 
 
-def _row_blocks(n_rows: int, n_cols: int, xp):
-    """Slices of consecutive rows, about ``_BLOCK_ELEMENTS`` elements each.
+def _row_blocks(n_rows: int, n_cols: int, xp, block_elements: int):
+    """Slices of consecutive rows, about ``block_elements`` elements each.
 
     Layer norm makes about six elementwise passes forward and ten backward.
     On a CPU, making all of them over one block while it sits in cache, then
     moving on, reads main memory once instead of every pass (~1.5x faster for
     (8192, 768)). On a GPU every pass is a kernel launch, so one block.
     """
-    step = max(1, _BLOCK_ELEMENTS // max(n_cols, 1)) if xp is np else max(n_rows, 1)
+    step = max(1, block_elements // max(n_cols, 1)) if xp is np else max(n_rows, 1)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -108,7 +110,7 @@ class LayerNorm(Function):
         rstd = xp.empty((rows.shape[0], 1), dtype=x.dtype)         # (N, 1)
 
         def normalize(part):                                      # rows part.start .. part.stop - 1
-            for block in _row_blocks(part.stop - part.start, n_features, xp):
+            for block in _row_blocks(part.stop - part.start, n_features, xp, 2 * _BLOCK_ELEMENTS):
                 block = slice(part.start + block.start, part.start + block.stop)
                 x_block, y = rows[block], out_rows[block]
                 mu = _row_sum(x_block)
@@ -153,7 +155,7 @@ class LayerNorm(Function):
         def backward_rows(part):                                  # rows part.start .. part.stop - 1
             grad_w = xp.zeros(n_features, dtype=x.dtype)
             grad_b = xp.zeros(n_features, dtype=x.dtype)
-            blocks = list(_row_blocks(part.stop - part.start, n_features, xp))
+            blocks = list(_row_blocks(part.stop - part.start, n_features, xp, _BLOCK_ELEMENTS))
             block_rows = blocks[0].stop - blocks[0].start if blocks else 0
             x_hat_buffer = xp.empty((block_rows, n_features), dtype=x.dtype)
             for block in blocks:
