@@ -144,7 +144,8 @@ def _forget_helpers_after_fork() -> None:
     _split_running = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_helpers_after_fork)
+if hasattr(os, "register_at_fork"):     # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_helpers_after_fork)
 
 
 def run_parallel(work, pieces: list) -> list:
