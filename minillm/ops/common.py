@@ -173,7 +173,11 @@ def run_parallel(work, pieces: list) -> list:
             try:
                 mine = [work(piece) for piece in pieces[::shares]]
             finally:                                # wait for the helpers even if a piece here failed
-                outcomes = [helper.collect() for helper in _helpers[: shares - 1]]
+                try:
+                    outcomes = [helper.collect() for helper in _helpers[: shares - 1]]
+                except BaseException:               # a wait cut short (Ctrl-C): those helpers may still be
+                    _helpers.clear()                # running; later splits start new ones
+                    raise
     finally:
         _split_running.release()
     results = [None] * len(pieces)

@@ -386,3 +386,22 @@ def test_clip_sum_of_squares_in_threads_equals_numpy_and_repeats_exactly():
     scale = 1.0 / (expected + 1e-6)
     for p, g in zip(params, grads):
         np.testing.assert_allclose(p.grad, g * scale, rtol=1e-5, atol=1e-9)
+
+
+@needs_threads
+def test_run_parallel_after_a_wait_cut_short(monkeypatch):
+    """Ctrl-C while the caller waits for a helper: the next split must not take that helper's
+    late result for its own (it gets new helpers)."""
+    import time
+    real_collect = common._Helper.collect
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common._Helper, "collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_parallel(lambda p: time.sleep(0.2 * p) or "old", [0, 1])
+    monkeypatch.setattr(common._Helper, "collect", real_collect)
+    assert run_parallel(lambda p: ("new", p), [0, 1]) == [("new", 0), ("new", 1)]
+    time.sleep(0.3)                                    # the old helper finishes its piece meanwhile
+    assert run_parallel(lambda p: ("newer", p), [0, 1]) == [("newer", 0), ("newer", 1)]
