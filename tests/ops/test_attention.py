@@ -209,7 +209,8 @@ def test_products_and_softmax_passes_per_tile(recompute, monkeypatch):
         real = getattr(attention, name)
         return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
 
-    for name in ("_grouped_matmul", "_group_summed_matmul", "_softmax_rows_", "_softmax_rows_backward_"):
+    for name in ("_grouped_matmul", "_group_summed_matmul", "_matmul_into_heads", "_softmax_rows_",
+                 "_softmax_rows_backward_"):
         monkeypatch.setattr(attention, name, counted(name))
     _, tensors = qkv((2, 3), 6, 6, 4)
     out = F.scaled_dot_product_attention(*tensors)
@@ -218,7 +219,7 @@ def test_products_and_softmax_passes_per_tile(recompute, monkeypatch):
     out.backward(np.ones(out.shape))
 
     def gemms(names):
-        return sum(n in ("_grouped_matmul", "_group_summed_matmul") for n in names)
+        return sum(n in ("_grouped_matmul", "_group_summed_matmul", "_matmul_into_heads") for n in names)
 
     assert (gemms(forward), forward.count("_softmax_rows_")) == (2 * tiles, tiles)
     assert gemms(calls) == (5 if recompute else 4) * tiles

@@ -405,3 +405,27 @@ def test_run_parallel_after_a_wait_cut_short(monkeypatch):
     assert run_parallel(lambda p: ("new", p), [0, 1]) == [("new", 0), ("new", 1)]
     time.sleep(0.3)                                    # the old helper finishes its piece meanwhile
     assert run_parallel(lambda p: ("newer", p), [0, 1]) == [("newer", 0), ("newer", 1)]
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_attention_output_written_heads_last(p_drop, stale_empty):
+    """O written as (B, T, H, D) memory: 3 sequences of 5 heads, T = 300 (query tiles of 128 rows and
+    16 or 8 matrices, so tiles start and end inside a sequence), with and without dropout. Values
+    against the float64 formula (the keep mask read back from a run with the same seed), and the
+    model's transpose back to (B, T, H, D) is C-contiguous (its reshape to (B, T, C) needs no copy)."""
+    from minillm.ops.attention import dropout_keep_mask
+    rng = np.random.default_rng(11)
+    b, h, t, d = 3, 5, 300, 16
+    q64, k64, v64 = (rng.standard_normal((b, h, t, d)) for _ in range(3))
+    mm.manual_seed(4)
+    out = mm.functional.scaled_dot_product_attention(
+        *(mm.Tensor(a.astype(np.float32)) for a in (q64, k64, v64)), causal=True, dropout_p=p_drop)
+    assert out.shape == (b, h, t, d) and out.data.transpose(0, 2, 1, 3).flags.c_contiguous
+    scores = np.einsum("bhid,bhjd->bhij", q64, k64) / np.sqrt(d)
+    scores = np.where(np.triu(np.ones((t, t), bool), 1), -np.inf, scores)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if p_drop:
+        mm.manual_seed(4)
+        p = p * dropout_keep_mask((b, h, t, t), p_drop, "cpu") / (1 - p_drop)
+    np.testing.assert_allclose(out.data, p @ v64, rtol=1e-4, atol=1e-5)
