@@ -290,7 +290,9 @@ def test_adamw_step_on_the_cpu_allocates_nothing_after_the_first():
     finally:
         tracemalloc.stop()
     assert peak - start < 4 * N // 8, peak - start         # < 64 kB; one block's temporary is 512 kB
-    assert held - start < 4096
+    # still held: the split's bookkeeping (Python objects, no array; ~3 kB with 2 threads, ~4.3 kB with 8,
+    # flat after a few steps) is far below any per-step array (one block: 512 kB)
+    assert held - start < 16 * 1024, held - start
 
 
 # ------------------------------------------------------------------ `minillm train` with no arguments (§10)
