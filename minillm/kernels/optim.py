@@ -41,7 +41,7 @@ def adamw_update_(param, grad, exp_avg, exp_avg_sq, beta1: float, beta2: float,
 
     with decay = 1 - lr wd, step_size = lr sqrt(1 - beta2^t) / (1 - beta1^t) and
     eps_hat = eps sqrt(1 - beta2^t) (see minillm/optim/adamw.py). Equals the
-    NumPy path of ``AdamW._update_cpu``.
+    NumPy path (``_adamw_passes`` in minillm/optim/adamw.py).
     """
     scalar = param.dtype.type  # the scalars take the parameter's dtype: no float64 math for float32
     _adamw_kernel()(grad, scalar(beta1), scalar(beta2), scalar(step_size), scalar(eps_hat), scalar(decay),

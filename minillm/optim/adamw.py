@@ -58,7 +58,7 @@ import numpy as np
 
 from .. import backend
 from ..kernels.optim import adamw_update_, multi_adamw_, multi_tensor_fusable
-from ..ops.common import elementwise_groups_in_threads, elementwise_in_threads
+from ..ops.common import elementwise_groups_in_threads
 from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
 
@@ -109,12 +109,6 @@ class AdamW(Optimizer):
                     else:
                         for arrays in zip(*columns):
                             adamw_update_(*arrays, *coefficients)
-
-    def _update_cpu(self, param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, eps_hat, decay) -> None:
-        """The AdamW update in place, in NumPy passes over memory (the elementwise cost on a CPU):
-        shared out between the CPU's threads, in blocks that stay in cache for all 13 passes."""
-        elementwise_in_threads(_adamw_passes, (param, grad, exp_avg, exp_avg_sq),
-                               beta1, beta2, step_size, eps_hat, decay, scratch=True)
 
 
 def adamw_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
