@@ -45,7 +45,13 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file {str(path)!r}")
-    text = path.read_text(encoding="utf-8-sig")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at byte offset "
+                        f"{error.start}); save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path} is empty: no records to fine-tune on")
     suffix = path.suffix.lower()
@@ -110,9 +116,14 @@ def _read_table(path: Path, text: str, delimiter: str) -> list[dict[str, Any]]:
         raise DataError(f"{path} has no header line")
     reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
     records = []
-    for number, row in enumerate(reader, 2):
-        row = {k: v for k, v in row.items() if k is not None}
-        row["_where"] = f"{path}, line {number}"
+    for row in reader:
+        where = f"{path}, line {reader.line_num}"      # counts lines (a quoted field may span several), not rows
+        extra = row.pop(None, None)                    # DictReader's place for fields beyond the header's
+        if extra is not None:
+            hint = "quote a text that holds a comma" if delimiter == "," else "a text that holds a tab needs quotes"
+            raise DataError(f"{where}: {len(reader.fieldnames) + len(extra)} fields, but the header names "
+                            f"{len(reader.fieldnames)} ({hint})")
+        row["_where"] = where
         records.append(row)
     return records
 
@@ -149,6 +160,9 @@ def read_labelled(path: str | os.PathLike, text_field: str = "text",
     require_fields(records, (text_field, label_field), str(path))
     texts = [r[text_field] for r in records]
     labels = [r[label_field].strip() for r in records]
+    for record, label in zip(records, labels):
+        if not label:
+            raise DataError(f"{record.get('_where', path)}: the label is empty")
     if len(set(labels)) < 2:
         raise DataError(f"{path}: every record has the label {labels[0]!r}; a classifier needs two or more")
     return texts, labels

@@ -163,3 +163,35 @@ def test_epoch_batches_cover_each_epoch_once_and_resume_exactly():
     assert data.steps_per_epoch(4) == 3
     second = np.concatenate(ahead)                                      # the next epoch: a new seeded order
     assert sorted(second.tolist()) == list(range(10)) and second.tolist() != epoch.tolist()
+
+
+def test_a_row_with_more_fields_than_the_header_is_named_not_cut(tmp_path):
+    """An unquoted comma (CSV) or an extra tab (TSV with a header) must not silently drop the rest of the text."""
+    (tmp_path / "extra.csv").write_text("label,text\nham,hello\nspam,win a prize, now\n")
+    with pytest.raises(DataError, match=r"extra\.csv, line 3: 3 fields, but the header names 2 .*quote"):
+        read_labelled(tmp_path / "extra.csv")
+    (tmp_path / "extra.tsv").write_text("label\ttext\nham\thello\nspam\twin\tnow\n")
+    with pytest.raises(DataError, match=r"extra\.tsv, line 3: 3 fields, but the header names 2"):
+        read_labelled(tmp_path / "extra.tsv")
+    # a quoted comma and a headerless TSV text holding a tab are fine
+    (tmp_path / "ok.csv").write_text('label,text\nham,hello\nspam,"win a prize, now"\n')
+    assert read_labelled(tmp_path / "ok.csv")[0] == ["hello", "win a prize, now"]
+
+
+def test_csv_line_numbers_count_the_lines_of_quoted_multi_line_fields(tmp_path):
+    (tmp_path / "multi.csv").write_text('label,text\nham,"a\nb\nc"\n\nspam,x\nham\n')   # and a blank line
+    with pytest.raises(DataError, match=r"multi\.csv, line 7: no 'text' field"):
+        read_labelled(tmp_path / "multi.csv")
+
+
+def test_an_empty_label_is_named(tmp_path):
+    (tmp_path / "nolabel.tsv").write_text("ham\thello\n\tno label here\nspam\tx\n")
+    with pytest.raises(DataError, match=r"nolabel\.tsv, line 2: the label is empty"):
+        read_labelled(tmp_path / "nolabel.tsv")
+
+
+@pytest.mark.parametrize("name", ["bad.json", "bad.jsonl", "bad.tsv", "bad.csv"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    (tmp_path / name).write_bytes(b'label,text\nham,caf\xe9\n')          # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=rf"{name}, line 2: not UTF-8 text \(byte 0xe9 at byte offset 18\)"):
+        read_records(tmp_path / name)
