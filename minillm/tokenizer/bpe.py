@@ -245,14 +245,32 @@ class BPETokenizer:
     @classmethod
     def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> BPETokenizer:
         """GPT-2's own tokenizer from its published ``encoder.json`` and
-        ``vocab.bpe``: same ids, token for token; ``<|endoftext|>`` = 50256."""
+        ``vocab.bpe``: same ids, token for token; ``<|endoftext|>`` = 50256.
+
+        The two files must agree as GPT-2's do: every merge joins two tokens
+        of encoder.json into a third, and every token longer than one byte is
+        made by a merge. A vocab.bpe cut short at a line end still parses, so
+        this last check is what catches it (the tokens of its lost merges
+        could never be produced: a different tokenizer, silently).
+        """
         tokens, specials = read_encoder_json(encoder_json)
         vocab = {i: b for b, i in tokens.items()}
-        merges = []
+        merges, made = [], set()
         for lineno, (left, right) in enumerate(read_vocab_bpe(vocab_bpe), start=2):
             if left not in tokens or right not in tokens:
                 raise ValueError(f"{vocab_bpe}:{lineno}: merge uses a token missing from {encoder_json}")
+            if left + right not in tokens:
+                raise ValueError(f"{vocab_bpe}:{lineno}: merge {bytes_to_chars(left)} {bytes_to_chars(right)} makes "
+                                 f"{bytes_to_chars(left + right)}, which {encoder_json} lacks (are the two files "
+                                 f"from different tokenizers?)")
             merges.append((tokens[left], tokens[right]))
+            made.add(left + right)
+        unmade = sorted((b for b in tokens if len(b) > 1 and b not in made), key=tokens.__getitem__)
+        if unmade:
+            examples = ", ".join(bytes_to_chars(b) for b in unmade[:3])
+            raise ValueError(f"{encoder_json} has {len(unmade)} multi-byte token(s) that no merge of {vocab_bpe} makes "
+                             f"(e.g. {examples}): {vocab_bpe} is truncated ({len(merges)} merges), or the two files "
+                             f"belong to different tokenizers")
         return cls(vocab, merges, GPT2_PATTERN, specials)
 
     @classmethod

@@ -74,7 +74,7 @@ def read_vocab_bpe(path: str | Path) -> list[tuple[bytes, bytes]]:
 
     >>> # "#version: 0.2\\nĠ t\\n..." -> [(b' ', b't'), ...]
     """
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     if not lines or not lines[0].startswith("#version"):
         raise ValueError(f"{path}: not a GPT-2 vocab.bpe file (no '#version' first line)")
     merges = []
@@ -89,18 +89,41 @@ def read_vocab_bpe(path: str | Path) -> list[tuple[bytes, bytes]]:
 
 
 def read_encoder_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, int]]:
-    """``encoder.json`` split into (byte tokens -> id, special tokens -> id)."""
+    """``encoder.json`` split into (byte tokens -> id, special tokens -> id).
+
+    Checked: the N entries have the ids 0 to N-1, each once (as GPT-2's file
+    does), so that a corrupt id can neither alias two tokens nor make the id
+    table absurdly long.
+    """
     try:
-        encoder = json.loads(Path(path).read_text(encoding="utf-8"))
+        encoder = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a GPT-2 encoder.json file ({err})") from None
     if not isinstance(encoder, dict):
         raise ValueError(f"{path}: not a GPT-2 encoder.json file (expected a JSON object)")
     tokens: dict[bytes, int] = {}
     special: dict[str, int] = {}
+    owner: dict[int, str] = {}                                   # id -> the entry that has it
     for text, idx in encoder.items():
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(encoder):
+            ids = {i for i in encoder.values() if isinstance(i, int) and not isinstance(i, bool)}
+            gap = next((i for i in range(len(encoder)) if i not in ids), None)
+            raise ValueError(f"{path}: {text!r} has id {idx!r}; ids are integers 0 to {len(encoder) - 1} "
+                             f"(one per entry)" + (f", and no entry has id {gap}" if gap is not None else ""))
+        if idx in owner:
+            raise ValueError(f"{path}: {owner[idx]!r} and {text!r} both have id {idx}")
+        owner[idx] = text
         if text in GPT2_SPECIAL_TOKENS:
             special[text] = idx
         else:
             tokens[chars_to_bytes(text)] = idx
     return tokens, special
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of a file that must be UTF-8; a ValueError naming the file and the first bad byte if not."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start})") from None
