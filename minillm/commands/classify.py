@@ -15,7 +15,7 @@ import sys
 
 from .. import backend
 from . import argtypes
-from .common import add_command, add_device_option, say
+from .common import add_command, add_device_option, read_text, say
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -44,11 +44,7 @@ def run_classify(args: argparse.Namespace, out=None) -> int:
         raise ValueError(f"{args.run} is a {info['finetune']['task']} run; 'minillm classify' needs a "
                          f"'minillm finetune classify' run")
     labels = info["labels"]
-    if args.input == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        with open(args.input, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+    lines = read_text(args.input).splitlines()
     context = model.config.context_length
     encoded = encode_texts(tokenizer, lines, context, truncate=True)
     cut = sum(len(tokenizer.encode(line, allowed_special="none")) > context for line in lines)

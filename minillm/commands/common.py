@@ -157,6 +157,26 @@ def check_input_files(paths, option: str) -> list[Path]:
     return files
 
 
+def read_text(path: str | None) -> str:
+    """The whole text of ``path`` (None or ``-``: standard input), as UTF-8, line endings kept.
+
+    Read as bytes and decoded here, so that bytes that are not UTF-8 stop the command with the
+    file's name (standard input would otherwise hand them on as lone surrogates, which fail later
+    with a codec message about "surrogates not allowed").
+    """
+    if path is None or path == "-":
+        if not hasattr(sys.stdin, "buffer"):    # a text stream already (tests, an embedding program)
+            return sys.stdin.read()
+        name, data = "standard input", sys.stdin.buffer.read()
+    else:
+        name, data = path, Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}: "
+                         f"{error.reason}); convert it to UTF-8 first") from None
+
+
 def check_output_file(path, option: str, example: str = "out.json") -> Path:
     """``path`` can be written as a file: not a folder, and its folder exists (checked before the work)."""
     path = Path(path)

@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import argtypes
-from .common import add_command, check_input_files, check_output_file, say, warn
+from .common import add_command, check_input_files, check_output_file, read_text, say, warn
 
 SPEC_HELP = "bytes, gpt2:DIR (encoder.json + vocab.bpe) or a saved tokenizer file"
 
@@ -72,13 +72,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_input(path: str | None) -> str:
-    if path is None:
-        return sys.stdin.read()
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
-
-
 def run_encode(args: argparse.Namespace) -> int:
     from ..tokenizer import DisallowedSpecialToken, load_tokenizer  # noqa: PLC0415
 
@@ -86,7 +79,7 @@ def run_encode(args: argparse.Namespace) -> int:
     allowed = args.allowed_special
     if allowed not in ("none_raise", "none", "all"):
         allowed = {s for s in allowed.split(",") if s}
-    text = _read_input(args.input)
+    text = read_text(args.input)
     try:
         ids = tok.encode(text, allowed_special=allowed)
     except DisallowedSpecialToken as error:
@@ -124,7 +117,7 @@ def run_decode(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer  # noqa: PLC0415
 
     tokenizer = load_tokenizer(args.tokenizer)
-    ids = parse_ids(_read_input(args.input))
+    ids = parse_ids(read_text(args.input))
     sys.stdout.write(tokenizer.decode(ids))
     sys.stdout.flush()
     return 0

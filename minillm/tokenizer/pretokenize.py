@@ -163,12 +163,17 @@ def iter_text_files(
 ) -> Iterator[str]:
     """Stream UTF-8 files as blocks (see :func:`split_blocks`): memory stays
     at a few blocks whatever the file size. Each file is its own document;
-    line endings are kept as they are (``\\r\\n`` stays ``\\r\\n``)."""
+    line endings are kept as they are (``\\r\\n`` stays ``\\r\\n``). A file that is not UTF-8
+    raises ValueError naming it."""
     for path in paths:
         with open(path, encoding="utf-8", newline="") as f:
             carry = ""
             while True:
-                data = f.read(block_chars)
+                try:
+                    data = f.read(block_chars)
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x}: "
+                                     f"{error.reason}); convert it to UTF-8 first") from None
                 if not data:
                     break
                 buffer = carry + data

@@ -191,6 +191,41 @@ def test_degenerate_requests_are_refused_or_warned(tmp_path, capsys):
             "(2 merges), not the 1000 asked for") in err
 
 
+# ------------------------------------------------------------------ text that is not UTF-8
+
+
+def test_text_that_is_not_utf8_names_its_file_in_one_line(tmp_path, capsys, monkeypatch):
+    import io
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1") * 50)        # é is the byte 0xe9, at offset 3
+    reason = "byte 0xe9 at offset 3: invalid continuation byte); convert it to UTF-8 first"
+    _, err = run(["tokenizer", "encode", "--tokenizer", "bytes", latin1], capsys, 2)
+    assert one_line_error(err) == f"{latin1}: not UTF-8 text ({reason}"
+
+    # standard input as Python opens it (surrogateescape): the bytes must not travel on as surrogates
+    stdin = io.TextIOWrapper(io.BytesIO(latin1.read_bytes()), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    _, err = run(["tokenizer", "encode", "--tokenizer", "bytes"], capsys, 2)
+    assert one_line_error(err) == f"standard input: not UTF-8 text ({reason}"
+
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"104 105 \xff")
+    _, err = run(["tokenizer", "decode", "--tokenizer", "bytes", ids], capsys, 2)
+    assert one_line_error(err).startswith(f"{ids}: not UTF-8 text (byte 0xff at offset 8: invalid start byte)")
+
+    _, err = run(["tokenizer", "train", "--input", latin1, "--vocab-size", "300", "--out", tmp_path / "t.json",
+                  "--quiet"], capsys, 2)
+    assert one_line_error(err) == (f"{latin1}: not UTF-8 text (byte 0xe9: invalid continuation byte); "
+                                   f"convert it to UTF-8 first")
+    assert not (tmp_path / "t.json").exists()
+
+    utf8 = tmp_path / "utf8.txt"                                        # the same text in UTF-8 is fine
+    utf8.write_text("café au lait\n", encoding="utf-8")
+    out, _ = run(["tokenizer", "encode", "--tokenizer", "bytes", utf8], capsys, 0)
+    assert out.split() == [str(b) for b in "café au lait\n".encode("utf-8")]
+
+
 # ------------------------------------------------------------------ messages in the user's words
 
 

@@ -45,6 +45,13 @@ def test_classify_run_then_minillm_classify_prints_one_label_per_line(tmp_path, 
     assert run(["classify", "--run", out, "-"]) == 0
     assert capsys.readouterr().out == printed[0] + "\n"
 
+    latin1 = tmp_path / "latin1.txt"                    # not UTF-8: one line naming the file, no labels
+    latin1.write_bytes("abcz\ncafé\n".encode("latin-1"))
+    assert run(["classify", "--run", out, latin1]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (f"minillm: error: {latin1}: not UTF-8 text (byte 0xe9 at offset 8: "
+                                                   f"invalid continuation byte); convert it to UTF-8 first\n")
+
 
 def test_resume_continues_to_the_saved_number_of_steps(tmp_path, capsys):
     base = make_base_run(tmp_path / "base")
