@@ -292,9 +292,10 @@ class Erf(Function):
 
     def backward(self, grad):
         (x,) = self.saved
-        d = x * x
+        xp = array_module(x)
+        d = xp.asarray(x * x)                 # an array also for a 0-d x (NumPy's x * x is a scalar)
         d *= -1.0
-        array_module(x).exp(d, out=d)
+        xp.exp(d, out=d)
         d *= TWO_OVER_SQRT_PI
         d *= grad
         return (d,)

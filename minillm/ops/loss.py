@@ -64,7 +64,8 @@ class CrossEntropy(Function):
             exp_shifted = sum_exp = None
         else:
             row_max = z.max(axis=1)                                 # (N,)
-            exp_shifted = xp.empty_like(logits)                     # the one big buffer, logits' shape
+            exp_shifted = xp.empty(logits.shape, dtype=logits.dtype)   # the one big buffer, logits' shape,
+            # C-ordered whatever the logits' layout, so the (N, C) reshape below is a view, not a copy
             buffer = exp_shifted.reshape(-1, num_classes)           # (N, C) view of it
             xp.subtract(z, row_max[:, None], out=buffer)
             xp.exp(buffer, out=buffer)                              # exp(z - m), all in (0, 1]
@@ -99,7 +100,7 @@ class CrossEntropy(Function):
         # copied by the engine), and computed through its (N, C) view.
         if self.saved_buffer_used:                                  # second backward (retain_graph)
             z = logits.reshape(-1, num_classes)
-            grad_logits = xp.empty_like(logits)
+            grad_logits = xp.empty(logits.shape, dtype=logits.dtype)   # C-ordered: grad_z is a view
             grad_z = grad_logits.reshape(-1, num_classes)
             xp.subtract(z, row_max[:, None], out=grad_z)
             grad_z -= log_sum[:, None]

@@ -243,3 +243,17 @@ def test_cuda_kernels_equal_numpy_path(gpu, dtype):
             results.append((as_np(y), as_np(xt.grad)))
         np.testing.assert_allclose(results[1][0], results[0][0], **tol)
         np.testing.assert_allclose(results[1][1], results[0][1], **tol)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_of_a_0d_tensor_fused_and_composed(approximate):
+    """0-d inputs: NumPy's x * x is then a scalar, not an array (the erf primitive's backward
+    wrote into it with ``out=`` and failed)."""
+    for fn in (F.gelu, F.gelu_composed):
+        x = mm.Tensor(np.array(0.7), requires_grad=True)
+        y = fn(x, approximate)
+        assert y.shape == ()
+        y.backward()
+        mm.gradcheck(lambda z: fn(z, approximate), mm.Tensor(np.array(-0.4), requires_grad=True))
+        expected = gelu_tanh_ref(0.7) if approximate == "tanh" else gelu_exact_ref(np.array(0.7))
+        np.testing.assert_allclose(as_np(y), expected, rtol=1e-12)

@@ -220,3 +220,33 @@ def test_cuda_kernels_read_padded_rows_in_place(gpu):
         results.append((as_np(loss), as_np(z.grad)))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("layout", ["transposed_view", "fortran_leaf", "strided_leaf"])
+def test_non_contiguous_logits_get_the_gradient_of_contiguous_ones(layout):
+    """The CPU keeps exp(z - m) in one buffer of the logits' shape, written and turned into the
+    gradient through its (N, C) view. That buffer was ``empty_like(logits)``: for (B, T, C) logits
+    in another layout (a transposed view, a Fortran-ordered leaf) the (N, C) reshape was a copy,
+    so the gradient came back as the never-written buffer. Both backwards (the first in place,
+    the second of a retained graph rebuilt) against the contiguous run."""
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal((2, 3, 5)) * 2
+    targets = np.array([[0, 4, IGNORE], [2, 2, 1]])
+    if layout == "transposed_view":
+        leaf = mm.Tensor(values.transpose(1, 0, 2).copy(), requires_grad=True)
+        logits, to_values = leaf.transpose(1, 0, 2), (lambda g: g.transpose(1, 0, 2))
+    elif layout == "fortran_leaf":
+        leaf = logits = mm.Tensor(np.asfortranarray(values), requires_grad=True)
+        to_values = lambda g: g  # noqa: E731
+    else:
+        big = np.zeros((2, 3, 10))
+        big[..., ::2] = values
+        leaf = logits = mm.Tensor(big[..., ::2], requires_grad=True)
+        to_values = lambda g: g  # noqa: E731
+    loss = F.cross_entropy(logits, targets)
+    expected_loss, expected_grad = reference(values, targets)
+    np.testing.assert_allclose(loss.item(), expected_loss, rtol=1e-12)
+    loss.backward(retain_graph=True)
+    np.testing.assert_allclose(to_values(leaf.grad), expected_grad, rtol=1e-12, atol=1e-14)
+    loss.backward()
+    np.testing.assert_allclose(to_values(leaf.grad), 2 * expected_grad, rtol=1e-12, atol=1e-14)

@@ -43,6 +43,12 @@ def test_bad_axis_is_a_clear_error():
     x = mm.Tensor(np.ones((2, 3)))
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         x.sum(axis=2)
+    scalar = mm.Tensor(np.array(3.0), requires_grad=True)       # a 0-d tensor has no axis 0 (NumPy's rule)
+    for name in ("sum", "mean", "max", "var"):
+        with pytest.raises(ValueError, match="axis 0 is out of range for a tensor with 0 dimensions"):
+            getattr(scalar, name)(axis=0)
+        out = getattr(scalar, name)(axis=())                    # reducing no axis: the tensor itself
+        np.testing.assert_allclose(as_np(out), 0.0 if name == "var" else 3.0)
 
 
 def test_sum_of_empty_batch(device):
