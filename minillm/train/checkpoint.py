@@ -27,9 +27,12 @@ the old one before step 2, the new one after it.
 
 Loading checks everything it can and fails with one clear sentence:
 missing files, a corrupt or truncated file, a format version this code does
-not read, a model config that differs (naming the fields), arrays that are
-missing or mis-shaped (the model's and optimizer's own ``load_state_dict``
-errors, which name the keys).
+not read, metadata entries of the wrong type, arrays that are not floating
+point or that the metadata lists (``array_names``) but the file lacks, a
+model config that differs (naming the fields), arrays that are missing or
+mis-shaped (the model's and optimizer's own ``load_state_dict`` errors, which
+name the keys), a random-number state that cannot be restored (checked first,
+before the model is touched).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def save_checkpoint(
         "rng_state": rng_state if rng_state is not None else backend.get_rng_state(),
         "optimizer": optimizer_meta,
         "extra": extra or {},
+        "array_names": sorted(arrays),       # what the arrays file must hold (checked on loading)
     }
     metadata_text = json.dumps(metadata, indent=1, default=_json_default)  # fail before writing anything
 
@@ -203,7 +207,36 @@ def read_metadata(run_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("step", "arrays", "model_config", "rng_state"):
         if key not in metadata:
             raise CheckpointError(f"{path} is corrupt: no {key!r} entry")
+    for key, (fits, expected) in _ENTRY_TYPES.items():
+        if key in metadata and not fits(metadata[key]):
+            raise CheckpointError(f"{path} is corrupt: {key!r} is {metadata[key]!r}, expected {expected}")
     return metadata
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list_of_str(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# metadata entry -> (test of its value, what it should be): checked on reading, so that a damaged
+# checkpoint.json is one sentence rather than a TypeError from wherever the entry is first used
+_ENTRY_TYPES = {
+    "step": (_is_int, "an integer"),
+    "arrays": (lambda v: isinstance(v, str) and bool(v), "a file name"),
+    "model_config": (lambda v: isinstance(v, dict), "an object"),
+    "train_config": (lambda v: isinstance(v, dict), "an object"),
+    "rng_state": (lambda v: isinstance(v, dict), "an object"),
+    "data_state": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "tokenizer": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+    "optimizer": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+                                          and isinstance(v.get("scalars"), dict)),
+                  "an object with 'param_groups' (a list) and 'scalars' (an object), or null"),
+    "array_names": (_is_list_of_str, "a list of names"),
+}
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
@@ -224,6 +257,18 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
         raise CheckpointError(f"checkpoint arrays file {arrays_path} is corrupt or truncated "
                               f"({type(error).__name__}: {error})") from None
+    # every array minillm saves is floating point: anything else (cast silently, or a complex one losing its
+    # imaginary part) means a damaged or foreign file; and the file must hold what the metadata lists
+    # (checkpoints written before "array_names" existed are not checked for it)
+    for name, array in arrays.items():
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"checkpoint arrays file {arrays_path}: {name} has dtype {array.dtype}, not "
+                                  f"floating point (corrupt, or replaced by another file)")
+    absent = [name for name in metadata.get("array_names", ()) if name not in arrays]
+    if absent:
+        raise CheckpointError(f"checkpoint arrays file {arrays_path} lacks array(s) that {METADATA_FILE} lists: "
+                              f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''} (corrupt, or replaced "
+                              f"by another file)")
     model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     optimizer_state = None
     if metadata.get("optimizer") is not None:
@@ -283,16 +328,27 @@ def restore_checkpoint(
         if differences:
             raise CheckpointError(f"{where}: the checkpoint's model config differs from this model's: "
                                   + "; ".join(differences))
-    try:
-        model.load_state_dict(checkpoint.model_state)
-    except (RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{where}: the saved model does not fit: {error}") from None
-    if optimizer is not None:
-        if checkpoint.optimizer_state is None:
-            raise CheckpointError(f"{where} holds no optimizer state")
+    if optimizer is not None and checkpoint.optimizer_state is None:
+        raise CheckpointError(f"{where} holds no optimizer state")
+    if restore_rng:        # first, so that a damaged state is refused before the model is touched
+        previous = backend.get_rng_state()
         try:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{where}: the saved optimizer state does not fit: {error}") from None
-    if restore_rng:
-        backend.set_rng_state(checkpoint.metadata["rng_state"])
+            backend.set_rng_state(checkpoint.metadata["rng_state"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            backend.set_rng_state(previous)
+            raise CheckpointError(f"{where}: the saved random-number state is corrupt "
+                                  f"({type(error).__name__}: {error})") from None
+    try:
+        try:
+            model.load_state_dict(checkpoint.model_state)
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{where}: the saved model does not fit: {error}") from None
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(checkpoint.optimizer_state)
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise CheckpointError(f"{where}: the saved optimizer state does not fit: {error}") from None
+    except CheckpointError:
+        if restore_rng:
+            backend.set_rng_state(previous)          # a failed restore leaves the random streams as they were
+        raise

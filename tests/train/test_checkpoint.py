@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -178,3 +179,76 @@ def test_save_without_an_optimizer_and_metadata_must_be_json(tmp_path):
     assert not (tmp_path / "b" / "checkpoint.json").exists()
     with zipfile.ZipFile(tmp_path / loaded.metadata["arrays"]) as archive:
         assert all(name.endswith(".npy") for name in archive.namelist())
+
+
+def _rewrite_arrays(run_dir, change):
+    """Apply ``change`` to the checkpoint's arrays {name: array} and write them back in place."""
+    path = run_dir / json.loads((run_dir / "checkpoint.json").read_text())["arrays"]
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    change(arrays)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _rewrite_metadata(run_dir, key, value):
+    path = run_dir / "checkpoint.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("arrays", None, "a file name"), ("arrays", 5, "a file name"), ("step", "abc", "an integer"),
+    ("step", True, "an integer"), ("model_config", [1], "an object"), ("rng_state", None, "an object"),
+    ("optimizer", {"x": 1}, r"an object with 'param_groups' \(a list\) and 'scalars' \(an object\)"),
+    ("data_state", 5, "an object or null"), ("train_config", "x", "an object"),
+])
+def test_metadata_entries_of_the_wrong_type_are_named(tmp_path, key, value, expected):
+    """A hand-edited or damaged checkpoint.json: one sentence naming the entry, not a TypeError from deep inside."""
+    trained(tmp_path, steps=1)
+    _rewrite_metadata(tmp_path, key, value)
+    with pytest.raises(CheckpointError, match=rf"checkpoint\.json is corrupt: {key!r} is {re.escape(repr(value))}, "
+                                              rf"expected {expected}"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_corrupt_random_state_changes_neither_the_model_nor_the_streams(tmp_path):
+    trained(tmp_path, steps=1)
+    checkpoint = load_checkpoint(tmp_path)
+    checkpoint.metadata["rng_state"] = {"seed": 1, "cpu": {"bit_generator": "PCG64", "state": "damaged"}}
+    model = make_model(seed=5)
+    before, rng_before = snapshot(model), backend.get_rng_state()
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: the saved random-number state is corrupt"):
+        restore_checkpoint(checkpoint, model)
+    for name, value in snapshot(model).items():
+        np.testing.assert_array_equal(value, before[name])
+    assert backend.get_rng_state() == rng_before
+    checkpoint = load_checkpoint(tmp_path)                          # a sound state, but a model it does not fit
+    wider = make_model(d_model=32)
+    rng_before = backend.get_rng_state()
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        restore_checkpoint(checkpoint, wider)
+    assert backend.get_rng_state() == rng_before                    # put back, as the model was never changed
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.complex64, np.bool_, "<U3"])
+def test_arrays_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    """Every array minillm saves is floating point; an integer one would be cast silently, a complex one lose
+    its imaginary part: a foreign or damaged file, named before anything is restored."""
+    trained(tmp_path, steps=1)
+    _rewrite_arrays(tmp_path, lambda arrays: arrays.update({"model/wpe.weight": np.ones((16, 16), dtype)}))
+    with pytest.raises(CheckpointError, match=rf"step-000001\.npz: model/wpe\.weight has dtype "
+                                              rf"{re.escape(str(np.dtype(dtype)))}, not floating point"):
+        load_checkpoint(tmp_path)
+
+
+def test_an_arrays_file_without_the_arrays_its_metadata_lists_is_refused(tmp_path):
+    """Optimizer moments missing from the file would otherwise surface as a KeyError inside AdamW, steps later."""
+    trained(tmp_path, steps=1)
+    _rewrite_arrays(tmp_path, lambda arrays: arrays.pop("optim/3/exp_avg_sq"))
+    with pytest.raises(CheckpointError, match=r"step-000001\.npz lacks array\(s\) that checkpoint\.json lists: "
+                                              r"optim/3/exp_avg_sq"):
+        load_checkpoint(tmp_path)
+    metadata = json.loads((tmp_path / "checkpoint.json").read_text())
+    del metadata["array_names"]                           # a checkpoint written before the list existed still loads
+    (tmp_path / "checkpoint.json").write_text(json.dumps(metadata))
+    assert "optim/3/exp_avg_sq" not in load_checkpoint(tmp_path).optimizer_state["state"][3]
