@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..tokenizer.gpt2 import read_utf8
+
 
 class DataError(ValueError):
     """Fine-tuning data that cannot be used: a clear, user-worded message."""
@@ -45,13 +47,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file {str(path)!r}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at byte offset "
-                        f"{error.start}); save the file as UTF-8") from None
+    text = read_utf8(path, DataError)
     if not text.strip():
         raise DataError(f"{path} is empty: no records to fine-tune on")
     suffix = path.suffix.lower()

@@ -120,10 +120,13 @@ def read_encoder_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, int
     return tokens, special
 
 
-def read_utf8(path: str | Path) -> str:
-    """The text of a file that must be UTF-8; a ValueError naming the file and the first bad byte if not."""
+def read_utf8(path: str | Path, error: type[ValueError] = ValueError) -> str:
+    """The text of a file that must be UTF-8 (a leading byte-order mark is dropped); if it is not, an
+    ``error`` naming the file, the line and the first bad byte (for any text file minillm reads)."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {err.start})") from None
+        line = data[:err.start].count(b"\n") + 1
+        raise error(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset "
+                    f"{err.start}); save it as UTF-8") from None

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.gpt import GPT
+from ..tokenizer.gpt2 import read_utf8
 from . import hf_gpt2, hf_llama
 from .safetensors import load_file, read_header, save_file
 
@@ -47,7 +48,7 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (expected a Hugging Face model directory)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
@@ -67,11 +68,16 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
             hint = " (pytorch_model.bin is a pickle, which minillm does not read: convert it to safetensors)"
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} and no {INDEX_FILE}{hint}")
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(read_utf8(index))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{index}: not a safetensors index (needs a \"weight_map\" object): {error}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: \"weight_map\" must be an object {{tensor name: shard file}}, "
+                         f"got {type(weight_map).__name__}")
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ValueError(f"{index}: tensor {name!r} is mapped to {shard!r}, not a shard file name")
         by_shard.setdefault(shard, []).append(name)
     tensors = {}
     for shard, names in sorted(by_shard.items()):
@@ -102,7 +108,10 @@ def load_hf(directory: str | os.PathLike, device=None, dtype=np.float32, dropout
         raise ValueError(f"{directory / CONFIG_FILE}: model_type is {model_type!r}, but only "
                          f"{', '.join(map(repr, allowed))} checkpoints can be loaded")
     mapping = MAPPINGS[model_type]
-    config = mapping.config_from_hf(hf_config)
+    try:
+        config = mapping.config_from_hf(hf_config)
+    except (ValueError, TypeError) as error:       # the mapping's and GPTConfig's own words, with the directory
+        raise ValueError(f"{directory}: {error}") from None
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
     tensors = read_tensors(directory)

@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import backend
 from ..models.gpt import INIT_STD, GPT, GPTConfig
-from .fit import raise_unless_fits
+from .fit import config_number, raise_unless_fits
 
 PREFIX = "transformer."
 # our names of the four Conv1D layers, whose weights are stored transposed
@@ -99,9 +99,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
         n_layer=hf["n_layer"],
         n_head=hf["n_head"],
         d_model=d_model,
-        dropout=float(hf.get("resid_pdrop", 0.0)),
+        dropout=config_number(hf, "resid_pdrop", 0.0),
         bias=True,
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        layer_norm_eps=config_number(hf, "layer_norm_epsilon", 1e-5),
         gelu_approximate=gelu,
     )
 
@@ -160,7 +160,7 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
     orientation for Conv1D weights).
     """
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    state, unexpected, mismatched, seen = {}, [], [], {}
+    state, unexpected, mismatched, not_float, seen = {}, [], [], [], {}
     for hf_name, array in tensors.items():
         name = _ours(hf_name)
         if _IGNORED.match(name):
@@ -180,9 +180,12 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
         if tuple(array.shape) != want:
             mismatched.append(f"{hf_name}: shape {tuple(array.shape)}, expected {want}")
             continue
+        if array.dtype.kind != "f":
+            not_float.append(f"{hf_name} ({array.dtype})")
+            continue
         state[name] = array.T if transposed else array                  # Conv1D (in, out) -> (out, in)
     missing = [PREFIX + name for name in expected if name not in seen]
-    raise_unless_fits(source, f"GPT-2 with {model.config}", missing, mismatched, unexpected)
+    raise_unless_fits(source, f"GPT-2 with {model.config}", missing, mismatched, unexpected, not_float)
     return state
 
 

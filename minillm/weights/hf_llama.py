@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import backend
 from ..models.gpt import INIT_STD, LLAMA_STYLE, GPT, GPTConfig
-from .fit import raise_unless_fits
+from .fit import config_number, raise_unless_fits
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # buffers some older files carry: the rotary frequencies (recomputed from the config)
@@ -51,7 +51,7 @@ _IGNORED_SUFFIX = ".self_attn.rotary_emb.inv_freq"
 def _rope_settings(hf: dict, unsupported: list) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from either the older keys or ``rope_parameters``."""
     params = hf.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = config_number(params if "rope_theta" in params else hf, "rope_theta", 10000.0)
     scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if scaling is None:
         return theta, None
@@ -95,7 +95,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
         n_head=n_head,
         d_model=hf["hidden_size"],
         dropout=0.0,                                   # attention_dropout is a training setting
-        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        layer_norm_eps=config_number(hf, "rms_norm_eps", 1e-6),
         mlp_hidden=hf["intermediate_size"],
         n_kv_head=hf.get("num_key_value_heads") or n_head,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
@@ -185,7 +185,7 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     table = tensor_table(model.config)
     known = {hf_name for parts in table.values() for hf_name, _ in parts}
-    state, missing, mismatched = {}, [], []
+    state, missing, mismatched, not_float = {}, [], [], []
     for name, parts in table.items():
         arrays = []
         for hf_name, rows in parts:
@@ -194,6 +194,8 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
                 missing.append(hf_name)
             elif tuple(tensors[hf_name].shape) != want:
                 mismatched.append(f"{hf_name}: shape {tuple(tensors[hf_name].shape)}, expected {want}")
+            elif tensors[hf_name].dtype.kind != "f":
+                not_float.append(f"{hf_name} ({tensors[hf_name].dtype})")
             else:
                 arrays.append(tensors[hf_name])
         if len(arrays) == len(parts):
@@ -204,7 +206,8 @@ def hf_to_state_dict(tensors: dict, model: GPT, source="checkpoint") -> dict:
                           f"expected {expected['wte.weight']}")
     unexpected = [n for n in tensors if n not in known and not n.endswith(_IGNORED_SUFFIX)
                   and not (tied_head and n == "lm_head.weight")]
-    raise_unless_fits(source, f"{model_type_for(model.config)} with {model.config}", missing, mismatched, unexpected)
+    raise_unless_fits(source, f"{model_type_for(model.config)} with {model.config}", missing, mismatched, unexpected,
+                      not_float)
     return state
 
 

@@ -53,12 +53,11 @@ def load_pretrained(directory, tokenizer_spec: str | None = None, device: str = 
 def config_eos_id(directory) -> int | None:
     """The end-of-sequence id a Hugging Face directory's config.json names (``eos_token_id``: one
     id, or a list whose first entry is the model's own end of turn), or None when it names none."""
-    import json  # noqa: PLC0415
+    from .hf import read_config  # noqa: PLC0415
 
-    path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not (Path(directory) / "config.json").is_file():
         return None
-    eos = json.loads(path.read_text()).get("eos_token_id")
+    eos = read_config(directory).get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     return eos if isinstance(eos, int) and not isinstance(eos, bool) else None

@@ -115,7 +115,7 @@ def _parse_header(raw: bytes, path, buffer_size: int) -> tuple[dict, dict]:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise SafetensorsError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets, got {entry!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
                                    f"(supported: {', '.join(_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):

@@ -95,7 +95,7 @@ def test_ids_beyond_the_number_of_entries_are_refused_at_once(tmp_path, trained)
 
 def test_files_that_are_not_utf8_are_named(tmp_path, trained):
     encoder, lines = encoder_of(trained), merge_lines(trained)
-    with pytest.raises(ValueError, match=r"vocab\.bpe: not UTF-8 text \(byte 0xff at byte offset 14\)"):
+    with pytest.raises(ValueError, match=r"vocab\.bpe, line 2: not UTF-8 text \(byte 0xff at byte offset 14\)"):
         BPETokenizer.from_gpt2_files(*write(tmp_path, encoder, lines, bpe_bytes=b"#version: 0.2\n\xff\xfe\n"))
-    with pytest.raises(ValueError, match=r"encoder\.json: not UTF-8 text \(byte 0xff at byte offset 0\)"):
+    with pytest.raises(ValueError, match=r"encoder\.json, line 1: not UTF-8 text \(byte 0xff at byte offset 0\)"):
         BPETokenizer.from_gpt2_files(*write(tmp_path, encoder, lines, encoder_bytes=b"\xff{}"))
