@@ -16,6 +16,8 @@ Ctrl-C saves and stops. ``minillm classify --run RUN_DIR`` then labels texts;
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 from pathlib import Path
 
 from .. import backend
@@ -138,7 +140,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         from ..models import GPT  # noqa: PLC0415
 
         gpt = GPT(gpt.config)
-    result = finetune(gpt, tokenizer, config, train, run_dir=out, resume=args.resume, say=say)
+    with _held_run_directory(out):
+        result = finetune(gpt, tokenizer, config, train, run_dir=out, resume=args.resume, say=say)
     if result.interrupted:
         say(f"stopped at step {result.step}; continue with: minillm finetune {args.task} --out {out} --resume")
         return 130
@@ -146,6 +149,23 @@ def run_finetune(args: argparse.Namespace) -> int:
                         and k != "val_perplexity")
     say(f"done: step {result.step} in {result.seconds:.0f} s; {summary}; run in {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _held_run_directory(out: Path):
+    """--out held for the run (no second run writes into it meanwhile); created here so that it can
+    be held, and removed again if the run fails before writing anything into it."""
+    from ..train.run import hold_run_directory  # noqa: PLC0415
+
+    created = next((d for d in [out, *out.parents][::-1] if not d.exists()), None)
+    out.mkdir(parents=True, exist_ok=True)
+    with hold_run_directory(out):                 # refused: another run's folder, so nothing is undone
+        try:
+            yield
+        except BaseException:
+            if created is not None and not any(out.iterdir()):
+                shutil.rmtree(created, ignore_errors=True)
+            raise
 
 
 def _new_run(args: argparse.Namespace):

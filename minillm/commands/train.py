@@ -1,6 +1,6 @@
 """``minillm train``: train a GPT (by default a small one on the built-in corpus), then print samples.
 
-    minillm train                                   # BPE + small GPT on the Python docs, ~3 min on 2 idle cores
+    minillm train                                   # BPE + small GPT on the Python docs, ~2 min on 2 idle cores
     minillm train --data input.txt --tokenizer bytes --steps 2000 --out runs/mine
     minillm train --resume runs/mine                # continue exactly where it stopped
     minillm train --arch llama --n-kv-head 2        # the same size, Llama-style: rope, RMSNorm, SwiGLU, GQA
@@ -41,7 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = add_command(
         subparsers, "train", help="train a GPT (default: a small one on the built-in corpus), then print samples",
         description="Train a GPT. With no arguments: a BPE tokenizer and a small GPT on the Python "
-                    "reference docs that ship with CPython (about 3 minutes on an idle 2-core CPU), then samples.")
+                    "reference docs that ship with CPython (about 2 minutes on an idle 2-core CPU), then samples.")
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="FILE",
                       help="UTF-8 text files or folders of *.txt (default: the built-in Python docs corpus)")

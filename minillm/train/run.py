@@ -256,27 +256,58 @@ def prepare_run(plan: RunPlan) -> PreparedRun:
 def new_run_directory(plan: RunPlan):
     """Create a new run's folder for the block; if the block fails before the run logged a step or
     saved a checkpoint, remove what it created (the folder and its missing parents; in a folder that
-    was already there, the files it wrote), so that a failed start leaves nothing behind."""
+    was already there, the files it wrote), so that a failed start leaves nothing behind. The folder
+    is held for the block (:func:`hold_run_directory`), a resumed run's too."""
     from .trainer import METRICS_FILE  # noqa: PLC0415
 
     if plan.resume:
-        yield plan.run_dir
+        with hold_run_directory(plan.run_dir):
+            yield plan.run_dir
         return
     created = next((d for d in [plan.run_dir, *plan.run_dir.parents][::-1] if not d.exists()), None)
-    already_there = set() if created is not None else set(plan.run_dir.iterdir())
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run_directory(plan.run_dir):   # refused: the folder is another run's, so nothing is undone
+        check_run_directory(plan.run_dir)    # again: another run may have started, and ended, since the plan
+        already_there = set() if created is not None else set(plan.run_dir.iterdir())
+        try:
+            yield plan.run_dir
+        except BaseException:
+            metrics = plan.run_dir / METRICS_FILE
+            started = has_checkpoint(plan.run_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
+            if not started:
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                else:   # the user's own folder stays, without what this run wrote into it (run.json, ...)
+                    for entry in set(plan.run_dir.iterdir()) - already_there:
+                        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def hold_run_directory(run_dir: Path):
+    """Hold the folder ``run_dir`` for one run: an exclusive ``flock`` on the folder itself, so that a
+    second run on it (a new run started at the same moment, or a --resume of a run still going)
+    stops at once instead of interleaving its metrics and checkpoints with this one's. The kernel
+    drops the lock when the process ends, however it ends; no lock file is left behind. Where
+    ``flock`` is missing (Windows), nothing is locked."""
     try:
-        yield plan.run_dir
-    except BaseException:
-        metrics = plan.run_dir / METRICS_FILE
-        started = has_checkpoint(plan.run_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
-        if not started:
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            else:   # the user's own folder stays, without what this run wrote into it (run.json, ...)
-                for entry in set(plan.run_dir.iterdir()) - already_there:
-                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        raise
+        import fcntl  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    folder = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{run_dir} is in use by another minillm run: wait until it ends (or stop it), "
+                             f"or choose another --out") from None
+        try:
+            yield
+        finally:   # unlocked explicitly: a process forked meanwhile shares the lock and may outlive the run
+            fcntl.flock(folder, fcntl.LOCK_UN)
+    finally:
+        os.close(folder)
 
 
 def start_run(prepared: PreparedRun, mesh=None, schedule: str = "1f1b") -> Trainer:

@@ -150,3 +150,33 @@ def test_from_a_hugging_face_directory(tmp_path, capsys):
     np.testing.assert_array_equal(frozen, gpt.h[0].attn.c_attn.weight.numpy())     # so: the --hf weights
     assert "--tokenizer is for --hf" in failed(["finetune", "classify", "--data", data, "--from", base, "--out",
                                                 tmp_path / "r2", "--tokenizer", "x"], capsys)
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once(tmp_path, capsys, monkeypatch):
+    """While a fine-tuning run holds --out, the same command again (here: started from inside the first
+    run's second step) is refused at once instead of interleaving its steps and checkpoints with it."""
+    from minillm.train.trainer import Trainer
+
+    base = make_base_run(tmp_path / "base")
+    data = write_spam_like(tmp_path / "spam.tsv", n=30)
+    out = tmp_path / "runs" / "spam"
+    argv = ["finetune", "classify", "--data", data, "--from", base, "--out", out, "--epochs", "2", "--quiet"]
+    original, started, second = Trainer.train_step, [], []
+
+    def step_and_start_another(self):
+        if self.step == 1 and not started:
+            started.append(True)
+            second.append(run(argv))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_start_another)
+    assert run(argv) == 0
+    assert second == [2]
+    assert (f"minillm: error: {out} is in use by another minillm run: wait until it ends (or stop it), or choose "
+            f"another --out\n") in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3, 4, 5, 6] and json_step(out) == 6
+
+    latin1 = tmp_path / "latin1.tsv"                        # a start that fails leaves no folder behind
+    latin1.write_bytes("ham\tcafé\n".encode("latin-1"))
+    assert run(["finetune", "classify", "--data", latin1, "--from", base, "--out", tmp_path / "runs" / "x"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["spam"]

@@ -127,3 +127,31 @@ def test_resume_refuses_other_data_and_names_the_option(tmp_path, text_file, cap
     assert run_cli(["train", "--resume", run, "--data", text_file, "--steps", "3", "--quiet"]) == 0
     assert "resuming" in capsys.readouterr().err
     assert load_checkpoint(run).step == 3
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once(tmp_path, text_file, capsys):
+    """Two runs never write into one folder at the same time (their metrics would interleave, each
+    overwriting the other's checkpoint): not two new runs started together, not a --resume of a run
+    still going. The folder is locked while a run holds it, and free again when that process ends."""
+    shared = tmp_path / "shared"
+    both = [start(["-m", "minillm", "train", "--data", str(text_file), *TINY, "--steps", "300", "--seed", str(seed),
+                   "--out", str(shared)], tmp_path) for seed in (1, 2)]
+    errors = [finish(process, timeout=120) for process in both]
+    assert sorted(process.returncode for process in both) == [0, 2], errors
+    refused = errors[[process.returncode for process in both].index(2)]
+    assert "Traceback" not in refused and refused.startswith(f"minillm: error: {shared} ")
+    assert [r["step"] for r in read_metrics(shared, "train")] == list(range(1, 301))   # one run's steps, once
+
+    run = tmp_path / "run"
+    process = start(["-m", "minillm", "train", "--data", str(text_file), *TINY, "--steps", "1000000",
+                     "--checkpoint-interval", "1", "--out", str(run)], tmp_path)
+    wait_until(lambda: (run / "checkpoint.json").exists(), process, "the first checkpoint was saved")
+    assert run_cli(["train", "--resume", run, "--steps", "2000000", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"minillm: error: {run} is in use by another minillm run: wait until it ends "
+                                       f"(or stop it), or choose another --out\n")
+    process.send_signal(signal.SIGINT)
+    assert "Traceback" not in finish(process, timeout=60) and process.returncode == 130
+    steps = [r["step"] for r in read_metrics(run, "train")]
+    assert steps == list(range(1, len(steps) + 1))                 # no steps of the refused resume among them
+    assert run_cli(["train", "--resume", run, "--steps", steps[-1] + 1, "--quiet"]) == 0   # free again
+    assert load_checkpoint(run).step == steps[-1] + 1
