@@ -86,8 +86,8 @@ class Function:
         """Run the op on tensors (or numbers/arrays, lifted to constants) and record it."""
         fn = cls(**params)
         tensors, device = _as_tensors(inputs, cls.__name__)
-        if cls.float_only:
-            _check_floating(tensors, cls.__name__)
+        if cls.float_only:                     # the tensors as given (before integer ones are cast)
+            _check_floating([x for x in inputs if isinstance(x, Tensor)], cls.__name__)
         if _grad_enabled:
             fn.needs_input_grad = tuple([t.requires_grad for t in tensors])
             requires_grad = any(fn.needs_input_grad)
@@ -126,6 +126,7 @@ def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple[tuple["Tensor", ..
     """
     device = float_dtype = None
     all_tensors = True
+    integer_tensors = False
     for x in inputs:
         if not isinstance(x, Tensor):
             all_tensors = False
@@ -147,16 +148,23 @@ def _as_tensors(inputs: Sequence[Any], op_name: str) -> tuple[tuple["Tensor", ..
                     f"{op_name}: mixed float dtypes ({float_dtype} and {dtype}); "
                     f"minillm never promotes silently - convert one with .to(dtype=...)"
                 )
+        elif dtype.kind in "iub":
+            integer_tensors = True
     if device is None:
         raise TypeError(f"{op_name}: expected at least one Tensor input")
-    if all_tensors:
+    # An integer or boolean tensor that meets a float one is a constant like any other: it takes
+    # the float dtype (else int64 * float32 would promote to float64, and matmul's backward would
+    # cast the float gradient to the integer operand's dtype).
+    cast_integers = integer_tensors and float_dtype is not None
+    if all_tensors and not cast_integers:
         return inputs, device
     float_dtype = float_dtype or backend.get_default_dtype()
     out = []
     xp = backend.module_for(device)
     for x in inputs:
         if isinstance(x, Tensor):
-            out.append(x)
+            out.append(Tensor._from_op(x.data.astype(float_dtype), False)
+                       if cast_integers and x.data.dtype.kind in "iub" else x)
             continue
         if hasattr(x, "dtype") and not isinstance(x, np.generic):  # an array
             if backend.device_of(x) != device:
@@ -312,7 +320,7 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
         if self._ctx is None:
-            _accumulate_leaf(self, grad, None)
+            _accumulate_leaf(self, grad, grad)       # the caller's array: copied, never aliased
             _run_grad_hooks(self)
             return
         with backend.device_context(self.device):

@@ -250,3 +250,20 @@ def test_post_accumulate_grad_hook_fires_for_a_leaf_no_gradient_reached():
     np.testing.assert_array_equal(v.grad, np.ones(2))
     with pytest.raises(RuntimeError, match="leaf"):
         (w * 2.0).register_post_accumulate_grad_hook(print)
+
+
+def test_backward_on_a_leaf_copies_the_given_gradient():
+    """leaf.backward(g) used to store the caller's g as leaf.grad, so the next accumulation
+    (``grad += ...``) wrote into the caller's array."""
+    x = mm.Tensor(np.zeros(3), requires_grad=True)
+    g = np.array([1.0, 2.0, 3.0])
+    x.backward(g)
+    x.backward(g)
+    np.testing.assert_array_equal(g, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(x.grad, [2.0, 4.0, 6.0])
+    assert not np.shares_memory(x.grad, g)
+    given = mm.Tensor(np.ones(3))
+    x.grad = None
+    x.backward(given)
+    x.backward(given)
+    np.testing.assert_array_equal(given.data, np.ones(3))

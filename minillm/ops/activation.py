@@ -161,6 +161,8 @@ def _sigmoid_array(x):
 class Sigmoid(Function):
     """y = σ(x) = 1 / (1 + e⁻ˣ).   dy/dx = e⁻ˣ / (1 + e⁻ˣ)² = σ(x)(1 - σ(x)) = y(1 - y)."""
 
+    float_only = True     # integer or boolean inputs: TypeError in the user's words
+
     def forward(self, x):
         out = _sigmoid_array(x)
         self.save(out)
@@ -176,6 +178,8 @@ class SiLU(Function):
 
     dy/dx = σ + x · σ(1 - σ) = σ · (1 + x(1 - σ)).   Saves x and σ(x).
     """
+
+    float_only = True     # integer or boolean inputs: TypeError in the user's words
 
     def forward(self, x):
         s = _sigmoid_array(x)

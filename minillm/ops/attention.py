@@ -345,6 +345,8 @@ class ScaledDotProductAttention(Function):
     (``_group_summed_matmul``): repeated keys and values are never formed.
     """
 
+    float_only = True     # integer or boolean inputs: TypeError in the user's words
+
     def __init__(self, causal: bool, dropout_p: float, scale: float, group: int = 1):
         self.causal, self.dropout_p, self.scale, self.group = causal, dropout_p, scale, group
 

@@ -107,6 +107,8 @@ def dropout_keep_mask(shape, p: float, device: str):
 class Dropout(Function):
     """out = x ⊙ m / (1 - p), m ~ Bernoulli(1 - p).   dx = grad ⊙ m / (1 - p)."""
 
+    float_only = True     # integer or boolean inputs: TypeError in the user's words
+
     def __init__(self, p: float):
         self.p = p
 

@@ -118,6 +118,8 @@ def _rotate(x, cos, sin):
 class Rope(Function):
     """y = R(mω) x per feature pair (i, i + D/2).   dx = R(−mω) dy: rotate back (module docstring)."""
 
+    float_only = True     # integer or boolean inputs: TypeError in the user's words
+
     def __init__(self, cos, sin):
         self.cos, self.sin = cos, sin       # (…, T, D/2), broadcast against x (…, T, D)
 

@@ -30,6 +30,8 @@ from .shape import getitem
 class SwiGLU(Function):
     """y = silu(a) ⊙ b for h = [a | b] (…, 2H) -> (…, H); backward in the module docstring."""
 
+    float_only = True     # integer or boolean inputs: TypeError in the user's words
+
     def forward(self, h):
         half = h.shape[-1] // 2
         a, b = h[..., :half], h[..., half:]

@@ -671,3 +671,170 @@ def test_backward_gradcheck_composed_and_layouts(name, data):
             grad = grad[index]
         _close(grad, expected_grads[i], f"{name}: gradient of input {i} with layouts {layouts}",
                rtol=1e-12, atol=1e-13)
+
+
+# ------------------------------------------------------------------ integer and boolean inputs
+
+
+def _float_only_calls():
+    """Every op whose math needs floats, as a call on an integer/boolean tensor ``a`` of shape (2, 4)."""
+    w = mm.Tensor(np.ones(4), requires_grad=True)
+    return {
+        "gelu": lambda a: F.gelu(a), "gelu_none": lambda a: F.gelu(a, approximate="none"),
+        "sigmoid": F.sigmoid, "silu": F.silu, "softmax": F.softmax, "log_softmax": F.log_softmax,
+        "cross_entropy": lambda a: F.cross_entropy(a, np.array([0, 1])),
+        "layer_norm": lambda a: F.layer_norm(a, w, w), "rms_norm": lambda a: F.rms_norm(a, w),
+        "attention": lambda a: F.scaled_dot_product_attention(a, a, a),
+        "dropout": lambda a: F.dropout(a, 0.3), "rope": lambda a: F.rope(a, np.arange(2)), "swiglu": F.swiglu,
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+@pytest.mark.parametrize("name", sorted(_float_only_calls()))
+def test_float_only_ops_reject_integer_and_boolean_tensors(name, dtype):
+    """Before: rope and dropout on integers returned silently truncated values (dropout's 1/(1 - p)
+    became int 1), attention and swiglu/sigmoid/silu on booleans failed inside NumPy."""
+    a = mm.Tensor(np.arange(8).reshape(2, 4).astype(dtype))
+    with pytest.raises(TypeError, match=r"needs floating-point tensors, got dtype"):
+        _float_only_calls()[name](a)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+def test_integer_tensors_cannot_require_grad(dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        mm.Tensor(np.ones(3, dtype=dtype), requires_grad=True)
+    with pytest.raises(TypeError, match="floating-point"):
+        mm.Tensor(np.ones(3, dtype=dtype)).requires_grad_()
+
+
+MIXED = {                                   # an integer/boolean constant tensor c meeting a float tensor x
+    "add": lambda c, x: c + x, "sub": lambda c, x: x - c, "mul": lambda c, x: c * x,
+    "div": lambda c, x: x / (c + x * x + 1), "maximum": lambda c, x: mm.maximum(c, x * 3),
+    "where": lambda c, x: mm.where(np.array([True, False, True, True]), c, x), "pow": lambda c, x: (x * x + 1) ** c,
+    "matmul_left": lambda c, x: c.reshape(2, 2) @ x.reshape(2, 2),
+    "matmul_right": lambda c, x: x.reshape(2, 2) @ c.reshape(2, 2),
+    "linear": lambda c, x: F.linear(c.reshape(2, 2), x.reshape(2, 2)),
+    "concat": lambda c, x: mm.concat([c, x, c]) * x.sum(),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+@pytest.mark.parametrize("name", sorted(MIXED))
+@pytest.mark.parametrize("float_dtype", [np.float32, np.float64])
+def test_integer_tensor_meeting_a_float_one_is_a_constant_of_its_dtype(name, dtype, float_dtype):
+    """Before: int64 * float32 promoted to float64 (a float64 gradient for a float32 parameter),
+    and matmul's backward cast the gradient to the integer operand's dtype (an int64 or bool
+    gradient: truncated values)."""
+    c_values = np.array([1, 0, 2, 3]).astype(dtype)
+    x_values = np.array([0.3, -1.2, 0.7, 2.1])
+    c = mm.Tensor(c_values)
+    x = mm.Tensor(x_values.astype(float_dtype), requires_grad=True)
+    out = MIXED[name](c, x)
+    assert out.dtype == float_dtype
+    out.backward(np.full(out.shape, 0.5))
+    assert x.grad.dtype == float_dtype
+    c_float = mm.Tensor(c_values.astype(np.float64))
+    x64 = mm.Tensor(x_values, requires_grad=True)
+    expected = MIXED[name](c_float, x64)
+    expected.backward(np.full(out.shape, 0.5))
+    tol = dict(rtol=1e-6, atol=1e-6) if float_dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), **tol)
+    np.testing.assert_allclose(x.grad, x64.grad, **tol)
+    if float_dtype == np.float64:
+        mm.gradcheck(lambda x_: MIXED[name](c, x_), mm.Tensor(x_values, requires_grad=True))
+
+
+# ------------------------------------------------------------------ one tensor used several times
+
+
+REUSED = {          # f(x) using x in several inputs of one op, or along several paths
+    "add": lambda x: x + x, "mul": lambda x: x * x, "div": lambda x: x / (x * x + 1.0),
+    "pow": lambda x: (x * x + 0.5) ** (x * 0.3), "maximum_tie": lambda x: mm.maximum(x, x) * x,
+    "where": lambda x: mm.where(x.data > 0, x, x * x),
+    "matmul": lambda x: x @ x, "matmul_T": lambda x: x @ x.T,
+    "linear": lambda x: F.linear(x, x, x[0]), "concat": lambda x: mm.concat([x, x.T, x], axis=-1),
+    "stack": lambda x: mm.stack([x, x * 2.0, x]), "split_rejoin": lambda x: mm.split(x, 3, axis=1)[0] * x[:, 1:2],
+    "getitem_overlap": lambda x: x[0:2] * x[1:3] + x[np.array([2, 0])] + x[np.array([[1], [1]])],
+    "layer_norm": lambda x: F.layer_norm(x, x[0], x[1]) + F.layer_norm(x.T, x[2], x[0]).T,
+    "rms_norm": lambda x: F.rms_norm(x, x[1]) * x,
+    "attention": lambda x: F.scaled_dot_product_attention(x[None], x[None], x[None]),
+    "attention_qk": lambda x: F.scaled_dot_product_attention(x[None], x[None], x[None] * 2.0, causal=False),
+    "softmax_log_softmax": lambda x: F.softmax(x, axis=0) * F.log_softmax(x) + F.gelu(x) * F.silu(x),
+    "cross_entropy_both": lambda x: F.cross_entropy(x, np.array([0, 2, 1])) * F.cross_entropy(x.T, np.array([1, 1, 0])),
+    "swiglu": lambda x: F.swiglu(mm.concat([x, x], axis=-1)),
+    "rope": lambda x: F.rope(mm.concat([x, x * x], axis=-1), np.arange(3)) * mm.concat([x, x], axis=-1),
+    "reductions": lambda x: x.sum(axis=0) * x.mean(axis=-1) + x.max(axis=1) * x.var(axis=0),
+    "chain": lambda x: (x.exp() * x).tanh() + x.sigmoid() * x.abs() - x.clip(-0.5, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REUSED))
+def test_a_tensor_used_several_times_gets_the_sum_of_its_gradients(name):
+    """gradcheck, and the same function with each use its own leaf (equal values): the reused
+    tensor's gradient must be the sum of theirs (the engine's accumulation, dense and
+    IndexedGradient parts alike, across the fused ops that take one tensor twice)."""
+    fn = REUSED[name]
+    x_values = np.array([[0.3, -1.2, 0.7], [2.1, -0.4, 1.3], [-0.9, 0.55, -1.6]])   # no kink hit
+    mm.gradcheck(fn, mm.Tensor(x_values, requires_grad=True))
+    x = mm.Tensor(x_values, requires_grad=True)
+    out = fn(x)
+    v = np.random.default_rng(1).standard_normal(out.shape)
+    out.backward(v)
+    copies = []
+    import minillm.tensor as tensor_module
+    real_as_tensors = tensor_module._as_tensors
+
+    def split_uses(inputs, op_name):                 # each use of x (each op input) a new leaf
+        tensors, device = real_as_tensors(inputs, op_name)
+        fresh = []
+        for t_ in tensors:
+            if t_ is shared:
+                t_ = mm.Tensor(x_values, requires_grad=True)
+                copies.append(t_)
+            fresh.append(t_)
+        return tuple(fresh), device
+
+    shared = mm.Tensor(x_values, requires_grad=True)
+    tensor_module._as_tensors = split_uses
+    try:
+        out2 = fn(shared)
+    finally:
+        tensor_module._as_tensors = real_as_tensors
+    assert len(copies) >= 2, "x should be used at least twice"
+    out2.backward(v)
+    np.testing.assert_allclose(out2.numpy(), out.numpy(), rtol=1e-14)
+    summed = sum(c.grad if c.grad is not None else 0 for c in copies)
+    np.testing.assert_allclose(x.grad, summed, rtol=1e-12, atol=1e-13)
+
+
+# ------------------------------------------------------------------ no double backward
+
+
+def test_there_is_no_double_backward_and_asking_for_one_is_an_error():
+    """Gradients are plain arrays, outside any graph: there is nothing to differentiate twice,
+    and PyTorch's create_graph is refused rather than silently ignored. A second backward through
+    a freed graph raises (tests/test_tensor.py); with retain_graph it accumulates the same numbers."""
+    x = mm.Tensor(np.array([0.5, -1.0, 2.0]), requires_grad=True)
+    y = (x * x * x).sum()
+    with pytest.raises(TypeError, match="create_graph"):
+        y.backward(create_graph=True)
+    y.backward(retain_graph=True)
+    assert type(x.grad) is np.ndarray and not isinstance(x.grad, mm.Tensor)
+    np.testing.assert_allclose(x.grad, 3 * x.data ** 2)
+    y.backward()
+    np.testing.assert_allclose(x.grad, 6 * x.data ** 2)           # accumulated, not d²y/dx²
+    with pytest.raises(RuntimeError, match="already freed"):
+        y.backward()
+    g = mm.Tensor(x.grad)                                          # a gradient made a tensor is a constant
+    assert not g.requires_grad and g._ctx is None
+
+
+def test_cast_and_detach_gradients():
+    """x.to(dtype) (and float(), double()) passes the gradient back cast to x's dtype; detach cuts it."""
+    x = mm.Tensor(np.array([0.25, -1.5, 3.0]), requires_grad=True)
+    y = x.float() * mm.Tensor(np.array([1.0, 2.0, 3.0], np.float32))
+    assert y.dtype == np.float32
+    (y.double().sum() + (x.detach() * x).sum()).backward()
+    assert x.grad.dtype == np.float64
+    np.testing.assert_allclose(x.grad, [1.0 + 0.25, 2.0 - 1.5, 3.0 + 3.0])
+    assert x.to(dtype=np.float64) is x                             # same dtype: no op
