@@ -41,7 +41,7 @@ import unicodedata
 from pathlib import Path
 
 from .bpe import BPETokenizer
-from .gpt2 import chars_to_bytes
+from .gpt2 import chars_to_bytes, read_utf8
 from .pretokenize import GPT2_PATTERN
 
 
@@ -70,10 +70,14 @@ def _pattern(pre_tokenizer, where: str) -> str:
     """The chunking regex of a ``pre_tokenizer`` entry (refusing what would chunk differently)."""
     if pre_tokenizer is None:
         raise ValueError(f"{where}: no pre_tokenizer (a byte-level BPE tokenizer needs ByteLevel)")
+    if not isinstance(pre_tokenizer, dict):
+        raise ValueError(f"{where}: 'pre_tokenizer' must be an object or null, got {pre_tokenizer!r}")
     kind = pre_tokenizer.get("type")
     steps = pre_tokenizer.get("pretokenizers", []) if kind == "Sequence" else [pre_tokenizer]
     regexes, byte_level = [], None
     for step in steps:
+        if not isinstance(step, dict):
+            raise ValueError(f"{where}: pre-tokenizer step {step!r} is not an object")
         step_kind = step.get("type")
         if step_kind == "Split":
             behavior, invert = step.get("behavior"), step.get("invert", False)
@@ -99,6 +103,10 @@ def _pattern(pre_tokenizer, where: str) -> str:
     return regexes[0]
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _merge_pair(merge, where: str) -> tuple[str, str]:
     """A merge in either form: "Ġ t" (one space between; the byte alphabet has none) or ["Ġ", "t"]."""
     parts = merge.split(" ") if isinstance(merge, str) else merge
@@ -111,24 +119,32 @@ def read_tokenizer_json(path: str | os.PathLike) -> BPETokenizer:
     """A BPETokenizer (a NormalizedBPETokenizer under an NFC normalizer) from a ``tokenizer.json``."""
     path = Path(path)
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
         kind = model.get("type") if isinstance(model, dict) else None
         raise ValueError(f"{path}: not a BPE tokenizer.json (model type {kind!r}); only byte-level BPE is read")
+    if not isinstance(model["vocab"], dict):
+        raise ValueError(f"{path}: 'model'.'vocab' must be an object {{token: id}}, got {type(model['vocab']).__name__}")
     unsupported = [f"{key}={model[key]!r}" for key in ("byte_fallback", "unk_token", "continuing_subword_prefix",
                                                          "end_of_word_suffix", "dropout") if model.get(key)]
     normalizer = spec.get("normalizer")
     normalization = None
+    if normalizer is not None and not isinstance(normalizer, dict):
+        raise ValueError(f"{path}: 'normalizer' must be an object or null, got {normalizer!r}")
     if normalizer is not None:
         if normalizer.get("type") in ("NFC", "NFKC", "NFD", "NFKD"):
             normalization = normalizer["type"]
         else:
             unsupported.append(f"normalizer {normalizer.get('type')!r}")
     added = spec.get("added_tokens") or []
-    for token in added:
+    if not isinstance(added, list):
+        raise ValueError(f"{path}: 'added_tokens' must be a list, got {type(added).__name__}")
+    for k, token in enumerate(added):
+        if not (isinstance(token, dict) and isinstance(token.get("content"), str) and _is_id(token.get("id"))):
+            raise ValueError(f"{path}: added token {k} needs a 'content' string and an 'id' integer, got {token!r}")
         flags = [flag for flag in ("lstrip", "rstrip", "single_word") if token.get(flag)]
         if flags:
             unsupported.append(f"added token {token.get('content')!r} with {', '.join(flags)}")
@@ -140,6 +156,8 @@ def read_tokenizer_json(path: str | os.PathLike) -> BPETokenizer:
     special_ids = set(special_tokens.values())
     vocab: dict[int, bytes] = {}
     for text, token_id in model["vocab"].items():
+        if not _is_id(token_id):
+            raise ValueError(f"{path}: vocab entry {text!r} has id {token_id!r}, not a non-negative integer")
         if token_id in special_ids:                        # e.g. GPT-2's <|endoftext|>, also in model.vocab
             continue
         try:
