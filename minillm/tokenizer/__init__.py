@@ -60,6 +60,13 @@ def load_tokenizer(spec: str | os.PathLike) -> BPETokenizer:
             if not f.is_file():
                 raise FileNotFoundError(f"{spec!r}: {f} not found (expected GPT-2's encoder.json and vocab.bpe)")
         return BPETokenizer.from_gpt2_files(encoder, merges)
+    if Path(spec).is_dir():    # e.g. a run directory: say which file in it is meant
+        folder = Path(spec)
+        hint = (f"give the tokenizer file in it, {folder / 'tokenizer.json'}"
+                if (folder / "tokenizer.json").is_file() else
+                f"for GPT-2's encoder.json and vocab.bpe in it, use gpt2:{spec}"
+                if (folder / "encoder.json").is_file() else "give a tokenizer file (or 'bytes' or 'gpt2:DIR')")
+        raise IsADirectoryError(f"tokenizer {spec!r} is a folder: {hint}")
     if not Path(spec).is_file():
         raise FileNotFoundError(f"tokenizer {spec!r}: no such file (or use 'bytes' or 'gpt2:DIR')")
     return BPETokenizer.load(spec)

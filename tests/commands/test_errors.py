@@ -123,6 +123,21 @@ def test_file_system_mistakes_are_one_line(tmp_path, text_file, capsys):
     assert one_line_error(err) == f"{a_folder}: is a directory"
     assert not (tmp_path / "t.json").exists()
 
+    # a folder as --tokenizer (a run directory, GPT-2's files): the message says what to give instead
+    from minillm.tokenizer import BPETokenizer
+
+    BPETokenizer.bytes().save(a_folder / "tokenizer.json")
+    _, err = run(["tokenizer", "encode", "--tokenizer", a_folder, a_file], capsys, 2)
+    assert one_line_error(err) == (f"tokenizer {str(a_folder)!r} is a folder: give the tokenizer file in it, "
+                                   f"{a_folder / 'tokenizer.json'}")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "encoder.json").write_text("{}", encoding="utf-8")
+    _, err = run(["train", "--data", text_file, *TINY, "--steps", "1", "--tokenizer", gpt2, "--out", tmp_path / "r"],
+                 capsys, 2)
+    assert one_line_error(err) == f"tokenizer {str(gpt2)!r} is a folder: for GPT-2's encoder.json and vocab.bpe in it, use gpt2:{gpt2}"
+    assert not (tmp_path / "r").exists()
+
 
 # ------------------------------------------------------------------ run folders
 
