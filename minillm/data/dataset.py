@@ -257,4 +257,9 @@ class TokenDataset:
         saved = {k: state.get(k) for k in self._layout()}
         if saved != self._layout():
             raise ValueError(f"data state is for a different dataset: saved {saved}, this one {self._layout()}")
+        try:
+            np.random.PCG64().state = state["rng"]        # a scratch generator: ours is untouched if it fails
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"data state: the batch generator's state ('rng') is missing or damaged "
+                             f"({type(error).__name__}: {error})") from None
         self.rng.bit_generator.state = state["rng"]

@@ -250,5 +250,14 @@ class EpochBatches:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        values = [state.get(key) for key in ("seed", "epoch", "position")] if isinstance(state, dict) else []
+        if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"data state: needs integers 'seed', 'epoch' and 'position', got {state!r}")
+        seed, epoch, position = values
+        if epoch < 0:
+            raise ValueError(f"data state: epoch {epoch} is negative")
+        if not 0 <= position <= len(self.splits["train"]):
+            raise ValueError(f"data state: position {position} is outside the {len(self.splits['train'])} "
+                             f"training examples (a state saved for other data?)")
+        self.seed, self.epoch, self.position = seed, epoch, position
         self._order = self._epoch_order(self.epoch)

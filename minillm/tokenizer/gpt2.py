@@ -84,7 +84,10 @@ def read_vocab_bpe(path: str | Path) -> list[tuple[bytes, bytes]]:
         parts = line.split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise ValueError(f"{path}:{lineno}: expected two tokens separated by a space, got {line!r}")
-        merges.append((chars_to_bytes(parts[0]), chars_to_bytes(parts[1])))
+        try:
+            merges.append((chars_to_bytes(parts[0]), chars_to_bytes(parts[1])))
+        except ValueError as err:
+            raise ValueError(f"{path}:{lineno}: {err}") from None
     return merges
 
 
@@ -115,8 +118,11 @@ def read_encoder_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, int
         owner[idx] = text
         if text in GPT2_SPECIAL_TOKENS:
             special[text] = idx
-        else:
+            continue
+        try:
             tokens[chars_to_bytes(text)] = idx
+        except ValueError as err:
+            raise ValueError(f"{path}: entry {err}") from None
     return tokens, special
 
 

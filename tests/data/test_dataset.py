@@ -197,3 +197,17 @@ def test_load_texts(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(ValueError, match="not UTF-8"):
         load_texts(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize("change", [lambda s: s.pop("rng"), lambda s: s.update(rng="x"),
+                                    lambda s: s.update(rng={"bit_generator": "PCG64", "state": 1})])
+def test_a_damaged_data_state_is_a_clear_error(change):
+    """A checkpoint's data_state with the right layout but a damaged generator state: one ValueError, and
+    the dataset's generator is left as it was (not a KeyError, nor NumPy's "state must be a dict")."""
+    data = TokenDataset(np.arange(100), context_length=8)
+    state = data.state_dict()
+    change(state)
+    before = data.rng.bit_generator.state
+    with pytest.raises(ValueError, match=r"data state: the batch generator's state \('rng'\) is missing or damaged"):
+        data.load_state_dict(state)
+    assert data.rng.bit_generator.state == before

@@ -195,3 +195,16 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
     (tmp_path / name).write_bytes(b'label,text\nham,caf\xe9\n')          # Latin-1, not UTF-8
     with pytest.raises(DataError, match=rf"{name}, line 2: not UTF-8 text \(byte 0xe9 at byte offset 18\)"):
         read_records(tmp_path / name)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"epoch": 1, "position": 0}, r"needs integers 'seed', 'epoch' and 'position', got \{'epoch': 1, 'position': 0\}"),
+    ({"seed": 0, "epoch": 0, "position": 11}, r"position 11 is outside the 10 training examples"),
+    ({"seed": 0, "epoch": 0, "position": -3}, r"position -3 is outside the 10 training examples"),
+    ({"seed": 0, "epoch": -1, "position": 0}, r"epoch -1 is negative"),
+])
+def test_a_damaged_epoch_state_is_a_clear_error(state, message):
+    data = EpochBatches({"train": list(range(10))}, collate=lambda b: (np.array(b),), seed=3)
+    with pytest.raises(ValueError, match=r"data state: " + message):
+        data.load_state_dict(state)
+    assert data.state_dict() == {"seed": 3, "epoch": 0, "position": 0}       # unchanged

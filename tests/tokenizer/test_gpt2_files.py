@@ -99,3 +99,12 @@ def test_files_that_are_not_utf8_are_named(tmp_path, trained):
         BPETokenizer.from_gpt2_files(*write(tmp_path, encoder, lines, bpe_bytes=b"#version: 0.2\n\xff\xfe\n"))
     with pytest.raises(ValueError, match=r"encoder\.json, line 1: not UTF-8 text \(byte 0xff at byte offset 0\)"):
         BPETokenizer.from_gpt2_files(*write(tmp_path, encoder, lines, encoder_bytes=b"\xff{}"))
+
+
+def test_a_token_outside_gpt2s_alphabet_names_the_file_and_line(tmp_path, trained):
+    encoder, lines = encoder_of(trained), merge_lines(trained)
+    encoder["☃x"] = encoder.pop(lines[0].replace(" ", ""))
+    with pytest.raises(ValueError, match=r"encoder\.json: entry '☃x' is not a byte-level string: '☃' is not in"):
+        BPETokenizer.from_gpt2_files(*write(tmp_path, encoder, lines))
+    with pytest.raises(ValueError, match=r"vocab\.bpe:4: '☃' is not a byte-level string: '☃' is not in"):
+        BPETokenizer.from_gpt2_files(*write(tmp_path, encoder_of(trained), lines[:2] + ["☃ x"] + lines[2:]))
