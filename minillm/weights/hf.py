@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from .safetensors import load_file, read_header, save_file
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MAPPINGS = {"gpt2": hf_gpt2, "llama": hf_llama, "qwen3": hf_llama}
 
 
@@ -141,7 +143,9 @@ def save_hf(model: GPT, directory: str | os.PathLike, max_shard_bytes: int | Non
     rotary + RMSNorm + SwiGLU -> llama, or qwen3 with q/k norm). The tensors
     keep the model's dtype. With ``max_shard_bytes``, a model larger than that
     is written in shards ``model-00001-of-0000N.safetensors`` … plus
-    ``model.safetensors.index.json``, Hugging Face's sharded layout.
+    ``model.safetensors.index.json``, Hugging Face's sharded layout. Saving over
+    an earlier save removes the weight files of its other layout (a stale
+    model.safetensors would be read before new shards: the old model, silently).
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_hf: expected a minillm GPT, got {type(model).__name__}")
@@ -152,9 +156,13 @@ def save_hf(model: GPT, directory: str | os.PathLike, max_shard_bytes: int | Non
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shards = _shards(tensors, max_shard_bytes)
+    stale = _weight_files(directory)                  # a previous save's: removed once they are replaced
     if len(shards) == 1:
         save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     else:
+        # a model.safetensors left here would be read instead of the shards: gone before they are written,
+        # so that a crash midway leaves a directory that fails to load rather than the old model
+        (directory / WEIGHTS_FILE).unlink(missing_ok=True)
         weight_map = {}
         for number, names in enumerate(shards, start=1):
             file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -163,7 +171,21 @@ def save_hf(model: GPT, directory: str | os.PathLike, max_shard_bytes: int | Non
         index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    if len(shards) == 1:
+        (directory / INDEX_FILE).unlink(missing_ok=True)
+    for path in stale - _weight_files(directory):     # shards of the previous save that the new one does not use
+        path.unlink(missing_ok=True)
     return directory
+
+
+def _weight_files(directory: Path) -> set[Path]:
+    """The shard files the directory's index lists (named as save_hf names them; nothing else is touched)."""
+    try:
+        weight_map = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        names = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {directory / name for name in names if isinstance(name, str) and _SHARD_NAME.fullmatch(name)}
 
 
 def _shards(tensors: dict, max_shard_bytes: int | None) -> list[list[str]]:

@@ -88,3 +88,24 @@ def test_end_of_text_id_of_a_damaged_config_names_the_file(tmp_path):
     (directory / "config.json").write_text('{"eos_token_id": ')
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         config_eos_id(directory)
+
+
+@pytest.mark.parametrize("first_shards, second_shards", [(None, 2000), (2000, None), (1000, 4000)])
+def test_saving_over_another_layout_leaves_only_the_new_weights(tmp_path, first_shards, second_shards):
+    """A single model.safetensors left beside a new sharded save would be read first: the old model, silently."""
+    import minillm as mm  # noqa: PLC0415
+
+    mm.manual_seed(0)
+    old = GPT(GPT2_TINY)
+    mm.manual_seed(1)
+    new = GPT(GPT2_TINY)
+    save_hf(old, tmp_path, max_shard_bytes=first_shards)
+    (tmp_path / "notes.txt").write_text("mine")                       # a file of the user's: kept
+    save_hf(new, tmp_path, max_shard_bytes=second_shards)
+    np.testing.assert_array_equal(load_hf(tmp_path).wte.weight.data, new.wte.weight.data)
+    files = {p.name for p in tmp_path.iterdir()}
+    if second_shards is None:
+        assert files == {"config.json", "model.safetensors", "notes.txt"}
+    else:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert files == {"config.json", "model.safetensors.index.json", "notes.txt", *index["weight_map"].values()}
