@@ -13,6 +13,7 @@ float32, float16 and bfloat16 (``ml_dtypes``) buffers are supported.
     send_recv(x, peer_to, out, peer_from)  both at once (the pipeline's exchange)
     split(color, key)        -> a Communicator over the ranks with the same color
     barrier(), abort(), rank, size
+    check_same(what, settings)        ValueError on every rank unless all passed equal settings
 
 A collective is called by every rank of the communicator, in the same order,
 with the same shapes; a point-to-point pair must match (same size and dtype).
@@ -50,6 +51,7 @@ class Communicator:
         self.rank, self.size = rank, size
         self.store, self.name, self.timeout = store, name, float(timeout)
         self._splits = 0
+        self._checks = 0
 
     # ---------------------------------------------------------------- checks
     def _check(self, array, what: str) -> None:
@@ -98,6 +100,28 @@ class Communicator:
     def synchronize(self) -> None:
         """Wait until every operation issued so far has completed (a no-op where calls are blocking)."""
 
+    # ------------------------------------------------------------ agreement
+    def check_same(self, what: str, settings: dict) -> None:
+        """A collective: raise ValueError, on every rank alike, unless every rank passed equal ``settings``.
+
+        Ranks started with different options (another seed, model size or
+        layout on one node) would otherwise train something that is neither run,
+        without a word, or fail later with an error far from the cause. Goes
+        through the store (any picklable dict, no device buffers). ``settings``
+        maps names to values, or to dicts of them (reported as ``outer.inner``).
+        """
+        tag = f"{self.name}/same{self._checks}"
+        self._checks += 1
+        self.store.arrive(tag, self.rank, settings)
+        posted = self.store.wait_arrivals(tag, self.size, self.timeout)
+        differences = settings_differences(posted)
+        if differences:
+            self.store.arrive(f"{tag}/read", self.rank)
+            if self.rank == 0:   # the store lives on rank 0: keep it up until every rank has read the answer
+                self.store.wait_arrivals(f"{tag}/read", self.size, self.timeout)
+            raise ValueError(f"the ranks were started with different {what}: {'; '.join(differences)} "
+                             "(start every rank with the same options)")
+
     # ---------------------------------------------------------------- split
     def _split_layout(self, color, key: int):
         """Agree on sub-groups through the store, as MPI_Comm_split / ncclCommSplit define them.
@@ -122,3 +146,40 @@ class Communicator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, name={self.name!r})"
+
+
+_UNSET = object()
+
+
+def settings_differences(posted: list[dict], limit: int = 5) -> list[str]:
+    """``"name: value on ranks a, b / value on rank c"`` for each setting that differs between the ranks' dicts.
+
+    >>> settings_differences([{"seed": 1, "model": {"n_layer": 2}}, {"seed": 2, "model": {"n_layer": 2}}])
+    ['seed: 1 on rank 0 / 2 on rank 1']
+    """
+    flat = [_flatten(settings) for settings in posted]
+    lines = []
+    for name in sorted(set().union(*flat)):
+        values = [one.get(name, _UNSET) for one in flat]
+        if all(value == values[0] for value in values):
+            continue
+        groups: dict[str, list[int]] = {}
+        for rank, value in enumerate(values):
+            shown = "(unset)" if value is _UNSET else repr(value) if isinstance(value, str) else str(value)
+            long = [v for v in groups if v.startswith("<value ")]
+            if len(shown) > 60:   # a random generator's state, say: only whether it differs matters
+                shown = next((v for v, r in groups.items() if values[r[0]] == value), f"<value {len(long) + 1}>")
+            groups.setdefault(shown, []).append(rank)
+        lines.append(f"{name}: " + " / ".join(f"{shown} on rank{'s' if len(ranks) > 1 else ''} "
+                                             f"{', '.join(map(str, ranks))}" for shown, ranks in groups.items()))
+    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict) and prefix == "":
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat

@@ -14,6 +14,10 @@ Every line a rank prints comes out prefixed ``[rank R]``. When a rank exits
 with an error, the others are stopped (SIGTERM, then SIGKILL after a grace
 period) and the launcher exits with that rank's code; a rank that hangs is
 caught by the communicators' timeout, which makes its peers fail, and so on.
+Ctrl-C or SIGTERM sent to the launcher goes to every rank (Ctrl-C: a training
+run finishes its step, saves and stops; SIGTERM: SIGKILL after the grace
+period; a third signal: SIGKILL), and the launcher exits 128 + the signal's
+number (130, 143), as a shell reports a command it stopped.
 
 Several nodes: the same command on each, with ``--nnodes K --node-rank R
 --master-addr <node 0's address>``: global rank = R * nproc_per_node + local rank.
@@ -83,12 +87,32 @@ def launch(command: list[str], envs: list[dict[str, str]], out=None) -> int:
     def stop_all(signum=signal.SIGTERM) -> None:
         for _, child in children:
             if child.poll() is None:
-                os.killpg(child.pid, signum)
+                try:
+                    os.killpg(child.pid, signum)
+                    if signum == signal.SIGTERM:
+                        os.killpg(child.pid, signal.SIGCONT)   # a stopped (SIGSTOP) rank acts on it now
+                except ProcessLookupError:                     # it ended in the meantime
+                    pass
 
-    previous = {s: signal.signal(s, lambda signum, frame: stop_all(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
+    received: list[int] = []   # signals sent to the launcher (Ctrl-C, SIGTERM), in order
+
+    def on_signal(signum, frame) -> None:
+        """Pass it on to every rank (Ctrl-C: they finish the step, save and stop); the third: SIGKILL."""
+        received.append(signum)
+        stop_all(signal.SIGKILL if len(received) >= 3 else signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code, signalled_at = 0, None
     try:
         while [child.poll() for _, child in children].count(None):   # poll every child, every time
+            if received:                                             # the ranks' own exits are expected now
+                if signalled_at is None:
+                    signalled_at = time.monotonic()
+                    _say(out, f"{signal.Signals(received[0]).name}: stopping every rank")
+                if received[0] != signal.SIGINT and time.monotonic() > signalled_at + GRACE_S:
+                    stop_all(signal.SIGKILL)                         # SIGTERM: the grace period, then no more
+                time.sleep(0.05)
+                continue
             failed = [(rank, child.returncode) for rank, child in children if child.returncode not in (None, 0)]
             if failed:
                 rank, code = failed[0]
@@ -102,6 +126,10 @@ def launch(command: list[str], envs: list[dict[str, str]], out=None) -> int:
             time.sleep(0.05)
         for _, child in children:
             child.wait()
+        if received:                                                 # as a shell reports it: 130, 143
+            if signalled_at is None:                                 # they all ended before the loop saw it
+                _say(out, f"{signal.Signals(received[0]).name}: stopping every rank")
+            return 128 + received[0]
         if code == 0:
             failed = [(rank, child.returncode) for rank, child in children if child.returncode != 0]
             if failed:

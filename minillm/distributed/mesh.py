@@ -90,6 +90,7 @@ class DeviceMesh:
                 f"the mesh {shape} needs {shape.size} processes, but the world has {world.size}: "
                 f"launch pp * dp * tp processes (e.g. minillm launch --nproc-per-node {shape.size} ...)"
             )
+        world.check_same("parallel layouts", vars(shape))   # the splits below would not match
         self.world, self.shape = world, shape
         self.pp_rank, self.dp_rank, self.tp_rank = shape.coords(world.rank)
         p, d, t = self.pp_rank, self.dp_rank, self.tp_rank

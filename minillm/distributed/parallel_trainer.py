@@ -47,7 +47,7 @@ class ParallelTrainer(OneWriter, Trainer):
 
     def __init__(self, model, config, data, mesh, run_dir=None, schedule: str = "1f1b", bucket_mb: float = 25.0,
                  **options):
-        self.mesh = mesh
+        self.mesh, self.job_comm = mesh, mesh.world
         P = mesh.shape.pp
         if P * mesh.shape.tp > 1 and config.precision == "fp16":
             raise ValueError("--pp / --tp with fp16 is not supported (the ranks holding parts of one model would "
@@ -68,6 +68,7 @@ class ParallelTrainer(OneWriter, Trainer):
         options.setdefault("model_config", full_config.to_dict())
         super().__init__(model, config, data, run_dir=run_dir, **options)
         self.is_writer = mesh.world.rank == 0
+        self.check_same_settings(full_config, schedule)
         self.engine = None
         if P > 1:
             from .schedule import PipelineEngine  # noqa: PLC0415

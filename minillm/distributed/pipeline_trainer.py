@@ -20,7 +20,12 @@ Only rank 0 writes the metrics log.
 
 from __future__ import annotations
 
+import signal
+import threading
 from types import SimpleNamespace
+
+import numpy as np
+from tqdm import tqdm
 
 from .. import backend, optim, precision
 from ..train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -30,9 +35,19 @@ from .schedule import PipelineEngine
 
 
 class OneWriter:
-    """Mixin for a ``Trainer`` run on several ranks: only the rank with ``is_writer`` set touches the metrics log."""
+    """Mixin for a ``Trainer`` run on several ranks: the ranks act as one job.
+
+    - only the rank with ``is_writer`` set touches the metrics log;
+    - they refuse to start with different settings (``check_same_settings``);
+    - they stop together: a Ctrl-C (or ``request_stop``) on any rank, only
+      asks; inside ``fit`` each step ends with the ranks agreeing (an
+      all-reduce of the asks over ``job_comm``), so every rank stops after the
+      same step and takes part in the final checkpoint, a collective. (Ctrl-C
+      on one node's launcher reaches only that node's ranks.)
+    """
 
     is_writer: bool
+    job_comm: object  # the communicator spanning every rank of the job
 
     def _log(self, record) -> None:
         if self.is_writer:
@@ -41,6 +56,52 @@ class OneWriter:
     def _truncate_metrics(self, step: int) -> None:
         if self.is_writer:
             super()._truncate_metrics(step)
+
+    # ------------------------------------------------------------ same settings on every rank
+    def check_same_settings(self, model_config, schedule: str) -> None:
+        """ValueError on every rank unless all were started with the same model, training options, data
+        stream and schedule (the device and the progress bar may differ)."""
+        train = {k: v for k, v in self.config.to_dict().items() if k not in ("device", "progress")}
+        data = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        self.job_comm.check_same("settings", {"model": model_config.to_dict(), "train": train, "data": data,
+                                              "schedule": schedule})
+
+    # ------------------------------------------------------------ Ctrl-C: one decision for the job
+    def request_stop(self) -> None:
+        """Ask the job to stop: every rank stops after the step at whose end the ranks agree on it."""
+        self._stop_asked = True
+
+    def _install_sigint_handler(self):
+        self._stop_requested, self._stop_asked, self._agreeing = False, False, True
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_asked:  # the second Ctrl-C: stop now (the peers then fail on the closed connection)
+                raise KeyboardInterrupt
+            self._stop_asked = True
+            tqdm.write("Ctrl-C: finishing this step, then saving and stopping (Ctrl-C again to abort now)")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _restore_sigint_handler(self, previous) -> None:
+        self._agreeing = False
+        super()._restore_sigint_handler(previous)
+
+    def train_step(self):
+        result = super().train_step()
+        if getattr(self, "_agreeing", False):
+            self._stop_requested = self._any_rank_asked_to_stop()
+        return result
+
+    def _any_rank_asked_to_stop(self) -> bool:
+        """Max over the job of this rank's ask (0 or 1): the same answer on every rank, after the same step."""
+        xp = backend.module_for(self.device)
+        with backend.device_context(self.device):
+            asked = xp.asarray([1.0 if getattr(self, "_stop_asked", False) else 0.0], dtype=np.float32)
+            self.job_comm.all_reduce(asked, op="max")
+            self.job_comm.synchronize()
+            return float(asked[0]) > 0
 
 
 class PipelineTrainer(OneWriter, Trainer):
@@ -51,10 +112,11 @@ class PipelineTrainer(OneWriter, Trainer):
         if config.precision == "fp16":
             raise ValueError("--pp with fp16 is not supported (the stages would have to agree on loss scaling); "
                              "use --precision bf16")
-        self.comm = comm
+        self.comm = self.job_comm = comm
         self.is_writer = comm.rank == 0
         super().__init__(stage, config, data, run_dir=run_dir, tokenizer=tokenizer,
                          model_config=stage.config.to_dict())
+        self.check_same_settings(stage.config, schedule)
         self.engine = PipelineEngine(stage, comm, schedule, timeline)
         self._saves = 0
 

@@ -46,17 +46,32 @@ def _int(env, name: str) -> int:
 
 
 def read_environment(env=None) -> Environment:
-    """The first launcher's variables found in ``env`` (default os.environ), checked for sense."""
+    """The first launcher's variables found in ``env`` (default os.environ), checked for sense.
+
+    A launcher sets its rank and world-size variables together: one without the
+    other is a broken environment, an error rather than a quiet run of one process.
+    """
     env = os.environ if env is None else env
     rank, world_size, local_rank = 0, 1, 0
     for rank_name, size_name, local_name in _SOURCES:
         if rank_name in env and size_name in env:
             rank, world_size = _int(env, rank_name), _int(env, size_name)
+            if world_size < 1 or not 0 <= rank < world_size:
+                raise ValueError(f"rank {rank} is not in a world of size {world_size} ({rank_name}={env[rank_name]}, "
+                                 f"{size_name}={env[size_name]}): check the launcher's variables")
             local_rank = _int(env, local_name) if local_name in env else 0
+            if not 0 <= local_rank < world_size:
+                raise ValueError(f"{local_name}={local_rank} must be in 0..{world_size - 1} ({size_name}={world_size})")
             break
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}: check the launcher's variables")
+    else:
+        for rank_name, size_name, _ in _SOURCES[:2]:   # Slurm's names alone: inside an allocation, not a job step
+            for present, absent in ((rank_name, size_name), (size_name, rank_name)):
+                if present in env and absent not in env:
+                    raise ValueError(f"{present} is set but {absent} is not: a launcher sets both "
+                                     "(unset the stray variable, or start the ranks with minillm launch)")
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
+    if not 1 <= port <= 65535:
+        raise ValueError(f"MASTER_PORT={port} must be a port number, 1..65535")
     return Environment(rank, world_size, local_rank, env.get("MASTER_ADDR", "127.0.0.1"), port)
 
 

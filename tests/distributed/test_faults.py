@@ -1,0 +1,200 @@
+"""What goes wrong in real use, on the CPU backend: each case ends cleanly, with a clear message, in time.
+
+Launcher variables that contradict each other; ranks started with different
+settings (they must refuse to train, not train something else silently); a
+Ctrl-C that reaches one rank only (every rank must stop after the same step
+and write the checkpoint together); SIGTERM / Ctrl-C sent to ``minillm
+launch`` (exit 143 / 130, no rank left behind).
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from minillm.distributed import read_environment
+from minillm.distributed.spawn import free_port, spawn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parallel_helpers import tiny_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- the launcher's variables
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK is not"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE is set but OMPI_COMM_WORLD_RANK is not"),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2"}, r"rank 3 is not in a world of size 2 \(SLURM_PROCID=3, SLURM_NTASKS=2\)"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, r"rank 0 is not in a world of size 0 \(RANK=0, WORLD_SIZE=0\)"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, r"LOCAL_RANK=-1 must be in 0\.\.1"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, r"LOCAL_RANK=2 must be in 0\.\.1"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, r"MASTER_PORT=70000 must be a port number, 1\.\.65535"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "0"}, r"MASTER_PORT=0 must be a port number"),
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "environment variable RANK='one' is not an integer"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500x"}, "MASTER_PORT='29500x' is not an integer"),
+])
+def test_contradictory_launcher_variables_are_clear_errors(env, message):
+    with pytest.raises(ValueError, match=message):
+        read_environment(env)
+
+
+def test_a_complete_set_of_variables_wins_over_a_partial_one_of_another_launcher():
+    # mpirun inside a Slurm allocation: Open MPI's names are complete, Slurm's are the allocation's
+    where = read_environment({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "SLURM_NTASKS": "8",
+                              "MASTER_PORT": "1234"})
+    assert (where.rank, where.world_size, where.master_port) == (1, 2, 1234)
+
+
+# ---------------------------------------------------------------- ranks started differently
+
+def _mesh(group, shape):
+    from minillm.distributed.mesh import DeviceMesh, MeshShape
+
+    return DeviceMesh(group.comm, MeshShape(**shape))
+
+
+def _different_meshes(group):
+    try:
+        _mesh(group, dict(pp=2) if group.rank == 0 else dict(dp=2))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_ranks_asking_for_different_meshes_refuse_to_start():
+    for message in spawn(_different_meshes, 2, timeout=10):
+        assert "the ranks were started with different parallel layouts" in message, message
+        assert "pp: 2 on rank 0 / 1 on rank 1" in message and "dp: 1 on rank 0 / 2 on rank 1" in message
+
+
+def test_settings_differences_group_the_ranks_by_value():
+    from minillm.distributed.communicator import settings_differences
+
+    state = lambda seed: {"generator": "PCG64", "state": list(range(seed, seed + 30))}  # noqa: E731 (long)
+    posted = [{"seed": 1, "data": {"rng": state(0), "n": 5}}, {"seed": 1, "data": {"rng": state(1), "n": 5}},
+              {"seed": 2, "data": {"rng": state(0), "n": 5}}]
+    assert settings_differences(posted) == ["data.rng: <value 1> on ranks 0, 2 / <value 2> on rank 1",
+                                            "seed: 1 on ranks 0, 1 / 2 on rank 2"]
+    assert settings_differences(posted[:1] * 3) == []
+    assert settings_differences([{"a": 1}, {}]) == ["a: 1 on rank 0 / (unset) on rank 1"]
+
+
+def _different_settings(group, model_change, train_change):
+    from minillm.distributed.parallel_trainer import ParallelTrainer
+
+    mesh = _mesh(group, dict(dp=2))
+    model, data, config = tiny_run(steps=3, **(model_change if group.rank == 1 else {}))
+    if group.rank == 1:
+        config = dataclasses.replace(config, **train_change)
+    try:
+        ParallelTrainer(model, config, data, mesh)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("model_change, train_change, difference", [
+    ({}, {"seed": 2}, "train.seed: 1337 on rank 0 / 2 on rank 1"),
+    ({"n_layer": 1}, {}, "model.n_layer: 2 on rank 0 / 1 on rank 1"),
+    ({}, {"lr": 1e-3}, "train.lr: 0.003 on rank 0 / 0.001 on rank 1"),
+])
+def test_ranks_with_different_settings_refuse_to_train(model_change, train_change, difference):
+    """Before: each of these trained without a word (different seeds: replicas that never agree; a model
+    size or a learning rate per rank: a run that is neither)."""
+    for message in spawn(_different_settings, 2, args=(model_change, train_change), timeout=10):
+        assert "the ranks were started with different settings" in message, message
+        assert difference in message, message
+
+
+# ---------------------------------------------------------------- Ctrl-C reaching one rank
+
+def _ctrl_c_on_rank_0_only(group, run_dir, shape):
+    from minillm.distributed.parallel_trainer import ParallelTrainer
+    from minillm.train.checkpoint import read_metadata
+
+    mesh = _mesh(group, shape)
+    model, data, config = tiny_run(steps=50)
+    trainer = ParallelTrainer(model, config, data, mesh, run_dir=run_dir)
+    if group.rank == 0:                      # the Ctrl-C of one node's launcher: the other rank never sees it
+        step = trainer.train_step
+
+        def train_step():
+            result = step()
+            if trainer.step == 3:
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        trainer.train_step = train_step
+    result = trainer.fit()
+    group.comm.barrier()
+    return result.step, result.interrupted, read_metadata(run_dir)["step"]
+
+
+@pytest.mark.parametrize("shape", [dict(pp=2), dict(dp=2)])
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, shape):
+    """Before: rank 0 stopped and began the checkpoint (a collective) while rank 1 ran another step: both
+    hung until the timeout, and no checkpoint was written."""
+    start = time.monotonic()
+    results = spawn(_ctrl_c_on_rank_0_only, 2, args=(tmp_path, shape), timeout=8)
+    assert results[0] == results[1]
+    step, interrupted, saved = results[0]
+    assert interrupted and step == saved and 3 <= step <= 4
+    assert time.monotonic() - start < 8
+
+
+# ---------------------------------------------------------------- signals sent to minillm launch
+
+READY_SCRIPT = textwrap.dedent("""
+    import sys, time
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+""")
+
+
+def _rank_pids(launcher_pid: int) -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid, ppid in zip(ps[::2], ps[1::2]) if int(ppid) == launcher_pid]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signalled_launcher_stops_every_rank_and_exits_128_plus_the_signal(tmp_path, signum, code):
+    script = tmp_path / "ready.py"
+    script.write_text(READY_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
+                                 "--master-port", str(free_port()), "--", sys.executable, str(script)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lines = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(lines) == ["[rank 0] ready\n", "[rank 1] ready\n"], lines
+        ranks = _rank_pids(launcher.pid)
+        assert len(ranks) == 2
+        start = time.monotonic()
+        launcher.send_signal(signum)
+        output, _ = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == code, output
+    assert f"[launch] {signal.Signals(signum).name}: stopping every rank" in output
+    assert time.monotonic() - start < 10
+    assert not [pid for pid in ranks if _alive(pid)]
