@@ -212,7 +212,7 @@ def _cpu_operands(arrays, scale=None):
         dims = [(size, stride) for size, stride in zip(a.shape[:-2], a.strides[:-2]) if size != 1]
         mergeable = all(s0 == n1 * s1 for (_, s0), (n1, s1) in zip(dims, dims[1:]))
         if mergeable and a.strides[-1] == a.itemsize and not (i == 0 and scale is not None):
-            results[i] = a.reshape(-1, *a.shape[-2:])
+            results[i] = a.reshape(math.prod(a.shape[:-2]), *a.shape[-2:])   # (not -1: T or D may be 0)
         else:
             jobs.append((i, np.empty(a.shape, dtype=a.dtype)))
     if jobs:
@@ -229,7 +229,7 @@ def _cpu_operands(arrays, scale=None):
 
         run_parallel(fill, list(range(threads)))
         for i, out in jobs:
-            results[i] = out.reshape(-1, *out.shape[-2:])
+            results[i] = out.reshape(math.prod(out.shape[:-2]), *out.shape[-2:])
     return results
 
 
@@ -410,11 +410,12 @@ class ScaledDotProductAttention(Function):
         want_q, want_k, want_v = self.needs_input_grad
         tk = k3.shape[1]
         # gradients are allocated in their input's shape and filled through (N, ·, T, ·) views
+        allocate = xp.empty if tq else xp.zeros                # no queries: no tile writes dK, dV
         grad_q = xp.empty(grad.shape[:-1] + q4.shape[-1:], dtype=grad.dtype) if want_q else None
-        grad_k = xp.empty(k_shape, dtype=grad.dtype) if want_k else None
-        grad_v = xp.empty(v_shape, dtype=grad.dtype) if want_v else None
+        grad_k = allocate(k_shape, dtype=grad.dtype) if want_k else None
+        grad_v = allocate(v_shape, dtype=grad.dtype) if want_v else None
         grad_q4 = None if grad_q is None else grad_q.reshape(q4.shape)
-        grad_k3, grad_v3 = (None if g is None else g.reshape(-1, *g.shape[-2:]) for g in (grad_k, grad_v))
+        grad_k3, grad_v3 = (None if g is None else g.reshape(n, *g.shape[-2:]) for g in (grad_k, grad_v))
         summed = [a for a in (grad_k3, grad_v3) if a is not None]
 
         def backward_tiles(tiles):

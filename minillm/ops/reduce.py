@@ -67,8 +67,8 @@ class Max(Reduction):
 
     def forward(self, x):
         self.set_axes(x)
-        if x.size == 0:
-            raise ValueError("max of an empty tensor")
+        if self.count == 0:                        # (NumPy: (0, 3).max(axis=1) is fine, axis=0 is not)
+            raise ValueError("max over an empty axis (no elements to take the maximum of)")
         out = x.max(axis=self.axes, keepdims=True)
         self.save(x, out)
         return out if self.keepdims else out.squeeze(self.axes) if self.axes else out
