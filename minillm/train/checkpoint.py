@@ -192,6 +192,9 @@ def read_metadata(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's metadata (checked: present, valid JSON, a format version this code reads)."""
     path = Path(run_dir) / METADATA_FILE
     if not path.is_file():
+        if Path(run_dir).is_file():
+            raise CheckpointError(f"{run_dir} is a file: give the run directory that holds it "
+                                  f"(here {Path(run_dir).parent})")
         if not Path(run_dir).is_dir():
             raise CheckpointError(f"no run directory {str(run_dir)!r}")
         raise CheckpointError(f"no checkpoint in {str(run_dir)!r} ({METADATA_FILE} not found)")

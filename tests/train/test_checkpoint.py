@@ -252,3 +252,10 @@ def test_an_arrays_file_without_the_arrays_its_metadata_lists_is_refused(tmp_pat
     del metadata["array_names"]                           # a checkpoint written before the list existed still loads
     (tmp_path / "checkpoint.json").write_text(json.dumps(metadata))
     assert "optim/3/exp_avg_sq" not in load_checkpoint(tmp_path).optimizer_state["state"][3]
+
+
+def test_the_metadata_file_given_for_the_run_directory_is_named(tmp_path):
+    trained(tmp_path, steps=1)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json is a file: give the run directory that holds it "
+                                              r"\(here .*\)"):
+        load_checkpoint(tmp_path / "checkpoint.json")
