@@ -81,8 +81,7 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         if not isinstance(shard, str):
             raise ValueError(f"{index}: tensor {name!r} is mapped to {shard!r}, not a shard file name")
         by_shard.setdefault(shard, []).append(name)
-    tensors = {}
-    for shard, names in sorted(by_shard.items()):
+    for shard, names in sorted(by_shard.items()):        # every shard checked (headers only) before any is read
         path = directory / shard
         if Path(shard).name != shard or not path.is_file():
             raise FileNotFoundError(f"{index}: lists shard {shard!r}, which is not a file in {directory}")
@@ -90,7 +89,9 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         absent = [name for name in names if name not in in_file]
         if absent:
             raise ValueError(f"{index}: {path.name} lacks the tensor(s) it is said to hold: {', '.join(absent)}")
-        tensors.update(load_file(path, names))
+    tensors = {}
+    for shard, names in sorted(by_shard.items()):
+        tensors.update(load_file(directory / shard, names))
     return tensors
 
 

@@ -109,3 +109,21 @@ def test_saving_over_another_layout_leaves_only_the_new_weights(tmp_path, first_
     else:
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         assert files == {"config.json", "model.safetensors.index.json", "notes.txt", *index["weight_map"].values()}
+
+
+def test_every_shard_is_checked_before_any_is_read(tmp_path, monkeypatch):
+    """A missing last shard (or one lacking its tensors) is found from the index and headers alone, before
+    gigabytes of the earlier shards are read."""
+    from minillm.weights import hf  # noqa: PLC0415
+
+    directory = saved(tmp_path / "m", max_shard_bytes=2000)
+    shards = sorted(directory.glob("model-*.safetensors"))
+    reads = []
+    monkeypatch.setattr(hf, "load_file", lambda *args, **kwargs: reads.append(args) or {})
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"lists shard '{shards[-1].name}', which is not a file"):
+        load_hf(directory)
+    save_file({"other": np.zeros(2, np.float32)}, shards[-1])
+    with pytest.raises(ValueError, match=rf"{shards[-1].name} lacks the tensor\(s\) it is said to hold"):
+        load_hf(directory)
+    assert reads == []
