@@ -66,9 +66,36 @@ def _relay(stream, rank: int, out) -> None:
     """Copy a child's output to ours line by line, each line prefixed with its rank."""
     prefix = f"[rank {rank}] ".encode()
     for line in iter(stream.readline, b""):
+        line = line if line.endswith(b"\n") else line + b"\n"   # the last one, cut short: the launcher's next
         out.write(prefix + line.replace(b"\r", b"\n" + prefix) if b"\r" in line else prefix + line)
         out.flush()
     stream.close()
+
+
+def _die_with(launcher_pid: int):
+    """What each child runs before its program (Linux): SIGKILL when the launcher dies, however it dies.
+
+    The ranks run in sessions of their own (a terminal's Ctrl-C reaches the
+    launcher only, which passes it on), so a launcher killed outright (kill -9,
+    the OOM killer) could not stop them: they would train on as orphans. The
+    kernel's parent-death signal (prctl PR_SET_PDEATHSIG) stops them instead.
+    None (no such call) elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # noqa: PLC0415
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def in_child() -> None:
+        prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+        if os.getppid() != launcher_pid:   # the launcher died before the call above: go now
+            os._exit(1)
+
+    return in_child
 
 
 def launch(command: list[str], envs: list[dict[str, str]], out=None) -> int:
@@ -76,11 +103,13 @@ def launch(command: list[str], envs: list[dict[str, str]], out=None) -> int:
     out = out if out is not None else sys.stdout.buffer
     argv = command_line(command)
     children, relays = [], []
-    for env in envs:
+    for env in envs:      # every child first, the relay threads after: no thread runs while we fork
         child = subprocess.Popen(argv, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=_die_with(os.getpid()))
         children.append((int(env["RANK"]), child))
-        relay = threading.Thread(target=_relay, args=(child.stdout, int(env["RANK"]), out), daemon=True)
+    for rank, child in children:
+        relay = threading.Thread(target=_relay, args=(child.stdout, rank, out), daemon=True)
         relay.start()
         relays.append(relay)
 

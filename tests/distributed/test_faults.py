@@ -198,3 +198,32 @@ def test_a_signalled_launcher_stops_every_rank_and_exits_128_plus_the_signal(tmp
     assert f"[launch] {signal.Signals(signum).name}: stopping every rank" in output
     assert time.monotonic() - start < 10
     assert not [pid for pid in ranks if _alive(pid)]
+
+
+def test_a_killed_launcher_takes_its_ranks_with_it(tmp_path):
+    """SIGKILL (the OOM killer, kill -9) leaves the launcher no chance to stop its ranks: each rank has
+    asked the kernel to kill it when its parent dies. Before: both ranks went on, orphans."""
+    script = tmp_path / "ready.py"
+    script.write_text(READY_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
+                                 "--master-port", str(free_port()), "--", sys.executable, str(script)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ranks = []
+    try:
+        lines = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(lines) == ["[rank 0] ready\n", "[rank 1] ready\n"], lines
+        ranks = _rank_pids(launcher.pid)
+        assert len(ranks) == 2
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and [pid for pid in ranks if _alive(pid)]:
+            time.sleep(0.05)
+        assert not [pid for pid in ranks if _alive(pid)]
+    finally:
+        for pid in ranks:    # a failed run of this test leaves nothing behind either
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
