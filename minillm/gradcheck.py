@@ -80,7 +80,9 @@ def gradcheck(
     """Check ``fn``'s backward against float64 central differences; True or ``GradcheckError``.
 
     Inputs are float64 Tensors; those with ``requires_grad`` are checked.
-    ``fn`` must be deterministic (re-seed inside it if it draws random numbers).
+    ``fn`` must be deterministic (re-seed inside it if it draws random numbers): two calls
+    giving different outputs raise ``GradcheckError``, and so does an input that fn or its
+    backward changed in place (an op writing into a saved input would corrupt the next step).
     An input with at most ``elementwise_max`` elements is checked element by
     element; the full Jacobian is built when outputs × inputs ≤ ``jacobian_max``.
     """
@@ -92,9 +94,22 @@ def gradcheck(
             raise TypeError(f"gradcheck: input {i} is {inputs[i].dtype}; use float64 for central differences")
     rng = np.random.default_rng(seed)
     with no_grad():
-        out_shape = fn(*inputs).shape
+        first, again = fn(*inputs), fn(*inputs)
+    if not isinstance(first, Tensor):
+        raise TypeError("gradcheck: fn must return a Tensor")
+    out_shape = first.shape
+    if not np.allclose(backend.to_numpy(first.data), backend.to_numpy(again.data), rtol=1e-10, atol=1e-12,
+                       equal_nan=True):
+        raise GradcheckError("gradcheck: fn gave different outputs for the same inputs, so differences of "
+                             "its outputs mean nothing; if it draws random numbers (dropout), re-seed "
+                             "inside it (mm.manual_seed(0))")
+    before = [backend.to_numpy(t.data).copy() if isinstance(t, Tensor) else None for t in inputs]
     cotangent = rng.standard_normal(out_shape)
     _, grads = _analytic(fn, inputs, cotangent)
+    for i, (t, values) in enumerate(zip(inputs, before)):
+        if values is not None and not np.array_equal(backend.to_numpy(t.data), values, equal_nan=True):
+            raise GradcheckError(f"gradcheck: input {i} (shape {tuple(t.shape)}) was changed in place by fn "
+                                 f"or by its backward pass")
 
     def perturbed(i: int, direction: np.ndarray) -> float:
         """Central difference of <v, fn> at input i along ``direction``."""

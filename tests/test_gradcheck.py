@@ -52,3 +52,41 @@ def test_rejects_float32_and_no_grad_inputs():
         mm.gradcheck(lambda a: a * 2.0, mm.Tensor(np.ones(2, np.float32), requires_grad=True))
     with pytest.raises(ValueError, match="no input requires grad"):
         mm.gradcheck(lambda a: a * 2.0, mm.Tensor(np.ones(2)))
+
+
+def test_a_function_that_is_not_deterministic_is_reported_not_compared():
+    """Dropout without a re-seed inside fn: the differences would compare two different functions."""
+    x = mm.Tensor(np.random.default_rng(2).standard_normal((4, 5)), requires_grad=True)
+    with pytest.raises(mm.GradcheckError, match="different outputs for the same inputs.*re-seed"):
+        mm.gradcheck(lambda a: mm.functional.dropout(a, 0.5), x)
+
+    def seeded(a):
+        mm.manual_seed(1)
+        return mm.functional.dropout(a, 0.5)
+
+    assert mm.gradcheck(seeded, x)
+
+
+class ScalesItsInputInBackward(mm.Function):
+    """y = 2x with a correct gradient, but backward doubles the saved input in place."""
+
+    def forward(self, x):
+        self.save(x)
+        return 2 * x
+
+    def backward(self, grad):
+        (x,) = self.saved
+        x *= 2.0
+        return (2 * grad,)
+
+
+def test_an_input_changed_in_place_by_backward_is_reported():
+    x = mm.Tensor(np.array([0.5, -1.0]), requires_grad=True)
+    with pytest.raises(mm.GradcheckError, match=r"input 0 \(shape \(2,\)\) was changed in place"):
+        mm.gradcheck(ScalesItsInputInBackward.apply, x)
+
+
+def test_fn_must_return_a_tensor():
+    x = mm.Tensor(np.ones(2), requires_grad=True)
+    with pytest.raises(TypeError, match="must return a Tensor"):
+        mm.gradcheck(lambda a: a.numpy(), x)
