@@ -105,14 +105,15 @@ def run_bench_train(args: argparse.Namespace) -> int:
     from ..models import GPTConfig  # noqa: PLC0415
     from ..train.run import check_model_shape  # noqa: PLC0415
 
-    fields = dict(BENCH_DEFAULT) if args.preset is None else GPTConfig.from_preset(args.preset).to_dict()
-    for name in MODEL_SIZES:
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    fields["dropout"] = args.dropout
-    check_model_shape(fields)
+    given = {name: getattr(args, name) for name in MODEL_SIZES if getattr(args, name) is not None}
+    given["dropout"] = args.dropout
+    if args.preset is None:
+        check_model_shape({**BENCH_DEFAULT, **given})
+        config = GPTConfig.from_dict({**BENCH_DEFAULT, **given})
+    else:   # the given sizes replace the preset's before the config derives head_dim and n_kv_head from them
+        check_model_shape({**GPTConfig.from_preset(args.preset).to_dict(), **given})
+        config = GPTConfig.from_preset(args.preset, **given)
     check_precision(args.precision, args.device)
-    config = GPTConfig.from_dict(fields)
     from ..distributed.mesh import MeshShape  # noqa: PLC0415
 
     shape = MeshShape(pp=getattr(args, "pp", None) or 1, dp=args.dp, tp=args.tp)

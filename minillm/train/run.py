@@ -89,7 +89,9 @@ def resolve_run(*, out: str | Path | None = None, resume: bool | str | Path | No
     if preset:
         from ..models import GPTConfig  # noqa: PLC0415
 
-        fields = GPTConfig.from_preset(preset).to_dict()
+        check_model_shape({**GPTConfig.from_preset(preset).to_dict(), **model})
+        # the given sizes replace the preset's before the config derives head_dim and n_kv_head from them
+        fields = GPTConfig.from_preset(preset, **model).to_dict()
         fields.pop("vocab_size")
     fields.update(model)
     train_fields = {**TrainConfig().to_dict(), **DEFAULT_TRAIN, **train}

@@ -109,3 +109,23 @@ def test_train_arch_llama_trains_a_llama_style_model_and_generates_from_it(tmp_p
     assert capsys.readouterr().out.startswith("To be")
     assert run(["train", "--resume", out, "--arch", "gpt2"]) == 2           # the architecture is the model's
     assert "cannot change the model when resuming" in capsys.readouterr().err
+
+
+def test_sizes_given_over_a_preset_shape_its_heads(tmp_path, text_file, capsys):
+    """--preset NAME with --d-model / --n-head ("the sizes below override it"): each head gets d_model / n_head
+    features of the sizes given, and a preset's plain multi-head attention stays plain; no head_dim or
+    key/value head count is left over from the preset's own sizes (a 64-wide model with 32-wide attention,
+    or an error about --n-kv-head, an option never given)."""
+    for preset, sizes in (("tiny", ["--d-model", "64", "--n-head", "4"]),
+                          ("gpt2-124m", ["--n-layer", "1", "--d-model", "32", "--n-head", "4", "--context", "16"])):
+        out = tmp_path / preset
+        assert run(["train", "--data", text_file, "--tokenizer", "bytes", "--preset", preset, *sizes, "--steps", "1",
+                    "--batch-size", "1", "--samples", "0", "--quiet", "--out", out]) == 0, capsys.readouterr().err
+        config = load_checkpoint(out).metadata["model_config"]
+        assert (config["n_head"], config["n_kv_head"], config["head_dim"]) == (4, 4, config["d_model"] // 4)
+
+    assert run(["bench", "train", "--preset", "gpt2-124m", "--n-layer", "1", "--d-model", "32", "--n-head", "4",
+                "--context", "16", "--vocab-size", "50", "--batch-size", "1", "--steps", "1", "--warmup", "0",
+                "--json"]) == 0, capsys.readouterr().err
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["n_head"], config["n_kv_head"], config["head_dim"]) == (4, 4, 8)
