@@ -197,7 +197,10 @@ def read_metadata(run_dir: str | os.PathLike) -> dict[str, Any]:
                                   f"(here {Path(run_dir).parent})")
         if not Path(run_dir).is_dir():
             raise CheckpointError(f"no run directory {str(run_dir)!r}")
-        raise CheckpointError(f"no checkpoint in {str(run_dir)!r} ({METADATA_FILE} not found)")
+        hint = ""
+        if (Path(run_dir) / "config.json").is_file():
+            hint = "; it holds a Hugging Face model (config.json): read it with minillm.weights.load_hf"
+        raise CheckpointError(f"no checkpoint in {str(run_dir)!r} ({METADATA_FILE} not found){hint}")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -48,7 +48,11 @@ def read_config(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (expected a Hugging Face model directory)")
+        hint = ""
+        if (directory / "checkpoint.json").is_file():
+            hint = ("; it holds a minillm checkpoint (checkpoint.json): read it with minillm.train.load_checkpoint "
+                    "(model and tokenizer: minillm.train.run.load_run)")
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (expected a Hugging Face model directory){hint}")
     try:
         config = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:

@@ -259,3 +259,13 @@ def test_the_metadata_file_given_for_the_run_directory_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint\.json is a file: give the run directory that holds it "
                                               r"\(here .*\)"):
         load_checkpoint(tmp_path / "checkpoint.json")
+
+
+def test_a_hugging_face_directory_given_as_a_run_directory_is_named(tmp_path):
+    from minillm.weights import save_hf  # noqa: PLC0415
+
+    save_hf(make_model(), tmp_path)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* \(checkpoint\.json not found\); it holds a "
+                                              r"Hugging Face model \(config\.json\): read it with "
+                                              r"minillm\.weights\.load_hf"):
+        load_checkpoint(tmp_path)

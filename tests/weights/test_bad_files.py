@@ -127,3 +127,12 @@ def test_every_shard_is_checked_before_any_is_read(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"{shards[-1].name} lacks the tensor\(s\) it is said to hold"):
         load_hf(directory)
     assert reads == []
+
+
+def test_a_minillm_run_directory_given_to_load_hf_is_named(tmp_path):
+    from minillm.train import save_checkpoint  # noqa: PLC0415
+
+    save_checkpoint(tmp_path, model=GPT(GPT2_TINY), step=0)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json .* it holds a minillm checkpoint "
+                                                r"\(checkpoint\.json\): read it with minillm\.train\.load_checkpoint"):
+        load_hf(tmp_path)
