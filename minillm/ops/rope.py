@@ -139,8 +139,10 @@ def _check_rope_args(x, positions, op_name):
     if positions.dtype.kind not in "iu":
         raise ValueError(f"{op_name}: positions must be integers, got dtype {positions.dtype}")
     try:
-        np.broadcast_shapes(positions.shape, x.shape[:-1])
+        rows = np.broadcast_shapes(positions.shape, x.shape[:-1])
     except ValueError:
+        rows = None
+    if rows != x.shape[:-1]:                # positions may broadcast to x's rows, not beyond them
         raise ValueError(f"{op_name}: positions of shape {positions.shape} do not broadcast against "
                          f"x's rows {x.shape[:-1]} (pass (T,) or e.g. (B, 1, T) for (B, H, T, D))") from None
     return positions

@@ -142,6 +142,9 @@ def test_errors():
         F.rope(t(np.ones((3, 5))), np.arange(3))
     with pytest.raises(ValueError, match="do not broadcast"):
         F.rope(t(np.ones((3, 4))), np.arange(4))
+    for fn in (F.rope, F.rope_composed):      # positions that would broadcast x's rows to more rows
+        with pytest.raises(ValueError, match=r"positions of shape \(5, 1, 3\) do not broadcast"):
+            fn(t(np.ones((2, 3, 4))), np.zeros((5, 1, 3), dtype=np.int64))
     with pytest.raises(ValueError, match="integers"):
         F.rope(t(np.ones((3, 4))), np.arange(3) * 0.5)
     with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
