@@ -842,3 +842,48 @@ def test_cast_and_detach_gradients():
     assert x.grad.dtype == np.float64
     np.testing.assert_allclose(x.grad, [1.0 + 0.25, 2.0 - 1.5, 3.0 + 3.0])
     assert x.to(dtype=np.float64) is x                             # same dtype: no op
+
+
+# ------------------------------------------------------------------ one op applied twice
+
+
+TWICE = {                      # f: (…, 4) -> (…, 4), so that f(f(x)) is defined
+    "gelu": F.gelu, "gelu_none": lambda a: F.gelu(a, approximate="none"), "silu": F.silu, "sigmoid": F.sigmoid,
+    "softmax": F.softmax, "log_softmax": F.log_softmax, "tanh": F.tanh, "exp": lambda a: F.exp(a * 0.3),
+    "layer_norm": lambda a: F.layer_norm(a, mm.Tensor(np.linspace(0.5, 2, 4)), mm.Tensor(np.linspace(-1, 1, 4))),
+    "rms_norm": lambda a: F.rms_norm(a, mm.Tensor(np.linspace(0.5, 2, 4))),
+    "attention": lambda a: F.scaled_dot_product_attention(a, a * 0.5, a),
+    "rope": lambda a: F.rope(a, np.arange(3)), "swiglu": lambda a: F.swiglu(mm.concat([a, a * 0.7], axis=-1)),
+    "linear": lambda a: F.linear(a, mm.Tensor(np.eye(4) * 0.9 + 0.1), mm.Tensor(np.full(4, 0.2))),
+    "var": lambda a: a - a.var(axis=-1, keepdims=True), "max": lambda a: a * a.max(axis=-1, keepdims=True),
+    "transpose": lambda a: a.transpose(1, 0, 2)[:, ::-1], "dropout": lambda a: F.dropout(a, 0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWICE))
+def test_an_op_applied_twice_and_two_calls_backpropagated_in_either_order(name):
+    """f(f(x)) against central differences; and two calls f(x1), f(x2) whose backward passes run
+    in the reverse order (graphs retained, run twice): each call keeps its own saved state (no
+    buffer, cache or scratch shared between calls that a later call or backward overwrites)."""
+    f = TWICE[name]
+    rng = np.random.default_rng(5)
+    x_values = [rng.standard_normal((2, 3, 4)) + 0.1 * k for k in range(2)]
+    mm.manual_seed(2)
+    if name != "dropout":
+        mm.gradcheck(lambda a: f(f(a)), mm.Tensor(x_values[0], requires_grad=True))
+    expected = []
+    for values in x_values:                                 # each call alone
+        x = mm.Tensor(values, requires_grad=True)
+        mm.manual_seed(2)
+        f(f(x)).backward(np.ones((2, 3, 4)))
+        expected.append(x.grad)
+    xs = [mm.Tensor(values, requires_grad=True) for values in x_values]
+    outs = []
+    for x in xs:                                            # both graphs alive at once
+        mm.manual_seed(2)
+        outs.append(f(f(x)))
+    for _ in range(2):
+        for out in reversed(outs):
+            out.backward(np.ones((2, 3, 4)), retain_graph=True)
+    for x, grad in zip(xs, expected):
+        np.testing.assert_allclose(x.grad, 2 * grad, rtol=1e-12, atol=1e-14)
