@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,4 +185,6 @@ def check_output_file(path, option: str, example: str = "out.json") -> Path:
         raise IsADirectoryError(21, f"{option} names a folder; give a file name, e.g. {path / example}", str(path))
     if not path.parent.is_dir():
         raise FileNotFoundError(2, f"No such folder to write {option} into", str(path.parent))
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(13, f"Permission denied: {option} cannot be written into {path.parent}", str(path))
     return path

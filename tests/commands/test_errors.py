@@ -8,6 +8,7 @@ rest through ``minillm.cli.main`` with captured output.
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,28 @@ def test_file_system_mistakes_are_one_line(tmp_path, text_file, capsys):
                  capsys, 2)
     assert one_line_error(err) == f"tokenizer {str(gpt2)!r} is a folder: for GPT-2's encoder.json and vocab.bpe in it, use gpt2:{gpt2}"
     assert not (tmp_path / "r").exists()
+
+
+def as_an_ordinary_user(command):
+    """``command`` without root's power to write anywhere (root ignores a folder's permissions)."""
+    if os.geteuid() != 0:
+        return command
+    drop = [shutil.which("setpriv") or "setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and setpriv cannot drop root's override of folder permissions")
+    return [*drop, *command]
+
+
+def test_an_output_folder_without_write_permission_is_refused_before_the_work(tmp_path, text_file):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    command, env = python_minillm("tokenizer", "train", "--input", text_file, "--vocab-size", "300",
+                                  "--out", read_only / "tok.json")                # progress bars on
+    result = subprocess.run(as_an_ordinary_user(command), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert one_line_error(result.stderr) == (f"{read_only / 'tok.json'}: permission denied: --out cannot be "
+                                             f"written into {read_only}")    # no training first, no tok.json.tmp
 
 
 # ------------------------------------------------------------------ run folders
