@@ -112,6 +112,9 @@ def init_process_group(backend: str = "nccl", timeout: float = 60.0, env=None) -
         raise ValueError(f"backend must be 'nccl' or 'cpu', got {backend!r}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
+    if _group is not None:
+        raise RuntimeError(f"this process already joined a job as rank {_group.rank} of {_group.world_size}: "
+                           "call destroy_process_group() first")
     where = read_environment(env)
     store = TCPStore(where.master_addr, where.master_port, is_server=where.rank == 0, timeout=timeout)
     store.arrive("init", where.rank, where.local_rank)

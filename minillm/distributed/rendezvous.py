@@ -118,6 +118,10 @@ class _StoreServer:
         raise ValueError(f"unknown store command {command!r}")
 
     def close(self) -> None:
+        try:   # wakes the accept thread: a socket closed under a blocked accept() stays bound (port in use)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
 
 

@@ -54,6 +54,27 @@ def test_a_complete_set_of_variables_wins_over_a_partial_one_of_another_launcher
     assert (where.rank, where.world_size, where.master_port) == (1, 2, 1234)
 
 
+def _init_twice(group):
+    from minillm.distributed import destroy_process_group, init_process_group
+
+    try:
+        init_process_group("cpu", timeout=5)
+        twice = "no error"
+    except RuntimeError as error:
+        twice = str(error)
+    destroy_process_group()
+    again = init_process_group("cpu", timeout=5)      # the same MASTER_PORT: destroy released it
+    return twice, again.world_size
+
+
+def test_a_second_init_is_a_clear_error_and_destroy_frees_the_port():
+    """Before: the second init said the port was in use, and so did an init after destroy_process_group
+    (the store's listener stayed bound while its accept thread waited on it)."""
+    twice, size = spawn(_init_twice, 1, timeout=10)[0]
+    assert "this process already joined a job as rank 0 of 1" in twice and "destroy_process_group()" in twice
+    assert size == 1
+
+
 # ---------------------------------------------------------------- ranks started differently
 
 def _mesh(group, shape):
