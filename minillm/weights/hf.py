@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import backend
 from ..models.gpt import GPT
 from ..tokenizer.gpt2 import read_utf8
 from . import hf_gpt2, hf_llama
@@ -108,6 +109,8 @@ def load_hf(directory: str | os.PathLike, device=None, dtype=np.float32, dropout
     and placed on ``device``; ``dropout`` overrides the configured rate.
     """
     directory = Path(directory)
+    device = None if device is None else backend.parse_device(device)   # a bad device or dtype: refused before
+    dtype = _float_dtype(dtype)                                          # the weights are read, not after
     hf_config = read_config(directory)
     model_type = hf_config.get("model_type", "gpt2")
     allowed = tuple(MAPPINGS) if model_types is None else tuple(model_types)
@@ -128,6 +131,16 @@ def load_hf(directory: str | os.PathLike, device=None, dtype=np.float32, dropout
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _float_dtype(dtype) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"load_hf: dtype {dtype!r} is not a NumPy dtype (e.g. np.float32 or 'float16')") from None
+    if dtype.kind != "f":
+        raise TypeError(f"load_hf: dtype must be floating point, got {dtype}")
+    return dtype
 
 
 # ------------------------------------------------------------------ writing

@@ -136,3 +136,19 @@ def test_a_minillm_run_directory_given_to_load_hf_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config\.json .* it holds a minillm checkpoint "
                                                 r"\(checkpoint\.json\): read it with minillm\.train\.load_checkpoint"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"device": "tpu"}, ValueError, r"bad device 'tpu'"),
+    ({"dtype": np.int32}, TypeError, r"load_hf: dtype must be floating point, got int32"),
+    ({"dtype": "bf16"}, TypeError, r"load_hf: dtype 'bf16' is not a NumPy dtype"),
+])
+def test_a_bad_device_or_dtype_is_refused_before_the_weights_are_read(tmp_path, monkeypatch, options, error, message):
+    from minillm.weights import hf  # noqa: PLC0415
+
+    directory = saved(tmp_path / "m")
+    reads = []
+    monkeypatch.setattr(hf, "read_tensors", lambda *args: reads.append(args) or {})
+    with pytest.raises(error, match=message):
+        load_hf(directory, **options)
+    assert reads == []
