@@ -1,7 +1,7 @@
 """The ``minillm`` command (also ``python -m minillm``).
 
     minillm train                 train a small GPT on the built-in corpus, then sample
-    minillm generate              sample from a trained run or a GPT-2 checkpoint
+    minillm generate              sample from a trained run or a Hugging Face checkpoint
     minillm tokenizer train|encode|decode
     minillm bench tokenizer|train|generate|ops
     minillm plot RUN_DIR...         training curves of runs, into a PNG or SVG

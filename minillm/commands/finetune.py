@@ -85,7 +85,8 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
     source.add_argument("--truncate", action="store_true",
                         help="cut texts longer than the model's context instead of stopping with an error")
     source.add_argument("--split-seed", metavar="N", type=argtypes.non_negative_int, default=None,
-                        help="seeds the (balance and) train/val/test split (default: 123)")
+                        help="seeds the (balance and) train/val/test split and each epoch's batch order "
+                             "(default: 123)")
 
     lora = p.add_argument_group("LoRA (instead of training the weights)")
     lora.add_argument("--lora-rank", metavar="R", type=argtypes.non_negative_int, default=None,
@@ -104,7 +105,7 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
         "eval_interval": "once per epoch", "checkpoint_interval": "once per epoch"},
         what={"batch_size": "examples per micro-batch", "min_lr": "final learning rate of the cosine"})
     add_device_option(train, default=None)
-    add_seed_option(train, None, "seeds the new head, LoRA's A, dropout and the batch order (default: 1337)")
+    add_seed_option(train, None, "seeds the new head, LoRA's A and dropout (default: 1337)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the settings it was started with")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -28,10 +28,10 @@ from .common import add_command, add_device_option, add_precision_option, add_se
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = add_command(
-        subparsers, "generate", help="sample text from a trained run or a GPT-2 checkpoint",
+        subparsers, "generate", help="sample text from a trained run or a Hugging Face checkpoint",
         description="Continue a prompt, printing tokens as they are produced. The model comes from a "
-                    "'minillm train' run directory (--run) or a Hugging Face GPT-2 directory (--hf-gpt2: "
-                    "config.json + model.safetensors).")
+                    "'minillm train' run directory (--run) or a Hugging Face directory (config.json + "
+                    "model.safetensors): --hf for gpt2, llama or qwen3, --hf-gpt2 for GPT-2 only.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a run directory written by 'minillm train'")
     source.add_argument("--hf", metavar="DIR",
