@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minillm as mm
 from minillm import functional as F
 from minillm import nn
 
-SETTINGS = settings(max_examples=3, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=3, deadline=None, derandomize=True,   # monkeypatch is used as a context:
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])   # nothing kept between examples
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8}
