@@ -69,7 +69,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     add_config_options(train, {
         "steps": DEFAULT_TRAIN["steps"], "batch_size": DEFAULT_TRAIN["batch_size"], "grad_accum": 1,
-        "lr": DEFAULT_TRAIN["lr"], "min_lr": DEFAULT_TRAIN["min_lr"],
+        "lr": DEFAULT_TRAIN["lr"], "min_lr": f"{DEFAULT_TRAIN['min_lr']}, at most --lr",
         "warmup": f"{DEFAULT_TRAIN['warmup']}, at most a tenth of --steps", "weight_decay": 0.1, "clip": 1.0,
         "eval_interval": DEFAULT_TRAIN["eval_interval"], "eval_batches": DEFAULT_TRAIN["eval_batches"],
         "checkpoint_interval": DEFAULT_TRAIN["checkpoint_interval"]},

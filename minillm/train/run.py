@@ -97,6 +97,7 @@ def resolve_run(*, out: str | Path | None = None, resume: bool | str | Path | No
     train_fields = {**TrainConfig().to_dict(), **DEFAULT_TRAIN, **train}
     if "warmup" not in train:  # a short run gets a short warmup: at most a tenth of its steps
         train_fields["warmup"] = min(train_fields["warmup"], train_fields["steps"] // 10)
+    _settle_final_lr(train_fields, train)
     plan = RunPlan(run_dir, False, [str(Path(f)) for f in data] if data else None,
                    tokenizer or DEFAULT_TOKENIZER, 0.1 if val_fraction is None else val_fraction, stride or 1,
                    fields, TrainConfig.from_dict(train_fields))
@@ -131,10 +132,19 @@ def _resolve_resume(run_dir: Path, *, data, tokenizer, val_fraction, stride, pre
         _say("note: resuming with changed training options, so the run will differ from an uninterrupted "
              "one: " + "; ".join(changed))
     train.update(given_train)
+    _settle_final_lr(train, given_train)
     plan = RunPlan(run_dir, True, saved["data"], saved["tokenizer"], saved["val_fraction"], saved["stride"],
                    model, TrainConfig.from_dict(train))
     check_step_fits_memory(plan)
     return plan
+
+
+def _settle_final_lr(fields: dict[str, Any], given: dict[str, Any]) -> None:
+    """--min-lr not given: at most the lr (a low --lr pulls the final rate down with it); given: not above it."""
+    if "min_lr" not in given:
+        fields["min_lr"] = min(fields["min_lr"], fields["lr"])
+    elif fields["min_lr"] > fields["lr"]:
+        raise ValueError(f"--min-lr {fields['min_lr']:g} is above --lr {fields['lr']:g}")
 
 
 def check_model_shape(model: dict[str, Any]) -> None:

@@ -129,3 +129,19 @@ def test_sizes_given_over_a_preset_shape_its_heads(tmp_path, text_file, capsys):
                 "--json"]) == 0, capsys.readouterr().err
     config = json.loads(capsys.readouterr().out)["config"]
     assert (config["n_head"], config["n_kv_head"], config["head_dim"]) == (4, 4, 8)
+
+
+def test_a_low_lr_pulls_the_final_lr_down_with_it(tmp_path, text_file, capsys):
+    """--lr below the default --min-lr (0.0002), --min-lr not given: the schedule ends at --lr (was: an error
+    about min_lr, an option never given; also when lowering the lr of a run on --resume)."""
+    out, tiny = tmp_path / "run", ["--data", text_file, "--tokenizer", "bytes", *TINY, "--samples", "0"]
+    assert run(["train", *tiny, "--steps", "2", "--lr", "1e-4", "--out", out]) == 0, capsys.readouterr().err
+    config = load_checkpoint(out).metadata["train_config"]
+    assert (config["lr"], config["min_lr"]) == (1e-4, 1e-4)
+    assert [r["lr"] for r in read_metrics(out, "train")] == pytest.approx([1e-4, 1e-4])      # no warmup in 2 steps
+    assert run(["train", "--resume", out, "--steps", "3", "--lr", "5e-5", "--quiet"]) == 0, capsys.readouterr().err
+    assert read_metrics(out, "train")[-1]["lr"] == pytest.approx(5e-5)
+    capsys.readouterr()
+    assert run(["train", *tiny, "--steps", "2", "--lr", "1e-3", "--min-lr", "1e-2", "--out", tmp_path / "r2"]) == 2
+    assert capsys.readouterr().err == "minillm: error: --min-lr 0.01 is above --lr 0.001\n"
+    assert not (tmp_path / "r2").exists()
