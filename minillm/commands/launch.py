@@ -1,9 +1,9 @@
 """``minillm launch``: one process per GPU (or CPU rank), output prefixed with the rank.
 
-    minillm launch --nproc-per-node 2 -- train --pp 2 --micro-batches 8
+    minillm launch --nproc-per-node 2 -- train --pp 2 --micro-batches 8 --device cuda
     minillm launch --nproc-per-node 2 --device cpu -- train --pp 2 --device cpu
     # two nodes: the same command on each, node 0's address as --master-addr
-    minillm launch --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 -- train --pp 16 ...
+    minillm launch --nproc-per-node 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 -- train --pp 16 --device cuda ...
 
 The launching itself is :mod:`minillm.distributed.launch`.
 """
@@ -34,7 +34,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--master-port", metavar="PORT", type=argtypes.positive_int, default=29500,
                    help="port of the rendezvous on node 0 (default: 29500)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cuda: NCCL, rank i on GPU LOCAL_RANK; cpu: the CPU test transport (default: cuda)")
+                   help="what the ranks are for, checked against the command's own --device: cuda (NCCL, rank i on GPU "
+                        "LOCAL_RANK) or cpu (the CPU test transport) (default: cuda)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                    help="after --: what each rank runs, a minillm subcommand (train ...) or a program (python x.py)")
     p.set_defaults(func=run_launch)

@@ -1,12 +1,13 @@
 """``minillm launch``: start one process per GPU (or CPU rank), watch them, stop them together.
 
-    minillm launch --nproc-per-node 2 -- train --pp 2 --micro-batches 8
-    minillm launch --nproc-per-node 4 --device cpu -- train --pp 4 --steps 50
+    minillm launch --nproc-per-node 2 -- train --pp 2 --micro-batches 8 --device cuda
+    minillm launch --nproc-per-node 4 --device cpu -- train --pp 4 --steps 50 --device cpu
     minillm launch --nproc-per-node 1 -- python my_script.py          # any program
 
 Each child gets torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and
-``MINILLM_LAUNCH_DEVICE`` (``cuda`` or ``cpu``: which communicator to build).
+``MINILLM_LAUNCH_DEVICE`` (``cuda`` or ``cpu``: what the ranks are for; the run's
+own ``--device`` picks the communicator and must agree, ``mesh.init_mesh``).
 A command that starts with a ``minillm`` subcommand name runs as
 ``python -m minillm ...``; anything else runs as given.
 

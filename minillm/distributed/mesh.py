@@ -136,14 +136,22 @@ def init_mesh(shape: MeshShape, device: str = "cpu", timeout: float = 60.0) -> t
     Returns (the mesh, this rank's device: "cuda:LOCAL_RANK" with NCCL, "cpu"
     with the CPU transport). The job must have exactly pp·dp·tp processes.
     """
+    import os  # noqa: PLC0415
+
     from .process_group import get_process_group, init_process_group, read_environment  # noqa: PLC0415
 
+    kind = "cpu" if device == "cpu" else "cuda"
+    launched = os.environ.get("MINILLM_LAUNCH_DEVICE")   # minillm launch --device: what the ranks were started for
+    if launched is not None and launched != kind:
+        raise ValueError(f"minillm launch --device {launched} started this rank, but the run asks for --device "
+                         f"{device}: give both the same device (minillm launch --device {kind} ... -- ... "
+                         f"--device {device}, or --device {launched} after the --)")
     world = read_environment().world_size
     if world != shape.size:
         raise ValueError(
             f"--pp {shape.pp} x --dp {shape.dp} x --tp {shape.tp} needs {shape.size} processes, but this job has "
-            f"{world}: start it with minillm launch --nproc-per-node {shape.size} -- ..."
-            + (" --device cpu" if device == "cpu" else "")
+            f"{world}: start it with minillm launch --nproc-per-node {shape.size}"
+            + (" --device cpu -- ... --device cpu" if device == "cpu" else " -- ...")
         )
     group = get_process_group() or init_process_group("cpu" if device == "cpu" else "nccl", timeout=timeout)
     return DeviceMesh(group.comm, shape), group.device

@@ -75,6 +75,22 @@ def test_a_second_init_is_a_clear_error_and_destroy_frees_the_port():
     assert size == 1
 
 
+@pytest.mark.parametrize("launched, device", [("cuda", "cpu"), ("cpu", "cuda:0"), ("cpu", "cuda")])
+def test_the_launchers_device_and_the_runs_must_agree(monkeypatch, launched, device):
+    """``minillm launch --device`` says which transport the ranks are for; the run's own --device picks it.
+    Before: a contradiction went unnoticed (launch's default cuda + train's default cpu: CPU training on
+    a GPU node; launch --device cpu + train --device cuda: NCCL)."""
+    from minillm.distributed.mesh import MeshShape, init_mesh
+
+    monkeypatch.setenv("MINILLM_LAUNCH_DEVICE", launched)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(ValueError, match=f"minillm launch --device {launched} started this rank, but the run "
+                                         f"asks for --device {device}"):
+        init_mesh(MeshShape(pp=2), device, timeout=1)
+
+
 # ---------------------------------------------------------------- ranks started differently
 
 def _mesh(group, shape):
