@@ -10,7 +10,7 @@
 
     python examples/13_pipeline.py                       # P=2, M=8, a tiny GPT (seconds)
     python examples/13_pipeline.py --stages 4 --timeline pipe.png
-    minillm launch --nproc-per-node 2 -- train --pp 2 --micro-batches 8 ...   # the same on GPUs
+    minillm launch --nproc-per-node 2 -- train --pp 2 --micro-batches 8 --device cuda ...   # the same on GPUs
 """
 
 from __future__ import annotations
