@@ -175,6 +175,9 @@ def _new_run(args: argparse.Namespace):
 
     if args.data is None:
         raise ValueError("--data FILE is required (the records to fine-tune on)")
+    if Path(args.data).is_dir():
+        raise IsADirectoryError(21, "--data wants a data file (.tsv, .csv, .jsonl or .json), and this is a folder",
+                                str(args.data))
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"no data file {args.data!r}")
     if args.from_run is None and args.hf is None:

@@ -80,6 +80,8 @@ def test_bad_data_and_options_are_one_line_errors(tmp_path, capsys):
         (["finetune", "classify", "--data", long, *common], "longer than the 48 the model can read"),
         (["finetune", "classify", "--data", long, "--out", out], "--from RUN_DIR"),
         (["finetune", "classify", "--data", tmp_path / "absent.tsv", *common], "absent.tsv"),
+        (["finetune", "classify", "--data", tmp_path, *common],
+         f"{tmp_path}: --data wants a data file (.tsv, .csv, .jsonl or .json), and this is a folder"),
         (["finetune", "classify", "--data", long, *common, "--lora-rank", "4", "--trainable", "all"],
          "exclude each other"),
         (["finetune", "classify", "--data", long, "--from", tmp_path / "nowhere", "--out", out], "nowhere"),
