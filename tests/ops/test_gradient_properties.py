@@ -11,8 +11,9 @@ keeps the table complete) a drawn example is run three ways:
   gradients;
 * with every input in a drawn memory layout (Fortran order, a transposed or
   strided or reversed leaf, or a non-contiguous view made by a transpose or a
-  slicing op inside the graph) against the all-contiguous run: the same values
-  and gradients. (This is how cross_entropy's CPU backward was found to return an
+  slicing op inside the graph), and the incoming gradient too (the output read
+  through a transpose, or the zero-stride ones of out.sum()'s backward), against the all-contiguous run: the
+  same values and gradients. (This is how cross_entropy's CPU backward was found to return an
   unwritten buffer for non-contiguous (B, T, C) logits.)
 
 Shapes include size-1 and size-0 axes and 0-d tensors where the op allows them,
@@ -609,14 +610,26 @@ def make_input(values, layout, rng):
     return mm.Tensor(data, requires_grad=True), (lambda x: x)
 
 
-def _run(fn, tensors, cotangent_seed=0):
-    """Output values and the gradient of <v, fn(...)> for every tensor (v random, seeded)."""
+def _run(fn, tensors, cotangent_seed=0, grad_layout="c"):
+    """Output values and the gradient of <v, fn(...)> for every tensor (v random, seeded; all
+    ones for grad_layout "ones" and "broadcast").
+
+    ``grad_layout`` "transposed": the output goes through a transpose before the backward, so
+    that the op's backward receives v as an F-ordered view (the same numbers); "broadcast": the
+    backward of ``out.sum()``, so that it receives ones as a read-only view with zero strides."""
     for t in tensors:
         t.grad = None
     out = fn(*tensors)
     v = np.random.default_rng(cotangent_seed).standard_normal(out.shape)
+    if grad_layout in ("ones", "broadcast"):
+        v = np.ones(out.shape)
     if out.requires_grad:
-        out.backward(v)
+        if grad_layout == "transposed" and out.ndim >= 2:
+            out.T.backward(v.T.copy())                       # out's backward gets (v.T).T: F-ordered
+        elif grad_layout == "broadcast":
+            out.sum().backward()                             # Sum's backward: broadcast_to(1, shape)
+        else:
+            out.backward(v)
     return out.numpy(), [None if not t.requires_grad else np.zeros(t.shape) if t.grad is None else np.array(t.grad)
                          for t in tensors]
 
@@ -635,6 +648,7 @@ def test_backward_gradcheck_composed_and_layouts(name, data):
     case = CASES[name](data)
     grad_of = range(len(case.arrays)) if case.grad_of is None else case.grad_of
     layouts = [data.draw(st.sampled_from(LAYOUTS), label=f"layout {i}") for i in range(len(case.arrays))]
+    grad_layout = data.draw(st.sampled_from(["c", "transposed", "broadcast"]), label="incoming gradient layout")
     rng = np.random.default_rng(0)
 
     # 1. the contiguous run: central differences
@@ -659,7 +673,10 @@ def test_backward_gradcheck_composed_and_layouts(name, data):
     def through_layouts(*xs):
         return case.fn(*[view(x) for view, x in zip(views, xs)])
 
-    got_out, got_grads = _run(through_layouts, leaves)
+    got_out, got_grads = _run(through_layouts, leaves, grad_layout=grad_layout)
+    layouts.append(f"incoming gradient {grad_layout}")
+    if grad_layout == "broadcast":                  # the reference for a cotangent of ones
+        expected_out, expected_grads = _run(case.fn, plain, grad_layout="ones")
     _close(got_out, expected_out, f"{name}: value with layouts {layouts}", rtol=1e-12, atol=1e-14)
     for i, ((leaf, view), layout) in enumerate(zip(made, layouts)):
         if i not in grad_of:
