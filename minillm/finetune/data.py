@@ -125,9 +125,15 @@ def _read_table(path: Path, text: str, delimiter: str) -> list[dict[str, Any]]:
 
 
 def require_fields(records: Sequence[dict[str, Any]], fields: Sequence[str], source: str = "the data",
-                   hint: str = "") -> None:
-    """Raise DataError naming the first record that lacks one of ``fields`` (or has a non-string there)."""
+                   hint: str = "", optional: Sequence[str] = ()) -> None:
+    """Raise DataError naming the first record that lacks one of ``fields`` (or has a non-string there),
+    or has one of the ``optional`` fields with a value that is neither a string nor null."""
     for record in records:
+        for name in optional:
+            value = record.get(name)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{record.get('_where', source)}: {name!r} must be a string when given, "
+                                f"got {type(value).__name__}")
         for name in fields:
             value = record.get(name)
             if value is None:

@@ -88,7 +88,8 @@ def preference_examples(tokenizer, records, context_length: int, truncate: bool)
     record whose prompt alone fills the context is left out: its entry is None).
     """
     require_fields(records, ("instruction", "chosen", "rejected"),
-                   hint="preference data needs 'instruction', 'chosen', 'rejected' and optionally 'input'")
+                   hint="preference data needs 'instruction', 'chosen', 'rejected' and optionally 'input'",
+                   optional=("input",))
     eot = end_of_text_id(tokenizer)
     examples = []
     for record in records:

@@ -82,7 +82,7 @@ def instruction_examples(tokenizer, records, context_length: int, truncate: bool
     too, or with ``truncate`` the record is left out: its entry is None.
     """
     require_fields(records, ("instruction", "output"), hint="instruction data needs 'instruction', "
-                   "'output' and optionally 'input' per record")
+                   "'output' and optionally 'input' per record", optional=("input",))
     eot = end_of_text_id(tokenizer)
     examples = []
     for record in records:

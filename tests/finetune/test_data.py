@@ -73,6 +73,23 @@ def test_an_instruction_record_without_output_is_named(tmp_path):
         instruction_examples(_tokenizer(), read_records(tmp_path / "i.json"), 512, truncate=False)
 
 
+@pytest.mark.parametrize("value", [["a list"], 0, 1.5, {"k": "v"}])
+def test_an_optional_input_that_is_not_a_string_is_named(tmp_path, value):
+    """'input' may be absent, null or a string; anything else was formatted into the prompt as
+    its Python form (and a 0 silently dropped)."""
+    instructions = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": value, "output": "d"}]
+    (tmp_path / "i.json").write_text(json.dumps(instructions))
+    with pytest.raises(DataError, match=r"i.json, record 2: 'input' must be a string when given"):
+        instruction_examples(_tokenizer(), read_records(tmp_path / "i.json"), 512, truncate=False)
+    pairs = [{"instruction": "c", "input": value, "chosen": "d", "rejected": "e"}]
+    (tmp_path / "p.json").write_text(json.dumps(pairs))
+    with pytest.raises(DataError, match=r"p.json, record 1: 'input' must be a string when given"):
+        preference_examples(_tokenizer(), read_records(tmp_path / "p.json"), 512, truncate=False)
+    fine = [{"instruction": "c", "input": None, "output": "d"}, {"instruction": "c", "output": "d"}]
+    first, second = instruction_examples(_tokenizer(), fine, 512, truncate=False)
+    assert first == second                                # null and absent: the same prompt
+
+
 def test_texts_longer_than_the_context_stop_unless_truncated(tmp_path):
     tok = _tokenizer()
     with pytest.raises(DataError, match=r"text 2 is 12 tokens, longer than the 8 .*--truncate"):
