@@ -57,10 +57,11 @@ def layer_norm_reference(x, w, b, g, eps):
     return x_hat * w + (0 if b is None else b), dx, (g * x_hat).sum(lead), g.sum(lead)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "no_bias"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "no_bias", "grad_transposed"])
 def test_layer_norm_in_threads_and_row_blocks(layout):
     """(3, 347, 768): 1,041 rows, two threads of ~520 rows, each in blocks of 682 rows forward
-    and 341 backward (so the last block of each thread is short)."""
+    and 341 backward (so the last block of each thread is short). Also x a transposed view, and
+    the incoming gradient one (y read through a transpose)."""
     rng = np.random.default_rng(0)
     x64 = rng.standard_normal((3, 347, 768)) * 2 + rng.standard_normal((3, 347, 1)) * 3
     w64, b64 = rng.standard_normal(768), rng.standard_normal(768)
@@ -72,7 +73,10 @@ def test_layer_norm_in_threads_and_row_blocks(layout):
         leaf = x = f32(x64)
     w, b = f32(w64), (None if layout == "no_bias" else f32(b64))
     y = F.layer_norm(x, w, b, eps=1e-5)
-    y.backward(g64.astype(np.float32))
+    if layout == "grad_transposed":
+        y.transpose(2, 1, 0).backward(g64.astype(np.float32).transpose(2, 1, 0).copy())
+    else:
+        y.backward(g64.astype(np.float32))
     x32 = x64.astype(np.float32).astype(np.float64)
     value, dx, dw, db = layer_norm_reference(x32, w64.astype(np.float32), None if b is None else b64.astype(np.float32),
                                              g64.astype(np.float32), 1e-5)
@@ -125,22 +129,32 @@ def attention_reference(q, k, v, g, causal, keep=None, p=0.0):
     return out, dq, fold(dk), fold(dv)
 
 
-@pytest.mark.parametrize("causal, hq, hkv, tq, tk, p", [
-    (True, 4, 2, 200, 300, 0.2),     # GQA, queries the last 200 of 300 positions, dropout: tiles of 128 + 72 rows
-    (False, 3, 3, 260, 260, 0.0),    # multi-head, (B, H) leading axes: O written heads-last
-    (True, 6, 1, 150, 150, 0.0),     # one key/value head for six query heads
+@pytest.mark.parametrize("causal, hq, hkv, tq, tk, p, model_layout", [
+    (True, 4, 2, 200, 300, 0.2, False),   # GQA, queries the last 200 of 300 positions, dropout: tiles of 128 + 72 rows
+    (False, 3, 3, 260, 260, 0.0, False),  # multi-head, (B, H) leading axes: O written heads-last
+    (True, 3, 3, 260, 260, 0.3, True),    # the model's way: q, k, v strided views of one qkv array, O read as (B, T, C)
+    (True, 6, 1, 150, 150, 0.0, False),   # one key/value head for six query heads
 ])
-def test_attention_tiles_threads_gqa_and_dropout(causal, hq, hkv, tq, tk, p):
+def test_attention_tiles_threads_gqa_and_dropout(causal, hq, hkv, tq, tk, p, model_layout):
     rng = np.random.default_rng(2)
     b, d = 2, 16
     q64 = rng.standard_normal((b, hq, tq, d))
     k64, v64 = rng.standard_normal((b, hkv, tk, d)), rng.standard_normal((b, hkv, tk, d))
     g64 = rng.standard_normal((b, hq, tq, d))
     assert b * hq * tq * tk >= common.PARALLEL_MIN_ELEMENTS         # the matrices shared out between threads
-    q, k, v = f32(q64), f32(k64), f32(v64)
+    if model_layout:                                  # (B, T, 3, H, D) -> three (B, H, T, D) views
+        qkv = f32(np.stack([q64, k64, v64]).transpose(1, 3, 0, 2, 4))
+        heads = qkv.transpose(2, 0, 3, 1, 4)
+        q, k, v = heads[0], heads[1], heads[2]
+    else:
+        q, k, v = f32(q64), f32(k64), f32(v64)
     mm.manual_seed(3)
     out = F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=p)
-    out.backward(g64.astype(np.float32))
+    if model_layout:                                  # (B, T, C): the gradient arrives as a strided view
+        out.transpose(0, 2, 1, 3).reshape(b, tq, hq * d).backward(
+            g64.astype(np.float32).transpose(0, 2, 1, 3).reshape(b, tq, hq * d))
+    else:
+        out.backward(g64.astype(np.float32))
     keep = None
     if p:
         mm.manual_seed(3)
@@ -148,9 +162,13 @@ def test_attention_tiles_threads_gqa_and_dropout(causal, hq, hkv, tq, tk, p):
     value, dq, dk, dv = attention_reference(*(a.astype(np.float32).astype(np.float64) for a in (q64, k64, v64)),
                                             g64.astype(np.float32), causal, keep, p)
     assert_close(out.data, value, what="O")
-    assert_close(q.grad, dq, what="dQ")
-    assert_close(k.grad, dk, what="dK")
-    assert_close(v.grad, dv, what="dV")
+    if model_layout:
+        q_grad, k_grad, v_grad = qkv.grad.transpose(2, 0, 3, 1, 4)
+    else:
+        q_grad, k_grad, v_grad = q.grad, k.grad, v.grad
+    assert_close(q_grad, dq, what="dQ")
+    assert_close(k_grad, dk, what="dK")
+    assert_close(v_grad, dv, what="dV")
 
 
 def test_attention_gradient_of_one_input_only_in_threads():
