@@ -96,7 +96,7 @@ def spawn(fn, world_size: int, args: tuple = (), backend: str = "cpu", timeout: 
                  for r in range(world_size)]
     for process in processes:
         process.start()
-    values, failures = {}, []
+    values, failures, answered = {}, [], False
     deadline = time.monotonic() + timeout + 30
     try:
         while len(values) + len(failures) < world_size and not failures:
@@ -118,9 +118,10 @@ def spawn(fn, world_size: int, args: tuple = (), backend: str = "cpu", timeout: 
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - set(values))
                 raise SpawnError(f"ranks {missing} gave no result within {timeout + 30:g} s")
-    finally:
+        answered = not failures
+    finally:   # every rank answered: let them leave; else (a failure, Ctrl-C here) stop them now
         for process in processes:
-            process.join(timeout=0 if failures else timeout)
+            process.join(timeout=timeout if answered else 0)
             if process.is_alive():
                 process.kill()
                 process.join()

@@ -264,3 +264,47 @@ def test_a_killed_launcher_takes_its_ranks_with_it(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+SPAWN_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from minillm.distributed.spawn import spawn
+
+    def forever(group):
+        if group.rank == 0:
+            print("ready", flush=True)
+        while True:
+            group.comm.barrier()
+            time.sleep(0.01)
+
+    try:
+        spawn(forever, 2, timeout=20)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+""")
+
+
+def test_ctrl_c_in_the_process_calling_spawn_stops_its_ranks_at_once(tmp_path):
+    """A notebook's interrupt reaches the kernel only, not the forked ranks. Before: spawn waited out its
+    timeout (20 s here) for ranks that were still training, then killed them."""
+    script = tmp_path / "spawner.py"
+    script.write_text(SPAWN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ranks = []
+    try:
+        assert parent.stdout.readline() == "ready\n"
+        ranks = _rank_pids(parent.pid)
+        start = time.monotonic()
+        parent.send_signal(signal.SIGINT)
+        output, _ = parent.communicate(timeout=30)
+        assert "interrupted" in output
+        assert time.monotonic() - start < 5
+        assert not [pid for pid in ranks if _alive(pid)]
+    finally:
+        parent.kill()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
