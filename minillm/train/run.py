@@ -305,19 +305,25 @@ def hold_run_directory(run_dir: Path):
     try:
         import fcntl  # noqa: PLC0415
     except ImportError:
+        fcntl = None
+    if fcntl is None:
         yield
         return
     folder = os.open(run_dir, os.O_RDONLY)
     try:
         try:
             fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise ValueError(f"{run_dir} is in use by another minillm run: wait until it ends (or stop it), "
                              f"or choose another --out") from None
+        except OSError:     # a file system that cannot lock (some network or FUSE mounts): run unlocked
+            locked = False
         try:
             yield
         finally:   # unlocked explicitly: a process forked meanwhile shares the lock and may outlive the run
-            fcntl.flock(folder, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(folder, fcntl.LOCK_UN)
     finally:
         os.close(folder)
 
