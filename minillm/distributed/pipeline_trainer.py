@@ -66,6 +66,12 @@ class OneWriter:
         self.job_comm.check_same("settings", {"model": model_config.to_dict(), "train": train, "data": data,
                                               "schedule": schedule})
 
+    def fit(self, stop_at: int | None = None):
+        """The Trainer's loop, once the ranks agree on where they start (--resume given to some ranks only
+        would otherwise meet as mismatched messages a step later)."""
+        self.job_comm.check_same("starting steps (--resume on some ranks only?)", {"step": self.step})
+        return super().fit(stop_at)
+
     # ------------------------------------------------------------ Ctrl-C: one decision for the job
     def request_stop(self) -> None:
         """Ask the job to stop: every rank stops after the step at whose end the ranks agree on it."""

@@ -9,6 +9,7 @@ launch`` (exit 143 / 130, no rank left behind).
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,28 @@ def test_ranks_with_different_settings_refuse_to_train(model_change, train_chang
     for message in spawn(_different_settings, 2, args=(model_change, train_change), timeout=10):
         assert "the ranks were started with different settings" in message, message
         assert difference in message, message
+
+
+def _resumed_on_rank_0_only(group, run_dir):
+    from minillm.distributed.parallel_trainer import ParallelTrainer
+
+    mesh = _mesh(group, dict(pp=2))
+    model, data, config = tiny_run(steps=4)
+    trainer = ParallelTrainer(model, config, data, mesh, run_dir=run_dir)
+    if group.rank == 0:
+        trainer.resume()
+    try:
+        trainer.fit()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_run_resumed_on_some_ranks_only_refuses_to_continue(tmp_path):
+    spawn(_ctrl_c_on_rank_0_only, 2, args=(tmp_path, dict(pp=2)), timeout=8)     # a checkpoint at step 4
+    for message in spawn(_resumed_on_rank_0_only, 2, args=(tmp_path,), timeout=8):
+        assert re.search(r"different starting steps \(--resume on some ranks only\?\): step: [34] on rank 0 / 0 on "
+                         "rank 1", message), message
 
 
 # ---------------------------------------------------------------- Ctrl-C reaching one rank
