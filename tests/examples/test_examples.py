@@ -21,7 +21,12 @@ def load(name: str):
 def test_01_autograd(capsys):
     loss = load("01_autograd").main(["--steps", "30"])
     assert math.isfinite(loss) and loss < math.log(2)   # better than guessing between the two moons
-    assert "accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "accuracy" in out
+    # the graph it draws is the trained MLP's: 3 Linear, 2 GELU, the 6 parameters as leaves, nothing else
+    graph = out[out.index("the graph of the loss"):]
+    assert graph.count("Linear ->") == 3 and graph.count("GELU ->") == 2 and graph.count("CrossEntropy ->") == 1
+    assert graph.count("[requires grad]") == 6 and "GetItem" not in graph
     # README: "an MLP on the engine alone": tensors and ops, no nn layers and no optim (SGD by hand)
     tree = ast.parse((EXAMPLES / "01_autograd.py").read_text(encoding="utf-8"))
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
