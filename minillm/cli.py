@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .commands import bench, classify, finetune, generate, launch, plot, tokenizer, train
 
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
     try:
-        result = args.func(args)
+        with warnings.catch_warnings():
+            # a run that diverges overflows on its way to the one-line "training diverged" error; NumPy's
+            # warnings about it would print our source lines first
+            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+            result = args.func(args)
         sys.stdout.flush()        # a closed pipe shows up here, not at interpreter exit
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -106,6 +106,16 @@ def test_numpy_memory_error_is_one_line():
     assert message.startswith("out of memory (unable to allocate") and "try a smaller --batch-size" in message
 
 
+def test_a_diverging_run_is_one_line_without_numpy_warnings(tmp_path, text_file):
+    # --lr 1e4 without clipping: the loss overflows within a few steps, and NumPy warns on its way there
+    command, env = python_minillm("train", "--data", text_file, *TINY, "--steps", "50", "--lr", "1e4", "--clip", "0",
+                                  "--warmup", "0", "--checkpoint-interval", "1", "--out", tmp_path / "run")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    message = one_line_error(result.stderr.split("\n", 1)[1])      # after the model: line
+    assert message.startswith("training diverged at step ") and "Try a lower --lr" in message
+
+
 # ------------------------------------------------------------------ file-system mistakes
 
 
