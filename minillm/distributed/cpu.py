@@ -53,7 +53,9 @@ class _Mesh:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind((bind_host, 0))
         listener.listen(size)
-        host = bind_host or socket.gethostbyname(socket.gethostname())
+        # several nodes: the local end of our connection to rank 0's store is an address the others can
+        # reach (the host name's address may be loopback: 127.0.1.1 on Debian-style hosts)
+        host = bind_host or store.sock.getsockname()[0]
         store.arrive("cpu/address", rank, (host, listener.getsockname()[1]))
         addresses = store.wait_arrivals("cpu/address", size, timeout)
         for peer in range(rank):  # connect down, announcing who we are

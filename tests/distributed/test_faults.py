@@ -331,3 +331,45 @@ def test_ctrl_c_in_the_process_calling_spawn_stops_its_ranks_at_once(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _outward_address():
+    """This machine's address on its way out (no packet is sent), or None on a machine with loopback only."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))          # TEST-NET-1: any routable address does
+            address = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+ADDRESS_SCRIPT = textwrap.dedent("""
+    from minillm.distributed import destroy_process_group, init_process_group
+
+    group = init_process_group("cpu", timeout=10)
+    hosts = [host for host, _ in group.store.wait_arrivals("cpu/address", group.world_size)]
+    group.comm.barrier()
+    print("hosts", " ".join(hosts), flush=True)
+    destroy_process_group()
+""")
+
+
+def test_cpu_ranks_on_several_nodes_post_the_address_that_reaches_rank_0(tmp_path):
+    """With a MASTER_ADDR that is not loopback (several nodes), each rank posts the local address of its
+    route to rank 0, which the others can reach. Before: the host name's address, which is 127.0.1.1 on
+    Debian-style hosts (and 127.0.0.1 here): unreachable from another node."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("no address other than loopback on this machine")
+    script = tmp_path / "address.py"
+    script.write_text(ADDRESS_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
+                             "--master-addr", address, "--master-port", str(free_port()), "--", sys.executable,
+                             str(script)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] hosts {address} {address}" in result.stdout, result.stdout
