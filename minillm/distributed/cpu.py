@@ -59,7 +59,12 @@ class _Mesh:
         store.arrive("cpu/address", rank, (host, listener.getsockname()[1]))
         addresses = store.wait_arrivals("cpu/address", size, timeout)
         for peer in range(rank):  # connect down, announcing who we are
-            sock = socket.create_connection(addresses[peer], timeout=timeout)
+            try:
+                sock = socket.create_connection(addresses[peer], timeout=timeout)
+            except OSError as error:
+                raise CommError(f"rank {rank}: cannot connect to rank {peer} at {addresses[peer][0]}:"
+                                f"{addresses[peer][1]} ({error}): it exited, or the store on MASTER_PORT belongs "
+                                "to another job") from error
             sock.sendall(struct.pack("!I", rank))
             self.socks[peer] = sock
         listener.settimeout(timeout)

@@ -92,6 +92,27 @@ def test_the_launchers_device_and_the_runs_must_agree(monkeypatch, launched, dev
         init_mesh(MeshShape(pp=2), device, timeout=1)
 
 
+def test_a_peer_address_that_refuses_is_a_clear_error():
+    """What a rank of a second job started on a busy MASTER_PORT meets: the first job's store, whose
+    ranks no longer listen. Before: a bare '[Errno 111] Connection refused'."""
+    import socket
+
+    from minillm.distributed import CommError, TCPStore
+    from minillm.distributed.cpu import CPUCommunicator
+
+    store = TCPStore("127.0.0.1", free_port(), is_server=True, timeout=2)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = closed.getsockname()
+    try:
+        store.arrive("cpu/address", 0, address)
+        with pytest.raises(CommError, match="rank 1: cannot connect to rank 0 at 127.0.0.1:.*it exited, or the "
+                                            "store on MASTER_PORT belongs to another job"):
+            CPUCommunicator.create(1, 2, store, timeout=2)
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- ranks started differently
 
 def _mesh(group, shape):
