@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import argtypes
 from ..precision import check_precision
 from .common import (HelpFormatter, add_command, add_config_options, add_cuda_graph_option, add_device_option,
                      add_json_option,
-                     add_precision_option, add_schedule_option, add_seed_option)
+                     add_precision_option, add_schedule_option, add_seed_option, check_output_file)
 
 MODEL_SIZES = ("n_layer", "n_head", "d_model", "context_length", "vocab_size")  # over the preset's
 
@@ -126,6 +127,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of --dp {shape.dp}")
     if args.timeline and shape.pp == 1:
         raise ValueError("--timeline draws a pipeline schedule: give --pp 2 or more (under minillm launch)")
+    if args.timeline:
+        check_timeline_file(args.timeline)
     result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
                                 args.seed, args.precision, mesh_shape=shape, schedule=args.schedule,
                                 timeline=bool(args.timeline), cuda_graph=bool(args.cuda_graph))
@@ -170,6 +173,21 @@ def run_bench_train(args: argparse.Namespace) -> int:
         print(f"  bubble: measured idle share {measured:.3f} (mean over stages; {', '.join(f'{bubble_fraction(e):.3f}' for e in stages)}) "
               f"vs (P-1)/(M+P-1) = {ideal_bubble(shape.pp, args.grad_accum):.3f}; timeline in {written}")
     return 0
+
+
+def check_timeline_file(path: str) -> None:
+    """The file --timeline names can be drawn (PNG or SVG, matplotlib there) and written: checked before the
+    measurement, by the rank that draws it (world rank 0; the others may run on hosts without the folder)."""
+    from ..distributed.process_group import read_environment  # noqa: PLC0415
+    from ..plot import FORMATS  # noqa: PLC0415
+
+    if Path(path).suffix.lower() not in FORMATS:
+        raise ValueError(f"--timeline {path}: the timeline is drawn as PNG or SVG, so the name must end in .png or .svg")
+    if read_environment().rank != 0:
+        return
+    check_output_file(path, "--timeline", "timeline.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError("--timeline needs matplotlib: pip install 'minillm[plot]' (or pip install matplotlib)")
 
 
 # ---------------------------------------------------------------- bench generate

@@ -49,3 +49,14 @@ def test_bench_tokenizer_arguments_parse():
 
     args = build_parser().parse_args(["bench", "tokenizer", "--memory-mb", "0"])
     assert args.memory_mb == 0 and callable(args.func)
+
+
+def test_bench_train_timeline_is_checked_before_the_measurement(tmp_path, capsys):
+    """--timeline's name and folder are checked before any step is measured (here: before the check that
+    --pp 2 has its two processes, which comes with the measurement), not after the whole benchmark."""
+    bench = ["bench", "train", "--pp", "2", "--n-layer", "2", "--steps", "1", "--timeline"]
+    assert run([*bench, tmp_path / "t.pdf"]) == 2
+    assert capsys.readouterr().err == (f"minillm: error: --timeline {tmp_path / 't.pdf'}: the timeline is drawn as "
+                                       f"PNG or SVG, so the name must end in .png or .svg\n")
+    assert run([*bench, tmp_path / "missing" / "t.png"]) == 2
+    assert capsys.readouterr().err == f"minillm: error: {tmp_path / 'missing'}: no such folder to write --timeline into\n"
