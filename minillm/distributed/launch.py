@@ -46,6 +46,8 @@ def rank_environments(nproc_per_node: int, nnodes: int = 1, node_rank: int = 0, 
         raise ValueError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} (--nnodes {nnodes})")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device must be cuda or cpu, got {device!r}")
+    if not 1 <= master_port <= 65535:
+        raise ValueError(f"--master-port must be a port number, 1..65535, got {master_port}")
     world = nnodes * nproc_per_node
     return [{"RANK": str(node_rank * nproc_per_node + local), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
              "LOCAL_WORLD_SIZE": str(nproc_per_node), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),

@@ -48,6 +48,13 @@ def test_contradictory_launcher_variables_are_clear_errors(env, message):
         read_environment(env)
 
 
+def test_launch_checks_the_port_before_starting_anything():
+    from minillm.distributed.launch import rank_environments
+
+    with pytest.raises(ValueError, match="--master-port must be a port number, 1..65535, got 70000"):
+        rank_environments(2, master_port=70000, device="cpu")
+
+
 def test_a_complete_set_of_variables_wins_over_a_partial_one_of_another_launcher():
     # mpirun inside a Slurm allocation: Open MPI's names are complete, Slurm's are the allocation's
     where = read_environment({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "SLURM_NTASKS": "8",
