@@ -178,6 +178,19 @@ def read_text(path: str | None) -> str:
                          f"{error.reason}); convert it to UTF-8 first") from None
 
 
+def check_model_directory(path, option: str, run_option: str) -> None:
+    """A model folder given with the other kind's option (a minillm run as ``--hf``, a Hugging Face folder
+    as ``--run``/``--from``): say so, and which option reads it, instead of failing on a file inside it."""
+    folder = Path(path)
+    is_run, is_hf = (folder / "checkpoint.json").is_file(), (folder / "config.json").is_file()
+    if option.startswith("--hf") and is_run and not is_hf:
+        raise ValueError(f"{path} is a minillm run (checkpoint.json, no config.json), not a Hugging Face "
+                         f"directory: give it as {run_option} {path}")
+    if option == run_option and is_hf and not is_run:
+        raise ValueError(f"{path} is a Hugging Face directory (config.json, no checkpoint.json), not a minillm "
+                         f"run: give it as --hf {path}")
+
+
 def check_output_file(path, option: str, example: str = "out.json") -> Path:
     """``path`` can be written as a file: not a folder, and its folder exists (checked before the work)."""
     path = Path(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import backend
 from . import argtypes
-from .common import add_command, add_config_options, add_device_option, add_seed_option, say
+from .common import add_command, add_config_options, add_device_option, add_seed_option, check_model_directory, say
 
 # per task: (learning rate, epochs) that work for the small default model (see docs/finetuning.md)
 TASK_DEFAULTS = {"classify": (5e-4, 5), "sft": (5e-4, 3), "dpo": (1e-4, 1)}
@@ -184,6 +184,7 @@ def _new_run(args: argparse.Namespace):
         raise ValueError("say where to start: --from RUN_DIR (e.g. a 'minillm train' run) or --hf DIR")
     if args.tokenizer is not None and args.hf is None:
         raise ValueError("--tokenizer is for --hf; a run directory brings its own tokenizer")
+    check_model_directory(args.from_run or args.hf, "--from" if args.from_run else "--hf", "--from")
     if has_checkpoint(args.out):
         raise ValueError(f"{args.out} already holds a run: add --resume to continue it, or choose another --out")
     lr, epochs = TASK_DEFAULTS[args.task]

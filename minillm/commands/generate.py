@@ -23,7 +23,7 @@ import numpy as np
 from .. import backend
 from ..data.dataset import END_OF_TEXT
 from . import argtypes
-from .common import add_command, add_device_option, add_precision_option, add_seed_option
+from .common import add_command, add_device_option, add_precision_option, add_seed_option, check_model_directory
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +67,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def load_model(args: argparse.Namespace, device: str):
     """(model, tokenizer) from --run, --hf or --hf-gpt2."""
+    option, path = next((o, p) for o, p in (("--run", args.run), ("--hf", args.hf), ("--hf-gpt2", args.hf_gpt2))
+                        if p is not None)
+    check_model_directory(path, option, "--run")
     if args.run is not None:
         from ..finetune import load_language_model  # noqa: PLC0415 (a train run, or an SFT/DPO run)
 

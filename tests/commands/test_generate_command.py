@@ -91,3 +91,31 @@ def test_generate_hf_stops_at_the_end_token_its_config_names(tmp_path, capsys):
     assert main(argv + ["--ignore-eos"]) == 0                   # goes on; the end token is never printed
     shown = [token for token in greedy if token != greedy[stop]]
     assert capsys.readouterr().out == tokenizer.decode(prompt + shown) + "\n"
+
+
+def test_a_model_folder_given_with_the_other_kinds_option_says_which_option_reads_it(tmp_path, capsys):
+    """A minillm run as --hf (was: 'RUN/tokenizer.json: not a BPE tokenizer.json'), a Hugging Face folder as
+    --run or --from (was: a hint to call minillm.weights.load_hf from Python): one line naming the option."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune"))
+    from finetune_helpers import make_base_run, write_spam_like
+
+    run_dir = make_base_run(tmp_path / "run")
+    save_hf_gpt2(make_model(GPTConfig(vocab_size=257, context_length=32, n_layer=1, n_head=2, d_model=16)),
+                 tmp_path / "hf")
+    data = write_spam_like(tmp_path / "spam.tsv", n=30)
+    as_run = f"{run_dir} is a minillm run (checkpoint.json, no config.json), not a Hugging Face directory: give it as"
+    as_hf = f"{tmp_path / 'hf'} is a Hugging Face directory (config.json, no checkpoint.json), not a minillm run: give it as"
+    for argv, message in (
+            (["generate", "--hf", run_dir, "--prompt", "a"], f"{as_run} --run {run_dir}"),
+            (["generate", "--hf-gpt2", run_dir, "--prompt", "a"], f"{as_run} --run {run_dir}"),
+            (["generate", "--run", tmp_path / "hf", "--prompt", "a"], f"{as_hf} --hf {tmp_path / 'hf'}"),
+            (["finetune", "classify", "--data", data, "--hf", run_dir, "--out", tmp_path / "out"],
+             f"{as_run} --from {run_dir}"),
+            (["finetune", "classify", "--data", data, "--from", tmp_path / "hf", "--out", tmp_path / "out"],
+             f"{as_hf} --hf {tmp_path / 'hf'}")):
+        assert main([str(a) for a in argv]) == 2
+        assert capsys.readouterr().err == f"minillm: error: {message}\n"
+    assert not (tmp_path / "out").exists()
