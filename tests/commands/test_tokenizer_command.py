@@ -63,3 +63,18 @@ def test_example_runs(capsys):
     example = Path(__file__).resolve().parents[2] / "examples" / "02_tokenizer.py"
     runpy.run_path(str(example), run_name="example")["main"]()
     assert "saved and reloaded" in capsys.readouterr().out
+
+
+def test_standard_input_gives_the_ids_of_the_same_file(tmp_path, monkeypatch, capsys):
+    """`minillm tokenizer encode < FILE` and `minillm tokenizer encode FILE` agree, \\r\\n line endings included
+    (standard input is read as bytes, as the file is; text-mode stdin would turn \\r\\n into \\n)."""
+    from minillm.cli import main
+
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(TEXT.encode("utf-8"))                      # TEXT ends its second line with \r\n
+    assert main(["tokenizer", "encode", "--tokenizer", "bytes", str(path)]) == 0
+    from_file = capsys.readouterr().out
+    assert from_file.split() == [str(b) for b in TEXT.encode("utf-8")]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(path.read_bytes()), encoding="utf-8"))
+    assert main(["tokenizer", "encode", "--tokenizer", "bytes"]) == 0
+    assert capsys.readouterr().out == from_file
