@@ -22,6 +22,8 @@ inputs come back float32.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import precision
@@ -115,7 +117,7 @@ class Linear(Function):
             raise ValueError(f"linear: bias shape {bias.shape} != ({weight.shape[0]},)")
         self.has_bias = bias is not None
         self.x_shape, self.out_dtype = x.shape, x.dtype
-        x2d = x.reshape(-1, x.shape[-1])                                   # (N, in)
+        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])              # (N, in) (not -1: in may be 0)
         out = weight.shape[0]
         padded = out
         if not isinstance(x2d, np.ndarray):      # tensor cores (16 bits, TF32) want rows 8-aligned: out % 8
@@ -137,7 +139,7 @@ class Linear(Function):
 
     def backward(self, grad):
         x2d, weight = self.saved
-        grad2d = grad.reshape(-1, grad.shape[-1])           # (N, out)
+        grad2d = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1])   # (N, out)
         out = grad2d.shape[1]
         if weight.shape[0] != out:                          # the forward's padded product: dy padded too
             g = zero_padded(grad2d, columns=weight.shape[0], dtype=weight.dtype)

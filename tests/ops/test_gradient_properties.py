@@ -344,7 +344,7 @@ def matmul_case(data):
 
 def linear_case(data):
     lead = tuple(data.draw(st.lists(st.integers(0, 3), max_size=2), label="lead"))
-    n_in, n_out = data.draw(st.integers(1, 4), label="in"), data.draw(st.integers(1, 4), label="out")
+    n_in, n_out = data.draw(st.integers(0, 4), label="in"), data.draw(st.integers(0, 4), label="out")
     bias = data.draw(st.booleans(), label="bias")
     rng = _rng(data)
     arrays = [rng.standard_normal(lead + (n_in,)), rng.standard_normal((n_out, n_in))]
