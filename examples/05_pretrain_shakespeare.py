@@ -13,8 +13,11 @@ recipe in about 93 s on a 2-core CPU; the target here is <= 2.10.
     python examples/05_pretrain_shakespeare.py --arch llama    # a Llama-style twin, same parameter count
 
 The final validation loss is measured on EVERY non-overlapping window of
-the validation text, not on a sample. Checkpoints and metrics.jsonl go to
---out (default runs/shakespeare).
+the validation text, not on a sample. Checkpoints, metrics.jsonl and the
+tokenizer go to --out (default runs/shakespeare), a run directory like
+``minillm train`` writes: ``minillm generate --run runs/shakespeare --prompt
+"ROMEO:"`` samples from it, ``minillm plot runs/shakespeare`` draws its curves.
+Ctrl-C stops after the current step and saves a checkpoint; --resume continues.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import device, non_negative_int, positive_int  # noqa: E402
 from minillm.data.dataset import TokenDataset, encode_documents  # noqa: E402
 from minillm.models import GPT, GPTConfig, llama_style  # noqa: E402
 from minillm.tokenizer import BPETokenizer  # noqa: E402
 from minillm.train import TrainConfig, Trainer, has_checkpoint  # noqa: E402
-from minillm.train.run import print_samples  # noqa: E402
+from minillm.train.run import TOKENIZER_FILE, print_samples  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 SOURCE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -40,19 +44,19 @@ SOURCE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinysh
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help=f"tinyshakespeare.txt (from {SOURCE})")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=2000)
+    parser.add_argument("--batch-size", type=positive_int, default=12)
+    parser.add_argument("--context", type=positive_int, default=64)
+    parser.add_argument("--n-layer", type=positive_int, default=4)
+    parser.add_argument("--n-head", type=positive_int, default=4)
+    parser.add_argument("--d-model", type=positive_int, default=128)
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2",
                         help="llama: rotary positions, RMSNorm, SwiGLU, no biases, --n-kv-head key/value heads, "
                              "its MLP widened to the GPT-2-style model's parameter count")
-    parser.add_argument("--n-kv-head", type=int, default=None, help="for --arch llama (default: n_head / 2 when even)")
-    parser.add_argument("--eval-interval", type=int, default=250)
-    parser.add_argument("--eval-batches", type=int, default=20, help="random val batches per evaluation during training")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-kv-head", type=positive_int, default=None, help="for --arch llama (default: n_head / 2 when even)")
+    parser.add_argument("--eval-interval", type=non_negative_int, default=250, help="0: no evaluation during training")
+    parser.add_argument("--eval-batches", type=positive_int, default=20, help="random val batches per evaluation during training")
+    parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/shakespeare"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--quiet", action="store_true")
@@ -62,6 +66,22 @@ def main(argv=None) -> float:
         raise SystemExit(f"{args.data} not found: download tinyshakespeare from {SOURCE} and pass --data FILE")
     if has_checkpoint(args.out) and not args.resume:
         raise SystemExit(f"{args.out} already holds a run: pass --resume, or another --out")
+    if args.resume and not has_checkpoint(args.out):
+        raise SystemExit(f"--resume: no run in {args.out} to continue (start one without --resume)")
+
+    # the model and the recipe, checked before any work (e.g. --d-model must split into --n-head heads)
+    try:
+        model_config = GPTConfig(vocab_size=256, context_length=args.context, n_layer=args.n_layer,
+                                 n_head=args.n_head, d_model=args.d_model, dropout=0.0)
+        if args.arch == "llama":
+            halved = args.n_head // 2 if args.n_head % 2 == 0 else args.n_head          # grouped-query attention
+            model_config = llama_style(model_config, n_kv_head=args.n_kv_head or halved)
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, min_lr=1e-4,
+                             warmup=min(100, args.steps // 10), weight_decay=0.1, betas=(0.9, 0.99), clip=1.0,
+                             eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+                             checkpoint_interval=500, seed=1337, device=args.device, progress=not args.quiet)
+    except ValueError as error:
+        parser.error(str(error))
 
     # data: bytes -> windows of 64 (every start position is a training window)
     tokenizer = BPETokenizer.bytes()
@@ -71,25 +91,26 @@ def main(argv=None) -> float:
     print(f"{len(tokens):,} tokens: {len(data.train.tokens):,} train, {len(data.val.tokens):,} val")
 
     mm.manual_seed(1337)
-    model_config = GPTConfig(vocab_size=256, context_length=args.context, n_layer=args.n_layer,
-                             n_head=args.n_head, d_model=args.d_model, dropout=0.0)
-    if args.arch == "llama":
-        halved = args.n_head // 2 if args.n_head % 2 == 0 else args.n_head          # grouped-query attention
-        model_config = llama_style(model_config, n_kv_head=args.n_kv_head or halved)
     model = GPT(model_config)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, min_lr=1e-4,
-                         warmup=min(100, args.steps // 10), weight_decay=0.1, betas=(0.9, 0.99), clip=1.0,
-                         eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-                         checkpoint_interval=500, seed=1337, device=args.device, progress=not args.quiet)
-    trainer = Trainer(model, config, data, run_dir=args.out, tokenizer={"spec": "bytes"})
+    if not args.resume:   # the tokenizer beside the checkpoints: `minillm generate --run` reads it
+        args.out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(args.out / TOKENIZER_FILE)
+    trainer = Trainer(model, config, data, run_dir=args.out, tokenizer={"spec": "bytes", "file": TOKENIZER_FILE})
     if args.resume:
         print(f"resuming at step {trainer.resume()}")
+        if trainer.step >= config.steps:
+            raise SystemExit(f"{args.out} is already at step {trainer.step} of {config.steps}: "
+                             f"pass a larger --steps to train further")
     print(f"{args.arch}: {model.num_parameters():,} parameters, {config.steps} steps of {config.batch_size} x "
           f"{args.context} tokens")
 
     start = time.perf_counter()
     result = trainer.fit()
     train_time = time.perf_counter() - start
+    if result.interrupted:          # Ctrl-C: fit() saved a checkpoint after the current step
+        print(f"stopped at step {result.step} of {config.steps}; continue with --resume --out {args.out}",
+              file=sys.stderr)
+        raise SystemExit(130)
     val_loss = trainer.evaluate(max_batches=None, data=full_val)
     print(f"trained {result.step} steps in {train_time:.0f} s ({result.tokens_per_second:,.0f} tokens/s); "
           f"val loss on all {len(full_val.val):,} validation windows: {val_loss:.4f} (nanoGPT: ~2.06; target <= 2.10)")

@@ -72,6 +72,44 @@ def test_05_pretrain_shakespeare(tmp_path, capsys):
     assert (tmp_path / "run" / "checkpoint.json").is_file()
 
 
+def test_05_ctrl_c_saves_stops_and_resumes(tmp_path, capsys):
+    """Ctrl-C: the step ends, a checkpoint is saved, the example stops (exit 130, no evaluation, no sample)
+    and says how to continue; --resume finishes the run, a run directory `minillm generate --run` reads."""
+    import json
+    import signal
+
+    from minillm.train.run import load_run
+
+    text = tmp_path / "play.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 60, encoding="utf-8")
+    run = tmp_path / "run"
+    argv = [str(a) for a in ["--data", text, "--steps", "12", "--n-layer", "1", "--n-head", "2", "--d-model", "16",
+                             "--context", "16", "--eval-interval", "0", "--out", run, "--quiet"]]
+    example = load("05_pretrain_shakespeare")
+
+    class CtrlCAtStep5(example.Trainer):
+        def train_step(self):
+            result = super().train_step()
+            if self.step == 5:
+                signal.raise_signal(signal.SIGINT)    # as a terminal's Ctrl-C, mid-run
+            return result
+
+    example.Trainer = CtrlCAtStep5
+    with pytest.raises(SystemExit) as stopped:
+        example.main(argv)
+    assert stopped.value.code == 130
+    out, err = capsys.readouterr()
+    assert "val loss on all" not in out and "ROMEO:" not in out and "--resume" in err
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 5
+    val_loss = example.main(argv + ["--resume"])
+    assert "resuming at step 5" in capsys.readouterr().out and math.isfinite(val_loss)
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 12
+    model, tokenizer = load_run(run)
+    assert tokenizer.vocab_size == 256 and tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:"
+    with pytest.raises(SystemExit, match="already at step 12 of 12"):
+        example.main(argv + ["--resume"])
+
+
 def test_06_generate_smoke(capsys):
     speedup = load("06_generate").main(["--new-tokens", "16"])
     assert speedup > 0          # any number: a smoke test (the KV cache's speed-up is a benchmark figure)
