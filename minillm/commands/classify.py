@@ -28,6 +28,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", metavar="N", type=argtypes.positive_int, default=32,
                    help="texts per forward pass (default: 32)")
     add_device_option(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_classify)
     return p
 
@@ -55,6 +56,10 @@ def run_classify(args: argparse.Namespace, out=None) -> int:
     batches = (collate_classification([(ids, 0) for ids in encoded[i:i + args.batch_size]], pad, length)
                for i in range(0, len(encoded), args.batch_size))
     if encoded:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        batches = tqdm(batches, total=-(-len(encoded) // args.batch_size), desc="classify", unit="batch",
+                       disable=args.quiet, dynamic_ncols=True)
         predicted, _ = predict(model, batches)
         for index in predicted:
             out.write(labels[int(index)] + "\n")

@@ -45,6 +45,12 @@ def test_classify_run_then_minillm_classify_prints_one_label_per_line(tmp_path, 
     assert run(["classify", "--run", out, "-"]) == 0
     assert capsys.readouterr().out == printed[0] + "\n"
 
+    assert run(["classify", "--run", out, "--batch-size", "3", tmp_path / "texts.txt"]) == 0   # 4 texts, 2 batches
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == printed and "classify: 100%" in captured.err and "2/2" in captured.err
+    assert run(["classify", "--run", out, "--quiet", tmp_path / "texts.txt"]) == 0
+    assert capsys.readouterr().err == ""
+
     latin1 = tmp_path / "latin1.txt"                    # not UTF-8: one line naming the file, no labels
     latin1.write_bytes("abcz\ncafé\n".encode("latin-1"))
     assert run(["classify", "--run", out, latin1]) == 2
