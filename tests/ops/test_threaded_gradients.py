@@ -18,11 +18,14 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minillm as mm
 from minillm import functional as F
 from minillm.ops import common
 from minillm.ops.attention import CPU_TILE_ROWS, dropout_keep_mask
+
+from test_gradient_properties import CASES, _run
 
 
 def f32(values, requires_grad=True):
@@ -340,3 +343,43 @@ def test_embedding_backward_small_and_large_vocabulary(vocab):
     expected = np.zeros((vocab, 48))
     np.add.at(expected, ids.reshape(-1), g64.reshape(-1, 48))
     assert_close(w.grad, expected, what="dW")
+
+
+# ------------------------------------------------------------------ the same paths at tiny sizes
+
+
+def _tiny_thresholds(patch):
+    """Every size threshold of the CPU paths lowered, so that tiny inputs (which central
+    differences can check) are cut into threads, row blocks, attention tiles and product blocks."""
+    from minillm.ops import attention, norm
+    patch.setattr(common, "PARALLEL_MIN_ELEMENTS", 1)
+    patch.setattr(attention, "PARALLEL_MIN_ELEMENTS", 1)
+    patch.setattr(common, "PARALLEL_MIN_MULTIPLY_ADDS", 1)
+    patch.setattr(common, "BLAS_THREADS_MIN_MULTIPLY_ADDS", 1)
+    patch.setattr(common, "CPU_BLOCK_ELEMENTS", 2)
+    patch.setattr(norm, "_BLOCK_ELEMENTS", 2)
+    patch.setattr(attention, "CPU_TILE_ROWS", 1)
+    patch.setattr(attention, "CPU_TILE_SCORES", 2)
+
+
+THREADED_CASES = ["add", "operators", "matmul", "linear", "gelu_tanh", "gelu_none", "layer_norm",
+                  "layer_norm_no_bias", "scaled_dot_product_attention", "embedding", "softmax", "cross_entropy"]
+
+
+@pytest.mark.parametrize("name", THREADED_CASES)
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_threaded_paths_at_tiny_sizes_against_central_differences(name, data, monkeypatch):
+    """tests/ops/test_gradient_properties.py's examples, run with the thresholds lowered: gradcheck,
+    and the same values and gradients as with the usual thresholds (one thread, one block)."""
+    case = CASES[name](data)
+    inputs = [mm.Tensor(a, requires_grad=True) for a in case.arrays]
+    expected = _run(case.fn, inputs)
+    with monkeypatch.context() as patch:
+        _tiny_thresholds(patch)
+        if case.fn(*inputs).requires_grad:
+            mm.gradcheck(case.fn, *inputs)
+        got = _run(case.fn, inputs)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-12, atol=1e-14)
+    for g, e in zip(got[1], expected[1]):
+        np.testing.assert_allclose(g, e, rtol=1e-11, atol=1e-13)
