@@ -4,10 +4,11 @@ With no arguments it uses a small random GPT (the text is noise, the
 mechanics are real): it checks that cached and uncached generation agree,
 times both, shows how each sampling rule reshapes one next-token distribution,
 and stops a batch at an end-of-text token. With ``--run RUN_DIR`` (a run of
-``minillm train``) it samples real text from that model as well.
+``minillm train``, or example 5's runs/shakespeare) it samples real text
+from that model as well.
 
     python examples/06_generate.py
-    python examples/06_generate.py --run runs/mine --prompt "The "
+    python examples/06_generate.py --run runs/pydoc --prompt "The "
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import positive_int  # noqa: E402
 from minillm.generate import generate, sampling_probs  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 
@@ -64,10 +66,8 @@ def eos_demo(model: GPT) -> None:
     print("  (a stopped row pads with eos; the loop ends once every row has stopped)")
 
 
-def run_demo(run_dir: str, prompt: str, new_tokens: int) -> None:
-    from minillm.train.run import load_run
-
-    model, tokenizer = load_run(run_dir)
+def run_demo(model: GPT, tokenizer, prompt: str, new_tokens: int) -> None:
+    """Greedy, then temperature with top-k, then top-p, from a trained run's model."""
     ids = tokenizer.encode(prompt) or [0]
     for kwargs in (dict(temperature=0), dict(temperature=0.8, top_k=50, seed=0), dict(top_p=0.9, seed=0)):
         out = generate(model, [ids], new_tokens, **kwargs)              # past the context, the window slides
@@ -78,8 +78,15 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a run directory of `minillm train` to sample from")
     parser.add_argument("--prompt", default="The ")
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=positive_int, default=48)
     args = parser.parse_args(argv)
+    if args.run:                                   # a wrong run directory is said before any work
+        from minillm.train.run import load_run
+
+        try:
+            trained = load_run(args.run)
+        except (OSError, ValueError, RuntimeError) as error:   # missing, not a run, corrupt checkpoint
+            parser.error(f"--run {args.run}: {error}")
 
     mm.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=512, context_length=128, n_layer=4, n_head=4, d_model=128))
@@ -93,7 +100,7 @@ def main(argv=None) -> float:
     print("end of text:")
     eos_demo(model)
     if args.run:
-        run_demo(args.run, args.prompt, args.new_tokens)
+        run_demo(*trained, args.prompt, args.new_tokens)
     return speedup
 
 

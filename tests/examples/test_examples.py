@@ -117,6 +117,23 @@ def test_06_generate_smoke(capsys):
     assert "seed 42 twice" in out and "eos_id=" in out
 
 
+def test_06_run_option(tmp_path, capsys):
+    """--run samples from a run directory; a wrong one is one line (exit 2) before any work."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune"))
+    from finetune_helpers import make_base_run
+
+    example = load("06_generate")
+    with pytest.raises(SystemExit) as wrong:
+        example.main(["--run", str(tmp_path / "missing")])
+    assert wrong.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"--run {tmp_path / 'missing'}: no run directory" in err
+    example.main(["--new-tokens", "4", "--run", str(make_base_run(tmp_path / "run"))])
+    assert capsys.readouterr().out.count("--- {") == 3     # greedy, top-k, top-p from the run's model
+
+
 def test_07_gpt2_weights():
     assert load("07_gpt2_weights").main([]) == 0.0   # save_hf_gpt2 -> load_hf_gpt2 gives identical logits
 
