@@ -115,6 +115,7 @@ def plan_from_args(args: argparse.Namespace):
     from ..train import TrainConfig  # noqa: PLC0415
 
     split_micro_batches(args)
+    check_not_a_finetune_run(args.out if args.resume is True else args.resume)
     train = given_fields(args, TrainConfig)
     if getattr(args, "quiet", False):
         train["progress"] = False
@@ -124,6 +125,16 @@ def plan_from_args(args: argparse.Namespace):
     return resolve_run(out=args.out, resume=args.resume, data=args.data, tokenizer=args.tokenizer,
                        val_fraction=args.val_fraction, stride=args.stride, preset=args.preset, model=model,
                        train=train)
+
+
+def check_not_a_finetune_run(run_dir) -> None:
+    """--resume of a 'minillm finetune' run: say which command continues it (it has no run.json to resume)."""
+    from ..finetune.run import is_finetune_run, read_run_info  # noqa: PLC0415
+
+    if run_dir and is_finetune_run(run_dir):
+        task = read_run_info(run_dir)["finetune"]["task"]
+        raise ValueError(f"{run_dir} is a fine-tuning run ({task}): continue it with "
+                         f"minillm finetune {task} --out {shlex.quote(str(run_dir))} --resume")
 
 
 def split_micro_batches(args: argparse.Namespace) -> None:

@@ -68,6 +68,9 @@ def test_resume_continues_to_the_saved_number_of_steps(tmp_path, capsys):
     assert "already holds a run" in failed(argv, capsys)
     assert "already at step" in failed(["finetune", "classify", "--out", out, "--resume", "--quiet"], capsys)
     assert "is a classify run, not sft" in failed(["finetune", "sft", "--out", out, "--resume"], capsys)
+    assert failed(["train", "--resume", out], capsys) == (f"minillm: error: {out} is a fine-tuning run (classify): "
+                                                          f"continue it with minillm finetune classify --out {out} "
+                                                          f"--resume\n")
 
 
 def test_bad_data_and_options_are_one_line_errors(tmp_path, capsys):
