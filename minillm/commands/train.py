@@ -93,7 +93,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     run = p.add_argument_group("run directory")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<data name>, numbered if taken)")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR (or in --out) from its checkpoint")
+                     help="continue the run in RUN_DIR (or in --out) from its checkpoint, with the options it "
+                          "saved (the defaults above are a new run's); training options given again override them, "
+                          "the model's shape and the data cannot change")
 
     sample = p.add_argument_group("samples printed at the end")
     sample.add_argument("--samples", metavar="N", type=argtypes.non_negative_int, default=3,
