@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import device, positive_int  # noqa: E402
 from minillm.weights.pretrained import load_pretrained  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.weights import load_hf_gpt2, save_hf_gpt2  # noqa: E402
@@ -53,13 +54,17 @@ def round_trip() -> float:
     return difference
 
 
-def gpt2_demo(directory: str, prompt: str, max_new_tokens: int, device: str) -> str:
-    """Load a real GPT-2 directory and continue ``prompt`` (greedy); returns the text."""
+def load_gpt2(directory: str, device: str):
+    """(model, tokenizer) from a GPT-2 directory; its own tokenizer files, else GPT-2's in ../shared/data/gpt2."""
     tokenizer_spec = None
     has_own = (Path(directory) / "vocab.json").is_file() or (Path(directory) / "encoder.json").is_file()
     if not has_own and (SHARED_GPT2 / "encoder.json").is_file():
         tokenizer_spec = f"gpt2:{SHARED_GPT2}"
-    model, tokenizer = load_pretrained(directory, tokenizer_spec, device)
+    return load_pretrained(directory, tokenizer_spec, device)
+
+
+def gpt2_demo(directory: str, model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Continue ``prompt`` with a real GPT-2 (greedy); returns the text."""
     print(f"GPT-2 from {directory}: {model.num_parameters():,} parameters")
     ids = tokenizer.encode(prompt)
     out = model.generate(np.asarray([ids]), max_new_tokens=max_new_tokens, temperature=0)
@@ -72,13 +77,18 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gpt2_dir", nargs="?", help="a Hugging Face GPT-2 directory (optional)")
     parser.add_argument("--prompt", default="The meaning of life is")
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=30)
+    parser.add_argument("--device", type=device, default="cpu")
     args = parser.parse_args(argv)
+    if args.gpt2_dir:                      # load it first: a wrong directory is said before any work
+        try:
+            gpt2 = load_gpt2(args.gpt2_dir, args.device)
+        except (OSError, ValueError, RuntimeError) as error:   # missing, not GPT-2, no tokenizer files
+            parser.error(str(error))
     difference = round_trip()
     assert difference == 0.0
     if args.gpt2_dir:
-        gpt2_demo(args.gpt2_dir, args.prompt, args.max_new_tokens, args.device)
+        gpt2_demo(args.gpt2_dir, *gpt2, args.prompt, args.max_new_tokens)
     return difference
 
 

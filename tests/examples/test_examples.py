@@ -138,6 +138,28 @@ def test_07_gpt2_weights():
     assert load("07_gpt2_weights").main([]) == 0.0   # save_hf_gpt2 -> load_hf_gpt2 gives identical logits
 
 
+def test_07_gpt2_directory(tmp_path, capsys):
+    """A GPT-2 directory: loaded and continued; a wrong one is one line (exit 2) before any work."""
+    example = load("07_gpt2_weights")
+    with pytest.raises(SystemExit) as wrong:
+        example.main([str(tmp_path)])
+    assert wrong.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"{tmp_path}: no config.json" in err
+    if not (example.SHARED_GPT2 / "encoder.json").is_file():
+        pytest.skip("GPT-2's tokenizer files are not in ../shared/data/gpt2")
+    import minillm as mm
+    from minillm.models import GPT, GPTConfig
+    from minillm.weights import save_hf_gpt2
+
+    mm.manual_seed(0)
+    save_hf_gpt2(GPT(GPTConfig.from_preset("tiny", vocab_size=50257)), tmp_path / "gpt2")   # GPT-2's vocabulary
+    example.main([str(tmp_path / "gpt2"), "--prompt", "Hello", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    C, V, L, n_layer = 32, 50257, 64, 2                                 # tiny's shape: V·C + L·C + n(12C² + 13C) + 2C
+    assert f"{V * C + L * C + n_layer * (12 * C * C + 13 * C) + 2 * C:,} parameters" in out and "\nHello" in out
+
+
 def test_12_llama_style(tmp_path, capsys):
     text = tmp_path / "play.txt"
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 60, encoding="utf-8")
