@@ -377,6 +377,9 @@ class MultiHeadAttention(Module):
             raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
         self.d_model, self.n_head, self.n_kv_head = d_model, n_head, n_kv_head
         self.head_dim = d_model // n_head if head_dim is None else head_dim
+        if rope_theta is not None and (self.head_dim <= 0 or self.head_dim % 2):
+            raise ValueError(f"MultiHeadAttention: rope rotates pairs of features, so the head size must be "
+                             f"even and positive, got {self.head_dim}")
         self.dropout = float(dropout)
         self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
         proj_init_std = init_std if proj_init_std is None else proj_init_std

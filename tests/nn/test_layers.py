@@ -167,6 +167,9 @@ def test_attention_rejects_bad_shapes():
         nn.MultiHeadAttention(10, 3)
     with pytest.raises(ValueError, match=r"expected input \(B, T, 8\)"):
         nn.MultiHeadAttention(8, 2)(mm.Tensor(np.zeros((2, 8), dtype=np.float32)))
+    with pytest.raises(ValueError, match="head size must be even and positive, got 3"):
+        nn.MultiHeadAttention(6, 2, rope_theta=10_000.0)        # found at construction, not at the first forward
+    nn.MultiHeadAttention(6, 2)                                 # odd heads without rope are fine
 
 
 def test_attention_dropout_only_in_training():
