@@ -27,9 +27,11 @@ def make_moons(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=300, help="gradient steps after step 0 (default 300)")
+    parser.add_argument("--lr", type=float, default=0.5, help="learning rate (default 0.5)")
     args = parser.parse_args(argv)
+    if args.steps < 0 or not args.lr > 0:
+        parser.error(f"need --steps >= 0 and --lr > 0, got --steps {args.steps} --lr {args.lr}")
 
     mm.manual_seed(0)
     rng = np.random.default_rng(0)

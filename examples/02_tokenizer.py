@@ -9,6 +9,7 @@ tokenizer. Runs in a few seconds:
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -37,7 +38,8 @@ def show(tok: BPETokenizer, text: str) -> None:
     print(f"  {len(text.encode('utf-8'))} bytes -> {len(ids)} tokens: {pieces}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)   # no options; --help
     text, name = training_text()
     print(f"training text: {name}, {len(text):,} characters")
 

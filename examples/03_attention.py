@@ -8,6 +8,7 @@ computes the same thing.
     python examples/03_attention.py
 """
 
+import argparse
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ def show(name: str, t: mm.Tensor) -> None:
 
 
 def main(argv=None) -> float:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)   # no options; --help
     mm.manual_seed(0)
     np.set_printoptions(precision=3, suppress=True)
     words = ["the", "cat", "sat", "down"]

@@ -14,14 +14,18 @@ import math
 import numpy as np
 
 import minillm as mm
+from minillm.commands.argtypes import positive_int
 from minillm.models import GPT, GPTConfig
+
+# the GPT-2 family, whose count the formula below is (the Llama-style presets: example 12)
+GPT2_PRESETS = ["tiny", "gpt2-124m", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", help="tiny, gpt2-124m, gpt2-medium, ... (default tiny)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--time", type=int, default=32)
+    parser.add_argument("--preset", default="tiny", choices=GPT2_PRESETS, help="the model's shape (default tiny)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="sequences in the batch (default 4)")
+    parser.add_argument("--time", type=positive_int, default=32, help="tokens per sequence (default 32)")
     args = parser.parse_args(argv)
 
     mm.manual_seed(0)

@@ -36,7 +36,7 @@ def test_01_autograd(capsys):
 
 
 def test_02_tokenizer(capsys):
-    load("02_tokenizer").main()
+    load("02_tokenizer").main([])
     assert "saved and reloaded" in capsys.readouterr().out
 
 

@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 
 TESTS = Path(__file__).resolve().parents[1]
 EXAMPLES = TESTS.parent / "examples"
@@ -53,3 +55,49 @@ def test_11_dpo(tmp_path, capsys):
     assert history[0]["reward_acc"] == 0.5 and history[0]["margin"] == 0.0
     assert history[-1]["margin"] > 0
     assert "| reward accuracy |" in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize("name", ["08_classify_spam", "09_instruction_sft", "11_dpo"])
+def test_ctrl_c_stops_the_example_and_a_second_run_is_refused(tmp_path, capsys, monkeypatch, name):
+    """Ctrl-C: the step ends, the checkpoint is kept, and the example stops (exit 130): no table, no next
+    variant (08 --ablation), no test responses (09), no DPO from a half-trained SFT (11). Run again into
+    the same --out: one line (exit 2) before any work, not a traceback."""
+    import json
+    import signal
+
+    import minillm.finetune.run as finetune_run
+
+    class CtrlCAtStep2(finetune_run.Trainer):
+        def train_step(self):
+            result = super().train_step()
+            if self.step == 2:
+                signal.raise_signal(signal.SIGINT)    # as a terminal's Ctrl-C, mid-run
+            return result
+
+    monkeypatch.setattr(finetune_run, "Trainer", CtrlCAtStep2)
+    base, out = make_base_run(tmp_path / "base", context_length=192), tmp_path / "out"
+    instructions = ["--data", str(write_instructions(tmp_path / "i.json", n=40))]
+    argv, stopped_in = {   # the options, and the run directory the Ctrl-C lands in
+        "08_classify_spam": (["--data", str(write_spam_like(tmp_path / "spam.tsv", n=60)), "--ablation"],
+                             out / "head-only"),
+        "09_instruction_sft": (instructions, out),
+        "11_dpo": (["--instructions", instructions[1],
+                    "--preferences", str(write_instructions(tmp_path / "p.json", 40, preference=True))], out / "sft"),
+    }[name]
+    argv += ["--base", str(base), "--out", str(out), "--quiet"]
+    example = load(name)
+    with pytest.raises(SystemExit) as stopped:
+        example.main(argv)
+    assert stopped.value.code == 130
+    captured = capsys.readouterr()
+    assert f"stopped at step 2; the checkpoint is in {stopped_in}\n" == captured.err
+    assert "| variant |" not in captured.out and "| step |" not in captured.out and "### Model:" not in captured.out
+    assert json.loads((stopped_in / "checkpoint.json").read_text())["step"] == 2
+    if stopped_in != out:                                  # no later variant / stage was started
+        assert [p.name for p in out.iterdir()] == [stopped_in.name]
+    assert not (stopped_in / "test-responses.json").exists()
+    with pytest.raises(SystemExit) as again:
+        example.main(argv)
+    assert again.value.code == 2
+    assert f"{stopped_in} already holds a run: pass another --out" in capsys.readouterr().err
