@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import positive_float, positive_int, preset  # noqa: E402
 from minillm import functional as F, optim  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.nn.lora import (  # noqa: E402
@@ -39,11 +40,11 @@ from minillm.nn.lora import (  # noqa: E402
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpt2-124m")
-    parser.add_argument("--context", type=int, default=64, help="context length (smaller is faster)")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--preset", type=preset, default="gpt2-124m")
+    parser.add_argument("--context", type=positive_int, default=64, help="context length (smaller is faster)")
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--alpha", type=positive_float, default=16.0)
+    parser.add_argument("--steps", type=positive_int, default=3)
     args = parser.parse_args(argv)
 
     mm.manual_seed(0)

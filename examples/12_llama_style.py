@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import non_negative_int  # noqa: E402
 from minillm import functional as F  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.weights import load_hf, save_hf  # noqa: E402
@@ -94,7 +95,7 @@ def train_side_by_side(recipe_args: list[str]) -> dict[str, tuple[float, float]]
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="training steps per model in step 4 (0: skip it)")
+    parser.add_argument("--steps", type=non_negative_int, default=2000, help="training steps per model in step 4 (0: skip it)")
     args, recipe_args = parser.parse_known_args(argv)    # the rest goes to example 5 (--data, sizes, ...)
     results = {"rope_offset_difference": rope_offsets(), "gqa_cache_ratio": gqa_cache(),
                "round_trip_difference": checkpoint_round_trip()}

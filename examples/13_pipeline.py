@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import positive_int  # noqa: E402
 from minillm.data.dataset import TokenDataset  # noqa: E402
 from minillm.distributed.pipeline import build_stage, stage_bounds  # noqa: E402
 from minillm.distributed.pipeline_trainer import PipelineTrainer  # noqa: E402
@@ -64,12 +66,21 @@ def pipeline_rank(group, schedule: str, steps: int, micro_batches: int):
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description="pipeline parallel on the CPU test transport")
-    parser.add_argument("--stages", type=int, default=2, help="pipeline stages P (processes)")
-    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step M")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps")
-    parser.add_argument("--timeline", metavar="PNG", help="draw the last 1F1B step's schedule (needs matplotlib)")
+    parser.add_argument("--stages", type=positive_int, default=2,
+                        help=f"pipeline stages P (processes), at most the {TINY['n_layer']} blocks")
+    parser.add_argument("--micro-batches", type=positive_int, default=8, help="micro-batches per step M")
+    parser.add_argument("--steps", type=positive_int, default=5, help="optimizer steps")
+    parser.add_argument("--timeline", metavar="PNG",
+                        help="draw the last 1F1B step's schedule into a .png or .svg (needs matplotlib)")
     args = parser.parse_args(argv)
     P, M = args.stages, args.micro_batches
+    if P > TINY["n_layer"]:                    # checked before any process starts
+        parser.error(f"--stages {P}: the tiny GPT has {TINY['n_layer']} blocks to cut, so at most {TINY['n_layer']}")
+    if args.timeline:
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--timeline needs matplotlib: python3 -m pip install -e '.[plot]'")
+        if Path(args.timeline).suffix.lower() not in (".png", ".svg") or not Path(args.timeline).parent.is_dir():
+            parser.error(f"--timeline {args.timeline}: give a .png or .svg file in an existing folder")
 
     print(f"1. stages of a {TINY['n_layer']}-block GPT over {P}: {stage_bounds(GPTConfig(**TINY), P)}"
           f"   (gpt2-124m over 2: {stage_bounds(GPTConfig.from_preset('gpt2-124m'), 2)})")

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import positive_int  # noqa: E402
 from minillm.data.dataset import TokenDataset  # noqa: E402
 from minillm.distributed.mesh import DeviceMesh, MeshShape  # noqa: E402
 from minillm.distributed.parallel_trainer import ParallelTrainer  # noqa: E402
@@ -59,7 +60,7 @@ def run(group, steps: int, dp: int):
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="optimizer steps (default 20)")
     args = parser.parse_args(argv)
 
     # every run in forked processes first (a process forked after this one computed could inherit

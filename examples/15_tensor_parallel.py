@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.commands.argtypes import positive_int  # noqa: E402
 from minillm import functional as F  # noqa: E402
 from minillm.data.dataset import TokenDataset  # noqa: E402
 from minillm.distributed.mesh import DeviceMesh, MeshShape  # noqa: E402
@@ -81,7 +82,7 @@ def run(group, steps: int, tp: int):
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="optimizer steps (default 20)")
     args = parser.parse_args(argv)
 
     print(f"1. c_attn rows kept, 4 heads of 2 dims, 2 ranks: rank 0 {qkv_rows()[0]}, rank 1 {qkv_rows()[1]}")

@@ -197,3 +197,28 @@ def test_15_tensor_parallel(capsys):
     assert difference < 1e-6
     out = capsys.readouterr().out
     assert "gradcheck passed" in out and "(96, 32)" in out
+
+
+BAD_OPTIONS = {   # example -> a wrong value of one of its options (each is refused by its parser, exit 2)
+    "01_autograd": ["--steps", "-1"], "02_tokenizer": ["--vocab-size", "512"], "03_attention": ["--heads", "3"],
+    "04_gpt": ["--preset", "llama-tiny"], "05_pretrain_shakespeare": ["--d-model", "30"],
+    "06_generate": ["--new-tokens", "0"], "07_gpt2_weights": ["--max-new-tokens", "0"],
+    "08_classify_spam": ["--epochs", "0"], "09_instruction_sft": ["--lr", "0"], "10_lora": ["--rank", "0"],
+    "11_dpo": ["--beta", "0"], "12_llama_style": ["--steps", "-1"], "13_pipeline": ["--stages", "5"],
+    "14_data_parallel": ["--steps", "0"], "15_tensor_parallel": ["--steps", "0"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_OPTIONS))
+def test_a_wrong_option_is_one_line_before_any_work(name, tmp_path, capsys):
+    assert sorted(BAD_OPTIONS) == sorted(p.stem for p in EXAMPLES.glob("[0-9][0-9]_*.py"))   # every example
+    argv = BAD_OPTIONS[name]
+    if name == "05_pretrain_shakespeare":        # a model that does not fit, said before the data is read
+        (tmp_path / "t.txt").write_text("abc" * 100, encoding="utf-8")
+        argv = argv + ["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as refused:
+        load(name).main(argv)
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and out == ""
+    assert "error: " in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
