@@ -61,7 +61,7 @@ def test_encode_refuses_special_token_by_default():
 
 def test_example_runs(capsys):
     example = Path(__file__).resolve().parents[2] / "examples" / "02_tokenizer.py"
-    runpy.run_path(str(example), run_name="example")["main"]()
+    runpy.run_path(str(example), run_name="example")["main"]([])      # [] : not pytest's own sys.argv
     assert "saved and reloaded" in capsys.readouterr().out
 
 
