@@ -9,7 +9,7 @@ rejected rewards β(π − ref), their margin, and the reward accuracy (0.5 at t
 start, where policy = reference).
 
     minillm train                                    # once: runs/pydoc
-    python examples/11_dpo.py                        # SFT 3 epochs, then DPO 1 epoch: about 2 minutes
+    python examples/11_dpo.py                        # SFT 3 epochs, then DPO 1 epoch: about a minute
     python examples/11_dpo.py --sft runs/sft         # DPO only, from an SFT run you already have
 
 Ctrl-C stops after the current step and keeps that stage's checkpoint (``minillm finetune sft|dpo
