@@ -190,8 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         check_prompts(prepared.tokenizer, prompts, prepared.model_config.context_length)
     if mesh is not None and mesh.world.rank != 0:
         trainer = start_run(prepared, mesh, getattr(args, "schedule", None) or "1f1b")
-        trainer.fit()
-        return 0
+        return 130 if trainer.fit().interrupted else 0     # the ranks stop together (OneWriter): all say so
     with new_run_directory(plan):                 # a failed start leaves no folder behind
         trainer = start_run(prepared, mesh, getattr(args, "schedule", None) or "1f1b")
         cfg, model = plan.train, trainer.model

@@ -401,3 +401,34 @@ def test_cpu_ranks_on_several_nodes_post_the_address_that_reaches_rank_0(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         assert f"[rank {rank}] hosts {address} {address}" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- Ctrl-C on one node's launcher, minillm train
+
+def test_ctrl_c_on_one_nodes_launcher_makes_both_launchers_exit_130(tmp_path):
+    """Two launchers ("nodes", one rank each) of ``minillm train --dp 2``; Ctrl-C reaches node 0's only.
+    The ranks agree to stop after the same step and both say so: node 1's launcher exits 130 too
+    (before: rank 1 returned 0 from ``minillm train`` after the agreed stop, so node 1 exited 0)."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 300, encoding="utf-8")
+    port = free_port()
+    train = ["train", "--data", str(text), "--tokenizer", "bytes", "--n-layer", "1", "--n-head", "2", "--d-model",
+             "16", "--context", "16", "--batch-size", "4", "--steps", "100000", "--eval-interval", "0",
+             "--quiet", "--samples", "0", "--device", "cpu", "--dp", "2", "--out", str(tmp_path / "run")]
+    nodes = [subprocess.Popen([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "1", "--nnodes", "2",
+                               "--node-rank", str(node), "--device", "cpu", "--master-port", str(port), "--", *train],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for node in (0, 1)]
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 60
+        while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.05)                                  # rank 0 logs every step
+        nodes[0].send_signal(signal.SIGINT)
+        outputs = [node.communicate(timeout=30)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [130, 130], outputs
+    assert "continue with: minillm train --resume" in outputs[0]
