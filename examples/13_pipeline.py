@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def main(argv=None) -> float:
     parser.add_argument("--timeline", metavar="PNG",
                         help="draw the last 1F1B step's schedule into a .png or .svg (needs matplotlib)")
     args = parser.parse_args(argv)
+    if "fork" not in multiprocessing.get_all_start_methods():   # Windows: the CPU ranks cannot be forked
+        raise SystemExit("this example runs its ranks as forked processes, which needs Linux or macOS "
+                         "(on Windows: WSL)")
     P, M = args.stages, args.micro_batches
     if P > TINY["n_layer"]:                    # checked before any process starts
         parser.error(f"--stages {P}: the tiny GPT has {TINY['n_layer']} blocks to cut, so at most {TINY['n_layer']}")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=20, help="optimizer steps (default 20)")
     args = parser.parse_args(argv)
+    if "fork" not in multiprocessing.get_all_start_methods():   # Windows: the CPU ranks cannot be forked
+        raise SystemExit("this example runs its ranks as forked processes, which needs Linux or macOS "
+                         "(on Windows: WSL)")
 
     # every run in forked processes first (a process forked after this one computed could inherit
     # busy BLAS / worker threads), the single-process reference too: the same arithmetic

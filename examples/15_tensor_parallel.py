@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=20, help="optimizer steps (default 20)")
     args = parser.parse_args(argv)
+    if "fork" not in multiprocessing.get_all_start_methods():   # Windows: the CPU ranks cannot be forked
+        raise SystemExit("this example runs its ranks as forked processes, which needs Linux or macOS "
+                         "(on Windows: WSL)")
 
     print(f"1. c_attn rows kept, 4 heads of 2 dims, 2 ranks: rank 0 {qkv_rows()[0]}, rank 1 {qkv_rows()[1]}")
     checks = spawn(mlp_check, 2)                                     # float64 arrays: gradcheck's precision

@@ -222,3 +222,14 @@ def test_a_wrong_option_is_one_line_before_any_work(name, tmp_path, capsys):
     assert refused.value.code == 2 and out == ""
     assert "error: " in err.splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["13_pipeline", "14_data_parallel", "15_tensor_parallel"])
+def test_multi_process_examples_say_they_need_fork(name, monkeypatch, capsys):
+    """Where processes cannot be forked (Windows), the CPU-rank examples say so in one line, before any work."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(SystemExit, match="forked processes, which needs Linux or macOS"):
+        load(name).main([])
+    assert capsys.readouterr().out == ""
