@@ -20,7 +20,8 @@ from . import argtypes
 from ..precision import check_precision
 from .common import (HelpFormatter, add_command, add_config_options, add_cuda_graph_option, add_device_option,
                      add_json_option,
-                     add_precision_option, add_schedule_option, add_seed_option, check_output_file)
+                     add_precision_option, add_schedule_option, add_seed_option, check_output_file,
+                     check_schedule)
 
 MODEL_SIZES = ("n_layer", "n_head", "d_model", "context_length", "vocab_size")  # over the preset's
 
@@ -93,7 +94,7 @@ def _register_train(benches) -> None:
                              "pp": "pipeline stages (run under minillm launch; default: 1)",
                              "micro_batches": "split --batch-size into M micro-batches (the pipeline's units; "
                                               "instead of --grad-accum)"})
-    add_schedule_option(p, "1f1b", "pipeline schedule (default: 1f1b)")
+    add_schedule_option(p, None, "pipeline schedule (default: 1f1b)")
     p.add_argument("--timeline", metavar="FILE",
                    help="with --pp: draw one step's schedule as run (forward, backward, send/recv, idle per stage) "
                         "into a PNG or SVG (needs matplotlib) and print the measured bubble")
@@ -118,6 +119,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     from ..distributed.mesh import MeshShape  # noqa: PLC0415
 
     shape = MeshShape(pp=getattr(args, "pp", None) or 1, dp=args.dp, tp=args.tp)
+    check_schedule(args)
     if args.micro_batches is not None:        # --batch-size B --micro-batches M: M micro-batches of B/M
         if args.grad_accum != 1 or args.batch_size % args.micro_batches:
             raise ValueError(f"--micro-batches {args.micro_batches} must divide --batch-size {args.batch_size} "
@@ -130,7 +132,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     if args.timeline:
         check_timeline_file(args.timeline)
     result = measure_train_step(config, args.batch_size, args.grad_accum, args.device, args.steps, args.warmup,
-                                args.seed, args.precision, mesh_shape=shape, schedule=args.schedule,
+                                args.seed, args.precision, mesh_shape=shape, schedule=args.schedule or "1f1b",
                                 timeline=bool(args.timeline), cuda_graph=bool(args.cuda_graph))
     if result.get("rank", 0) != 0:
         return 0                                  # one report, from rank 0
@@ -169,7 +171,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
             by_stage.setdefault(entry["stage"], entry["events"])
         stages = [by_stage[s] for s in sorted(by_stage)]
         measured = sum(bubble_fraction(e) for e in stages) / len(stages)
-        written = draw_timeline(stages, args.timeline, f"{args.schedule}, P={shape.pp}, M={args.grad_accum}")
+        written = draw_timeline(stages, args.timeline, f"{args.schedule or '1f1b'}, P={shape.pp}, M={args.grad_accum}")
         print(f"  bubble: measured idle share {measured:.3f} (mean over stages; {', '.join(f'{bubble_fraction(e):.3f}' for e in stages)}) "
               f"vs (P-1)/(M+P-1) = {ideal_bubble(shape.pp, args.grad_accum):.3f}; timeline in {written}")
     return 0

@@ -122,6 +122,12 @@ def add_schedule_option(parser, default: str | None, help: str) -> None:
     parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default=default, help=help)
 
 
+def check_schedule(args: argparse.Namespace) -> None:
+    """--schedule without --pp 2 or more: say it has nothing to schedule, rather than ignore it."""
+    if getattr(args, "schedule", None) is not None and (getattr(args, "pp", None) or 1) == 1:
+        raise ValueError(f"--schedule {args.schedule} picks a pipeline schedule: it needs --pp 2 or more")
+
+
 def given_fields(args: argparse.Namespace, config_class) -> dict[str, Any]:
     """The fields of the dataclass ``config_class`` that were given on the command line.
 

@@ -23,7 +23,7 @@ from ..train.run import DEFAULT_MODEL, DEFAULT_PROMPTS, DEFAULT_TOKENIZER, DEFAU
     new_run_directory, prepare_run, print_samples, resolve_run, start_run
 from . import argtypes
 from .common import (add_command, add_config_options, add_cuda_graph_option, add_device_option, add_precision_option,
-                     add_schedule_option, add_seed_option, given_fields, say)
+                     add_schedule_option, add_seed_option, check_schedule, given_fields, say)
 
 ARCHITECTURES = ("gpt2", "llama", "qwen3")
 
@@ -117,6 +117,7 @@ def plan_from_args(args: argparse.Namespace):
     from ..train import TrainConfig  # noqa: PLC0415
 
     split_micro_batches(args)
+    check_schedule(args)
     check_not_a_finetune_run(args.out if args.resume is True else args.resume)
     train = given_fields(args, TrainConfig)
     if getattr(args, "quiet", False):

@@ -239,6 +239,15 @@ def test_degenerate_requests_are_refused_or_warned(tmp_path, capsys):
             "(2 merges), not the 1000 asked for") in err
 
 
+def test_a_pipeline_schedule_without_a_pipeline_is_refused(tmp_path, text_file, capsys):
+    """--schedule only means something with --pp 2 or more; it was silently ignored."""
+    _, err = run(["train", "--data", text_file, *TINY, "--schedule", "gpipe", "--out", tmp_path / "run"], capsys, 2)
+    assert one_line_error(err) == "--schedule gpipe picks a pipeline schedule: it needs --pp 2 or more"
+    assert not (tmp_path / "run").exists()
+    _, err = run(["bench", "train", "--schedule", "1f1b", "--steps", "1"], capsys, 2)
+    assert one_line_error(err) == "--schedule 1f1b picks a pipeline schedule: it needs --pp 2 or more"
+
+
 # ------------------------------------------------------------------ text that is not UTF-8
 
 
