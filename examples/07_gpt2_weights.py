@@ -28,6 +28,7 @@ from minillm.commands.argtypes import device, positive_int  # noqa: E402
 from minillm.weights.pretrained import load_pretrained  # noqa: E402
 from minillm.models import GPT, GPTConfig  # noqa: E402
 from minillm.weights import load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from minillm.weights.hf import read_config  # noqa: E402
 from minillm.weights.safetensors import read_header  # noqa: E402
 
 SHARED_GPT2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gpt2"
@@ -56,10 +57,14 @@ def round_trip() -> float:
 
 def load_gpt2(directory: str, device: str):
     """(model, tokenizer) from a GPT-2 directory; its own tokenizer files, else GPT-2's in ../shared/data/gpt2."""
+    read_config(directory)          # not a Hugging Face model directory: say that first
     tokenizer_spec = None
     has_own = (Path(directory) / "vocab.json").is_file() or (Path(directory) / "encoder.json").is_file()
     if not has_own and (SHARED_GPT2 / "encoder.json").is_file():
         tokenizer_spec = f"gpt2:{SHARED_GPT2}"
+    elif not has_own and not (Path(directory) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{directory} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, or "
+                                f"encoder.json + vocab.bpe), nor has {SHARED_GPT2}: put GPT-2's in one of them")
     return load_pretrained(directory, tokenizer_spec, device)
 
 

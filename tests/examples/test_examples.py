@@ -156,6 +156,11 @@ def test_07_gpt2_directory(tmp_path, capsys):
     save_hf_gpt2(GPT(GPTConfig.from_preset("tiny", vocab_size=50257)), tmp_path / "gpt2")   # GPT-2's vocabulary
     example.main([str(tmp_path / "gpt2"), "--prompt", "Hello", "--max-new-tokens", "3"])
     out = capsys.readouterr().out
+    example.SHARED_GPT2 = tmp_path / "no-shared-data"                  # no tokenizer anywhere: said, in its words
+    with pytest.raises(SystemExit) as no_tokenizer:
+        example.main([str(tmp_path / "gpt2")])
+    err = capsys.readouterr().err
+    assert no_tokenizer.value.code == 2 and "has no tokenizer files" in err and "--tokenizer" not in err  # no such option
     C, V, L, n_layer = 32, 50257, 64, 2                                 # tiny's shape: V·C + L·C + n(12C² + 13C) + 2C
     assert f"{V * C + L * C + n_layer * (12 * C * C + 13 * C) + 2 * C:,} parameters" in out and "\nHello" in out
 
