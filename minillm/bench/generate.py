@@ -5,25 +5,28 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import backend
 
 
 def measure_generation(preset: str = "gpt2-124m", batch_size: int = 1, new_tokens: int = 256, prompt_len: int = 16,
                        device: str = "cpu", modes: tuple[bool, ...] = (True, False), seed: int = 0,
-                       precision: str = "fp32") -> dict:
+                       precision: str = "fp32", progress: bool = False) -> dict:
     """Greedy generation from a randomly initialised GPT, timed once per mode (True: with the KV
     cache), in ``precision``; with both modes, also the speed-up and whether both produced the
-    same tokens. On a GPU also the peak memory held by arrays."""
+    same tokens. On a GPU also the peak memory held by arrays. ``progress``: a bar per mode on
+    stderr when it is a terminal (its update, once per token, is a counter: the ids are on the
+    host already)."""
     from ..precision import use_precision  # noqa: PLC0415
 
     with use_precision(precision):
-        result = _measure_generation(preset, batch_size, new_tokens, prompt_len, device, modes, seed)
+        result = _measure_generation(preset, batch_size, new_tokens, prompt_len, device, modes, seed, progress)
     result["precision"] = precision
     return result
 
 
-def _measure_generation(preset, batch_size, new_tokens, prompt_len, device, modes, seed) -> dict:
+def _measure_generation(preset, batch_size, new_tokens, prompt_len, device, modes, seed, progress) -> dict:
     from .. import manual_seed  # noqa: PLC0415
     from ..generate import generate  # noqa: PLC0415
     from ..models import GPT, GPTConfig  # noqa: PLC0415
@@ -40,11 +43,14 @@ def _measure_generation(preset, batch_size, new_tokens, prompt_len, device, mode
     generate(model, prompt, 2, temperature=0)             # warm-up: BLAS threads, GPU kernels, the pool
     for use_cache in modes:
         name = "cache" if use_cache else "no_cache"
-        backend.synchronize(device)
-        start = time.perf_counter()
-        outputs[name] = generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
-        backend.synchronize(device)
-        seconds = time.perf_counter() - start
+        with tqdm(total=new_tokens, desc="with KV cache" if use_cache else "without cache", unit="token",
+                  leave=False, disable=None if progress else True) as bar:
+            backend.synchronize(device)
+            start = time.perf_counter()
+            outputs[name] = generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
+                                     stream=lambda column: bar.update())
+            backend.synchronize(device)
+            seconds = time.perf_counter() - start
         result[f"{name}_seconds"] = seconds
         result[f"{name}_tokens_per_s"] = batch_size * new_tokens / seconds
     if device != "cpu":

@@ -229,7 +229,7 @@ def run_bench_generate(args: argparse.Namespace) -> int:
     check_precision(args.precision, args.device)
     modes = (True,) if args.cache_only else (False,) if args.no_cache else (True, False)
     result = measure_generation(args.preset, args.batch_size, args.new_tokens, args.prompt_len, args.device, modes,
-                                args.seed, args.precision)
+                                args.seed, args.precision, progress=True)   # a bar on a terminal's stderr
     if args.json:
         print(json.dumps(result))
         return 0

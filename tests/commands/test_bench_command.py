@@ -1,7 +1,9 @@
 """``minillm bench tokenizer|train|generate|ops`` through ``minillm.cli.main``."""
 
+import io
 import json
 import re
+import sys
 
 import pytest
 
@@ -42,6 +44,21 @@ def test_bench_generate_smoke(capsys):
     assert result["same_tokens"] is True
     assert result["cache_tokens_per_s"] > 0 and result["no_cache_tokens_per_s"] > 0
     assert result["speedup"] == pytest.approx(result["cache_tokens_per_s"] / result["no_cache_tokens_per_s"])
+
+
+def test_bench_generate_shows_progress_on_a_terminal(monkeypatch, capsys):
+    """A minute of silence on a laptop CPU for gpt2-124m before; now a bar per way of generating,
+    counted by token, on stderr when it is a terminal (never in --json's stdout)."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["bench", "generate", "--preset", "tiny", "--new-tokens", "8", "--json"]) == 0
+    shown = terminal.getvalue()
+    assert "with KV cache" in shown and "without cache" in shown and "0/8 [" in shown     # counted in tokens
+    assert json.loads(capsys.readouterr().out)["same_tokens"] is True
 
 
 def test_bench_tokenizer_arguments_parse():
