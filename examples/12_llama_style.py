@@ -10,6 +10,8 @@
 
     python examples/12_llama_style.py                    # all four; step 4 takes a few minutes per model
     python examples/12_llama_style.py --steps 0          # steps 1-3 only
+
+Options it does not know go to example 5 for step 4 (--data, --quiet, the model's sizes, ...).
 """
 
 from __future__ import annotations
@@ -85,7 +87,13 @@ def train_side_by_side(recipe_args: list[str]) -> dict[str, tuple[float, float]]
     for arch in ("gpt2", "llama"):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            val_loss = recipe.main([*recipe_args, "--arch", arch, "--out", str(Path(tmp) / arch)])
+            try:
+                val_loss = recipe.main([*recipe_args, "--arch", arch, "--out", str(Path(tmp) / arch)])
+            except SystemExit as stop:
+                if stop.code == 130:   # Ctrl-C: example 5 saved a checkpoint, but in this temporary folder
+                    print("example 12 trains in a temporary folder, removed now: nothing to resume (example 5 "
+                          "with --arch and --out keeps a run)", file=sys.stderr)
+                raise
         results[arch] = (val_loss, time.perf_counter() - start)
     print("\n4. the nanoGPT recipe, same parameter count:")
     for arch, (val_loss, seconds) in results.items():
@@ -100,7 +108,8 @@ def main(argv=None) -> dict:
     results = {"rope_offset_difference": rope_offsets(), "gqa_cache_ratio": gqa_cache(),
                "round_trip_difference": checkpoint_round_trip()}
     if args.steps:
-        results["training"] = train_side_by_side(["--steps", str(args.steps), "--quiet", *recipe_args])
+        print(f"4. example 5's recipe, {args.steps} steps, for each model in turn (pass --quiet to hide the progress):")
+        results["training"] = train_side_by_side(["--steps", str(args.steps), *recipe_args])
     return results
 
 

@@ -179,6 +179,33 @@ def test_12_llama_style(tmp_path, capsys):
     assert "gpt2: " in out and "llama: " in out and "same parameter count" in out
 
 
+def test_12_progress_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    """Step 4 shows example 5's progress (no minutes of silence); Ctrl-C stops it (exit 130) and says that
+    its temporary run is gone, so example 5's 'continue with --resume' does not apply."""
+    import signal
+
+    import minillm.train
+
+    class CtrlCAtStep3(minillm.train.Trainer):
+        def train_step(self):
+            result = super().train_step()
+            if self.step == 3:
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+    text = tmp_path / "play.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 60, encoding="utf-8")
+    argv = ["--steps", "6", "--data", str(text), "--n-layer", "1", "--n-head", "2", "--d-model", "16",
+            "--context", "16", "--eval-interval", "3", "--eval-batches", "1"]
+    monkeypatch.setattr(minillm.train, "Trainer", CtrlCAtStep3)   # example 5 imports it when 12 loads it
+    with pytest.raises(SystemExit) as stopped:
+        load("12_llama_style").main(argv)
+    assert stopped.value.code == 130
+    out, err = capsys.readouterr()
+    assert "4. example 5's recipe" in out and "step 3: train loss" in out and "training:" in err  # its bar
+    assert err.rstrip().endswith("nothing to resume (example 5 with --arch and --out keeps a run)")
+
+
 def test_13_pipeline(tmp_path, capsys):
     import importlib.util
 
