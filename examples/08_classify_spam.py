@@ -31,6 +31,8 @@ from minillm.finetune import FinetuneConfig, finetune, load_language_model  # no
 from minillm.models import GPT  # noqa: E402
 from minillm.train import has_checkpoint  # noqa: E402
 
+SOURCE = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"   # its file SMSSpamCollection
+
 VARIANTS = {                         # name -> (FinetuneConfig fields, start from random weights)
     "head only": (dict(trainable="head"), False),
     "last block": (dict(trainable="last-block"), False),
@@ -73,7 +75,7 @@ def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(ROOT / "runs" / "pydoc"), help="the pretrained run (default runs/pydoc)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sms-spam-collection.tsv"),
-                        help="label<TAB>text lines")
+                        help=f"label<TAB>text lines: the SMS Spam Collection (from {SOURCE})")
     parser.add_argument("--out", default=str(ROOT / "runs" / "spam"), help="folder for the run directories")
     parser.add_argument("--epochs", type=positive_int, default=5)
     parser.add_argument("--batch-size", type=positive_int, default=8)
@@ -85,7 +87,7 @@ def main(argv=None) -> float:
     if not (Path(args.base) / "checkpoint.json").is_file():
         parser.error(f"no pretrained run in {args.base}: run `minillm train` first (it writes runs/pydoc)")
     if not Path(args.data).is_file():
-        parser.error(f"no data file {args.data}")
+        parser.error(f"no data file {args.data}: the SMS Spam Collection is in {SOURCE}; pass --data FILE")
     names = list(VARIANTS) if args.ablation else ["last block"]
     for name in names:
         if has_checkpoint(variant_dir(name, args)):

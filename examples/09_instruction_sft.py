@@ -33,10 +33,14 @@ from minillm.finetune import FinetuneConfig, finetune, load_language_model  # no
 from minillm.train import has_checkpoint  # noqa: E402
 
 
+SOURCE = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+
+
 def main(argv=None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(ROOT / "runs" / "pydoc"), help="the pretrained run (default runs/pydoc)")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "instruction-data.json"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "instruction-data.json"),
+                        help=f"a JSON list of {{instruction, input, output}} records (the book's: {SOURCE})")
     parser.add_argument("--out", default=str(ROOT / "runs" / "sft"))
     parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--lr", type=positive_float, default=5e-4)
@@ -48,7 +52,7 @@ def main(argv=None) -> list[float]:
     if not (Path(args.base) / "checkpoint.json").is_file():
         parser.error(f"no pretrained run in {args.base}: run `minillm train` first (it writes runs/pydoc)")
     if not Path(args.data).is_file():
-        parser.error(f"no data file {args.data}")
+        parser.error(f"no data file {args.data}: download the book's from {SOURCE} and pass --data FILE")
     if has_checkpoint(args.out):
         parser.error(f"{args.out} already holds a run: pass another --out (or delete it)")
 

@@ -31,6 +31,11 @@ from minillm.finetune import FinetuneConfig, finetune, load_language_model  # no
 from minillm.train import has_checkpoint  # noqa: E402
 
 
+BOOK = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07"
+SOURCES = {"--instructions": f"{BOOK}/01_main-chapter-code/instruction-data.json",
+           "--preferences": f"{BOOK}/04_preference-tuning-with-dpo/instruction-data-with-preference.json"}
+
+
 def stop_if_interrupted(result, run_dir: Path) -> None:
     """Ctrl-C during a stage: its checkpoint is saved; stop here (exit 130) rather than go on."""
     if result.interrupted:
@@ -42,9 +47,11 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(ROOT / "runs" / "pydoc"), help="the pretrained run (default runs/pydoc)")
     parser.add_argument("--sft", help="an SFT run to start DPO from (default: run SFT first, into OUT/sft)")
-    parser.add_argument("--instructions", default=str(ROOT.parent / "shared" / "data" / "instruction-data.json"))
+    parser.add_argument("--instructions", default=str(ROOT.parent / "shared" / "data" / "instruction-data.json"),
+                        help=f"the SFT records (from {SOURCES['--instructions']})")
     parser.add_argument("--preferences",
-                        default=str(ROOT.parent / "shared" / "data" / "instruction-data-with-preference.json"))
+                        default=str(ROOT.parent / "shared" / "data" / "instruction-data-with-preference.json"),
+                        help=f"the same records with 'chosen' and 'rejected' (from {SOURCES['--preferences']})")
     parser.add_argument("--out", default=str(ROOT / "runs" / "dpo-example"))
     parser.add_argument("--sft-epochs", type=positive_int, default=3)
     parser.add_argument("--sft-lr", type=positive_float, default=5e-4)
@@ -61,9 +68,10 @@ def main(argv=None) -> list[dict]:
         parser.error(f"no pretrained run in {args.base}: run `minillm train` first (it writes runs/pydoc)")
     if args.sft is not None and not has_checkpoint(args.sft):
         parser.error(f"--sft {args.sft}: no SFT run there (example 9 or `minillm finetune sft` writes one)")
-    for path in ([] if args.sft else [args.instructions]) + [args.preferences]:
+    for option, path in ([] if args.sft else [("--instructions", args.instructions)]) + [
+            ("--preferences", args.preferences)]:
         if not Path(path).is_file():
-            parser.error(f"no data file {path}")
+            parser.error(f"no data file {path}: download the book's from {SOURCES[option]} and pass {option} FILE")
     for run_dir in ([] if args.sft else [out / "sft"]) + [out / "dpo"]:
         if has_checkpoint(run_dir):
             parser.error(f"{run_dir} already holds a run: pass another --out (or delete it)")

@@ -101,3 +101,16 @@ def test_ctrl_c_stops_the_example_and_a_second_run_is_refused(tmp_path, capsys, 
         example.main(argv)
     assert again.value.code == 2
     assert f"{stopped_in} already holds a run: pass another --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, option", [("08_classify_spam", "--data"), ("09_instruction_sft", "--data"),
+                                          ("11_dpo", "--instructions"), ("11_dpo", "--preferences")])
+def test_a_missing_data_file_names_where_it_comes_from(tmp_path, capsys, name, option):
+    """Without ../shared/data (a fresh clone elsewhere): one line naming the file, where to get it, and the option."""
+    example = load(name)
+    with pytest.raises(SystemExit) as refused:
+        example.main(["--base", str(make_base_run(tmp_path / "base")), option, str(tmp_path / "missing"),
+                      "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert refused.value.code == 2 and f"no data file {tmp_path / 'missing'}" in err
+    assert "https://" in err and err.endswith(f"{option} FILE") and not (tmp_path / "out").exists()
