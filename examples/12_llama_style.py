@@ -6,7 +6,8 @@
 3. Checkpoints: a small Llama-style model saved in Hugging Face's layout (what ``transformers``
    reads) and loaded back gives the same logits; cached generation equals uncached.
 4. Training: example 5's nanoGPT recipe (tinyshakespeare bytes, 2,000 steps) with the GPT-2-style
-   model and with its Llama-style twin of the same parameter count, side by side.
+   model and with its Llama-style twin of the same parameter count, side by side. Measured on a
+   shared 2-core CPU (load 2.5): val loss 1.8954 in 128 s and 1.6848 in 142 s (training + evaluation).
 
     python examples/12_llama_style.py                    # all four; step 4 takes a few minutes per model
     python examples/12_llama_style.py --steps 0          # steps 1-3 only
