@@ -21,7 +21,7 @@ Sampling (``sample_next``) turns the last position's logits (B, V) into one id p
 
 - ``temperature == 0``: greedy, the argmax.
 - otherwise p = softmax(logits / temperature); lower temperature sharpens p.
-- ``top_k``: keep the k most likely tokens (exactly k), zero the rest.
+- ``top_k``: keep the k most likely tokens (exactly k; among ties the lowest ids), zero the rest.
 - ``top_p`` (nucleus): keep the smallest set of most likely tokens whose mass
   reaches p (always at least one), zero the rest; then renormalise.
 - draw u ~ U[0, 1) and take the first token whose cumulative probability exceeds
@@ -95,12 +95,16 @@ def sampling_probs(logits, temperature: float = 1.0, top_k: int | None = None, t
     if scores.ndim != 2:
         raise ValueError(f"sampling_probs: expected logits of shape (batch, vocab), got {scores.shape}")
     vocab = scores.shape[-1]
-    scores /= temperature
     if top_k is not None and top_k < vocab:
-        # indices of the V - k smallest scores in each row (exactly k survive, ties broken by position)
-        dropped = np.argpartition(scores, vocab - top_k, axis=-1)[:, :vocab - top_k]
-        np.put_along_axis(scores, dropped, -np.inf, axis=-1)
-    scores -= scores.max(axis=-1, keepdims=True)                      # the largest is 0: exp cannot overflow
+        # exactly k survive: the scores above the k-th largest, then of those tied with it the lowest ids
+        # (the order of a stable sort, and greedy's argmax: top_k=1 is greedy); O(V) per row
+        kth = np.partition(scores, vocab - top_k, axis=-1)[:, vocab - top_k, None]   # (B, 1)
+        above, tied = scores > kth, scores == kth
+        room = top_k - above.sum(axis=-1, keepdims=True)                  # (B, 1) places left for the tied
+        scores[~(above | (tied & (np.cumsum(tied, axis=-1) <= room)))] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)                      # the largest is 0: exp cannot overflow,
+    with np.errstate(over="ignore"):
+        scores /= temperature                                         # nor z / T for a tiny T (-> -inf, exp 0)
     probs = np.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1:
@@ -161,7 +165,11 @@ def _prompt_array(ids, vocab_size: int) -> tuple[np.ndarray, bool]:
     """``ids`` (list, array or Tensor; (T,) or (B, T)) -> int64 host array (B, T), and whether it was 1-D."""
     if isinstance(ids, Tensor):
         ids = ids.data
-    ids = backend.to_numpy(ids) if hasattr(ids, "dtype") else np.asarray(ids)
+    try:
+        ids = backend.to_numpy(ids) if hasattr(ids, "dtype") else np.asarray(ids)
+    except ValueError:                                                # NumPy: "inhomogeneous shape"
+        raise ValueError("generate: the prompt must be a (T,) or (batch, T) array of ids; "
+                         "rows of a batch must have equal length") from None
     squeeze = ids.ndim == 1
     if squeeze:
         ids = ids[None]
@@ -221,8 +229,13 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     check_sampling_args(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < config.vocab_size):
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
+                               or not 0 <= eos_id < config.vocab_size):
         raise ValueError(f"generate: eos_id must be a token id in [0, {config.vocab_size}), got {eos_id!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"generate: seed must be an integer >= 0 or None, got {seed!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"generate: stream must be a function taking each new (B,) column of ids, got {stream!r}")
     context = config.context_length
     keep = default_window_keep(context) if window_keep is None else window_keep
     if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= context:
