@@ -174,6 +174,29 @@ def test_one_dimensional_prompt_and_model_method():
     np.testing.assert_array_equal(model.generate(np.array([[5, 6, 7]]), 12, temperature=0.8, seed=4)[0], out)
 
 
+# ------------------------------------------------------------------ the models' KV cache
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(list(CONFIGS)), batch=st.integers(1, 3),
+       cuts=st.lists(st.integers(1, C - 1), max_size=4, unique=True), data_seed=st.integers(0, 2**16))
+def test_cached_chunks_equal_the_full_pass_and_a_reset_starts_over(arch, batch, cuts, data_seed):
+    """Any split of C positions into a prefill and chunks (rope offsets from cache.pos, GQA's fewer cached
+    heads, q/k norm) gives the full pass's logits; after reset() a new sequence starts at position 0."""
+    model = make_model(arch)
+    rng = np.random.default_rng(data_seed)
+    first, second = rng.integers(0, V, (batch, C)), rng.integers(0, V, (batch, C))
+    bounds = [0, *sorted(cuts), C]
+    cache = model.new_kv_cache(batch)
+    assert cache.keys[0].shape == (batch, model.config.n_kv_head, C, model.config.head_dim)
+    with mm.no_grad():
+        for ids in (first, second):
+            cache.reset()
+            chunks = [model(ids[:, a:b], cache=cache).numpy() for a, b in zip(bounds, bounds[1:])]
+            assert cache.pos == C
+            np.testing.assert_allclose(np.concatenate(chunks, axis=1), model(ids).numpy(), rtol=2e-5, atol=2e-5)
+
+
 # ------------------------------------------------------------------ samplers: equivalences
 
 
@@ -238,6 +261,20 @@ def test_a_tiny_temperature_is_greedy():
         np.testing.assert_array_equal(sample_next(logits, temperature, rng=np.random.default_rng(1)), greedy)
     np.testing.assert_array_equal(sample_next(logits, 1e-300, top_k=3, top_p=0.5, rng=np.random.default_rng(1)),
                                   greedy)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=st.lists(st.lists(st.integers(-3, 3), min_size=7, max_size=7), min_size=1, max_size=4),
+       temperature=st.sampled_from([0.25, 1.0, 3.0]), top_k=st.one_of(st.none(), st.integers(1, 9)),
+       top_p=st.one_of(st.none(), st.floats(0.01, 1.0)))
+def test_sampling_probs_match_the_reference_on_tied_logits(logits, temperature, top_k, top_p):
+    """Integer logits in [-3, 3]: many ties, at the top-k boundary and inside the nucleus."""
+    logits = np.array(logits, dtype=np.float64) / 2
+    expected = np.array([reference_probs(row, temperature, top_k, top_p) for row in logits])
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_allclose(probs, expected, rtol=1e-12, atol=1e-15)
+    if top_k is not None:
+        assert ((probs > 0).sum(axis=-1) <= top_k).all()
 
 
 # ------------------------------------------------------------------ samplers: frequencies vs NumPy softmax

@@ -130,3 +130,12 @@ def test_attention_layer_with_cache_matches_without():
         cache.advance(3)
         rest = attn(x[:, 3:], cache=cache, layer_index=0).numpy()
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_len", [4.0, 2.5, True, "4", None, 0, -1])
+def test_cache_sizes_must_be_integers(max_len):
+    """A size that is not a positive integer is named (4.0 and True were taken, then NumPy failed with
+    "'float' object cannot be interpreted as an integer")."""
+    with pytest.raises(ValueError, match=f"KVCache: max_len must be a positive integer, got {max_len!r}"):
+        nn.KVCache(n_layer=1, batch=1, n_head=1, max_len=max_len, head_dim=2)
+    assert nn.KVCache(1, np.int64(2), 1, np.int32(4), 2).keys[0].shape == (2, 1, 4, 2)
