@@ -155,23 +155,39 @@ def test_a_context_of_one_token():
     np.testing.assert_array_equal(generate(model, prompt, 1, temperature=0)[:, -1], first)
 
 
-@settings(max_examples=30, deadline=None)
-@given(arch=st.sampled_from(list(CONFIGS)), batch=st.integers(1, 3), prompt_len=st.integers(1, 2 * C + 2),
-       new_tokens=st.integers(0, 2 * C + 3), keep=st.one_of(st.none(), st.integers(1, C)),
-       sampling=st.sampled_from(list(SAMPLINGS)), data_seed=st.integers(0, 2**16))
-def test_random_shapes_match_the_reference(arch, batch, prompt_len, new_tokens, keep, sampling, data_seed):
-    model = make_model(arch)
+@settings(max_examples=40, deadline=None)
+@given(arch=st.sampled_from(list(CONFIGS)), context=st.sampled_from([1, 3, C]), batch=st.integers(1, 3),
+       prompt_len=st.integers(1, 2 * C + 2), new_tokens=st.integers(0, 2 * C + 3), data=st.data(),
+       sampling=st.sampled_from(list(SAMPLINGS)), eos=st.one_of(st.none(), st.integers(0, V - 1)),
+       data_seed=st.integers(0, 2**16))
+def test_random_shapes_match_the_reference(arch, context, batch, prompt_len, new_tokens, data, sampling, eos,
+                                           data_seed):
+    model = make_model(arch, context_length=context)
+    keep = data.draw(st.one_of(st.none(), st.integers(1, context)), label="window_keep")
     prompt = np.random.default_rng(data_seed).integers(0, V, (batch, prompt_len))
-    out = check_against_reference(model, prompt, new_tokens, keep, **SAMPLINGS[sampling])
-    assert out.shape == (batch, prompt_len + new_tokens)
+    out = check_against_reference(model, prompt, new_tokens, keep, eos_id=eos, **SAMPLINGS[sampling])
+    if eos is None or new_tokens == 0 or not (out[:, -1] == eos).all():
+        assert out.shape == (batch, prompt_len + new_tokens)
+    else:                                                 # it ended early only because every row stopped
+        assert all(eos in row[prompt_len:] for row in out)
 
 
-def test_one_dimensional_prompt_and_model_method():
+def test_prompt_forms_and_the_model_method():
+    """(T,) gives (T + n,); a list, an int32 array, a Tensor and model.generate give the same; the caller's
+    array is neither changed nor shared; no gradient is accumulated."""
     model = make_model("qwen3")
     out = generate(model, [5, 6, 7], 12, temperature=0.8, seed=4)
-    assert out.shape == (15,)
+    assert out.shape == (15,) and out.dtype == np.int64
     np.testing.assert_array_equal(out, reference_generate(model, [[5, 6, 7]], 12, temperature=0.8, seed=4)[0])
-    np.testing.assert_array_equal(model.generate(np.array([[5, 6, 7]]), 12, temperature=0.8, seed=4)[0], out)
+    prompt = np.array([[5, 6, 7]], dtype=np.int32)
+    for ids in (prompt, mm.Tensor(prompt), [[5, 6, 7]]):
+        np.testing.assert_array_equal(generate(model, ids, 12, temperature=0.8, seed=4)[0], out)
+    np.testing.assert_array_equal(model.generate(prompt, 12, temperature=0.8, seed=4)[0], out)
+    result = generate(model, prompt, 0)
+    assert not np.shares_memory(result, prompt) and result.dtype == np.int64
+    result[:] = 0
+    np.testing.assert_array_equal(prompt, [[5, 6, 7]])
+    assert all(param.grad is None for param in model.parameters())
 
 
 # ------------------------------------------------------------------ the models' KV cache
