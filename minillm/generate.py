@@ -91,9 +91,7 @@ def sampling_probs(logits, temperature: float = 1.0, top_k: int | None = None, t
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         raise ValueError("sampling_probs: temperature 0 is greedy decoding (argmax), not a distribution")
-    scores = backend.to_numpy(logits).astype(np.float64)             # (B, V), a host copy we own
-    if scores.ndim != 2:
-        raise ValueError(f"sampling_probs: expected logits of shape (batch, vocab), got {scores.shape}")
+    scores = backend.to_numpy(_logits_array(logits, "sampling_probs")).astype(np.float64)   # (B, V), our copy
     vocab = scores.shape[-1]
     if top_k is not None and top_k < vocab:
         # exactly k survive: the scores above the k-th largest, then of those tied with it the lowest ids
@@ -135,13 +133,14 @@ def inverse_cdf_sample(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 rng: np.random.Generator | None = None) -> np.ndarray:
-    """One token per row from (B, V) logits (NumPy or CuPy) -> (B,) int64 NumPy ids.
+    """One token per row from (B, V) logits (NumPy, CuPy or a Tensor) -> (B,) int64 NumPy ids.
 
     ``temperature == 0`` is greedy (argmax, no random draw). Otherwise exactly one
     uniform is drawn from ``rng`` per row, on the CPU; see the module docstring
     for why this makes the tokens identical on every device.
     """
     check_sampling_args(temperature, top_k, top_p)
+    logits = _logits_array(logits, "sample_next")
     if temperature == 0:
         xp = array_module(logits)
         return backend.to_numpy(xp.argmax(logits, axis=-1)).astype(np.int64)
@@ -149,6 +148,15 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
         rng = _default_rng()
     probs = sampling_probs(logits, temperature, top_k, top_p)
     return inverse_cdf_sample(probs, rng.random(probs.shape[0]))
+
+
+def _logits_array(logits, caller: str):
+    """The (B, V) array of ``logits`` (an array, or a Tensor such as ``model(ids)[:, -1]``)."""
+    if isinstance(logits, Tensor):
+        logits = logits.data
+    if getattr(logits, "ndim", None) != 2:
+        raise ValueError(f"{caller}: expected logits of shape (batch, vocab), got {np.shape(logits)}")
+    return logits
 
 
 def _default_rng(seed=None) -> np.random.Generator:

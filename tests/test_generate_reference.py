@@ -293,6 +293,23 @@ def test_sampling_probs_match_the_reference_on_tied_logits(logits, temperature, 
         assert ((probs > 0).sum(axis=-1) <= top_k).all()
 
 
+def test_samplers_take_the_models_logits_tensor_and_refuse_other_shapes():
+    """sample_next(model(ids)[:, -1]) works as on its array (was: SystemError / NumPy's 'setting an array
+    element with a sequence'); one row of logits (V,) is refused in words by both paths (greedy returned a
+    scalar, sampling raised)."""
+    model = make_model("gpt2")
+    with mm.no_grad():
+        logits = model(np.array([[1, 2, 3], [4, 5, 6]]))[:, -1]             # Tensor (2, V)
+    array = logits.numpy()
+    for kwargs in (dict(temperature=0), dict(temperature=0.8, top_k=5), dict(top_p=0.7)):
+        np.testing.assert_array_equal(sample_next(logits, rng=np.random.default_rng(1), **kwargs),
+                                      sample_next(array, rng=np.random.default_rng(1), **kwargs))
+    np.testing.assert_array_equal(sampling_probs(logits, 0.8), sampling_probs(array, 0.8))
+    for temperature in (0, 1.0):
+        with pytest.raises(ValueError, match=r"expected logits of shape \(batch, vocab\), got \(23,\)"):
+            sample_next(array[0], temperature, rng=np.random.default_rng(0))
+
+
 # ------------------------------------------------------------------ samplers: frequencies vs NumPy softmax
 
 N_DRAWS = 100_000
