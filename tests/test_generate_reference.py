@@ -24,7 +24,9 @@ V, C = 23, 8      # vocabulary, context: a few dozen new tokens slide the window
 
 CONFIGS = {
     "gpt2": dict(),
-    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=2),
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=2,
+                  rope_theta=5e5, rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
+                                                    high_freq_factor=2.0, original_max_position_embeddings=4)),
     "qwen3": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_head=4, n_kv_head=1,
                   head_dim=6, qk_norm=True, rope_theta=1e6, tie_embeddings=False),
 }
@@ -142,6 +144,19 @@ def test_window_keep_edge_values(arch, keep):
     model = make_model(arch)
     prompt = np.random.default_rng(keep).integers(0, V, (2, 3))
     check_against_reference(model, prompt, 3 * C, keep, temperature=0.9, seed=keep)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_a_float64_model(arch):
+    """The cache takes the model's dtype: float64 weights generate as the reference does."""
+    model = make_model(arch).to("cpu", dtype=np.float64)
+    try:
+        assert model.new_kv_cache(1).keys[0].dtype == np.float64
+        prompt = np.array([[1, 2, 3], [4, 5, 6]])
+        check_against_reference(model, prompt, 2 * C, temperature=0)
+        check_against_reference(model, prompt, 2 * C, temperature=1.2, top_p=0.9, seed=8)
+    finally:
+        model.to("cpu", dtype=np.float32)
 
 
 def test_a_context_of_one_token():
