@@ -97,9 +97,11 @@ def sampling_probs(logits, temperature: float = 1.0, top_k: int | None = None, t
         # exactly k survive: the scores above the k-th largest, then of those tied with it the lowest ids
         # (the order of a stable sort, and greedy's argmax: top_k=1 is greedy); O(V) per row
         kth = np.partition(scores, vocab - top_k, axis=-1)[:, vocab - top_k, None]   # (B, 1)
-        above, tied = scores > kth, scores == kth
-        room = top_k - above.sum(axis=-1, keepdims=True)                  # (B, 1) places left for the tied
-        scores[~(above | (tied & (np.cumsum(tied, axis=-1) <= room)))] = -np.inf
+        dropped, tied = scores < kth, scores == kth
+        room = top_k - (scores > kth).sum(axis=-1, keepdims=True)         # (B, 1) places left for the tied
+        if (tied.sum(axis=-1, keepdims=True) > room).any():               # more tied than places (rare)
+            dropped |= tied & (np.cumsum(tied, axis=-1) > room)
+        scores[dropped] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)                      # the largest is 0: exp cannot overflow,
     with np.errstate(over="ignore"):
         scores /= temperature                                         # nor z / T for a tiny T (-> -inf, exp 0)
