@@ -607,10 +607,15 @@ class BPETokenizer:
             if unknown:
                 raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
         if disallowed_special == "all":
-            disallowed = everything - allowed
-        else:
-            disallowed = frozenset(disallowed_special) - allowed
-        return allowed, disallowed
+            return allowed, everything - allowed
+        if isinstance(disallowed_special, str):  # would be read as a set of its characters
+            raise ValueError(f"disallowed_special must be 'all' or a set of special tokens (() for none), "
+                             f"got {disallowed_special!r}")
+        disallowed = frozenset(disallowed_special)
+        unknown = disallowed - everything
+        if unknown:
+            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)} (in disallowed_special)")
+        return allowed, disallowed - allowed
 
     def _special_regex(self, names: frozenset[str]) -> regex.Pattern:
         pattern = self._special_regexes.get(names)
@@ -627,6 +632,8 @@ class BPETokenizer:
         if isinstance(ids, (str, bytes)):
             raise TypeError(f"decode takes a sequence of integer token ids, got a {type(ids).__name__}: {ids[:40]!r}")
         if hasattr(ids, "tolist"):  # a NumPy array
+            if getattr(ids, "dtype", None) is not None and ids.dtype.kind not in "iu":  # a bool mask, floats
+                raise ValueError(f"token ids are integers, got an array of {ids.dtype}")
             ids = ids.tolist()
         ids = list(ids)
         table = self._id_to_bytes

@@ -59,6 +59,7 @@ GPT2_PATTERN_ASCII = (
 
 BLOCK_CHARS = 1 << 20  # about 1 MB of text per block when streaming
 _SPACE = regex.compile(r"\s")
+_LETTER_OR_DIGIT = regex.compile(r"[\p{L}\p{N}]")
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -107,17 +108,36 @@ def _is_safe_cut(text: str, i: int) -> bool:
     )
 
 
+def _cut_at_line_break(text: str, j: int, lo: int) -> int | None:
+    """A safe cut at the line break whose "\\n" is text[j] (after ``lo``), or None.
+
+    - After "\\n" between two non-space characters (``_is_safe_cut``): "a\\nb" -> "a\\n" | "b".
+    - Before "\\r\\n" that follows a letter or a digit: "a\\r\\nb" -> "a" | "\\r\\nb". Windows line ends
+      need this: "\\r" is whitespace, so their "\\n" never sits between non-space characters. No chunk
+      runs from a letter or digit into whitespace (GPT-4 glues line ends to punctuation only: ".\\r\\n" is
+      one chunk, so a line ending in "." gives no such cut), and the chunks from the "\\r" on do not
+      depend on the text before it (the patterns look ahead, never behind).
+    """
+    if _is_safe_cut(text, j + 1):
+        return j + 1
+    if j - 1 > lo and text[j - 1] == "\r" and _LETTER_OR_DIGIT.match(text, j - 2):
+        return j - 1
+    return None
+
+
 def _find_cut(text: str, target: int, lo: int) -> int | None:
     """The safe cut nearest below ``target`` (else above it), or None."""
     i = text.rfind("\n", lo, target)
     while i > lo:
-        if _is_safe_cut(text, i + 1):
-            return i + 1
+        cut = _cut_at_line_break(text, i, lo)
+        if cut is not None:
+            return cut
         i = text.rfind("\n", lo, i)
     i = text.find("\n", target)
     while i != -1:
-        if _is_safe_cut(text, i + 1):
-            return i + 1
+        cut = _cut_at_line_break(text, i, lo)
+        if cut is not None:
+            return cut
         i = text.find("\n", i + 1)
     return None
 
