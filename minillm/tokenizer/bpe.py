@@ -226,7 +226,10 @@ class BPETokenizer:
             )
         source = resolve_pattern(pattern)
         counts = count_chunks(text_or_iterable, source, progress=progress)
-        merges, vocab = learn_merges(counts, n_ordinary, progress=progress)
+        try:
+            merges, vocab = learn_merges(counts, n_ordinary, progress=progress)
+        except UnicodeEncodeError as error:  # a chunk with a lone surrogate
+            raise ValueError(f"training text: {_surrogate_error(error.object, in_chunk=True)}") from None
         del counts
         first_special = len(vocab)
         specials = {s: first_special + k for k, s in enumerate(special_tokens)}
@@ -404,9 +407,9 @@ class BPETokenizer:
         """Token ids of ``text``, special-token strings included as plain text."""
         _check_text(text)
         if self._split is None:
-            if self._bytes_are_ids and not self._merges:
-                return list(text.encode("utf-8"))
             try:
+                if self._bytes_are_ids and not self._merges:
+                    return list(text.encode("utf-8"))
                 return self._bpe(text)
             except UnicodeEncodeError:
                 raise _surrogate_error(text) from None
@@ -564,11 +567,16 @@ class BPETokenizer:
             return self.encode_ordinary(text)
         ids: list[int] = []
         start = 0
-        for match in self._special_regex(allowed).finditer(text):
-            ids.extend(self.encode_ordinary(text[start : match.start()]))
-            ids.append(self.special_tokens[match.group()])
-            start = match.end()
-        ids.extend(self.encode_ordinary(text[start:]))
+        try:
+            for match in self._special_regex(allowed).finditer(text):
+                ids.extend(self.encode_ordinary(text[start : match.start()]))
+                ids.append(self.special_tokens[match.group()])
+                start = match.end()
+            ids.extend(self.encode_ordinary(text[start:]))
+        except ValueError:  # a lone surrogate: say where it is in the whole text, not in the piece
+            if regex.search("[\ud800-\udfff]", text) is None:
+                raise
+            raise _surrogate_error(text) from None
         return ids
 
     def encode_batch(
@@ -756,9 +764,10 @@ def _check_vocab(vocab: dict[int, bytes], special_tokens: dict[str, int]) -> Non
         raise ValueError("a special token cannot be the empty string")
 
 
-def _surrogate_error(text: str) -> ValueError:
+def _surrogate_error(text: str, in_chunk: bool = False) -> ValueError:
     match = regex.search("[\ud800-\udfff]", text)
-    where = f"U+{ord(match.group()):04X} at position {match.start()}" if match else "a lone surrogate"
+    where = "a lone surrogate" if match is None else f"U+{ord(match.group()):04X} " + (
+        f"in the chunk {text!r}" if in_chunk else f"at position {match.start()}")
     return ValueError(
         f"cannot encode {where}: a lone surrogate is not a "
         "character and has no UTF-8 bytes (was the text decoded with errors='surrogateescape' "

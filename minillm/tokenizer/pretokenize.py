@@ -220,6 +220,8 @@ def count_chunks(
     Counter({'the': 1, ' cat': 1, ' the': 1, ' end': 1})
     """
     finder = chunk_finder(pattern)
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, (str, Iterable)):
+        raise TypeError(_not_text(texts))
     pieces = split_blocks(texts) if isinstance(texts, str) else texts
     counts: Counter[str] = Counter()
     bar = None
@@ -228,9 +230,16 @@ def count_chunks(
 
         bar = tqdm(desc="counting chunks", unit="char", unit_scale=True)
     for piece in pieces:
+        if not isinstance(piece, str):
+            raise TypeError(_not_text(piece, "an item of "))
         counts.update(finder(piece))
         if bar is not None:
             bar.update(len(piece))
     if bar is not None:
         bar.close()
     return counts
+
+
+def _not_text(value, what: str = "") -> str:
+    return (f"training text must be a str or an iterable of str (documents, lines or blocks), got "
+            f"{what}{type(value).__name__} {value!r:.40}" + (" (decode bytes first)" if isinstance(value, bytes) else ""))

@@ -385,3 +385,32 @@ def test_arrays_of_ids_must_hold_integers():
                 decode(wrong)
     for dtype in (np.int16, np.uint16, np.int32, np.uint64):
         assert tok.decode(np.array(ids, dtype=dtype)) == "hello there"
+
+
+# ------------------------------------------------------------ text that is not text
+
+
+@settings(max_examples=40, deadline=None)
+@given(parts=special_texts, at=st.integers(0, 10**6), surrogate=st.integers(0xD800, 0xDFFF),
+       name=st.sampled_from(list(TOKENIZERS)), long=st.booleans())
+def test_a_lone_surrogate_is_named_at_its_position_in_the_whole_text(parts, at, surrogate, name, long):
+    """docs/tokenizer.md: encode raises a ValueError naming the position, in the text as given: also after a
+    special token (was: the position in the piece after it) and with the bytes tokenizer (was: Python's
+    UnicodeEncodeError, "can't encode character ... in position")."""
+    tok = TOKENIZERS[name]
+    text = "".join(parts) + ("x" * bpe._WORDS_MIN_CHARS if long else "")
+    at %= len(text) + 1
+    if any(s in text[max(at - 20, 0) : at + 20] for s in SPECIALS):
+        at = len(text)                                   # not inside a special token
+    text = text[:at] + chr(surrogate) + text[at:]
+    for allowed in ("all", "none"):
+        with pytest.raises(ValueError, match=rf"^cannot encode U\+{surrogate:04X} at position {at}: a lone surrogate"):
+            tok.encode(text, allowed_special=allowed)
+
+
+def test_training_text_must_be_text():
+    for wrong in (b"bytes are not text", ["a list", b"with bytes"], [["nested"]], 12):
+        with pytest.raises(TypeError, match="^training text must be a str or an iterable of str"):
+            BPETokenizer.train(wrong, 300, progress=False)
+    with pytest.raises(ValueError, match=r"^training text: cannot encode U\+DC80 .* lone surrogate"):
+        BPETokenizer.train(["fine text", "bad \udc80 here"], 300, progress=False)
