@@ -4,8 +4,8 @@ The reference (``reference_generate``) never touches a KV cache nor minillm's sa
 runs the model from scratch on the window the module docstring describes (start at 0, or at the last C
 tokens of a long prompt; when the window would hold C + 1 tokens, keep the last ``window_keep``), and
 draws the token with a plain-NumPy sampler (stable sort, top-k, softmax(z / T), nucleus, inverse CDF with
-one uniform per row per step from ``np.random.default_rng(seed)``). GPT-2-style, Llama-style (rope, GQA)
-and Qwen3-style (q/k norm, head_dim != d_model / n_head, untied head) tiny models.
+one uniform per row per step from ``np.random.default_rng(seed)``). GPT-2-style, Llama-style (rope with
+Llama 3 scaling, GQA) and Qwen3-style (q/k norm, head_dim != d_model / n_head, untied head) tiny models.
 """
 
 import math
@@ -594,4 +594,3 @@ def test_bad_inputs_are_refused_before_any_work(ids, max_new_tokens, kwargs, err
     with pytest.raises(error, match=message):
         generate(model, ids, max_new_tokens, **kwargs)
     assert work == [] and model.training and mm.is_grad_enabled()
-    model.training = False
