@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm as mm  # noqa: E402
+from minillm.backend import parse_device  # noqa: E402
 from minillm.commands.argtypes import device, non_negative_int, positive_int  # noqa: E402
 from minillm.data.dataset import TokenDataset, encode_documents  # noqa: E402
 from minillm.models import GPT, GPTConfig, llama_style  # noqa: E402
@@ -69,8 +70,10 @@ def main(argv=None) -> float:
     if args.resume and not has_checkpoint(args.out):
         raise SystemExit(f"--resume: no run in {args.out} to continue (start one without --resume)")
 
-    # the model and the recipe, checked before any work (e.g. --d-model must split into --n-head heads)
+    # the model, the recipe and the device, checked before any work (e.g. --d-model must split into
+    # --n-head heads; --device cuda needs CuPy and a GPU)
     try:
+        parse_device(args.device)
         model_config = GPTConfig(vocab_size=256, context_length=args.context, n_layer=args.n_layer,
                                  n_head=args.n_head, d_model=args.d_model, dropout=0.0)
         if args.arch == "llama":
@@ -80,7 +83,7 @@ def main(argv=None) -> float:
                              warmup=min(100, args.steps // 10), weight_decay=0.1, betas=(0.9, 0.99), clip=1.0,
                              eval_interval=args.eval_interval, eval_batches=args.eval_batches,
                              checkpoint_interval=500, seed=1337, device=args.device, progress=not args.quiet)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:
         parser.error(str(error))
 
     # data: bytes -> windows of 64 (every start position is a training window)

@@ -110,6 +110,19 @@ def test_05_ctrl_c_saves_stops_and_resumes(tmp_path, capsys):
         example.main(argv + ["--resume"])
 
 
+def test_05_device_cuda_without_a_gpu(tmp_path, capsys):
+    """--device cuda where there is no CuPy: one line before the data is read, and no run directory left."""
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: whether CUDA works is then the GPU tests' business")
+    (tmp_path / "t.txt").write_text("abc" * 100, encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        load("05_pretrain_shakespeare").main(["--device", "cuda", "--data", str(tmp_path / "t.txt"),
+                                              "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and out == "" and "CUDA is not available" in err.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_06_generate_smoke(capsys):
     speedup = load("06_generate").main(["--new-tokens", "16"])
     assert speedup > 0          # any number: a smoke test (the KV cache's speed-up is a benchmark figure)
