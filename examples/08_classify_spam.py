@@ -12,7 +12,7 @@ finetune classify ... --resume`` continues it).
 
     minillm train                                    # once: runs/pydoc (about 2 minutes on an idle 2-core CPU)
     python examples/08_classify_spam.py              # last block + head, 5 epochs
-    python examples/08_classify_spam.py --ablation   # the whole table (about 7 minutes)
+    python examples/08_classify_spam.py --ablation   # the whole table (about 6 minutes)
 """
 
 from __future__ import annotations
