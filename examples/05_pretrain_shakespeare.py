@@ -54,9 +54,11 @@ def main(argv=None) -> float:
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2",
                         help="llama: rotary positions, RMSNorm, SwiGLU, no biases, --n-kv-head key/value heads, "
                              "its MLP widened to the GPT-2-style model's parameter count")
-    parser.add_argument("--n-kv-head", type=positive_int, default=None, help="for --arch llama (default: n_head / 2 when even)")
+    parser.add_argument("--n-kv-head", type=positive_int, default=None,
+                        help="for --arch llama (default: n_head / 2 when even)")
     parser.add_argument("--eval-interval", type=non_negative_int, default=250, help="0: no evaluation during training")
-    parser.add_argument("--eval-batches", type=positive_int, default=20, help="random val batches per evaluation during training")
+    parser.add_argument("--eval-batches", type=positive_int, default=20,
+                        help="random val batches per evaluation during training")
     parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/shakespeare"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -100,7 +102,10 @@ def main(argv=None) -> float:
         tokenizer.save(args.out / TOKENIZER_FILE)
     trainer = Trainer(model, config, data, run_dir=args.out, tokenizer={"spec": "bytes", "file": TOKENIZER_FILE})
     if args.resume:
-        print(f"resuming at step {trainer.resume()}")
+        try:
+            print(f"resuming at step {trainer.resume()}")
+        except (ValueError, RuntimeError) as error:    # e.g. other sizes than the run was started with
+            raise SystemExit(f"--resume: {error}") from None
         if trainer.step >= config.steps:
             raise SystemExit(f"{args.out} is already at step {trainer.step} of {config.steps}: "
                              f"pass a larger --steps to train further")

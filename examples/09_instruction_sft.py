@@ -33,7 +33,8 @@ from minillm.finetune import FinetuneConfig, finetune, load_language_model  # no
 from minillm.train import has_checkpoint  # noqa: E402
 
 
-SOURCE = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+SOURCE = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+          "instruction-data.json")
 
 
 def main(argv=None) -> list[float]:

@@ -104,12 +104,14 @@ def train_side_by_side(recipe_args: list[str]) -> dict[str, tuple[float, float]]
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=non_negative_int, default=2000, help="training steps per model in step 4 (0: skip it)")
+    parser.add_argument("--steps", type=non_negative_int, default=2000,
+                        help="training steps per model in step 4 (0: skip it)")
     args, recipe_args = parser.parse_known_args(argv)    # the rest goes to example 5 (--data, sizes, ...)
     results = {"rope_offset_difference": rope_offsets(), "gqa_cache_ratio": gqa_cache(),
                "round_trip_difference": checkpoint_round_trip()}
     if args.steps:
-        print(f"4. example 5's recipe, {args.steps} steps, for each model in turn (pass --quiet to hide the progress):")
+        print(f"4. example 5's recipe, {args.steps} steps, for each model in turn "
+              f"(pass --quiet to hide the progress):")
         results["training"] = train_side_by_side(["--steps", str(args.steps), *recipe_args])
     return results
 

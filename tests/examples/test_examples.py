@@ -108,6 +108,8 @@ def test_05_ctrl_c_saves_stops_and_resumes(tmp_path, capsys):
     assert tokenizer.vocab_size == 256 and tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:"
     with pytest.raises(SystemExit, match="already at step 12 of 12"):
         example.main(argv + ["--resume"])
+    with pytest.raises(SystemExit, match="^--resume: .*model config differs.*d_model: checkpoint has 16, given 32"):
+        example.main(argv + ["--resume", "--steps", "20", "--d-model", "32"])   # not the run's sizes: one line
 
 
 def test_05_device_cuda_without_a_gpu(tmp_path, capsys):
@@ -169,12 +171,13 @@ def test_07_gpt2_directory(tmp_path, capsys):
     save_hf_gpt2(GPT(GPTConfig.from_preset("tiny", vocab_size=50257)), tmp_path / "gpt2")   # GPT-2's vocabulary
     example.main([str(tmp_path / "gpt2"), "--prompt", "Hello", "--max-new-tokens", "3"])
     out = capsys.readouterr().out
-    example.SHARED_GPT2 = tmp_path / "no-shared-data"                  # no tokenizer anywhere: said, in its words
+    example.SHARED_GPT2 = tmp_path / "no-shared-data"        # no tokenizer anywhere: said, in its words
     with pytest.raises(SystemExit) as no_tokenizer:
         example.main([str(tmp_path / "gpt2")])
     err = capsys.readouterr().err
-    assert no_tokenizer.value.code == 2 and "has no tokenizer files" in err and "--tokenizer" not in err  # no such option
-    C, V, L, n_layer = 32, 50257, 64, 2                                 # tiny's shape: V·C + L·C + n(12C² + 13C) + 2C
+    assert no_tokenizer.value.code == 2 and "has no tokenizer files" in err
+    assert "--tokenizer" not in err                          # an option of minillm's commands, not of example 07
+    C, V, L, n_layer = 32, 50257, 64, 2                      # tiny's shape: V·C + L·C + n(12C² + 13C) + 2C
     assert f"{V * C + L * C + n_layer * (12 * C * C + 13 * C) + 2 * C:,} parameters" in out and "\nHello" in out
 
 
