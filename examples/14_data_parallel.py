@@ -1,7 +1,7 @@
 """Example 14: data parallelism — two replicas, each on half of every batch, take one process's steps.
 
 1. The gradient hook: the engine calls a leaf's hook the moment its gradient is final in the
-   backward walk; the printed order (last block first, the embeddings last) is the order in
+   backward walk; the printed order (final norm and last block first, embeddings last) is the order in
    which the data-parallel buckets fill and their all-reduces start, while the backward goes on.
 2. DP=2 on the CPU test transport (two forked processes): rank r trains on rows r·B/2 … of every
    global batch of B windows, gradients averaged bucket by bucket; the losses and the final

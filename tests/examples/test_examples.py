@@ -235,9 +235,15 @@ def test_13_pipeline(tmp_path, capsys):
 
 
 def test_14_data_parallel(capsys):
-    difference = load("14_data_parallel").main(["--steps", "5"])
+    example = load("14_data_parallel")
+    difference = example.main(["--steps", "5"])
     assert difference < 1e-6                   # DP=2 takes one process's steps
     assert "wte.weight" in capsys.readouterr().out
+    # the docstring's order: final norm and last block first, embeddings last (wte, tied to the head, the very last)
+    order = example.gradient_order()
+    blocks = [int(name.split(".")[1]) for name in order if name.startswith("h.")]
+    assert order[:2] == ["ln_f.weight", "ln_f.bias"] and blocks == sorted(blocks, reverse=True)
+    assert order[-2:] == ["wpe.weight", "wte.weight"]
 
 
 def test_15_tensor_parallel(capsys):
