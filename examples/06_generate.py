@@ -68,7 +68,7 @@ def eos_demo(model: GPT) -> None:
 
 def run_demo(model: GPT, tokenizer, prompt: str, new_tokens: int) -> None:
     """Greedy, then temperature with top-k, then top-p, from a trained run's model."""
-    ids = tokenizer.encode(prompt) or [0]
+    ids = tokenizer.encode(prompt, allowed_special="all") or [0]      # as minillm generate: <|endoftext|> is one token
     for kwargs in (dict(temperature=0), dict(temperature=0.8, top_k=50, seed=0), dict(top_p=0.9, seed=0)):
         out = generate(model, [ids], new_tokens, **kwargs)              # past the context, the window slides
         print(f"--- {kwargs} ---\n{tokenizer.decode(out[0].tolist())}")

@@ -145,8 +145,10 @@ def test_06_run_option(tmp_path, capsys):
     assert wrong.value.code == 2
     out, err = capsys.readouterr()
     assert out == "" and f"--run {tmp_path / 'missing'}: no run directory" in err
-    example.main(["--new-tokens", "4", "--run", str(make_base_run(tmp_path / "run"))])
-    assert capsys.readouterr().out.count("--- {") == 3     # greedy, top-k, top-p from the run's model
+    example.main(["--new-tokens", "4", "--run", str(make_base_run(tmp_path / "run")), "--prompt", "a<|endoftext|>b"])
+    out = capsys.readouterr().out
+    assert out.count("--- {") == 3                         # greedy, top-k, top-p from the run's model
+    assert out.count("a<|endoftext|>b") == 3               # the prompt's special token taken as one (no error)
 
 
 def test_07_gpt2_weights():
