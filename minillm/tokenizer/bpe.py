@@ -74,6 +74,7 @@ FORMAT_VERSION = 1
 _NO_RANK = 1 << 62  # larger than any merge rank
 _CACHE_LIMIT = 1 << 19  # distinct chunks kept in the encode cache
 _BATCH_MIN_CHUNKS = 64  # from this many new chunks, all of them go through one NumPy merge loop
+_LONG_CHUNK_CHARS = 2048  # and so does any new chunk this long: the one-chunk loop is quadratic in its length
 _ONE_WORD = regex.compile(r"\s+\S+").fullmatch  # whitespace, then non-whitespace
 _WORDS_MIN_CHARS = 5000  # from this many characters, GPT-2's pattern encodes word by word (words.py; below
                          # it the NumPy calls' fixed cost, ~50 us, outweighs the gain: measured crossover)
@@ -410,6 +411,8 @@ class BPETokenizer:
             try:
                 if self._bytes_are_ids and not self._merges:
                     return list(text.encode("utf-8"))
+                if len(text) >= _LONG_CHUNK_CHARS:
+                    return array(ID_TYPECODE, self._bpe_many([text])[0]).tolist()
                 return self._bpe(text)
             except UnicodeEncodeError:
                 raise _surrogate_error(text) from None
@@ -445,7 +448,10 @@ class BPETokenizer:
         if len(new_chunks) >= _BATCH_MIN_CHUNKS:
             fresh = dict(zip(new_chunks, self._bpe_many(new_chunks)))
         else:
-            fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in new_chunks}
+            fresh = {c: array(ID_TYPECODE, self._bpe(c)).tobytes() for c in new_chunks if len(c) < _LONG_CHUNK_CHARS}
+            if len(fresh) < len(new_chunks):
+                long = [c for c in new_chunks if len(c) >= _LONG_CHUNK_CHARS]
+                fresh.update(zip(long, self._bpe_many(long)))
         lookup = cache
         if len(cache) + len(fresh) > _CACHE_LIMIT:  # full: forget merge results, keep the vocabulary
             lookup = {**cache, **fresh}
