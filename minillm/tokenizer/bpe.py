@@ -218,7 +218,7 @@ class BPETokenizer:
         (special tokens take the last ids). See train.py for the algorithm
         and its tie-breaking rule.
         """
-        special_tokens = list(dict.fromkeys(special_tokens))
+        special_tokens = _special_token_list(special_tokens)
         n_ordinary = vocab_size - len(special_tokens)
         if n_ordinary < 256:
             raise ValueError(
@@ -243,7 +243,7 @@ class BPETokenizer:
         For character-level runs: ``encode("hé") == [104, 195, 169]``.
         Special tokens, if any, get ids 256, 257, ...
         """
-        specials = {s: 256 + k for k, s in enumerate(dict.fromkeys(special_tokens))}
+        specials = {s: 256 + k for k, s in enumerate(_special_token_list(special_tokens))}
         return cls({i: bytes([i]) for i in range(256)}, [], None, specials)
 
     @classmethod
@@ -768,6 +768,14 @@ def _check_vocab(vocab: dict[int, bytes], special_tokens: dict[str, int]) -> Non
         raise ValueError("special token ids collide with each other or with the vocabulary")
     if any(not s for s in special_tokens):
         raise ValueError("a special token cannot be the empty string")
+
+
+def _special_token_list(special_tokens: Iterable[str]) -> list[str]:
+    """The special tokens, each once, in order; one string is refused (it would be read as its characters)."""
+    if isinstance(special_tokens, str):
+        raise TypeError(f"special_tokens must be a list of strings, e.g. [{special_tokens!r}], not one string "
+                        f"(it would be read as {len(special_tokens)} one-character tokens)")
+    return list(dict.fromkeys(special_tokens))
 
 
 def _surrogate_error(text: str, in_chunk: bool = False) -> ValueError:

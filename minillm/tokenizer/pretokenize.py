@@ -64,6 +64,8 @@ _LETTER_OR_DIGIT = regex.compile(r"[\p{L}\p{N}]")
 
 def resolve_pattern(pattern: str) -> str:
     """'gpt2' | 'gpt4' | any regex -> the regex source (checked to compile)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be 'gpt2', 'gpt4' or a regex string, got {pattern!r}")
     source = NAMED_PATTERNS.get(pattern, pattern)
     try:
         regex.compile(source)

@@ -442,3 +442,15 @@ def test_long_chunks_go_through_the_numpy_merge_loop_with_the_same_ids(piece, n,
     expected = loop(text)                                # the one-chunk loop on the whole text
     whole._bpe = short_only
     assert whole.encode(text) == expected
+
+
+def test_special_tokens_given_as_one_string_are_refused():
+    """special_tokens="<|endoftext|>" was read as its characters: 10 special tokens "<", "|", "e", ..., so
+    encode("hello", allowed_special="all") made "e" a special token."""
+    for build in (lambda s: BPETokenizer.train("hello there", 300, special_tokens=s, progress=False),
+                  BPETokenizer.bytes):
+        with pytest.raises(TypeError, match=r"^special_tokens must be a list of strings, e\.g\. \['<\|endoftext\|>'\]"):
+            build("<|endoftext|>")
+        assert list(build(["<|endoftext|>", "<|endoftext|>"]).special_tokens) == ["<|endoftext|>"]
+    with pytest.raises(TypeError, match=r"^pattern must be 'gpt2', 'gpt4' or a regex string, got None"):
+        BPETokenizer.train("hello there", 300, pattern=None, progress=False)
