@@ -17,8 +17,8 @@ import regex
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from minillm.tokenizer import BPETokenizer, DisallowedSpecialToken, bpe, iter_text_files
-from minillm.tokenizer.pretokenize import resolve_pattern, split_blocks
+from minillm.tokenizer import BPETokenizer, DisallowedSpecialToken, bpe, iter_text_files, parallel
+from minillm.tokenizer.pretokenize import resolve_pattern, split_blocks, split_even
 from test_gpt2 import ReferenceGPT2
 from test_gpt2_files import encoder_of, merge_lines, write
 from test_words import emptied
@@ -160,7 +160,9 @@ def test_gpt2_ids_equal_gpt2s_own_algorithm_on_windows_of_shared_texts(gpt2, gpt
 # ------------------------------------------------------------ special tokens
 
 ORDINARY = string.ascii_letters + string.digits + " \n\t'|>!é日👍"     # no "<": no special token across pieces
-special_texts = st.lists(st.sampled_from(SPECIALS) | st.text(alphabet=ORDINARY, max_size=12), max_size=8)
+LONG_ORDINARY = CORPUS[:bpe._WORDS_MIN_CHARS + 500].replace("<", "(")                 # encoded word by word
+special_texts = st.lists(st.sampled_from([*SPECIALS, LONG_ORDINARY]) | st.text(alphabet=ORDINARY, max_size=12),
+                         max_size=8)
 
 
 def expected_ids(tok, parts, as_ids):
@@ -307,6 +309,26 @@ def test_blocks_have_the_chunks_of_the_whole_text(text, block_chars, pattern):
     pieces = list(split_blocks(text, block_chars))
     assert "".join(pieces) == text
     assert [c for piece in pieces for c in chunks(piece)] == chunks(text)
+
+
+@FEW
+@given(text=st.lists(st.sampled_from(PIECES) | runs, max_size=80).map("".join), n=st.integers(2, 6),
+       name=st.sampled_from(TRAINED))
+def test_pieces_for_workers_encode_to_the_ids_of_the_text(text, n, name):
+    """encode_batch cuts a long text in pieces with split_even (the same safe cuts): their ids, joined, are
+    the text's ids, for both patterns, Windows line ends included."""
+    tok = TOKENIZERS[name]
+    pieces = split_even(text, n)
+    assert "".join(pieces) == text
+    assert [i for piece in pieces for i in tok.encode(piece)] == tok.encode(text)
+
+
+def test_encode_batch_in_workers_on_windows_line_ends(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_CHARS", 0)
+    text = CORPUS.replace("\n", "\r\n")[:30_000]
+    tok = TOKENIZERS["gpt4"]
+    assert len(parallel._share_out(tok, [text], 2, "none_raise", "all")) == 2         # cut in two
+    assert tok.encode_batch([text, "x\r\ny"], num_workers=2) == [tok.encode(text), tok.encode("x\r\ny")]
 
 
 @pytest.mark.parametrize("line_end", ["\n", "\r\n"])
