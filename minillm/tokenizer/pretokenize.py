@@ -243,5 +243,6 @@ def count_chunks(
 
 
 def _not_text(value, what: str = "") -> str:
+    hint = " (decode bytes first)" if isinstance(value, bytes) else ""
     return (f"training text must be a str or an iterable of str (documents, lines or blocks), got "
-            f"{what}{type(value).__name__} {value!r:.40}" + (" (decode bytes first)" if isinstance(value, bytes) else ""))
+            f"{what}{type(value).__name__} {value!r:.40}{hint}")
