@@ -709,6 +709,8 @@ class BPETokenizer:
             hint = ""
             if isinstance(data, dict) and "<|endoftext|>" in data:
                 hint = " It looks like GPT-2's encoder.json: use BPETokenizer.from_gpt2_files or 'gpt2:DIR'."
+            elif isinstance(data, dict) and "model" in data:
+                hint = " It looks like a Hugging Face tokenizer.json: use BPETokenizer.from_hf."
             raise TokenizerFileError(f"{path}: not a minillm tokenizer file (no format {FORMAT_NAME!r}).{hint}")
         version = data.get("version")
         if version != FORMAT_VERSION:

@@ -442,6 +442,8 @@ def test_saved_file_is_human_readable(trained, tmp_path):
         ("", "not valid JSON"),
         ('{"format": "minillm-bpe-tokenizer", "version": 99}', "version 99"),
         ('{"!": 0, "<|endoftext|>": 50256}', "from_gpt2_files"),
+        ('{"version": "1.0", "model": {"type": "BPE"}, "pre_tokenizer": null}', r"Hugging Face tokenizer\.json: use "
+         r"BPETokenizer\.from_hf"),
         ("[1, 2, 3]", "not a minillm tokenizer file"),
         ('{"format": "minillm-bpe-tokenizer", "version": 1}', "corrupt"),
     ],
