@@ -265,8 +265,12 @@ def test_lone_surrogate_in_a_long_text_is_a_clear_error(gpt2):
         gpt2.encode(text)
 
 
-def test_long_text_in_blocks_equals_the_reference(gpt2, monkeypatch):
-    text = shared_file("the-verdict.txt").read_text(encoding="utf-8") + "\n".join(ADVERSARIAL) * 5
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_long_text_in_blocks_equals_the_reference(gpt2, monkeypatch, line_end):
+    """Blocks cut after "\\n" between non-space characters, or before "\\r\\n" after a letter or digit (a block
+    then starts with whitespace)."""
+    text = (shared_file("the-verdict.txt").read_text(encoding="utf-8") + "\n".join(ADVERSARIAL) * 5).replace(
+        "\n", line_end)
     monkeypatch.setattr(bpe, "_WORDS_BLOCK_CHARS", 3000)
     blocks = []
     block = BPETokenizer._encode_word_block
