@@ -13,7 +13,9 @@ One optimizer step, with ``grad_accum`` micro-batches of ``batch_size`` windows:
 
 Dividing each micro-batch loss by ``grad_accum`` makes the summed gradient the
 gradient of the mean loss over all ``grad_accum * batch_size`` windows: the
-same update as one big batch, in the memory of a small one.
+same update as one big batch, in the memory of a small one. (Micro-batches
+that count different numbers of targets, as fine-tuning's masked ones do, are
+weighted by their share of the step's targets instead: ``micro_batch_weights``.)
 
 Every ``eval_interval`` steps (and at the end) the model is evaluated on the
 validation split: mean loss and perplexity exp(loss), without a graph, in
@@ -234,22 +236,24 @@ class Trainer:
         """
         cfg = self.config
         batches = [self.data.get_batch("train", cfg.batch_size) for _ in range(cfg.grad_accum)]
-        # backward of S · loss / grad_accum (GradScaler.scale's S: 1 unless fp16): the gradients of
-        # the micro-batches add up in p.grad to the gradient of the mean loss, scaled by S
-        seed = self.scaler.get_scale() / cfg.grad_accum
-        if cfg.cuda_graph and self._graph_warmed:
-            loss_sum = self._replay_forward_backward(batches, seed)
+        # backward of S · w_k · loss_k (GradScaler.scale's S: 1 unless fp16), w_k micro-batch k's share
+        # of the step's counted targets (1 / grad_accum when they hold equally many): the gradients of
+        # the micro-batches add up in p.grad to the gradient of the step's mean loss, scaled by S
+        weights = micro_batch_weights(self.loss_fn, batches)
+        scale = self.scaler.get_scale()
+        if cfg.cuda_graph and self._graph_warmed and len(set(weights)) == 1:
+            loss_sum = self._replay_forward_backward(batches, scale * weights[0])
         else:
             self._graph_warmed = True
             loss_sum = 0.0
-            for batch in batches:
+            for batch, weight in zip(batches, weights):
                 batch = self._to_device(batch)
                 with precision.use_precision(cfg.precision):   # fp32: no change; tf32; bf16/fp16 autocast
                     loss = self.loss_fn(self.model, batch)
-                    loss.backward(seed)
-                loss_sum = loss_sum + loss.data            # stays on the device: no sync per micro-batch
+                    loss.backward(scale * weight)
+                loss_sum = loss_sum + loss.data * weight   # stays on the device: no sync per micro-batch
         self.tokens_seen += sum(batch[0].size for batch in batches)
-        return float(loss_sum) / cfg.grad_accum       # the one host sync of the step
+        return float(loss_sum)                         # the one host sync of the step
 
     def _replay_forward_backward(self, batches, seed: float):
         """The forward and backward as a replayed CUDA graph (captured at the first call)."""
@@ -508,6 +512,29 @@ def language_model_loss(model, batch):
     inputs, targets = batch
     _, loss = model(inputs, targets)
     return loss
+
+
+def micro_batch_weights(loss_fn, batches) -> list[float]:
+    """Each micro-batch's share w_k of a step's mean loss: n_k / Σ n, n_k the terms its loss averages.
+
+    A micro-batch's loss is a mean over its n_k counted terms; the step's loss is
+    the mean over all of them, L = Σ_k n_k · loss_k / Σ_k n_k = Σ_k w_k · loss_k, so
+    backward(w_k · loss_k) per micro-batch adds up to the gradient of one batch
+    holding them all. Language modelling (the default ``loss_fn``, and SFT with
+    it) counts the targets that are not ``ignore_index`` (-100): with masked
+    prompts and padding, micro-batches hold different numbers. Any other loss
+    counts the rows of ``batch[0]`` (classification: examples; DPO: 2 per pair),
+    which differ only at the end of an epoch. Equal counts give exactly
+    1 / len(batches) each (n / (K·n) is rounded as 1 / K is).
+    """
+    if loss_fn is language_model_loss:
+        counts = [int(np.count_nonzero(backend.to_numpy(batch[1]) != -100)) for batch in batches]
+    else:
+        counts = [len(batch[0]) for batch in batches]
+    total = sum(counts)
+    if total == 0:                    # nothing counts anywhere (the loss is NaN and the step stops)
+        return [1.0 / len(batches)] * len(batches)
+    return [count / total for count in counts]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

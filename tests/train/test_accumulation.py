@@ -1,0 +1,81 @@
+"""Gradient accumulation = one big batch, also when micro-batches count different numbers of targets.
+
+A step's loss is the mean over every counted target of the step (SFT: the
+tokens that are not ``ignore_index``; classification: the examples), so K
+micro-batches of B/K move the weights exactly as one batch of B does, however
+the counted targets fall among the micro-batches. The reference is the same
+Trainer run with ``grad_accum=1`` on the whole batch.
+"""
+
+import numpy as np
+import pytest
+
+from minillm import backend, optim
+from minillm.finetune import sft
+from minillm.finetune.data import EpochBatches
+from minillm.train import Trainer
+
+from train_helpers import VOCAB, make_config, make_model
+
+
+def params(model):
+    return {name: backend.to_numpy(value).copy() for name, value in model.state_dict().items()}
+
+
+def instruction_data(lengths, seed=0):
+    """SFT examples (ids ending in end-of-text 0, prompt length): prompt 3 tokens, responses of ``lengths``."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for n in lengths:
+        ids = [int(t) for t in rng.integers(1, VOCAB, 3 + n)] + [0]
+        examples.append((ids, 3))
+    collate = lambda batch: sft.collate_instructions(batch, pad_id=0, mask_prompt=True)  # noqa: E731
+    return EpochBatches({"train": examples}, collate, seed=seed)
+
+
+def sgd_trainer(data, batch_size, grad_accum, clip):
+    model = make_model()
+    config = make_config(steps=2, batch_size=batch_size, grad_accum=grad_accum, clip=clip, warmup=0)
+    return Trainer(model, config, data, optimizer=optim.SGD(model.parameters(), lr=0.5))
+
+
+# responses of 1 and 12 tokens: the micro-batches of a step hold 2 + 13 and 4 + 9 ... counted targets
+LENGTHS = [1, 12, 2, 3, 9, 1, 7, 5]
+
+
+@pytest.mark.parametrize("grad_accum", [2, 4])
+@pytest.mark.parametrize("clip", [None, 0.05])   # 0.05: clipping active at every step
+def test_masked_micro_batches_move_the_weights_as_one_batch(grad_accum, clip):
+    big = sgd_trainer(instruction_data(LENGTHS), 8, 1, clip)
+    small = sgd_trainer(instruction_data(LENGTHS), 8 // grad_accum, grad_accum, clip)
+    # the micro-batches really do count different numbers of targets
+    probe = instruction_data(LENGTHS)
+    counts = [int((probe.get_batch("train", 8 // grad_accum)[1] != sft.IGNORE_INDEX).sum())
+              for _ in range(grad_accum)]
+    assert len(set(counts)) > 1
+    for _ in range(2):
+        big_loss, big_norm = big.train_step()
+        small_loss, small_norm = small.train_step()
+        assert small_loss == pytest.approx(big_loss, rel=1e-6)
+        assert small_norm == pytest.approx(big_norm, rel=1e-5)
+    if clip is not None:
+        assert big_norm > clip
+    for name, value in params(big.model).items():
+        np.testing.assert_allclose(params(small.model)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_equal_counts_keep_the_plain_mean_of_micro_batch_losses():
+    """Language modelling (every target counts): the step's loss is the mean of the K micro-batch losses."""
+    data = instruction_data([4] * 8)               # every row the same length: equal counts
+    trainer = sgd_trainer(data, 2, 4, None)
+    seen = []
+    loss_fn = trainer.loss_fn
+
+    def recording(model, batch):
+        loss = loss_fn(model, batch)
+        seen.append(float(loss.data))
+        return loss
+
+    trainer.loss_fn = recording
+    loss, _ = trainer.train_step()
+    assert loss == pytest.approx(np.mean(seen), rel=1e-6)
