@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from minillm import backend, optim
-from minillm.finetune import sft
+from minillm.finetune import classify as cls
+from minillm.finetune import dpo, sft
 from minillm.finetune.data import EpochBatches
 from minillm.train import Trainer
 
@@ -79,3 +80,36 @@ def test_equal_counts_keep_the_plain_mean_of_micro_batch_losses():
     trainer.loss_fn = recording
     loss, _ = trainer.train_step()
     assert loss == pytest.approx(np.mean(seen), rel=1e-6)
+
+
+def classification_task():
+    rng = np.random.default_rng(1)
+    examples = [([int(t) for t in rng.integers(1, VOCAB, int(rng.integers(2, 9)))], i % 2) for i in range(6)]
+    data = EpochBatches({"train": examples}, lambda b: cls.collate_classification(b, 0), seed=3)
+    return data, lambda: cls.GPTClassifier(make_model(), 2), cls.classification_loss
+
+
+def preference_task():
+    rng = np.random.default_rng(2)
+    ids = lambda n: [int(t) for t in rng.integers(1, VOCAB, n)] + [0]  # noqa: E731
+    examples = [(ids(3 + i), ids(5 - i % 3), 2) for i in range(6)]        # (chosen, rejected, prompt length)
+    data = EpochBatches({"train": examples}, lambda b: dpo.collate_preferences(b, 0), seed=3)
+    objective = dpo.DPOObjective(make_model(), beta=0.5)  # the reference: the policy's starting weights
+    return data, make_model, objective
+
+
+@pytest.mark.parametrize("task", [classification_task, preference_task])
+def test_the_smaller_last_batch_of_an_epoch_counts_by_its_examples(task):
+    """6 examples, micro-batches of 4 then the epoch's remaining 2 = one batch of all 6 (per-example mean)."""
+    steps = []
+    for batch_size, grad_accum in ((6, 1), (4, 2)):
+        data, build, loss_fn = task()
+        model = build()
+        trainer = Trainer(model, make_config(steps=1, batch_size=batch_size, grad_accum=grad_accum, clip=None,
+                                             warmup=0), data, loss_fn=loss_fn,
+                          optimizer=optim.SGD(model.parameters(), lr=0.5))
+        steps.append((trainer.train_step()[0], params(model)))
+    (big_loss, big), (small_loss, small) = steps
+    assert small_loss == pytest.approx(big_loss, rel=1e-6)
+    for name, value in big.items():
+        np.testing.assert_allclose(small[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
