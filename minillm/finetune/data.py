@@ -247,6 +247,12 @@ class EpochBatches:
         train = self.splits["train"]
         return self.collate([train[i] for i in chosen])
 
+    def epoch_ended(self) -> bool:
+        """The last training batch drawn was the current epoch's last: the Trainer ends the step there
+        (with fewer than ``grad_accum`` micro-batches), so no step runs into the next epoch and
+        ``steps_per_epoch(batch_size * grad_accum)`` steps are exactly one pass."""
+        return self.position >= len(self._order)
+
     def iter_batches(self, split: str, batch_size: int):
         examples = self.split(split)
         for start in range(0, len(examples), batch_size):

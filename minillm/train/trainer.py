@@ -141,7 +141,9 @@ class Trainer:
         result = trainer.fit()
 
     ``data`` needs ``get_batch(split, batch_size, rng=None)``, ``state_dict()``
-    and ``load_state_dict()``; ``"val"`` batches are used for evaluation.
+    and ``load_state_dict()``; ``"val"`` batches are used for evaluation. Data
+    read by epochs may have ``epoch_ended()``: true after an epoch's last
+    batch, where a step then ends with fewer than ``grad_accum`` micro-batches.
     ``optimizer`` defaults to AdamW over ``optim.weight_decay_groups``.
     ``tokenizer`` (JSON-serialisable: e.g. {"spec": ..., "file": ...}) and
     ``model_config`` (default ``model.config.to_dict()``) go into checkpoints.
@@ -235,13 +237,17 @@ class Trainer:
         (Pipeline parallel overrides this and ``clip_gradients``: the rest of the step is the same.)
         """
         cfg = self.config
-        batches = [self.data.get_batch("train", cfg.batch_size) for _ in range(cfg.grad_accum)]
+        batches = []
+        for _ in range(cfg.grad_accum):
+            batches.append(self.data.get_batch("train", cfg.batch_size))
+            if getattr(self.data, "epoch_ended", None) is not None and self.data.epoch_ended():
+                break                                  # data by epochs: a step does not run into the next one
         # backward of S · w_k · loss_k (GradScaler.scale's S: 1 unless fp16), w_k micro-batch k's share
         # of the step's counted targets (1 / grad_accum when they hold equally many): the gradients of
         # the micro-batches add up in p.grad to the gradient of the step's mean loss, scaled by S
         weights = micro_batch_weights(self.loss_fn, batches)
         scale = self.scaler.get_scale()
-        if cfg.cuda_graph and self._graph_warmed and len(set(weights)) == 1:
+        if cfg.cuda_graph and self._graph_warmed and len(batches) == cfg.grad_accum and len(set(weights)) == 1:
             loss_sum = self._replay_forward_backward(batches, scale * weights[0])
         else:
             self._graph_warmed = True
