@@ -98,3 +98,24 @@ def test_chosen_and_rejected_go_through_in_one_batch_and_the_reference_without_a
         ref = sequence_log_probs(reference, inputs, targets).numpy()
     z = 0.5 * ((pol[:2] - pol[2:]) - (ref[:2] - ref[2:]))
     np.testing.assert_allclose(loss.item(), np.mean(np.logaddexp(0.0, -z)), rtol=1e-10)
+
+
+def test_the_objectives_weight_gradients_are_central_differences_and_the_reference_gets_none():
+    """The DPO loss of a whole (float64) policy model: backward's gradient of two weight matrices equals
+    central differences; the reference model, used in the same loss, receives no gradient at all."""
+    mm.manual_seed(0)
+    policy = GPT(GPTConfig.from_preset("tiny", vocab_size=12, context_length=8, n_layer=1, d_model=8,
+                                       n_head=2)).to(np.float64)
+    reference = copy.deepcopy(policy)
+    rng = np.random.default_rng(1)
+    for param in policy.parameters():                      # away from the reference: z != 0
+        param.data += rng.normal(0, 0.05, param.shape)
+    objective = DPOObjective(reference, beta=0.7)
+    inputs = np.array([[1, 2, 3, 4], [1, 5, 6, 0], [1, 2, 7, 8], [1, 5, 9, 0]])
+    targets = np.array([[-100, 3, 4, 0], [-100, 6, 0, -100], [-100, 7, 8, 0], [-100, 9, 0, -100]])
+    named = dict(policy.named_parameters())
+    mm.gradcheck(lambda *weights: objective(policy, (inputs, targets)), named["h.0.mlp.c_fc.weight"],
+                 named["wte.weight"])
+    objective(policy, (inputs, targets)).backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert all(p.grad is not None for p in policy.parameters())
