@@ -66,3 +66,34 @@ def test_multi_tensor_kernels_equal_the_array_version(gpu, dtype):
     for a, h in zip(arrays, host):
         np.testing.assert_allclose(backend.to_numpy(a), h * dtype(0.25), rtol=1e-6)
     assert not kernels.multi_tensor_fusable([arrays[-1].T])  # not contiguous: clip takes the array path
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_large_gradients_split_over_threads_clip_by_the_numpy_norm(monkeypatch, threads):
+    """Above PARALLEL_MIN_ELEMENTS the CPU sums the squares in one share per thread (cut across
+    tensor boundaries); a non-contiguous gradient takes the plain path. Both give NumPy's float64 norm,
+    and every gradient is scaled by the one factor max_norm / (norm + 1e-6)."""
+    from minillm.ops import common
+
+    monkeypatch.setattr(common, "CPU_THREADS", threads)
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(n).astype(np.float32) for n in (150_001, 7, 130_000)]
+    params = params_with_grads(grads, "cpu")
+    expected = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    assert sum(g.size for g in grads) >= common.PARALLEL_MIN_ELEMENTS
+    assert optim.clip_grad_norm_(params, 10.0) == pytest.approx(expected, rel=1e-6)
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.grad, g * (10.0 / (expected + 1e-6)), rtol=1e-6)
+    strided = params_with_grads([np.zeros((4, 3))], "cpu")[0]
+    strided.grad = rng.standard_normal((3, 4)).astype(np.float32).T      # (4, 3), not contiguous
+    reference = float(np.linalg.norm(strided.grad.astype(np.float64)))
+    assert optim.clip_grad_norm_([strided], 1e9) == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_a_norm_at_or_below_max_norm_leaves_every_gradient_bit_for_bit(scale):
+    grads = [np.array([3.0, 0.0], np.float32), np.array([[4.0]], np.float32)]       # norm 5
+    params = params_with_grads(grads, "cpu")
+    assert optim.clip_grad_norm_(params, 5.0 / scale) == 5.0
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(p.grad, g)
