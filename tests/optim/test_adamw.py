@@ -370,3 +370,31 @@ def test_multi_tensor_kernel_equals_per_parameter_kernel(gpu, dtype, tol):
                                        err_msg=f"{name} of parameter {k}")
     moved = backend.to_numpy(multi[-1][0]) != host[-1][0]  # all updated, but for the odd float32 update
     assert moved.mean() > 0.999                           # below p's ulp (element-wise: equal to the above)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_large_mixed_parameters_split_over_threads_match_reference(monkeypatch, threads):
+    """CPU: above PARALLEL_MIN_ELEMENTS one step is cut into a share per thread, across parameter
+    boundaries, in blocks of CPU_BLOCK_ELEMENTS with a per-thread scratch per dtype; float64 parameters
+    form their own bucket and a non-contiguous one is updated on its own. All follow the reference."""
+    from minillm.ops import common
+
+    monkeypatch.setattr(common, "CPU_THREADS", threads)
+    rng = np.random.default_rng(9)
+    shapes_dtypes = [((200_001,), np.float32), ((300, 257), np.float32), ((70_003,), np.float64), ((5, 9), np.float32)]
+    inits = [rng.standard_normal(shape) for shape, _ in shapes_dtypes]
+    params = [make_param(x, "cpu", dtype) for x, (_, dtype) in zip(inits, shapes_dtypes)]
+    params[3].data = np.ascontiguousarray(params[3].data.T).T               # (5, 9), not C-contiguous
+    assert not params[3].data.flags.c_contiguous
+    assert sum(p.size for p in params) >= common.PARALLEL_MIN_ELEMENTS
+    opt = optim.AdamW(params, lr=0.02, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.3)
+    grads = [[rng.standard_normal(p.shape) for _ in range(3)] for p in params]
+    for step in range(3):
+        for p, g in zip(params, grads):
+            set_grad(p, g[step])
+        opt.step()
+    for k, (p, (_, dtype)) in enumerate(zip(params, shapes_dtypes)):
+        expected = adamw_reference(inits[k], grads[k], [0.02] * 3, (0.85, 0.98), 1e-7, 0.3)
+        rtol, atol = (1e-12, 1e-14) if dtype == np.float64 else (2e-5, 1e-6)
+        assert p.data.dtype == dtype
+        np.testing.assert_allclose(p.numpy(), expected, rtol=rtol, atol=atol, err_msg=f"parameter {k}")
