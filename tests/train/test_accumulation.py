@@ -113,3 +113,23 @@ def test_the_smaller_last_batch_of_an_epoch_counts_by_its_examples(task):
     assert small_loss == pytest.approx(big_loss, rel=1e-6)
     for name, value in big.items():
         np.testing.assert_allclose(small[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("grad_accum, clip", [(3, None), (3, 0.3), (6, 0.3)])
+def test_language_model_micro_batches_of_a_third_or_a_sixth_equal_one_batch(grad_accum, clip):
+    """Pretraining windows (every target counts): 12 windows as 3 x 4 or 6 x 2, weights 1/3 and 1/6
+    (not powers of two), with and without active clipping, over 3 steps of plain SGD."""
+    from train_helpers import make_dataset
+
+    def trainer(batch_size, accumulate):
+        model = make_model()
+        config = make_config(steps=3, batch_size=batch_size, grad_accum=accumulate, clip=clip, warmup=0)
+        return Trainer(model, config, make_dataset(), optimizer=optim.SGD(model.parameters(), lr=0.5))
+
+    big, small = trainer(12, 1), trainer(12 // grad_accum, grad_accum)
+    for _ in range(3):
+        (big_loss, big_norm), (small_loss, small_norm) = big.train_step(), small.train_step()
+        assert small_loss == pytest.approx(big_loss, rel=1e-6) and small_norm == pytest.approx(big_norm, rel=1e-5)
+        assert clip is None or big_norm > clip
+    for name, value in params(big.model).items():
+        np.testing.assert_allclose(params(small.model)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
