@@ -82,7 +82,8 @@ class TrainConfig:
     eval_interval: int = 250           # evaluate every this many steps (0: only at the end)
     eval_batches: int | None = 20      # validation batches per evaluation (None: the whole split, in order)
     checkpoint_interval: int = 500     # checkpoint every this many steps (0: only at the end)
-    seed: int = 1337                   # seeds the model's random streams (dropout) and the eval batches
+    seed: int = 1337                   # seeds the eval batches; minillm train/finetune also seed the model's
+                                       # random stream with it (mm.manual_seed: init, dropout); Trainer does not
     device: str = "cpu"                # "cpu", "cuda" or "cuda:N"
     progress: bool = True              # show a tqdm bar
     precision: str = "fp32"            # "fp32", "tf32", "bf16" or "fp16" (mixed precision; GPU only but fp32)

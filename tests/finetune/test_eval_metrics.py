@@ -90,3 +90,31 @@ def test_an_evaluation_leaves_the_model_in_the_mode_it_found(training):
     model.train(training)
     assert trainer.log_evaluation() == {"val_loss": 1.0}
     assert seen == [False] and model.training is training
+
+
+def test_evaluating_every_step_changes_no_training_loss_with_lora_dropout(tmp_path):
+    """LoRA dropout draws from the model's random stream at every training step; an evaluation that
+    drew too (dropout left on) would shift every later mask and change the losses."""
+    from finetune_helpers import make_base_run, write_instructions
+    from minillm.finetune import FinetuneConfig, finetune, load_language_model
+    from minillm.train import read_metrics
+
+    base = make_base_run(tmp_path / "base", context_length=192)
+    data = write_instructions(tmp_path / "i.json", n=20)
+    losses = {}
+    for interval in (1, 100):
+        gpt, tok = load_language_model(base)
+        mm.manual_seed(5)               # as `minillm finetune` seeds (the Trainer does not): adapters, masks
+        config = FinetuneConfig("sft", str(data), epochs=2, lora_rank=2, lora_dropout=0.5, max_new_tokens=1)
+        finetune(gpt, tok, config, dict(progress=False, batch_size=4, lr=1e-2, eval_interval=interval),
+                 run_dir=tmp_path / str(interval), say=lambda message: None)
+        losses[interval] = [r["loss"] for r in read_metrics(tmp_path / str(interval), "train")]
+        evals = read_metrics(tmp_path / str(interval), "eval")
+        assert len(evals) == (len(losses[interval]) + 1 if interval == 1 else 2)   # step 0 and each step / the end
+    assert losses[1] == losses[100] and len(losses[1]) == 10
+    gpt, tok = load_language_model(base)
+    mm.manual_seed(5)                   # the masks are really drawn: without dropout the losses differ
+    config = FinetuneConfig("sft", str(data), epochs=2, lora_rank=2, lora_dropout=0.0, max_new_tokens=1)
+    finetune(gpt, tok, config, dict(progress=False, batch_size=4, lr=1e-2), run_dir=tmp_path / "off",
+             say=lambda message: None)
+    assert [r["loss"] for r in read_metrics(tmp_path / "off", "train")] != losses[1]
