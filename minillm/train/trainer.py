@@ -249,7 +249,7 @@ class Trainer:
         weights = micro_batch_weights(self.loss_fn, batches)
         scale = self.scaler.get_scale()
         if cfg.cuda_graph and self._graph_warmed and len(batches) == cfg.grad_accum and len(set(weights)) == 1:
-            loss_sum = self._replay_forward_backward(batches, scale * weights[0])
+            loss_sum = self._replay_forward_backward(batches, scale * weights[0]) * weights[0]   # the graph sums
         else:
             self._graph_warmed = True
             loss_sum = 0.0
