@@ -125,15 +125,21 @@ def train(args) -> None:
         trainer = Trainer(model, tcfg, _dataset(cfg), run_dir=args.run_dir, loss_fn=loss_fn)
         probe = None
     else:
-        from minillm.distributed.pipeline import build_stage
+        from minillm import precision
+        from minillm.distributed.pipeline import build_stage, measured_layer_costs
         from minillm.distributed.pipeline_trainer import PipelineTrainer
 
+        costs = None          # as minillm train --pp cuts: on a GPU by measured costs, on the CPU by FLOPs
+        if device != "cpu":
+            with precision.use_precision(args.precision):
+                costs = measured_layer_costs(cfg, device, comm=group.comm, micro_batch=args.batch // args.micro_batches)
         if args.stage_init:   # only this rank's stage, drawn by its GPU: no host-side init of the whole model
             mm.manual_seed(rank)
-            stage = build_stage(cfg, group.rank, group.world_size, device=device, own_stream=True)
+            stage = build_stage(cfg, group.rank, group.world_size, device=device, own_stream=True, costs=costs)
         else:                 # only this rank's stage held, its weights the one-process run's (the CPU stream's)
             mm.manual_seed(0)
-            stage = build_stage(cfg, group.rank, group.world_size, device=None if args.init_cpu else device)
+            stage = build_stage(cfg, group.rank, group.world_size, device=None if args.init_cpu else device,
+                                costs=costs)
         trainer = PipelineTrainer(stage, tcfg, _dataset(cfg), group.comm, args.schedule, run_dir=args.run_dir)
         probe = StepProbe(trainer.engine, HostStandIn if device == "cpu" else None)
     if args.resume:

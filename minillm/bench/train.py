@@ -78,7 +78,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
     else:
         from ..distributed.parallel_trainer import rank_model  # noqa: PLC0415
 
-        model = rank_model(config, mesh, device)   # --pp: only this rank's stage is built
+        model = rank_model(config, mesh, device, precision)   # --pp: only this rank's stage is built
     parameters = gpt_num_parameters(config)        # the whole model's (MFU counts its FLOPs per token)
     train_cfg = TrainConfig(steps=warmup + steps + 1, batch_size=B, grad_accum=grad_accum, warmup=0, device=device,
                             progress=False, precision=precision, cuda_graph=cuda_graph)

@@ -248,17 +248,23 @@ class ParallelTrainer(OneWriter, Trainer):
         return read_metadata(self.run_dir).get("extra", {})
 
 
-def rank_model(config, mesh, device=None):
+def rank_model(config, mesh, device=None, run_precision: str = "fp32"):
     """What this rank of ``mesh`` trains, built from the seed in force: its pipeline stage when pp > 1
     (``build_stage``: only the stage is ever drawn and held, its weights the single-process model's),
-    else the whole GPT (tensor parallelism then cuts the whole model's matrices: ``shard_gpt``)."""
+    else the whole GPT (tensor parallelism then cuts the whole model's matrices: ``shard_gpt``).
+    On a GPU the stages are balanced by costs measured there in the run's ``run_precision``
+    (``measured_layer_costs``, agreed over the ranks); on the CPU by FLOPs."""
     if mesh is None or mesh.shape.pp == 1:
         from ..models import GPT  # noqa: PLC0415
 
         return GPT(config, device=device)
-    from .pipeline import build_stage  # noqa: PLC0415
+    from .pipeline import build_stage, measured_layer_costs  # noqa: PLC0415
 
-    return build_stage(config, mesh.pp_rank, mesh.shape.pp, device=device)
+    costs = None
+    if backend.parse_device(device) != "cpu":
+        with precision.use_precision(run_precision):
+            costs = measured_layer_costs(config, device, comm=mesh.world)
+    return build_stage(config, mesh.pp_rank, mesh.shape.pp, device=device, costs=costs)
 
 
 def ordinary_parameter_order(model_state: dict) -> list[str]:

@@ -359,7 +359,7 @@ def start_run(prepared: PreparedRun, mesh=None, schedule: str = "1f1b") -> Train
     else:
         from ..distributed.parallel_trainer import ParallelTrainer, rank_model  # noqa: PLC0415
 
-        model = rank_model(prepared.model_config, mesh, cfg.device)   # --pp: only this rank's stage is built
+        model = rank_model(prepared.model_config, mesh, cfg.device, cfg.precision)   # --pp: only this stage
         trainer = ParallelTrainer(model, cfg, dataset, mesh, run_dir=plan.run_dir, schedule=schedule,
                                   tokenizer=tokenizer)
     if plan.resume:

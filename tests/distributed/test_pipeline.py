@@ -265,6 +265,57 @@ def test_partition_balances_cost():
         partition([1, 1], 3)
 
 
+def _measured_rank(group):
+    from minillm.distributed.pipeline import measured_layer_costs
+
+    mm.manual_seed(3)
+    before = backend.get_rng_state()
+    costs = measured_layer_costs(GPTConfig.from_preset("tiny"), "cpu", comm=group.comm, repeats=1)
+    return costs, backend.get_rng_state() == before
+
+
+def test_measured_costs_are_agreed_by_the_ranks_and_leave_the_stream_alone():
+    """Every rank times the parts on its own device; the all-reduce makes the figures the same on all, so
+    all cut the same stages (a rank cutting otherwise would hold other blocks: send/recv would disagree).
+    The parts are drawn under a saved stream: the weights built after are the ones built without it."""
+    (costs0, kept0), (costs1, kept1) = spawn(_measured_rank, 2)
+    assert costs0 == costs1 and kept0 and kept1
+    blocks, embed, head = costs0
+    assert len(blocks) == GPTConfig.from_preset("tiny").n_layer and min(blocks + [embed, head]) > 0
+    from minillm.distributed.pipeline import measured_layer_costs
+
+    mm.manual_seed(3)
+    measured_layer_costs(CONFIG, "cpu", repeats=1)
+    built_after = dict(GPT(CONFIG).named_parameters())
+    mm.manual_seed(3)
+    for name, p in GPT(CONFIG).named_parameters():
+        np.testing.assert_array_equal(p.data, built_after[name].data)
+
+
+def test_measured_costs_on_a_gpu_and_train_pp_cuts_by_them(gpu, monkeypatch):
+    """On a GPU the parts are timed there (the precision in force), and rank_model cuts by them."""
+    from minillm.distributed import parallel_trainer, pipeline
+
+    mm.manual_seed(3)
+    before = backend.get_rng_state()
+    blocks, embed, head = pipeline.measured_layer_costs(CONFIG, gpu, repeats=1)
+    assert min(blocks + [embed, head]) > 0 and backend.get_rng_state() == before
+    calls = []
+    monkeypatch.setattr(pipeline, "measured_layer_costs", lambda *a, **k: calls.append(a) or ([1.0] * 2, 0.0, 9.0))
+    mesh = type("Mesh", (), {"shape": type("Shape", (), {"pp": 2})(), "pp_rank": 1, "world": None})()
+    stage = parallel_trainer.rank_model(CONFIG, mesh, gpu)
+    assert calls and (stage.start, stage.end) == (1, 2)
+
+
+def test_stages_follow_the_costs_given():
+    """The cut follows the costs it is given (measured on a GPU): a head measured at 1.4 blocks
+    (gpt2-124m on an H200) gives the last of 2 stages 5 blocks, where FLOPs (4.5 blocks) give it 4."""
+    gpt2 = GPTConfig.from_preset("gpt2-124m")
+    assert stage_bounds(gpt2, 2, costs=([35.6] * 12, 1.0, 48.5)) == [(0, 7), (7, 12)]
+    assert stage_bounds(gpt2, 2) == [(0, 8), (8, 12)]
+    assert build_stage(CONFIG, 1, 2, costs=([1.0] * CONFIG.n_layer, 0.0, 100.0)).start == CONFIG.n_layer - 1
+
+
 def test_stage_names_are_the_models():
     model = _model()
     first, last = PipelineStage(model, 0, 2), PipelineStage(model, 1, 2)
