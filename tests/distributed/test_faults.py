@@ -263,14 +263,19 @@ def _alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signalled_launcher_stops_every_rank_and_exits_128_plus_the_signal(tmp_path, signum, code):
+def _launch_ready_ranks(tmp_path):
+    """``minillm launch`` of 2 CPU ranks that each print "ready", then wait forever."""
     script = tmp_path / "ready.py"
     script.write_text(READY_SCRIPT)
-    launcher = subprocess.Popen([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
-                                 "--master-port", str(free_port()), "--", sys.executable, str(script)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
+                             "--master-port", str(free_port()), "--", sys.executable, str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signalled_launcher_stops_every_rank_and_exits_128_plus_the_signal(tmp_path, signum, code):
+    launcher = _launch_ready_ranks(tmp_path)
     try:
         lines = [launcher.stdout.readline() for _ in range(2)]
         assert sorted(lines) == ["[rank 0] ready\n", "[rank 1] ready\n"], lines
@@ -291,12 +296,7 @@ def test_a_signalled_launcher_stops_every_rank_and_exits_128_plus_the_signal(tmp
 def test_a_killed_launcher_takes_its_ranks_with_it(tmp_path):
     """SIGKILL (the OOM killer, kill -9) leaves the launcher no chance to stop its ranks: each rank has
     asked the kernel to kill it when its parent dies. Before: both ranks went on, orphans."""
-    script = tmp_path / "ready.py"
-    script.write_text(READY_SCRIPT)
-    launcher = subprocess.Popen([sys.executable, "-m", "minillm", "launch", "--nproc-per-node", "2", "--device", "cpu",
-                                 "--master-port", str(free_port()), "--", sys.executable, str(script)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    launcher = _launch_ready_ranks(tmp_path)
     ranks = []
     try:
         lines = [launcher.stdout.readline() for _ in range(2)]
