@@ -3,6 +3,7 @@
 #   export NCCL_NVLS_ENABLE=0; OUT=$OUT bash benchmarks/pipeline_gpu.sh
 #   rehearsal on the CPU (tiny models, CPU ranks):   OUT=/tmp/out bash benchmarks/pipeline_gpu.sh cpu
 #   some parts only:   ONLY="equality faults" bash benchmarks/pipeline_gpu.sh    (equality nodes faults big)
+#   gpt2-124m in another precision:   GPT2_EXTRA="--precision tf32" ONLY=equality bash benchmarks/pipeline_gpu.sh
 # Parts, in order, each command under its own `timeout` (a failure or a timeout in one does not stop
 # the others; the whole call keeps to BUDGET seconds, the 10B run gets what is left, at most 240 s):
 #   equality  gpt2-124m B=16 T=1024 M=8, 20 steps: one GPU (8 accumulated micro-batches) vs PP=2 1F1B,
@@ -37,7 +38,7 @@ if [ "$DEV" = cpu ]; then
   BIG="--preset tiny --layers 4 --d-model 64 --heads 4 --context 64 --batch 8 --micro-batches 8 --device cpu"
   GPU0=""; GPU1=""
 else
-  GPT2="--preset gpt2-124m --context 1024 --batch 16 --micro-batches 8"
+  GPT2="--preset gpt2-124m --context 1024 --batch 16 --micro-batches 8 ${GPT2_EXTRA:-}"   # e.g. GPT2_EXTRA="--precision tf32"
   SMALL="--preset gpt2-124m --layers 4 --d-model 256 --heads 4 --context 256 --batch 8 --micro-batches 4"
   BIG="--preset gpt2-124m --layers 48 --d-model 4096 --heads 32 --context 1024 --batch 8 --micro-batches 8 --precision tf32"
   GPU0="CUDA_VISIBLE_DEVICES=0"; GPU1="CUDA_VISIBLE_DEVICES=1"
