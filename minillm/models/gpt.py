@@ -112,7 +112,7 @@ class GPTConfig:
         if not isinstance(self.bias, (bool, np.bool_)):
             raise ValueError(f"GPTConfig: bias must be True or False, got {self.bias!r}")
         self.bias = bool(self.bias)
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+        if not _positive_finite(self.layer_norm_eps):
             raise ValueError(f"GPTConfig: layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         self.layer_norm_eps = float(self.layer_norm_eps)
         if self.gelu_approximate not in ("tanh", "none"):
@@ -141,11 +141,18 @@ class GPTConfig:
         if self.positions == "rope":
             if self.head_dim % 2:
                 raise ValueError(f"GPTConfig: rotary positions need an even head_dim, got {self.head_dim}")
-            if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            if not _positive_finite(self.rope_theta):
                 raise ValueError(f"GPTConfig: rope_theta must be a positive number, got {self.rope_theta!r}")
             self.rope_theta = float(self.rope_theta)
             if self.rope_scaling is not None:
-                rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)   # raises, naming the problem
+                if not isinstance(self.rope_scaling, dict):
+                    raise ValueError(f"GPTConfig: rope_scaling must be a dict (Llama 3's factor, low_freq_factor, "
+                                     f"high_freq_factor, original_max_position_embeddings) or None, "
+                                     f"got {self.rope_scaling!r}")
+                try:
+                    rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)   # raises, naming the problem
+                except ValueError as error:
+                    raise ValueError(f"GPTConfig: rope_scaling: {error}") from None
                 self.rope_scaling = dict(self.rope_scaling)
         elif self.rope_scaling is not None:
             raise ValueError("GPTConfig: rope_scaling needs positions='rope'")
@@ -208,6 +215,12 @@ PRESETS: dict[str, dict] = {
                        qk_norm=True, **LLAMA_STYLE),
 }
 PRESET_ALIASES = {"gpt2": "gpt2-124m", "gpt2-small": "gpt2-124m"}
+
+
+def _positive_finite(value) -> bool:
+    """True for a real number in (0, inf) that is not a bool (True would pass as 1.0)."""
+    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+            and 0 < value < math.inf)
 
 
 def embedding_modules(config: GPTConfig, *, device=None, dtype=None):
