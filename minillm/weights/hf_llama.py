@@ -87,7 +87,10 @@ def config_from_hf(hf: dict) -> GPTConfig:
     if unsupported:
         raise ValueError(f"config.json: settings this {model_type} loader does not implement: "
                          + "; ".join(unsupported))
-    n_head = hf["num_attention_heads"]
+    n_head, head_dim = hf["num_attention_heads"], hf.get("head_dim")
+    if head_dim is None and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                for v in (n_head, hf["hidden_size"])):
+        head_dim = hf["hidden_size"] // n_head     # transformers' default, floored; other values: GPTConfig names them
     return GPTConfig(
         vocab_size=hf["vocab_size"],
         context_length=hf.get("max_position_embeddings", 2048),
@@ -97,8 +100,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
         dropout=0.0,                                   # attention_dropout is a training setting
         layer_norm_eps=config_number(hf, "rms_norm_eps", 1e-6),
         mlp_hidden=hf["intermediate_size"],
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        n_kv_head=n_head if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],   # 0: refused
+        head_dim=head_dim,
         qk_norm=model_type == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),   # transformers' default for both
         rope_theta=rope_theta,

@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,3 +185,33 @@ def test_save_then_load_is_bit_for_bit_and_the_cache_agrees(tmp_path_factory, cf
         cache = loaded.new_kv_cache(2, 9)
         steps = [loaded(ids[:, a:b], cache=cache).numpy() for a, b in ((0, 4), (4, 5), (5, 9))]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+# ------------------------------------------------------------------ config.json values that are not defaults
+
+
+def test_zero_kv_heads_or_head_dim_in_config_json_are_refused_not_defaulted():
+    """0 is not "absent": it was silently read as n_head (plain multi-head attention) / hidden_size // heads."""
+    from minillm.weights.hf_llama import config_from_hf  # noqa: PLC0415
+
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 4}
+    assert (config_from_hf(base).n_kv_head, config_from_hf(base).head_dim) == (4, 4)          # absent: defaults
+    assert config_from_hf({**base, "num_key_value_heads": None, "head_dim": None}).n_kv_head == 4
+    for field, ours in (("num_key_value_heads", "n_kv_head"), ("head_dim", "head_dim")):
+        with pytest.raises(ValueError, match=f"{ours} must be a positive integer or None, got 0"):
+            config_from_hf({**base, field: 0})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_attention_heads", 0, "n_head must be a positive integer, got 0"),            # was ZeroDivisionError
+    ("num_attention_heads", "4", "n_head must be a positive integer, got '4'"),        # was TypeError
+    ("hidden_size", "16", "d_model must be a positive integer, got '16'"),             # was TypeError
+])
+def test_bad_head_counts_in_config_json_are_value_errors_naming_the_field(field, value, message):
+    from minillm.weights.hf_llama import config_from_hf  # noqa: PLC0415
+
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match=message):
+        config_from_hf({**base, field: value})
