@@ -91,9 +91,10 @@ def llama_family(draw):
                                                                                    if n_head % k == 0])),
         "head_dim": draw(st.sampled_from([2, 4, 6])), "hidden_act": "silu", "max_position_embeddings": 64,
         "rms_norm_eps": draw(st.sampled_from([1e-6, 1e-5])), "rope_theta": draw(st.sampled_from([10.0, 1e4, 1e6])),
-        "rope_scaling": draw(st.sampled_from([None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0,
-                                                     "original_max_position_embeddings": 8}])),
+        # original 8: wavelengths 2π … are medium (smoothed) or long; 32: 2π < 32/4 is a short one, kept as is
+        "rope_scaling": draw(st.sampled_from([None] + [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": old} for old in (8, 32)])),
         "tie_word_embeddings": draw(st.booleans()), "attention_bias": False,
     }
 
