@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from example_helpers import ctrl_c_after_step
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -76,7 +77,6 @@ def test_05_ctrl_c_saves_stops_and_resumes(tmp_path, capsys):
     """Ctrl-C: the step ends, a checkpoint is saved, the example stops (exit 130, no evaluation, no sample)
     and says how to continue; --resume finishes the run, a run directory `minillm generate --run` reads."""
     import json
-    import signal
 
     from minillm.train.run import load_run
 
@@ -87,14 +87,7 @@ def test_05_ctrl_c_saves_stops_and_resumes(tmp_path, capsys):
                              "--context", "16", "--eval-interval", "0", "--out", run, "--quiet"]]
     example = load("05_pretrain_shakespeare")
 
-    class CtrlCAtStep5(example.Trainer):
-        def train_step(self):
-            result = super().train_step()
-            if self.step == 5:
-                signal.raise_signal(signal.SIGINT)    # as a terminal's Ctrl-C, mid-run
-            return result
-
-    example.Trainer = CtrlCAtStep5
+    example.Trainer = ctrl_c_after_step(example.Trainer, 5)   # Ctrl-C mid-run
     with pytest.raises(SystemExit) as stopped:
         example.main(argv)
     assert stopped.value.code == 130
@@ -200,22 +193,13 @@ def test_12_llama_style(tmp_path, capsys):
 def test_12_progress_and_ctrl_c(tmp_path, capsys, monkeypatch):
     """Step 4 shows example 5's progress (no minutes of silence); Ctrl-C stops it (exit 130) and says that
     its temporary run is gone, so example 5's 'continue with --resume' does not apply."""
-    import signal
-
     import minillm.train
-
-    class CtrlCAtStep3(minillm.train.Trainer):
-        def train_step(self):
-            result = super().train_step()
-            if self.step == 3:
-                signal.raise_signal(signal.SIGINT)
-            return result
 
     text = tmp_path / "play.txt"
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 60, encoding="utf-8")
     argv = ["--steps", "6", "--data", str(text), "--n-layer", "1", "--n-head", "2", "--d-model", "16",
             "--context", "16", "--eval-interval", "3", "--eval-batches", "1"]
-    monkeypatch.setattr(minillm.train, "Trainer", CtrlCAtStep3)   # example 5 imports it when 12 loads it
+    monkeypatch.setattr(minillm.train, "Trainer", ctrl_c_after_step(minillm.train.Trainer, 3))   # 5 imports it
     with pytest.raises(SystemExit) as stopped:
         load("12_llama_style").main(argv)
     assert stopped.value.code == 130

@@ -11,6 +11,7 @@ TESTS = Path(__file__).resolve().parents[1]
 EXAMPLES = TESTS.parent / "examples"
 sys.path.insert(0, str(TESTS / "finetune"))
 from finetune_helpers import make_base_run, write_instructions, write_spam_like  # noqa: E402
+from example_helpers import ctrl_c_after_step  # noqa: E402
 
 
 def load(name: str):
@@ -64,18 +65,10 @@ def test_ctrl_c_stops_the_example_and_a_second_run_is_refused(tmp_path, capsys, 
     variant (08 --ablation), no test responses (09), no DPO from a half-trained SFT (11). Run again into
     the same --out: one line (exit 2) before any work, not a traceback."""
     import json
-    import signal
 
     import minillm.finetune.run as finetune_run
 
-    class CtrlCAtStep2(finetune_run.Trainer):
-        def train_step(self):
-            result = super().train_step()
-            if self.step == 2:
-                signal.raise_signal(signal.SIGINT)    # as a terminal's Ctrl-C, mid-run
-            return result
-
-    monkeypatch.setattr(finetune_run, "Trainer", CtrlCAtStep2)
+    monkeypatch.setattr(finetune_run, "Trainer", ctrl_c_after_step(finetune_run.Trainer, 2))   # Ctrl-C mid-run
     base, out = make_base_run(tmp_path / "base", context_length=192), tmp_path / "out"
     instructions = ["--data", str(write_instructions(tmp_path / "i.json", n=40))]
     argv, stopped_in = {   # the options, and the run directory the Ctrl-C lands in
