@@ -1,10 +1,13 @@
-"""CUDA kernels behind ops/activation.py: softmax / log-softmax (one block per row) and GELU
-(one elementwise kernel each way)."""
+"""Kernels behind ops/activation.py: softmax / log-softmax (CUDA, one block per row) and GELU
+(one elementwise kernel each way, on a GPU and, compiled, on the CPU)."""
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
+
+from . import cpu
 from .common import ROW_HELPERS_SOURCE, fusable, row_kernel, row_launch  # noqa: F401 (fusable: re-exported)
 
 _SOFTMAX_SOURCE = ROW_HELPERS_SOURCE + r"""
@@ -79,36 +82,65 @@ def softmax_backward(grad, out, log: bool = False):
     return dx
 
 
-_GELU_PREAMBLE = r"""
+# GELU's arithmetic, written once: each body is the per-element code of a CUDA ElementwiseKernel on a
+# GPU and of a compiled loop on the CPU (kernels/cpu.py); only normal_cdf differs between the two.
+_GELU_PREAMBLES = {
+    "cuda": r"""
 __device__ float normal_cdf(float x) { return normcdff(x); }
 __device__ double normal_cdf(double x) { return normcdf(x); }
-"""
+""",
+    "cpu": r"""
+template <typename T> static inline T normal_cdf(T x) { return T(0.5) * erfc(x * T(-0.7071067811865476)); }
+""",
+}
+_GELU_K = "const T k = 0.7978845608028654, c = 0.044715;\n"   # √(2/π) and GELU's cubic coefficient
+_GELU_BODIES = {
+    ("tanh", "forward"): _GELU_K + "y = T(0.5) * x * (T(1) + tanh(k * x * (T(1) + c * x * x)));",
+    ("tanh", "backward"): _GELU_K + """
+        const T x2 = x * x;
+        const T t = tanh(k * x * (T(1) + c * x2));
+        dx = g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * k * (T(1) + T(3) * c * x2));""",
+    ("none", "forward"): "y = x * normal_cdf(x);",
+    ("none", "backward"): "dx = g * (normal_cdf(x) + x * exp(T(-0.5) * x * x) * T(0.3989422804014327));",
+}
+_GELU_PARAMS = {"forward": ("T x", "T y"), "backward": ("T g, T x", "T dx")}
 
 
 @functools.lru_cache(maxsize=None)
-def _gelu_kernel(approximate: str, direction: str):
-    import cupy  # noqa: PLC0415
+def _gelu_kernel(approximate: str, direction: str, device: str = "cuda"):
+    """GELU one way as an elementwise kernel: ``cupy.ElementwiseKernel`` for a GPU, the compiled
+    loop of ``kernels.cpu.ElementwiseKernel`` for NumPy arrays; the same body."""
+    if device == "cpu":
+        module = cpu
+    else:
+        import cupy as module  # noqa: PLC0415
+    return module.ElementwiseKernel(*_GELU_PARAMS[direction], _GELU_BODIES[approximate, direction],
+                                    f"minillm_gelu_{approximate}_{direction}", preamble=_GELU_PREAMBLES[device])
 
-    k = "const T k = 0.7978845608028654, c = 0.044715;\n"   # √(2/π) and GELU's cubic coefficient
-    bodies = {
-        ("tanh", "forward"): k + "y = T(0.5) * x * (T(1) + tanh(k * x * (T(1) + c * x * x)));",
-        ("tanh", "backward"): k + """
-            const T x2 = x * x;
-            const T t = tanh(k * x * (T(1) + c * x2));
-            dx = g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * k * (T(1) + T(3) * c * x2));""",
-        ("none", "forward"): "y = x * normal_cdf(x);",
-        ("none", "backward"): "dx = g * (normal_cdf(x) + x * exp(T(-0.5) * x * x) * T(0.3989422804014327));",
-    }
-    params = ("T x", "T y") if direction == "forward" else ("T g, T x", "T dx")
-    return cupy.ElementwiseKernel(*params, bodies[approximate, direction],
-                                  f"minillm_gelu_{approximate}_{direction}", preamble=_GELU_PREAMBLE)
+
+def gelu_fusable(x, approximate: str) -> bool:
+    """True when GELU runs as one kernel each way: a CuPy array, or a NumPy one that the compiled
+    CPU loops take (``kernels.cpu.fusable``, and both loops built)."""
+    if fusable(x):
+        return True
+    return cpu.fusable(x) and all(_gelu_kernel(approximate, direction, "cpu").available(x, x)
+                                  for direction in ("forward", "backward"))
 
 
 def gelu_forward(x, approximate: str):
-    """GELU of a CuPy array in one elementwise kernel: x Φ(x), or GPT-2's tanh form."""
+    """GELU of an array in one elementwise kernel: x Φ(x), or GPT-2's tanh form."""
+    if isinstance(x, np.ndarray):
+        out = np.empty_like(x)
+        _gelu_kernel(approximate, "forward", "cpu")(x, out)
+        return out
     return _gelu_kernel(approximate, "forward")(x)
 
 
 def gelu_backward(grad, x, approximate: str):
     """dGELU/dx · grad in one elementwise kernel, recomputing tanh / Φ from x (nothing saved)."""
+    if isinstance(x, np.ndarray):
+        dx = np.empty_like(x)
+        grad = np.asarray(grad, dtype=x.dtype)
+        _gelu_kernel(approximate, "backward", "cpu")(grad if grad.flags.c_contiguous else grad.copy(), x, dx)
+        return dx
     return _gelu_kernel(approximate, "backward")(grad, x)
