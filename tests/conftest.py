@@ -48,6 +48,18 @@ def restore_precision():
     mm.set_float32_matmul_precision("highest")
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def cpu_path(request):
+    """Run a test twice: with the compiled CPU kernels (minillm/kernels/cpu.py; skipped where no
+    C++ compiler is at hand) and with the NumPy passes that run without them."""
+    from minillm.kernels import cpu  # noqa: PLC0415
+
+    if request.param == "compiled" and not cpu.enabled():
+        pytest.skip("no C++ compiler here for the CPU kernels")
+    with cpu.use_cpu_kernels(request.param == "compiled"):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     mm.manual_seed(0)

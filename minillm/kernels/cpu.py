@@ -51,7 +51,10 @@ import warnings
 
 import numpy as np
 
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=c++17", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=c++17", "-fPIC")
+# Linked in a second step, without the fast-math flags: with them the compiler adds crtfastmath.o to
+# the library, whose loading turns on flush-to-zero for denormals in the whole process (NumPy's too).
+LINK_FLAGS = ("-shared",)
 _DTYPES = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
 # glibc declares the vector versions of tanh, exp, erfc, ... (libmvec) only under __FAST_MATH__, which
 # -fno-finite-math-only leaves undefined: defined here, so the loops below still call them.
@@ -102,9 +105,12 @@ def enabled() -> bool:
 def fusable(*arrays) -> bool:
     """True when the compiled CPU kernels take these arrays: NumPy, C-contiguous, all float32 or
     all float64, and kernels are on (``enabled``)."""
-    if not arrays or not enabled():
-        return False
-    dtype = getattr(arrays[0], "dtype", None)
+    return enabled() and _takes(*arrays)
+
+
+def _takes(*arrays) -> bool:
+    """The arrays a compiled loop reads: NumPy, C-contiguous, all float32 or all float64."""
+    dtype = getattr(arrays[0], "dtype", None) if arrays else None
     return dtype in _DTYPES and all(
         type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous for a in arrays)
 
@@ -138,11 +144,11 @@ def library(name: str, source: str):
     cxx = compiler()
     if cxx is None:
         return None
-    digest = hashlib.sha256("\0".join((source, " ".join(FLAGS), _machine_key())).encode()).hexdigest()[:20]
+    digest = hashlib.sha256("\0".join((source, " ".join(FLAGS + LINK_FLAGS), _machine_key())).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir(), f"{name}-{digest}.so")
     if not os.path.exists(path):
         try:
-            _compile(cxx, source, path)
+            path = _compile(cxx, source, path)
         except (OSError, subprocess.SubprocessError) as error:
             if name not in _failed:
                 _failed.add(name)
@@ -152,7 +158,9 @@ def library(name: str, source: str):
     return ctypes.CDLL(path)
 
 
-def _compile(cxx: str, source: str, path: str) -> None:
+def _compile(cxx: str, source: str, path: str) -> str:
+    """Build ``source`` into the library ``path`` (or, if its folder cannot be written, into a new
+    temporary folder); returns the path written."""
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -166,14 +174,17 @@ def _compile(cxx: str, source: str, path: str) -> None:
         with open(source_path, "w") as file:
             file.write(source)
         partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}")
-        done = subprocess.run([cxx, *FLAGS, source_path, "-o", partial, "-lm"],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            with contextlib.suppress(OSError):
-                os.remove(partial)
-            raise subprocess.SubprocessError(f"{os.path.basename(cxx)} exited with {done.returncode}: "
-                                             f"{done.stderr.strip()[-2000:]}")
+        object_path = os.path.join(build, "kernel.o")
+        for command in ([cxx, *FLAGS, "-c", source_path, "-o", object_path],
+                        [cxx, *LINK_FLAGS, object_path, "-o", partial, "-lm"]):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                with contextlib.suppress(OSError):
+                    os.remove(partial)
+                raise subprocess.SubprocessError(f"{os.path.basename(cxx)} exited with {done.returncode}: "
+                                                 f"{done.stderr.strip()[-2000:]}")
         os.replace(partial, path)                        # atomic: another process sees all or nothing
+    return path
 
 
 # ------------------------------------------------------------ elementwise kernels
@@ -264,12 +275,13 @@ class ElementwiseKernel:
         ins, outs = args[: len(self.inputs)], args[len(self.inputs):]
         scalars = tuple(not isinstance(a, np.ndarray) for a in ins)
         arrays = [a for a in ins if isinstance(a, np.ndarray)] + list(outs)
-        if not fusable(*arrays) or any(a.shape != arrays[0].shape for a in arrays):
+        if not _takes(*arrays) or any(a.shape != arrays[0].shape for a in arrays):   # (switched off or not:
+            # a backward whose forward ran compiled runs compiled too)
             raise ValueError(f"{self.name}: the arrays must be C-contiguous NumPy arrays of one shape and "
                              f"one dtype (float32 or float64)")
         for i, out in enumerate(outs):
             for other in arrays[: len(arrays) - len(outs) + i]:
-                if other is not out and np.may_share_memory(other, out):
+                if np.may_share_memory(other, out):
                     raise ValueError(f"{self.name}: output {self.outputs[i]!r} overlaps another argument")
         entry = self.function(scalars, arrays[0].dtype)
         if entry is None:

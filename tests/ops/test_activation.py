@@ -103,7 +103,7 @@ def test_elementwise_extreme_values_stay_finite(device, name):
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_gelu_derivative_matches_closed_form(device, approximate):
+def test_gelu_derivative_matches_closed_form(device, approximate, cpu_path):
     x = np.linspace(-6, 6, 61)
     xt = t(x, device)
     F.gelu(xt, approximate=approximate).sum().backward()
@@ -120,7 +120,7 @@ def test_gelu_derivative_matches_closed_form(device, approximate):
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 @SETTINGS
 @given(data=st.data())
-def test_gelu_fused_equals_composed(device, approximate, data):
+def test_gelu_fused_equals_composed(device, approximate, data, cpu_path):
     x = data.draw(arrays(data.draw(shapes), st.floats(-8, 8, width=64)))
     a, b = t(x, device), t(x, device)
     ya, yb = F.gelu(a, approximate), F.gelu_composed(b, approximate)
@@ -246,7 +246,7 @@ def test_cuda_kernels_equal_numpy_path(gpu, dtype):
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_gelu_of_a_0d_tensor_fused_and_composed(approximate):
+def test_gelu_of_a_0d_tensor_fused_and_composed(approximate, cpu_path):
     """0-d inputs: NumPy's x * x is then a scalar, not an array (the erf primitive's backward
     wrote into it with ``out=`` and failed)."""
     for fn in (F.gelu, F.gelu_composed):
