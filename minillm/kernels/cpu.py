@@ -223,6 +223,7 @@ class ElementwiseKernel:
     def __init__(self, in_params: str, out_params: str, body: str, name: str, preamble: str = ""):
         self.inputs, self.outputs = _names(in_params), _names(out_params)
         self.body, self.name, self.preamble = body, name, preamble
+        self._functions: dict = {}           # (input pattern, dtype) -> compiled entry (or None)
 
     def source(self, scalars: tuple[bool, ...]) -> str:
         """The C++ for inputs where ``scalars[i]`` says input i is a number: one template loop
@@ -252,13 +253,16 @@ class ElementwiseKernel:
 
     def function(self, scalars: tuple[bool, ...], dtype):
         """The compiled entry for this input pattern and dtype, or None when it cannot be built."""
-        lib = library(self.name, self.source(scalars))
-        if lib is None:
-            return None
-        entry = getattr(lib, f"{self.name}_{_DTYPES[np.dtype(dtype)][1]}")
-        entry.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-        entry.restype = None
-        return entry
+        key = (scalars, np.dtype(dtype))
+        if key not in self._functions:
+            lib = library(self.name, self.source(scalars))
+            entry = None
+            if lib is not None:
+                entry = getattr(lib, f"{self.name}_{_DTYPES[key[1]][1]}")
+                entry.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+                entry.restype = None
+            self._functions[key] = entry
+        return self._functions[key]
 
     def available(self, *args) -> bool:
         """True when a call with these arguments would run compiled (it builds the library)."""
