@@ -240,12 +240,13 @@ _cpu_threads_tuned = False
 
 
 @functools.lru_cache(maxsize=None)
-def _openblas_thread_functions():
-    """(get, set) for the thread count of the OpenBLAS that NumPy loaded, or None.
+def numpy_openblas():
+    """(library, symbol prefix, symbol suffix) of the OpenBLAS that NumPy loaded, or None.
 
-    NumPy's wheels bundle OpenBLAS with prefixed symbols (``scipy_openblas_*64_``);
-    other builds use the plain names. Found among the libraries this process has
-    mapped (Linux); anywhere else, or with another BLAS, there is nothing to set.
+    NumPy's wheels bundle OpenBLAS with prefixed symbols (``scipy_openblas_*64_``,
+    the CBLAS ones ``scipy_cblas_*64_``; ``64_``: 64-bit integers); other builds use
+    the plain names. Found among the libraries this process has mapped (Linux);
+    anywhere else, or with another BLAS, None. ``kernels/matmul.py`` calls its CBLAS.
     """
     try:
         import ctypes  # noqa: PLC0415
@@ -255,13 +256,22 @@ def _openblas_thread_functions():
         for path in paths:
             lib = ctypes.CDLL(path)
             for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    return get, set_
+                if (hasattr(lib, f"{prefix}_get_num_threads{suffix}")
+                        and hasattr(lib, f"{prefix}_set_num_threads{suffix}")):
+                    return lib, prefix, suffix
     except OSError:
         pass
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _openblas_thread_functions():
+    """(get, set) for the thread count of the OpenBLAS that NumPy loaded, or None."""
+    found = numpy_openblas()
+    if found is None:
+        return None
+    lib, prefix, suffix = found
+    return getattr(lib, f"{prefix}_get_num_threads{suffix}"), getattr(lib, f"{prefix}_set_num_threads{suffix}")
 
 
 def can_limit_blas_threads() -> bool:

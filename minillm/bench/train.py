@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from .. import backend
+from ..kernels.matmul import cpu_blas_name
 
 BENCH_DEFAULT = dict(n_layer=6, n_head=6, d_model=384, context_length=256, vocab_size=65)
 
@@ -112,6 +113,7 @@ def measure_train_step(config, batch_size: int = 8, grad_accum: int = 1, device:
         "ms_per_step_mean": 1000 * total / steps, "ms_per_step_min": 1000 * min(times),
         "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_model_mib": rss_before / 2**20,
         "threads_hint": os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default",
+        "cpu_blas": cpu_blas_name(),                        # the library of the CPU's large products
     }
     if pool is not None:
         graph = trainer.graph_memory_bytes() if hasattr(trainer, "graph_memory_bytes") else 0   # the graph's own pool

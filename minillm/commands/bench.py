@@ -143,7 +143,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
     print(f"train step: {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, context {c.context_length}, "
           f"vocab {c.vocab_size}, batch {B} x {args.grad_accum}, {result['precision']}, {result['device']}, "
           f"{'CUDA graph, ' if result['cuda_graph'] else ''}"
-          f"{result['parameters']:,} parameters")
+          f"{result['parameters']:,} parameters"
+          f"{', products on ' + result['cpu_blas'] if result['device'] == 'cpu' else ''}")
     print(f"  {result['tokens_per_s']:,.0f} tokens/s  ({result['ms_per_step_mean']:.1f} ms/step mean, "
           f"{result['ms_per_step_min']:.1f} min, over {args.steps} steps after {args.warmup} warmup)")
     print(f"  peak RSS {result['peak_rss_mib']:,.0f} MiB (process; {result['rss_before_model_mib']:,.0f} MiB "

@@ -1,4 +1,5 @@
-"""Matrix products on the GPU straight through cuBLAS ``GemmEx`` (the kernels behind ops/matmul.py).
+"""Matrix products straight through the BLAS: cuBLAS ``GemmEx`` on the GPU, CBLAS ``?gemm`` on the
+CPU (the kernels behind ops/matmul.py; the CPU part is at the end of this file).
 
 Why not ``cupy.matmul``: for 3-D operands it upcasts fp16 to fp32 (no tensor
 cores) and rejects bf16; a transposed view is copied before the product; and
@@ -263,3 +264,273 @@ def prepare_capture(workspace_bytes: int = 32 << 20) -> None:
     workspace = _capture_workspaces[device]
     _check(lib.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
     _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+
+
+# ---------------------------------------------------------------- the CPU: CBLAS through ctypes
+#
+# minillm shares a large product out between its own threads (ops/common.py, ``cpu_matmul``), each
+# thread's block one single-threaded BLAS call. ``cpu_gemm`` makes that call through ``ctypes``
+# (the GIL is released while it runs), into
+#
+# - Intel MKL's ``libmkl_rt`` when it is installed (``pip install minillm[mkl]``: the wheel puts it
+#   under ``sys.prefix/lib``), switched to its sequential threading layer, so every call runs on
+#   the thread that makes it. On this project's Xeon its kernels run the linear layers' products
+#   8-11% faster than OpenBLAS's (docs/performance.md);
+# - else the OpenBLAS that NumPy loaded (``backend.numpy_openblas``), whose thread count
+#   ``backend.blas_threads`` sets: the very kernels ``np.matmul`` calls, the same results.
+#
+# ``MINILLM_BLAS`` chooses: ``mkl``, ``openblas`` (NumPy's), ``numpy`` (no ctypes at all: plain
+# ``np.matmul``) or the path of a CBLAS library. Nothing found (no /proc/self/maps, another BLAS):
+# ``cpu_gemm`` computes with ``np.matmul``; loading never raises.
+#
+# Like cuBLAS above, CBLAS reads an operand in place when its rows (or, for a transposed view, its
+# columns) are contiguous: a transpose is a flag, a row stride a leading dimension.
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112          # CBLAS_ORDER, CBLAS_TRANSPOSE
+_MKL_THREADING_SEQUENTIAL = 1                          # MKL_Set_Threading_Layer's argument
+_CPU_GEMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class CpuBlas:
+    """One CBLAS library bound through ctypes: ``gemm[dtype]`` (``cblas_sgemm`` / ``cblas_dgemm``).
+
+    ``name`` says which (``minillm bench train`` prints it); ``single_threaded`` is True when every
+    call runs on the calling thread whatever else happens (MKL's sequential layer), False for an
+    OpenBLAS whose own threads ``backend.blas_threads`` must hold at one inside minillm's splits.
+    """
+
+    def __init__(self, lib, name: str, gemm_names: tuple[str, str], int_bits: int, single_threaded: bool,
+                 path: str = "") -> None:
+        self.lib, self.name, self.single_threaded, self.path = lib, name, single_threaded, path
+        self.max_int = 2 ** (int_bits - 1) - 1
+        index = ctypes.c_int64 if int_bits == 64 else ctypes.c_int32
+        self.gemm = {}
+        for dtype, symbol, scalar in zip(_CPU_GEMM_DTYPES, gemm_names, (ctypes.c_float, ctypes.c_double)):
+            function = getattr(lib, symbol)
+            p, e = ctypes.c_void_p, ctypes.c_int     # CBLAS's enums are C ints
+            # (order, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
+            function.argtypes = [e, e, e, index, index, index, scalar, p, index, p, index, scalar, p, index]
+            function.restype = None
+            self.gemm[dtype] = function
+
+
+def _mkl(path_or_name: str) -> CpuBlas | None:
+    """MKL's single dynamic library (``libmkl_rt``), set to its sequential layer, or None."""
+    lib = ctypes.CDLL(path_or_name)
+    if not hasattr(lib, "MKL_Set_Threading_Layer"):
+        return None
+    lib.MKL_Set_Threading_Layer.argtypes, lib.MKL_Set_Threading_Layer.restype = [ctypes.c_int], ctypes.c_int
+    # Fails (returns another layer) when MKL was already running in this process with threads:
+    # then minillm's threads would each start MKL's too, more threads than cores. Not used then.
+    if lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL) != _MKL_THREADING_SEQUENTIAL:
+        return None
+    version = ctypes.create_string_buffer(256)
+    lib.MKL_Get_Version_String(version, len(version))
+    words = version.value.decode(errors="replace").split()
+    number = next((w.split("-")[0] for w in words if w[:1].isdigit()), "")     # "2026.2-Product"
+    names, bits = ("cblas_sgemm_64", "cblas_dgemm_64"), 64          # 64-bit integers, whatever the
+    if not hasattr(lib, names[0]):                                  # interface layer (MKL 2023+)
+        names, bits = ("cblas_sgemm", "cblas_dgemm"), 32
+    return CpuBlas(lib, f"MKL {number} (sequential)".replace("  ", " "), names, bits, True, path_or_name)
+
+
+def _mkl_candidates() -> list[str]:
+    """MKL's runtime library: under this environment's lib/ (the PyPI wheel), then the loader's path.
+
+    A copy whose own sub-libraries (core, sequential layer) are not beside it is skipped: MKL
+    would stop the process ("MKL FATAL ERROR: cannot load ...") at its first call."""
+    import ctypes.util  # noqa: PLC0415
+    import glob  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    found = []
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True)
+    on_loader_path = ctypes.util.find_library("mkl_rt")
+    if on_loader_path:
+        found.append(on_loader_path)
+    usable = []
+    for path in found:
+        folder = os.path.dirname(path)
+        if folder and not all(glob.glob(os.path.join(folder, f"lib{part}.so*"))
+                              for part in ("mkl_core", "mkl_sequential")):
+            continue
+        usable.append(path)
+    return usable
+
+
+def _numpy_openblas() -> CpuBlas | None:
+    """The CBLAS of the OpenBLAS NumPy loaded (``backend.numpy_openblas``), or None."""
+    from .. import backend  # noqa: PLC0415
+
+    found = backend.numpy_openblas()
+    if found is None:
+        return None
+    lib, prefix, suffix = found
+    cblas = "scipy_cblas" if prefix.startswith("scipy") else "cblas"     # scipy_cblas_sgemm64_, cblas_sgemm
+    names = (f"{cblas}_sgemm{suffix}", f"{cblas}_dgemm{suffix}")
+    if not all(hasattr(lib, name) for name in names):
+        return None
+    config = getattr(lib, f"{prefix}_get_config{suffix}", None)
+    version = ""
+    if config is not None:
+        config.restype = ctypes.c_char_p
+        words = (config() or b"").decode(errors="replace").split()
+        version = " " + words[1] if len(words) > 1 else ""
+    return CpuBlas(lib, f"OpenBLAS{version} (NumPy's)", names, 64 if suffix.startswith("64") else 32, False)
+
+
+def _cblas_at(path: str) -> CpuBlas | None:
+    """A CBLAS library named by path: MKL, or one with the OpenBLAS/reference CBLAS symbols."""
+    blas = _mkl(path)
+    if blas is not None:
+        return blas
+    lib = ctypes.CDLL(path)
+    for names, bits in ((("cblas_sgemm64_", "cblas_dgemm64_"), 64), (("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_"), 64),
+                        (("cblas_sgemm", "cblas_dgemm"), 32)):
+        if all(hasattr(lib, name) for name in names):
+            return CpuBlas(lib, f"CBLAS {path}", names, bits, False, path)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_blas() -> CpuBlas | None:
+    """The CBLAS that ``cpu_gemm`` calls (MKL, else NumPy's OpenBLAS; ``MINILLM_BLAS`` overrides),
+    or None: ``cpu_gemm`` then runs ``np.matmul``. Looked up once; never raises (a library that
+    fails to load is skipped with a warning when ``MINILLM_BLAS`` named it)."""
+    import os  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    choice = os.environ.get("MINILLM_BLAS", "").strip()
+    try:
+        if choice.lower() == "numpy":
+            return None
+        if choice.lower() == "openblas":
+            return _numpy_openblas()
+        if choice and choice.lower() != "mkl":
+            blas = _cblas_at(choice)
+            if blas is not None:
+                return blas
+            warnings.warn(f"MINILLM_BLAS={choice!r}: no CBLAS there; using the default search", stacklevel=2)
+    except (OSError, AttributeError, ValueError) as error:
+        warnings.warn(f"MINILLM_BLAS={choice!r} could not be loaded ({error}); using the default search", stacklevel=2)
+    for path in _mkl_candidates():
+        try:
+            blas = _mkl(path)
+        except (OSError, AttributeError):
+            continue
+        if blas is not None:
+            return blas
+    if choice.lower() == "mkl":
+        warnings.warn("MINILLM_BLAS=mkl: MKL not found (pip install minillm[mkl]); using NumPy's OpenBLAS",
+                      stacklevel=2)
+    try:
+        return _numpy_openblas()
+    except (OSError, AttributeError):
+        return None
+
+
+def cpu_blas_name() -> str:
+    """Which library the CPU's products run on: 'MKL 2026.2 (sequential)', 'OpenBLAS 0.3.31 (NumPy's)',
+    or 'NumPy matmul' when no CBLAS could be bound."""
+    blas = cpu_blas()
+    return blas.name if blas is not None else "NumPy matmul"
+
+
+def cpu_blas_single_threaded() -> bool:
+    """True when every ``cpu_gemm`` runs on its calling thread alone (MKL's sequential layer):
+    minillm's threads can then share products out with no BLAS thread count to hold down."""
+    blas = cpu_blas()
+    return blas is not None and blas.single_threaded
+
+
+def _row_major_ld(x) -> int | None:
+    """The leading dimension (row stride in elements) of a 2-D array whose rows are contiguous,
+    or None when they are not."""
+    item = x.itemsize
+    rows, cols = x.shape
+    if cols > 1 and x.strides[1] != item:
+        return None
+    if rows <= 1:
+        return max(cols, 1)
+    stride = x.strides[0]
+    if stride % item or stride // item < max(cols, 1):
+        return None
+    return stride // item
+
+
+def _cpu_operand(x, transposed: bool):
+    """(array, transposed, ld) reading op(x) in place: x row-major as it is, or x a transposed view
+    of a row-major array (columns contiguous: read that array with the flag flipped); else a copy."""
+    if x.flags.aligned:
+        ld = _row_major_ld(x)
+        if ld is not None:
+            return x, transposed, ld
+        ld = _row_major_ld(x.T)
+        if ld is not None:
+            return x.T, not transposed, ld
+    x = np.ascontiguousarray(x)
+    return x, transposed, max(x.shape[1], 1)
+
+
+def cpu_gemm(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = False, out=None,
+             alpha: float = 1.0, accumulate: bool = False) -> np.ndarray:
+    """C = alpha · op(A) op(B) (+ C when ``accumulate``) on 2-D NumPy arrays; returns C.
+
+    ``gemm``'s contract on the CPU: A is (m, k) (stored (k, m) when ``trans_a``), B (k, n) (stored
+    (n, k) when ``trans_b``), both float32 or both float64; C is (m, n) of their dtype, or ``out``
+    (rows contiguous, any row stride; with ``accumulate`` its content is added to: beta = 1). One
+    CBLAS call on the calling thread (``cpu_blas``) reading A and B in place: a transposed view is
+    a flag, rows with a stride a leading dimension; other layouts, and operands that overlap
+    ``out``, are copied first. With no CBLAS bound, the same through ``np.matmul``.
+    """
+    if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray):
+        raise TypeError(f"cpu_gemm: operands must be NumPy arrays, got {type(a).__name__} and {type(b).__name__}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"cpu_gemm: operands of different dtypes {a.dtype} and {b.dtype}")
+    if a.dtype not in _CPU_GEMM_DTYPES:
+        raise TypeError(f"cpu_gemm: unsupported dtype {a.dtype} (float32 or float64)")
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"cpu_gemm: operands must be 2-D, got shapes {a.shape} and {b.shape}")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k_b, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k_b:
+        raise ValueError(f"cpu_gemm: inner dimensions differ ({a.shape}, trans {trans_a}; {b.shape}, trans {trans_b})")
+    if out is None:
+        if accumulate:
+            raise ValueError("cpu_gemm: accumulate needs out")
+        out = np.empty((m, n), dtype=a.dtype)
+    elif not isinstance(out, np.ndarray) or out.dtype != a.dtype:
+        raise TypeError(f"cpu_gemm: out must be a NumPy array of {a.dtype}, got {getattr(out, 'dtype', type(out))}")
+    elif out.shape != (m, n):
+        raise ValueError(f"cpu_gemm: out has shape {out.shape}, expected {(m, n)}")
+    if out.size == 0:
+        return out
+    if k == 0:
+        if not accumulate:
+            out.fill(0)
+        return out
+    ldc = _row_major_ld(out) if out.flags.aligned and out.flags.writeable else None
+    if ldc is None:
+        raise ValueError("cpu_gemm: out needs contiguous, aligned, writeable rows")
+    if np.may_share_memory(a, out):
+        a = a.copy()
+    if np.may_share_memory(b, out):
+        b = b.copy()
+    a, trans_a, lda = _cpu_operand(a, trans_a)
+    b, trans_b, ldb = _cpu_operand(b, trans_b)
+    blas = cpu_blas()
+    if blas is None or max(m, n, k, lda, ldb, ldc) > blas.max_int:
+        product = np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+        if alpha != 1.0:
+            product *= alpha
+        if accumulate:
+            out += product
+        else:
+            out[...] = product
+        return out
+    blas.gemm[a.dtype](_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                       m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data, ldb,
+                       1.0 if accumulate else 0.0, out.ctypes.data, ldc)
+    return out

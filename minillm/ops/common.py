@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from .. import backend
+from ..kernels.matmul import cpu_blas_single_threaded, cpu_gemm
 from ..tensor import Tensor
 
 
@@ -205,7 +206,7 @@ def elementwise_in_threads(work, arrays, *args, scratch: bool = False) -> None:
     elementwise_groups_in_threads(work, [arrays], *args, scratch=scratch)
 
 
-def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) -> None:
+def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False, blocks: bool = True) -> None:
     """``work(*arrays, *args)`` for every group (a tuple of same-shaped arrays), as one split.
 
     The elements of all groups, end to end, are cut into one contiguous share per
@@ -217,8 +218,9 @@ def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) ->
     1.3–1.6). With ``scratch`` ``work`` gets one more array after the group's, a
     temporary of the block's shape for its intermediate results: one per thread
     (``_thread_scratch``), reused block after block (it stays in cache), so ``work``
-    must not itself run such a chain. Groups of GPU arrays or non-contiguous ones:
-    one call each, here.
+    must not itself run such a chain. With ``blocks=False`` each share's piece of a
+    group is one call (for a compiled loop that makes a single pass anyway: fewer
+    calls). Groups of GPU arrays or non-contiguous ones: one call each, here.
     """
     flat = []
     for arrays in groups:
@@ -231,8 +233,9 @@ def elementwise_groups_in_threads(work, groups, *args, scratch: bool = False) ->
     def run_share(share):
         for i, part in share:
             arrays = flat[i]
-            for start in range(part.start, part.stop, CPU_BLOCK_ELEMENTS):
-                block = slice(start, min(start + CPU_BLOCK_ELEMENTS, part.stop))
+            step = CPU_BLOCK_ELEMENTS if blocks else max(1, part.stop - part.start)
+            for start in range(part.start, part.stop, step):
+                block = slice(start, min(start + step, part.stop))
                 extra = (_thread_scratch(arrays[0].dtype)[: block.stop - block.start],) if scratch else ()
                 work(*(a[block] for a in arrays), *extra, *args)
 
@@ -287,6 +290,28 @@ def _min_multiply_adds() -> int:
     return PARALLEL_MIN_MULTIPLY_ADDS if backend.cpu_threads_tuned() else BLAS_THREADS_MIN_MULTIPLY_ADDS
 
 
+def _can_split_products() -> bool:
+    """Whether a product's pieces can run one per thread, each on one core: the BLAS that
+    ``cpu_gemm`` calls is single-threaded by design (MKL's sequential layer), or its threads
+    can be held at one inside a split (NumPy's OpenBLAS, ``backend.blas_threads``)."""
+    return cpu_blas_single_threaded() or backend.can_limit_blas_threads()
+
+
+def _block_product(a, b, out, bias=None) -> None:
+    """out = a @ b (+ bias, broadcast over the rows) for one thread's block: one CBLAS call
+    (``cpu_gemm``) into ``out`` pre-filled with the bias (beta = 1, no pass over the result after
+    it); dtypes CBLAS does not have (float16) through ``np.matmul``."""
+    if a.dtype not in (np.float32, np.float64):
+        np.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias
+    elif bias is None:
+        cpu_gemm(a, b, out=out)
+    else:
+        out[...] = bias
+        cpu_gemm(a, b, out=out, accumulate=True)
+
+
 def cpu_matmul_pair(first: tuple, second: tuple, column_sum=None) -> tuple:
     """``(a1 @ b1, a2 @ b2)`` for two independent products of about the same size, like a
     linear layer's dx = dy W and dW = dyᵀ x (the same multiply-adds). With two CPU threads
@@ -299,7 +324,7 @@ def cpu_matmul_pair(first: tuple, second: tuple, column_sum=None) -> tuple:
     ~8% slower in OpenBLAS), so the sum fills the wait instead of running after both.
     """
     (a1, b1), (a2, b2) = first, second
-    whole = (CPU_THREADS == 2 and backend.can_limit_blas_threads()
+    whole = (CPU_THREADS == 2 and _can_split_products()
              and all(a.ndim == 2 and a.dtype == a1.dtype for a in (a1, b1, a2, b2)) and a1.dtype.kind == "f"
              and min(a1.shape[0] * a1.shape[1] * b1.shape[1], a2.shape[0] * a2.shape[1] * b2.shape[1])
              >= _min_multiply_adds())
@@ -308,9 +333,11 @@ def cpu_matmul_pair(first: tuple, second: tuple, column_sum=None) -> tuple:
         return products if column_sum is None else products + (column_sum.sum(axis=0),)
 
     def work(which):
+        a, b = (a1, b1) if which == 0 else (a2, b2)
+        product = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        _block_product(a, b, product)
         if which == 1:
-            return a2 @ b2
-        product = a1 @ b1
+            return product
         return product, (None if column_sum is None else column_sum.sum(axis=0))
 
     (product1, sums), product2 = run_parallel(work, [0, 1])
@@ -332,12 +359,15 @@ def cpu_matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> 
     GFLOP/s where one core alone gives ~150. Each block costs one extra packing
     of ``b`` (k·n of m·k·n work: nothing for these shapes). Each thread adds the
     bias to its own block (a linear layer's forward: the pass over the output
-    runs on both cores, not after the product on one). Small products, batched
-    ones, other dtypes, or no way to limit the BLAS's threads: ``a @ b``.
+    runs on both cores, not after the product on one): the block is filled with
+    the bias and the product added to it (``_block_product``). Each block is one
+    ``cpu_gemm`` (kernels/matmul.py: MKL when installed, else NumPy's OpenBLAS).
+    Small products, batched ones, other dtypes, or a BLAS whose threads cannot
+    be held at one: ``a @ b``.
     """
     m, n = (a.shape[0], b.shape[-1]) if a.ndim == 2 == b.ndim else (0, 0)
     if (m * a.shape[-1] * n < _min_multiply_adds() or CPU_THREADS == 1 or a.dtype != b.dtype
-            or a.dtype.kind != "f" or not backend.can_limit_blas_threads()):
+            or a.dtype.kind != "f" or not _can_split_products()):
         out = a @ b
         if bias is not None:
             out += bias
@@ -345,14 +375,10 @@ def cpu_matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> 
     out = np.empty((m, n), dtype=a.dtype)
     if m >= n:      # blocks of rows: out[s] = a[s] @ b
         def rows(s):
-            np.matmul(a[s], b, out=out[s])
-            if bias is not None:
-                out[s] += bias
+            _block_product(a[s], b, out[s], bias)
         run_parallel(rows, row_ranges(m, PARALLEL_MIN_ELEMENTS))
     else:           # blocks of columns: out[:, s] = a @ b[:, s]
         def columns(s):
-            np.matmul(a, b[:, s], out=out[:, s])
-            if bias is not None:
-                out[:, s] += bias[s]
+            _block_product(a, b[:, s], out[:, s], None if bias is None else bias[s])
         run_parallel(columns, row_ranges(n, PARALLEL_MIN_ELEMENTS))
     return out
