@@ -1,9 +1,14 @@
-"""CUDA kernels behind minillm/optim: the fused AdamW update, per parameter and multi-tensor,
-and the multi-tensor norm and scale of gradient clipping."""
+"""Kernels behind minillm/optim: the fused AdamW update, per parameter (CUDA, and compiled for the
+CPU from the same body) and multi-tensor (CUDA), and the multi-tensor norm and scale of gradient
+clipping (CUDA)."""
 
 from __future__ import annotations
 
 import functools
+
+import numpy as np
+
+from . import cpu
 
 # ================================================================ optimizer: AdamW
 #
@@ -15,34 +20,49 @@ import functools
 # does not take (non-contiguous, or a dtype other than float32/float64).
 
 
-@functools.lru_cache(maxsize=None)
-def _adamw_kernel():
-    import cupy  # noqa: PLC0415
-
-    return cupy.ElementwiseKernel(
-        "T grad, T beta1, T beta2, T step_size, T eps_hat, T decay",
-        "T param, T exp_avg, T exp_avg_sq",
-        """
+_ADAMW_PARAMS = ("T grad, T beta1, T beta2, T step_size, T eps_hat, T decay", "T param, T exp_avg, T exp_avg_sq")
+_ADAMW_BODY = """
         exp_avg = beta1 * exp_avg + ((T)1 - beta1) * grad;
         exp_avg_sq = beta2 * exp_avg_sq + ((T)1 - beta2) * grad * grad;
         param = decay * param - step_size * exp_avg / (sqrt(exp_avg_sq) + eps_hat);
-        """,
-        "minillm_adamw_update",
-    )
+        """
+
+
+@functools.lru_cache(maxsize=None)
+def _adamw_kernel(device: str = "cuda"):
+    """The update as an elementwise kernel: ``cupy.ElementwiseKernel`` on a GPU, the compiled loop
+    of ``kernels.cpu.ElementwiseKernel`` for NumPy arrays; the same body."""
+    if device == "cpu":
+        module = cpu
+    else:
+        import cupy as module  # noqa: PLC0415
+    return module.ElementwiseKernel(*_ADAMW_PARAMS, _ADAMW_BODY, "minillm_adamw_update")
+
+
+def adamw_cpu_fusable(arrays) -> bool:
+    """True when the compiled CPU loop takes these NumPy arrays (``kernels.cpu.fusable``, built)."""
+    if not cpu.fusable(*arrays):
+        return False
+    one = arrays[0]                                       # one (grad, 5 numbers, p, m, v) call builds the loop
+    return _adamw_kernel("cpu").available(one, *[0.0] * 5, one, one, one)
 
 
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, beta1: float, beta2: float,
                   step_size: float, eps_hat: float, decay: float) -> None:
-    """One AdamW step in place on CuPy arrays of one shape and dtype (bias corrections pre-folded):
+    """One AdamW step in place on arrays of one shape and dtype (bias corrections pre-folded):
 
         m <- beta1 m + (1 - beta1) g
         v <- beta2 v + (1 - beta2) g^2
         p <- decay p - step_size m / (sqrt(v) + eps_hat)
 
     with decay = 1 - lr wd, step_size = lr sqrt(1 - beta2^t) / (1 - beta1^t) and
-    eps_hat = eps sqrt(1 - beta2^t) (see minillm/optim/adamw.py). Equals the
-    NumPy path (``_adamw_passes`` in minillm/optim/adamw.py).
+    eps_hat = eps sqrt(1 - beta2^t) (see minillm/optim/adamw.py). CuPy arrays, or
+    NumPy ones that ``adamw_cpu_fusable`` accepts (one compiled pass, in place of
+    the dozen of ``_adamw_passes`` in minillm/optim/adamw.py, which it equals).
     """
+    if isinstance(param, np.ndarray):
+        _adamw_kernel("cpu")(grad, beta1, beta2, step_size, eps_hat, decay, param, exp_avg, exp_avg_sq)
+        return
     scalar = param.dtype.type  # the scalars take the parameter's dtype: no float64 math for float32
     _adamw_kernel()(grad, scalar(beta1), scalar(beta2), scalar(step_size), scalar(eps_hat), scalar(decay),
                     param, exp_avg, exp_avg_sq)

@@ -35,10 +35,12 @@ differ when a parameter had no gradient at some step: it did not advance.)
 t) (:func:`buckets_by_device_dtype_step`) and updates each bucket with one set
 of coefficients:
 
-* CPU (NumPy) parameters, one at a time: 13 in-place NumPy passes (12
-  without weight decay) over the parameter with one shared scratch buffer and
-  no other temporary, made block by block (each block in cache for all the
-  passes) by the CPU's threads.
+* CPU (NumPy) parameters, the whole bucket in one split of the CPU's threads:
+  where the compiled CPU loops are at hand (minillm/kernels/cpu.py), one pass
+  per parameter piece running the CUDA kernel's body
+  (:func:`minillm.kernels.optim.adamw_update_`); otherwise 13 in-place NumPy
+  passes (12 without weight decay) with one shared scratch buffer and no other
+  temporary, made block by block (each block in cache for all the passes).
 * GPU (CuPy) parameters: one launch of a multi-tensor CUDA kernel for the
   whole bucket (:func:`minillm.kernels.optim.multi_adamw_`), which reads p, g,
   m, v once and writes p, m, v once. With one weight-decay group and one
@@ -57,7 +59,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .. import backend
-from ..kernels.optim import adamw_update_, multi_adamw_, multi_tensor_fusable
+from ..kernels.optim import adamw_cpu_fusable, adamw_update_, multi_adamw_, multi_tensor_fusable
 from ..ops.common import elementwise_groups_in_threads
 from .optimizer import Optimizer, finite_at_least, finite_in_unit_interval, params_with_grad
 
@@ -101,7 +103,14 @@ class AdamW(Optimizer):
                 step_size, eps_hat, decay = adamw_coefficients(lr, beta1, beta2, eps, weight_decay, t)
                 coefficients = (beta1, beta2, step_size, eps_hat, decay)
                 if device == "cpu":     # every parameter of the bucket in one split of the threads
-                    elementwise_groups_in_threads(_adamw_passes, list(zip(*columns)), *coefficients, scratch=True)
+                    groups = list(zip(*columns))
+                    compiled = [adamw_cpu_fusable(arrays) for arrays in groups]   # one compiled pass each
+                    if any(compiled):
+                        elementwise_groups_in_threads(adamw_update_, [g for g, c in zip(groups, compiled) if c],
+                                                      *coefficients, blocks=False)
+                    if not all(compiled):
+                        elementwise_groups_in_threads(_adamw_passes, [g for g, c in zip(groups, compiled) if not c],
+                                                      *coefficients, scratch=True)
                     continue
                 with backend.device_context(device):
                     if multi_tensor_fusable([a for column in columns for a in column]):

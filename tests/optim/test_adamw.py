@@ -35,7 +35,7 @@ def set_grad(p, g):
 
 
 @pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 1e-12, 1e-14), (np.float32, 2e-5, 1e-6)])
-def test_matches_reference_with_two_groups(device, dtype, rtol, atol):
+def test_matches_reference_with_two_groups(device, dtype, rtol, atol, cpu_path):
     rng = np.random.default_rng(0)
     init_a, init_b = rng.standard_normal((4, 3)), rng.standard_normal(5)
     grads_a = [rng.standard_normal((4, 3)) for _ in range(6)]
@@ -58,7 +58,7 @@ def test_matches_reference_with_two_groups(device, dtype, rtol, atol):
 @settings(max_examples=25, deadline=None)
 @given(beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999), eps=st.sampled_from([1e-8, 1e-6, 1e-3]),
        weight_decay=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
-def test_matches_reference_any_hyperparameters(beta1, beta2, eps, weight_decay, seed):
+def test_matches_reference_any_hyperparameters(beta1, beta2, eps, weight_decay, seed, cpu_path):
     rng = np.random.default_rng(seed)
     init = rng.standard_normal((3, 4))
     grads = [rng.standard_normal((3, 4)) for _ in range(4)]
@@ -373,7 +373,7 @@ def test_multi_tensor_kernel_equals_per_parameter_kernel(gpu, dtype, tol):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_large_mixed_parameters_split_over_threads_match_reference(monkeypatch, threads):
+def test_large_mixed_parameters_split_over_threads_match_reference(monkeypatch, threads, cpu_path):
     """CPU: above PARALLEL_MIN_ELEMENTS one step is cut into a share per thread, across parameter
     boundaries, in blocks of CPU_BLOCK_ELEMENTS with a per-thread scratch per dtype; float64 parameters
     form their own bucket and a non-contiguous one is updated on its own. All follow the reference."""
