@@ -21,7 +21,10 @@ RMS norm drops the centring: r = 1/√(mean(x²) + ε), x̂ = x r, y = x̂ ⊙ w
 Both ops save x (which stays alive anyway as the op's input) and the per-row
 statistics, never an (N, C) intermediate, and rebuild x̂ in the backward.
 On a GPU, layer norm is one CUDA kernel forward (one block per row) and one
-kernel plus one small reduction backward.
+kernel plus one small reduction backward. On the CPU both norms are C++ row
+loops (``kernels/norm.py``, rows shared out between threads) when the CPU
+kernels are on and the arrays are C-contiguous float32/float64; otherwise, and
+on a GPU for RMS norm, the array passes below run (NumPy: in row blocks).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ class LayerNorm(Function):
         self.eps = float(eps)
 
     def forward(self, x, weight, bias=None):
-        if kernels.fusable(x, weight) and (bias is None or kernels.fusable(bias)):
+        self.fused = kernels.layer_norm_fusable(x, weight, bias)   # the backward follows this choice
+        if self.fused:
             out, mean, rstd = kernels.layer_norm_forward(x, weight, bias, self.eps)
             self.save(x, weight, mean, rstd)
             return out
@@ -134,7 +138,7 @@ class LayerNorm(Function):
     def backward(self, grad):
         x, weight, mean, rstd = self.saved
         has_bias = len(self.needs_input_grad) == 3                # layer_norm(x, w) passes no bias
-        if kernels.fusable(grad, x, weight):
+        if self.fused:
             grad_x, grad_w, grad_b = kernels.layer_norm_backward(grad, x, weight, mean, rstd)
         else:
             grad_x, grad_w, grad_b = self._backward_array(grad, x, weight, mean, rstd)
@@ -194,6 +198,11 @@ class RMSNorm(Function):
         self.eps = float(eps)
 
     def forward(self, x, weight):
+        self.fused = kernels.rms_norm_fusable(x, weight)           # the backward follows this choice
+        if self.fused:
+            out, rstd = kernels.rms_norm_forward(x, weight, self.eps)
+            self.save(x, weight, rstd)
+            return out
         xp = array_module(x)
         rstd = _row_dot(x, x)
         rstd *= 1.0 / x.shape[-1]
@@ -207,6 +216,10 @@ class RMSNorm(Function):
 
     def backward(self, grad):
         x, weight, rstd = self.saved
+        if self.fused:
+            grad_x, grad_w = kernels.rms_norm_backward(grad, x, weight, rstd)
+            return (grad_x if self.needs_input_grad[0] else None,
+                    grad_w if self.needs_input_grad[1] else None)
         x_hat = x * rstd                                    # (..., C)
         grad_w = _column_dot(grad, x_hat) if self.needs_input_grad[1] else None
         grad_x = None

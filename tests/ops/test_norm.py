@@ -1,6 +1,7 @@
 """layer_norm and rms_norm: forward against NumPy, backward against gradcheck and the
 closed form, fused against composed (also across the CPU row blocks), dtypes, bad
-shapes, and the CUDA kernels."""
+shapes, and the CUDA kernels. The ``cpu_kernels`` tests run twice on the CPU: with
+the C++ kernels (tests/kernels/test_cpu_norm.py has theirs) and with the NumPy path."""
 
 import numpy as np
 import pytest
@@ -10,10 +11,18 @@ from hypothesis.extra import numpy as hnp
 import minillm as mm
 from minillm import functional as F
 import minillm.ops.norm as norm_module
+from minillm.kernels import cpu
 
 from helpers import as_np, t
 
 SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@pytest.fixture(params=[True, False], ids=["cpu_kernels", "numpy_path"])
+def cpu_kernels(request):
+    """The test runs with the compiled CPU kernels on, then off (the NumPy row blocks)."""
+    with cpu.use_cpu_kernels(request.param):
+        yield request.param
 
 
 def layer_norm_ref(x, w, b, eps):
@@ -48,7 +57,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @SETTINGS
 @given(inputs=norm_inputs())
-def test_forward_gradcheck_and_composed(device, case, inputs):
+def test_forward_gradcheck_and_composed(device, cpu_kernels, case, inputs):
     fused, composed, ref = CASES[case]
     x, w, b = inputs
     np.testing.assert_allclose(as_np(fused(t(x, device), t(w, device), t(b, device))), ref(x, w, b),
@@ -68,7 +77,7 @@ def test_forward_gradcheck_and_composed(device, case, inputs):
         np.testing.assert_allclose(as_np(a.grad), as_np(c.grad), rtol=1e-9, atol=1e-10)
 
 
-def test_layer_norm_backward_matches_closed_form(device):
+def test_layer_norm_backward_matches_closed_form(device, cpu_kernels):
     rng = np.random.default_rng(1)
     x, w, b, g = rng.standard_normal((4, 6)), rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal((4, 6))
     xt, wt, bt = t(x, device), t(w, device), t(b, device)
@@ -92,7 +101,9 @@ def test_many_rows_cross_cpu_blocks(device, case, monkeypatch):
     x, w, b = rng.standard_normal((3, 11, 7)) * 3, rng.standard_normal(7), rng.standard_normal(7)
     fused_in = [t(a, device) for a in (x, w, b)]
     composed_in = [t(a, device) for a in (x, w, b)]
-    ya, yb = fused(*fused_in), composed(*composed_in)
+    with cpu.use_cpu_kernels(False):                         # the row blocks are the NumPy path's
+        ya = fused(*fused_in)
+    yb = composed(*composed_in)
     np.testing.assert_allclose(as_np(ya), ref(x, w, b), rtol=1e-12, atol=1e-12)
     g = rng.standard_normal(x.shape)
     ya.backward(g)
@@ -102,7 +113,7 @@ def test_many_rows_cross_cpu_blocks(device, case, monkeypatch):
             np.testing.assert_allclose(as_np(a.grad), as_np(c.grad), rtol=1e-10, atol=1e-11)
 
 
-def test_size_one_feature_axis(device):
+def test_size_one_feature_axis(device, cpu_kernels):
     x, w, b = t(np.array([[3.0], [-2.0]]), device), t(np.array([2.0]), device), t(np.array([0.5]), device)
     y = F.layer_norm(x, w, b)
     np.testing.assert_allclose(as_np(y), [[0.5], [0.5]])           # x̂ = 0: only the bias is left
@@ -111,7 +122,7 @@ def test_size_one_feature_axis(device):
     np.testing.assert_allclose(as_np(b.grad), [2.0])
 
 
-def test_empty_batch(device):
+def test_empty_batch(device, cpu_kernels):
     x = t(np.zeros((0, 4)), device)
     w, b = t(np.ones(4), device), t(np.zeros(4), device)
     y = F.layer_norm(x, w, b)
@@ -122,7 +133,7 @@ def test_empty_batch(device):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_float32_stays_float32(device, case):
+def test_float32_stays_float32(device, cpu_kernels, case):
     fused, _, ref = CASES[case]
     rng = np.random.default_rng(3)
     arrays = [rng.standard_normal((5, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32),

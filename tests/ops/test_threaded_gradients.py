@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minillm as mm
 from minillm import functional as F
+from minillm.kernels.cpu import enabled as cpu_kernels_enabled, use_cpu_kernels
 from minillm.ops import common
 from minillm.ops.attention import CPU_TILE_ROWS, dropout_keep_mask
 
@@ -60,11 +61,13 @@ def layer_norm_reference(x, w, b, g, eps):
     return x_hat * w + (0 if b is None else b), dx, (g * x_hat).sum(lead), g.sum(lead)
 
 
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["cpu_kernels", "numpy_path"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "no_bias", "grad_transposed"])
-def test_layer_norm_in_threads_and_row_blocks(layout):
+def test_layer_norm_in_threads_and_row_blocks(layout, kernels_on):
     """(3, 347, 768): 1,041 rows, two threads of ~520 rows, each in blocks of 682 rows forward
     and 341 backward (so the last block of each thread is short). Also x a transposed view, and
-    the incoming gradient one (y read through a transpose)."""
+    the incoming gradient one (y read through a transpose). With the C++ kernels on, a
+    non-contiguous x takes the NumPy path; the others take the kernels."""
     rng = np.random.default_rng(0)
     x64 = rng.standard_normal((3, 347, 768)) * 2 + rng.standard_normal((3, 347, 1)) * 3
     w64, b64 = rng.standard_normal(768), rng.standard_normal(768)
@@ -75,11 +78,13 @@ def test_layer_norm_in_threads_and_row_blocks(layout):
     else:
         leaf = x = f32(x64)
     w, b = f32(w64), (None if layout == "no_bias" else f32(b64))
-    y = F.layer_norm(x, w, b, eps=1e-5)
-    if layout == "grad_transposed":
-        y.transpose(2, 1, 0).backward(g64.astype(np.float32).transpose(2, 1, 0).copy())
-    else:
-        y.backward(g64.astype(np.float32))
+    with use_cpu_kernels(kernels_on):
+        y = F.layer_norm(x, w, b, eps=1e-5)
+        assert y._ctx.fused == (kernels_on and x.data.flags.c_contiguous and cpu_kernels_enabled())
+        if layout == "grad_transposed":
+            y.transpose(2, 1, 0).backward(g64.astype(np.float32).transpose(2, 1, 0).copy())
+        else:
+            y.backward(g64.astype(np.float32))
     x32 = x64.astype(np.float32).astype(np.float64)
     value, dx, dw, db = layer_norm_reference(x32, w64.astype(np.float32), None if b is None else b64.astype(np.float32),
                                              g64.astype(np.float32), 1e-5)
@@ -91,12 +96,14 @@ def test_layer_norm_in_threads_and_row_blocks(layout):
         assert_close(b.grad, db, what="db")
 
 
-def test_rms_norm_large():
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["cpu_kernels", "numpy_path"])
+def test_rms_norm_large(kernels_on):
     rng = np.random.default_rng(1)
     x64, w64, g64 = rng.standard_normal((1100, 384)) * 3, rng.standard_normal(384), rng.standard_normal((1100, 384))
     x, w = f32(x64), f32(w64)
-    y = F.rms_norm(x, w, eps=1e-6)
-    y.backward(g64.astype(np.float32))
+    with use_cpu_kernels(kernels_on):
+        y = F.rms_norm(x, w, eps=1e-6)
+        y.backward(g64.astype(np.float32))
     r = 1 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6)
     x_hat = x64 * r
     g_w = g64 * w64
