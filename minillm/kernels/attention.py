@@ -10,12 +10,19 @@
    form the score matrix (O(T) memory).
 3. The score-matrix path: cuBLAS products (kernels/matmul.py) around the row
    kernels, with causal queries in blocks.
+4. The same two row kernels for the CPU, as C++ row loops (kernels/cpu.py
+   compiles them), run on the tiles of ops/attention.py's CPU path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
 
+import numpy as np
+
+from . import cpu
 from .common import row_launch
 
 _ATTENTION_SOFTMAX_SOURCE = r"""
@@ -1042,3 +1049,194 @@ def scores_attention_backward(grad4, q4, k3, v3, probs, causal: bool, scale: flo
         gemm(ds, k3[:, :k_end], alpha=scale, tf32=tf32, out=_rows(grad_q, r0, r1))       # s dS K
         gemm(ds, q_rows, trans_a=True, alpha=scale, out=grad_k[:, :k_end], accumulate=True, tf32=tf32)  # += s dSᵀ Q
     return grad_q, grad_k, grad_v
+
+
+# ================================================================ the CPU's row kernels
+#
+# The two row kernels of part 1 as C++ loops for the CPU (compiled by kernels/cpu.py),
+# for the tiles of ops/attention.py: there a tile of scores is a strided view
+# (matrices × query rows × keys) of the (N, G, Tq, Tk) buffer, and the NumPy passes
+# make five or six sweeps over it (mask, max, subtract, exp, sum, scale), two of
+# them broadcasts of a per-row scalar that cost about twice a plain pass. Here each
+# row is finished while it sits in L1: forward reads the row's visible keys three
+# times (max; exp and sum; scale) and zeroes the masked rest; backward reads two
+# rows twice (dot; dS). The compiler vectorises the loops, exp through glibc's
+# vector math (cpu.py's header). Masked keys are never exponentiated: at T = 256 in
+# tiles of 128 rows that is a third of the tiles' scores.
+
+_CPU_SOURCE = r"""
+#include <math.h>
+#include <string.h>
+
+// GCC keeps to 256-bit vectors by default even where the CPU has AVX-512; the exp loops run ~15%
+// faster in 512-bit ones (glibc has those too). On the entries, where the loops are inlined and
+// vectorised. Other compilers: their default.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define WIDE_VECTORS
+#endif
+
+// Keys 0..visible-1 of row i are seen: all, or when causal those j <= i + offset.
+static inline long visible_keys(long i, long cols, int causal, long offset) {
+    if (!causal) return cols;
+    long n = i + offset + 1;
+    return n < 0 ? 0 : (n > cols ? cols : n);
+}
+
+// max(x[0..n-1]) (-inf for n = 0), in two vectors of maxima (GCC's vector extension): the compiler
+// does not vectorise a plain max reduction, since infinities and NaN keep their meaning here. (A NaN
+// the vectors pass over still makes the whole row NaN, through its exp and the row's sum.)
+template <typename T>
+static inline T row_maximum(const T* __restrict x, long n) {
+    typedef T vec __attribute__((vector_size(32)));
+    constexpr int W = 32 / sizeof(T);
+    vec m0, m1;
+    for (int k = 0; k < W; k++) m0[k] = m1[k] = -INFINITY;
+    long j = 0;
+    for (; j + 2 * W <= n; j += 2 * W) {
+        vec a, b;
+        memcpy(&a, x + j, sizeof a);
+        memcpy(&b, x + j + W, sizeof b);
+        m0 = a > m0 ? a : m0;
+        m1 = b > m1 ? b : m1;
+    }
+    m0 = m1 > m0 ? m1 : m0;
+    T result = -INFINITY;
+    for (int k = 0; k < W; k++) result = m0[k] > result ? m0[k] : result;
+    for (; j < n; j++) result = x[j] > result ? x[j] : result;
+    return result;
+}
+
+// scores: `matrices` blocks `matrix_stride` elements apart, of `rows` rows `row_stride` apart,
+// `cols` keys each. In place: P = softmax over the visible keys, 0 on the masked ones.
+template <typename T>
+static void softmax_forward(T* scores, long matrices, long matrix_stride, long rows, long row_stride,
+                            long cols, int causal, long offset) {
+    for (long b = 0; b < matrices; b++) {
+        for (long i = 0; i < rows; i++) {
+            T* __restrict x = scores + b * matrix_stride + i * row_stride;
+            const long n = visible_keys(i, cols, causal, offset);
+            const T row_max = row_maximum(x, n);
+            T row_sum = 0;
+            for (long j = 0; j < n; j++) {
+                const T e = exp(x[j] - row_max);
+                x[j] = e;
+                row_sum += e;
+            }
+            const T inv_sum = T(1) / row_sum;
+            for (long j = 0; j < n; j++) x[j] *= inv_sum;
+            for (long j = n; j < cols; j++) x[j] = 0;
+        }
+    }
+}
+
+// In place on grad (dL/dP~, laid out as grad_*): dS = P (dP - sum_j dP_j P_j) over the visible
+// keys, 0 on the masked ones, with dP = dP~ keep keep_scale when `keep` (bytes 0/1) is given.
+template <typename T>
+static void softmax_backward(T* grad, long grad_matrix_stride, long grad_row_stride,
+                             const T* probs, long probs_matrix_stride, long probs_row_stride,
+                             const unsigned char* keep, long keep_matrix_stride, long keep_row_stride,
+                             double keep_scale, long matrices, long rows, long cols, int causal, long offset) {
+    const T scale = T(keep_scale);
+    for (long b = 0; b < matrices; b++) {
+        for (long i = 0; i < rows; i++) {
+            T* __restrict g = grad + b * grad_matrix_stride + i * grad_row_stride;
+            const T* __restrict p = probs + b * probs_matrix_stride + i * probs_row_stride;
+            const long n = visible_keys(i, cols, causal, offset);
+            if (keep) {
+                const unsigned char* __restrict m = keep + b * keep_matrix_stride + i * keep_row_stride;
+                for (long j = 0; j < n; j++) g[j] = g[j] * T(m[j]) * scale;
+            }
+            T dot = 0;
+            for (long j = 0; j < n; j++) dot += g[j] * p[j];
+            for (long j = 0; j < n; j++) g[j] = p[j] * (g[j] - dot);
+            for (long j = n; j < cols; j++) g[j] = 0;
+        }
+    }
+}
+
+#define ENTRIES(T, SUFFIX)                                                                           \
+extern "C" WIDE_VECTORS void attention_softmax_forward_##SUFFIX(T* scores, long matrices,             \
+        long matrix_stride, long rows, long row_stride, long cols, int causal, long offset) {        \
+    softmax_forward<T>(scores, matrices, matrix_stride, rows, row_stride, cols, causal, offset);     \
+}                                                                                                    \
+extern "C" WIDE_VECTORS void attention_softmax_backward_##SUFFIX(T* grad, long gm, long gr,           \
+        const T* probs, long pm, long pr, const unsigned char* keep, long km, long kr,               \
+        double keep_scale, long matrices, long rows, long cols, int causal, long offset) {           \
+    softmax_backward<T>(grad, gm, gr, probs, pm, pr, keep, km, kr, keep_scale, matrices, rows, cols, \
+                        causal, offset);                                                             \
+}
+ENTRIES(float, f32)
+ENTRIES(double, f64)
+"""
+
+_LONG, _INT, _POINTER = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+_CPU_ARGTYPES = {
+    "forward": [_POINTER, _LONG, _LONG, _LONG, _LONG, _LONG, _INT, _LONG],
+    "backward": [_POINTER, _LONG, _LONG, _POINTER, _LONG, _LONG, _POINTER, _LONG, _LONG, ctypes.c_double,
+                 _LONG, _LONG, _LONG, _INT, _LONG],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_entry(kind: str, dtype):
+    """The compiled ``attention_softmax_{kind}`` for float32/float64, or None when it cannot be built."""
+    lib = cpu.library("attention_softmax", cpu._HEADER + _CPU_SOURCE)
+    if lib is None:
+        return None
+    entry = getattr(lib, f"attention_softmax_{kind}_{'f32' if dtype == np.float32 else 'f64'}")
+    entry.argtypes, entry.restype = _CPU_ARGTYPES[kind], None
+    return entry
+
+
+def _cpu_rows(a) -> tuple[int, int, int]:
+    """(matrices, matrix stride, row stride) of a (…, rows, cols) NumPy view, strides in elements:
+    the view's keys must be contiguous and its leading axes must merge into one (a tile of the
+    (N, G, Tq, Tk) buffer does)."""
+    item = a.itemsize
+    leading = [(size, stride) for size, stride in zip(a.shape[:-2], a.strides[:-2]) if size != 1]
+    if (a.shape[-1] > 1 and a.strides[-1] != item) or any(s % item for s in a.strides[-2:]) or any(
+            s0 != n1 * s1 for (_, s0), (n1, s1) in zip(leading, leading[1:])) or any(s % item for _, s in leading):
+        raise ValueError(f"attention softmax (CPU): cannot address rows of a view with strides {a.strides}")
+    return math.prod(a.shape[:-2]), (leading[-1][1] // item if leading else 0), a.strides[-2] // item
+
+
+def cpu_softmax_usable(*arrays) -> bool:
+    """True when the CPU row kernels take these arrays (``cpu.fusable``: NumPy, C-contiguous, all
+    float32 or all float64, kernels on) and have compiled; the kernels then also take views of them."""
+    return cpu.fusable(*arrays) and _cpu_entry("forward", arrays[0].dtype) is not None
+
+
+def cpu_softmax_forward_(scores, causal: bool) -> None:
+    """In place on a NumPy (…, Tq, Tk) float32/float64 view (keys contiguous, leading axes mergeable):
+    the causal mask and a stable softmax, as ``attention_softmax_forward_`` on a GPU.
+
+    Row i keeps keys j <= i + (Tk − Tq) when ``causal`` (all otherwise), becomes
+    exp(s − max) / Σ exp(s − max) there and 0 on the masked keys. Runs on the
+    calling thread, with the GIL let go (the tiles are already shared out).
+    """
+    tq, tk = scores.shape[-2:]
+    if scores.size == 0:
+        return
+    matrices, matrix_stride, row_stride = _cpu_rows(scores)
+    _cpu_entry("forward", scores.dtype)(scores.ctypes.data, matrices, matrix_stride, tq, row_stride, tk,
+                                        int(causal), tk - tq)
+
+
+def cpu_softmax_backward_(grad_probs, probs, causal: bool, keep=None, keep_scale: float = 1.0) -> None:
+    """In place on NumPy (…, Tq, Tk) views of one shape and dtype (``keep`` a bool dropout mask or None):
+    dL/dP̃ -> dS = P ⊙ (dP − rowsum(dP ⊙ P)), dP = dP̃ ⊙ keep · keep_scale; 0 on masked keys."""
+    tq, tk = probs.shape[-2:]
+    if probs.size == 0:
+        return
+    if grad_probs.shape != probs.shape or grad_probs.dtype != probs.dtype or (
+            keep is not None and (keep.shape != probs.shape or keep.dtype != np.bool_)):
+        raise ValueError("attention softmax backward (CPU): grad, probs and keep must share their shape")
+    matrices, grad_matrix, grad_row = _cpu_rows(grad_probs)
+    _, probs_matrix, probs_row = _cpu_rows(probs)
+    keep_matrix, keep_row = _cpu_rows(keep)[1:] if keep is not None else (0, 0)
+    _cpu_entry("backward", probs.dtype)(
+        grad_probs.ctypes.data, grad_matrix, grad_row, probs.ctypes.data, probs_matrix, probs_row,
+        None if keep is None else keep.ctypes.data, keep_matrix, keep_row, float(keep_scale),
+        matrices, tq, tk, int(causal), tk - tq)

@@ -35,10 +35,12 @@ on the big (…, Tq, Tk) buffers (mask and softmax in the scores buffer, the
 softmax backward in the dP buffer). On the CPU it goes tile by tile (blocks of
 queries × groups of matrices, ``_tiles``): causal tiles skip the keys no query
 of theirs can see, and each tile's softmax passes run in cache; threads share
-out the matrices (``_tile_groups``). On a GPU one tile covers everything, and
-the mask + softmax and the softmax backward are one CUDA kernel each
-(``minillm/kernels/attention.py``). Per tile (so per call on a GPU), forward is two
-GEMMs (s·Q Kᵀ, P̃ V) + one softmax pass; backward is four GEMMs (dV, dP̃, dQ, dK)
+out the matrices (``_tile_groups``); a tile's mask + softmax and its softmax
+backward are one C++ row loop each where kernels/cpu.py can build them (NumPy
+passes otherwise). On a GPU one tile covers everything, and the mask + softmax
+and the softmax backward are one CUDA kernel each (``minillm/kernels/attention.py``
+holds both kinds). Per tile (so per call on a GPU), forward is two GEMMs
+(s·Q Kᵀ, P̃ V) + one softmax pass; backward is four GEMMs (dV, dP̃, dQ, dK)
 + one softmax-backward pass where P is kept (the CPU), and five GEMMs + two
 passes where P is recomputed first (a GPU: one more GEMM and the softmax kernel
 again). Elementwise scalings (s on Q and dQ; dropout's M and 1/(1 − p)) come on
@@ -66,6 +68,7 @@ import numpy as np
 
 from .. import backend, precision
 from ..kernels import attention as kernels
+from ..kernels.matmul import cpu_gemm_batched
 from ..backend import array_module
 from ..tensor import Function, Tensor
 from .activation import softmax_composed
@@ -93,22 +96,28 @@ def causal_mask(tq: int, tk: int, device: str = "cpu"):
     return mask
 
 
-def _softmax_rows_(scores, causal: bool):
-    """In place: scores (…, Tq, Tk) -> P = softmax over keys of the (causally masked) scores."""
+def _softmax_rows_(scores, causal: bool, compiled: bool = False):
+    """In place: scores (…, Tq, Tk) -> P = softmax over keys of the (causally masked) scores.
+    ``compiled``: on the CPU, run the C++ row kernel (the op checked ``kernels.cpu_softmax_usable``)."""
     if backend.device_of(scores) != "cpu":
         return kernels.attention_softmax_forward_(scores, causal)   # one launch on the GPU
-    _softmax_rows_cpu_(scores, causal)
+    _softmax_rows_cpu_(scores, causal, compiled)
     return scores
 
 
-def _softmax_rows_cpu_(scores, causal: bool) -> None:
-    """The CPU's passes over one tile of scores. The row maximum is taken with
+def _softmax_rows_cpu_(scores, causal: bool, compiled: bool = False) -> None:
+    """The CPU's passes over one tile of scores: one C++ row loop when ``compiled``
+    (``kernels.cpu_softmax_forward_``: each row's max, exp and sum, scale and mask
+    while it is in L1), else NumPy's passes. In NumPy the row maximum is taken with
     ``initial=−∞``: the same value (NaN still propagates), but NumPy then reduces
     short rows with its vectorised loop, 2.4–2.8x faster on a tile's rows of
     128–256 keys (a (16, 128, 128) tile: 200 -> 72 µs; the tile's softmax
     505–534 -> 367–397 µs). In a training step of ``minillm bench train`` the
     forward softmax passes took 40.5 -> 36.2 ms of CPU time (median of 10 steps
     each, alternating in one process, load 0.8–1.3): the tiles are colder there."""
+    if compiled:
+        kernels.cpu_softmax_forward_(scores, causal)
+        return
     tq, tk = scores.shape[-2:]
     if causal:  # every masked key is among the last Tq: mask that (Tq, Tq) corner only
         corner = scores[..., tk - tq:]
@@ -127,15 +136,22 @@ def _causal_bias(t: int, dtype) -> np.ndarray:
     return bias
 
 
-def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_scale=1.0):
-    """In place: grad_probs (dL/dP̃) -> dL/dS = P ⊙ (dP − rowsum(dP ⊙ P)), dP = dP̃ ⊙ M · keep_scale."""
+def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_scale=1.0, compiled: bool = False):
+    """In place: grad_probs (dL/dP̃) -> dL/dS = P ⊙ (dP − rowsum(dP ⊙ P)), dP = dP̃ ⊙ M · keep_scale.
+    ``compiled``: on the CPU, run the C++ row kernel (the op checked ``kernels.cpu_softmax_usable``)."""
     if backend.device_of(grad_probs) != "cpu":
         return kernels.attention_softmax_backward_(grad_probs, probs, causal, keep, keep_scale)
-    _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale)
+    _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale, causal, compiled)
     return grad_probs
 
 
-def _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale) -> None:
+def _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale, causal: bool = False,
+                                compiled: bool = False) -> None:
+    """One tile: a C++ row loop when ``compiled`` (each row's dot and dS in L1; the masked keys,
+    where P = 0, skipped and set to 0), else NumPy's passes over the whole tile."""
+    if compiled:
+        kernels.cpu_softmax_backward_(grad_probs, probs, causal, keep, keep_scale)
+        return
     if keep is not None:
         np.multiply(grad_probs, keep, out=grad_probs)
         grad_probs *= keep_scale
@@ -286,14 +302,15 @@ def _grouped_matmul(a, b, out):
     xp = array_module(a)
     a2, out2 = _merge_groups(a), _merge_groups(out)
     if a2 is not None and out2 is not None:
-        xp.matmul(a2, b, out=out2)
+        _batched_matmul(a2, b, out2)
     else:
         xp.matmul(a, b[:, None], out=out)
     return out
 
 
-def _group_summed_matmul(a, b, out=None):
-    """Σ_g a[:, g]ᵀ @ b[:, g] for a (n, G, R, X), b (n, G, R, Y) -> (n, X, Y) (into ``out`` if given).
+def _group_summed_matmul(a, b, out=None, accumulate: bool = False):
+    """Σ_g a[:, g]ᵀ @ b[:, g] for a (n, G, R, X), b (n, G, R, Y) -> (n, X, Y) (into ``out`` if given,
+    added to it with ``accumulate``).
 
     The gradient of a key/value head shared by G query heads is the sum of the G
     heads' contributions. With merged (G·R) rows the sum is the GEMM's own inner
@@ -302,16 +319,31 @@ def _group_summed_matmul(a, b, out=None):
     xp = array_module(a)
     a2, b2 = _merge_groups(a), _merge_groups(b)
     if a2 is not None and b2 is not None:
-        return xp.matmul(a2.swapaxes(-1, -2), b2, out=out)
+        if out is None:
+            return xp.matmul(a2.swapaxes(-1, -2), b2)
+        return _batched_matmul(a2.swapaxes(-1, -2), b2, out, accumulate)
+    if accumulate:
+        out += xp.matmul(a.swapaxes(-1, -2), b).sum(axis=1)
+        return out
     return xp.matmul(a.swapaxes(-1, -2), b).sum(axis=1, out=out)
 
 
 def _summed_product(a, b, dest, in_place: bool) -> None:
-    """dest = Σ_g a[:, g]ᵀ b[:, g] when ``in_place``, else dest += it (a tile's share of dK or dV)."""
-    if in_place:
-        _group_summed_matmul(a, b, out=dest)
-    else:
-        dest += _group_summed_matmul(a, b)
+    """dest = Σ_g a[:, g]ᵀ b[:, g] when ``in_place``, else dest += it (a tile's share of dK or dV;
+    on the CPU the BLAS adds it in, beta = 1)."""
+    _group_summed_matmul(a, b, out=dest, accumulate=not in_place)
+
+
+def _batched_matmul(a, b, out, accumulate: bool = False):
+    """out (+)= a @ b for stacks of matrices (n, ·, ·): on the CPU ``cpu_gemm_batched`` (one MKL
+    call per tile when MKL is installed, else ``np.matmul``), on a GPU ``cupy.matmul``."""
+    if isinstance(a, np.ndarray):
+        return cpu_gemm_batched(a, b, out, accumulate)
+    xp = array_module(a)
+    if accumulate:
+        out += xp.matmul(a, b)
+        return out
+    return xp.matmul(a, b, out=out)
 
 
 # Which GPU implementation runs (minillm/kernels/attention.py): "flash" (fused kernels, O(T)
@@ -371,12 +403,13 @@ class ScaledDotProductAttention(Function):
         keep = None
         if self.dropout_p > 0:
             keep = dropout_keep_mask(lead + (tq, tk), self.dropout_p, backend.device_of(q)).reshape(probs.shape)
+        compiled = kernels.cpu_softmax_usable(probs)          # the C++ row kernel on the tiles (views of P)
 
         def forward_tiles(tiles):
             for b0, b1, r0, r1, k_end in tiles:
                 p = probs[b0:b1, :, r0:r1, :k_end]           # a view: this tile's scores, then P
                 _grouped_matmul(q4[b0:b1, :, r0:r1], k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
-                _softmax_rows_(p, self.causal)                # in place
+                _softmax_rows_(p, self.causal, compiled)      # in place
                 if keep is not None:
                     p = p * keep[b0:b1, :, r0:r1, :k_end]     # P ⊙ M (the 1/(1 − p) comes below)
                 if heads_last:
@@ -417,6 +450,8 @@ class ScaledDotProductAttention(Function):
         grad_q4 = None if grad_q is None else grad_q.reshape(q4.shape)
         grad_k3, grad_v3 = (None if g is None else g.reshape(n, *g.shape[-2:]) for g in (grad_k, grad_v))
         summed = [a for a in (grad_k3, grad_v3) if a is not None]
+        # the C++ row kernels on the tiles (views of P; dP̃ / dS buffers of P's dtype)
+        compiled = kernels.cpu_softmax_usable(probs if probs is not None else q4)
 
         def backward_tiles(tiles):
             # dK and dV are sums over a matrix's tiles. The tiles that see every key run first
@@ -435,7 +470,7 @@ class ScaledDotProductAttention(Function):
                 if probs is None:                                   # recompute P, as in forward
                     p = xp.empty(q_tile.shape[:-1] + (k_end,), dtype=q4.dtype)
                     _grouped_matmul(q_tile, k3[b0:b1, :k_end].swapaxes(-1, -2), out=p)
-                    _softmax_rows_(p, self.causal)
+                    _softmax_rows_(p, self.causal, compiled)
                 else:
                     p = probs[b0:b1, :, r0:r1, :k_end]              # (n, G, rows, k_end)
                 tile_keep = None if keep is None else keep[b0:b1, :, r0:r1, :k_end]
@@ -446,7 +481,7 @@ class ScaledDotProductAttention(Function):
                 if want_q or want_k:
                     grad_scores = xp.empty(p.shape, dtype=p.dtype)
                     _grouped_matmul(g, v3[b0:b1, :k_end].swapaxes(-1, -2), out=grad_scores)  # dP̃ = dO Vᵀ
-                    _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale)  # now dS
+                    _softmax_rows_backward_(grad_scores, p, self.causal, tile_keep, keep_scale, compiled)  # dS
                     if want_q:
                         grad_q_tile = grad_q4[b0:b1, :, r0:r1]
                         _grouped_matmul(grad_scores, k3[b0:b1, :k_end], out=grad_q_tile)  # dS K

@@ -448,3 +448,117 @@ def test_gqa_errors(fn):
         fn(q, t(np.ones((2, 2, 3, 4))), t(np.ones((2, 3, 3, 4))))
     with pytest.raises(ValueError, match="differ only in the head axis"):
         fn(q, t(np.ones((1, 2, 3, 4))), t(np.ones((1, 2, 3, 4))))
+
+
+# ------------------------------------------------------------------ the CPU's C++ row kernels
+
+
+def cpu_kernels_or_skip(on, dtype=np.float64):
+    """``cpu.use_cpu_kernels(on)``; with ``on``, skipped where the row kernels cannot be built."""
+    from minillm.kernels import attention as kernels, cpu  # noqa: PLC0415
+
+    if on:
+        with cpu.use_cpu_kernels(True):
+            if not kernels.cpu_softmax_usable(np.zeros((1, 1), dtype)):
+                pytest.skip("no C++ compiler: the CPU row kernels cannot be built")
+    return cpu.use_cpu_kernels(on)
+
+
+def counting_row_kernels(monkeypatch):
+    """Counts the calls of the CPU row kernels (forward, backward), which still run."""
+    from minillm.kernels import attention as kernels  # noqa: PLC0415
+
+    counts = {"cpu_softmax_forward_": 0, "cpu_softmax_backward_": 0}
+
+    def counted(name):
+        real = getattr(kernels, name)
+
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in counts:
+        monkeypatch.setattr(kernels, name, counted(name))
+    return counts
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["kernels", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv,tq,tk", [(2, 2, 1, 1), (2, 2, 3, 3), (4, 2, 129, 129), (2, 2, 257, 257),
+                                         (6, 2, 3, 8), (2, 1, 130, 257)])
+def test_fused_equals_composed_with_and_without_cpu_kernels(on, dtype, causal, hq, hkv, tq, tk, monkeypatch):
+    """Odd lengths (tiles of 128 query rows: 129 and 257 leave tiles of one row), grouped-query heads,
+    Tq < Tk (the queries are the last positions); forward and dq, dk, dv equal the composed op's,
+    whose softmax is NumPy's. ``on``: the row kernels ran on every tile; off: never."""
+    rng = np.random.default_rng(tq * 7 + tk)
+    arrays = [rng.standard_normal((2, h, t_, 8)) * 2 for h, t_ in ((hq, tq), (hkv, tk), (hkv, tk))]
+    cotangent = rng.standard_normal((2, hq, tq, 8))
+    counts = counting_row_kernels(monkeypatch)
+    results = []
+    with cpu_kernels_or_skip(on, dtype):
+        for fn in (F.scaled_dot_product_attention, F.scaled_dot_product_attention_composed):
+            tensors = [mm.Tensor(a.astype(dtype), requires_grad=True) for a in arrays]
+            out = fn(*tensors, causal=causal)
+            if fn is F.scaled_dot_product_attention:
+                tiles = sum(len(group) for group in out._ctx.saved[-1])
+            out.backward(cotangent.astype(dtype))
+            results.append([out.data] + [x.grad for x in tensors])
+    assert all(a.dtype == dtype for a in results[0])
+    expected = {"cpu_softmax_forward_": tiles, "cpu_softmax_backward_": tiles} if on else \
+        {"cpu_softmax_forward_": 0, "cpu_softmax_backward_": 0}
+    assert counts == expected
+    rtol = 1e-10 if dtype == np.float64 else 1e-5                 # float32: sums of 257 rounded terms
+    for fused, composed in zip(*results):
+        np.testing.assert_allclose(fused, composed, rtol=rtol, atol=rtol * np.abs(composed).max())
+
+
+@pytest.mark.parametrize("causal,hq,hkv,tq,tk", [(True, 4, 2, 5, 5), (True, 2, 2, 3, 6), (False, 4, 2, 4, 3)])
+def test_gradcheck_with_cpu_kernels(causal, hq, hkv, tq, tk, monkeypatch):
+    """Float64 central differences through the row kernels, with tiles of 2 query rows (offsets in
+    the causal bound), and with dropout (the kernel applies the keep mask in backward)."""
+    monkeypatch.setattr(attention, "CPU_TILE_ROWS", 2)
+    _, tensors = gqa_arrays((2,), hq, hkv, tq, tk)
+    counts = counting_row_kernels(monkeypatch)
+    with cpu_kernels_or_skip(True):
+        for p in (0.0, 0.3):
+            def attention_fn(a, b, c):
+                mm.manual_seed(7)
+                return F.scaled_dot_product_attention(a, b, c, causal=causal, dropout_p=p)
+
+            assert mm.gradcheck(attention_fn, *tensors)
+    assert counts["cpu_softmax_forward_"] > 0 and counts["cpu_softmax_backward_"] > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_row_kernels_equal_the_numpy_passes_on_tile_views(dtype, causal):
+    """The kernels on strided tiles of a (N, G, Tq, Tk) buffer, as the op hands them over, against
+    the NumPy passes on copies: P (0 on masked keys), and dS with a dropout mask; nothing outside
+    the tile is touched. Rows see 6..13 keys (causal) or 17, the vector loops' remainders included."""
+    from minillm.kernels import attention as kernels  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    buffer = (rng.standard_normal((4, 2, 20, 23)) * 3).astype(dtype)
+    grads = rng.standard_normal((4, 2, 20, 23)).astype(dtype)
+    keep = rng.random((4, 2, 20, 23)) > 0.3
+    tile = (slice(1, 3), slice(None), slice(5, 13), slice(None, 13 if causal else 17))
+    before, grads_before = buffer.copy(), grads.copy()
+    expected = buffer[tile].copy()
+    attention._softmax_rows_cpu_(expected, causal)
+    expected_grad = grads[tile].copy()
+    attention._softmax_rows_backward_cpu_(expected_grad, expected, keep[tile], dtype(1.25))
+    with cpu_kernels_or_skip(True, dtype):
+        assert kernels.cpu_softmax_usable(buffer, grads)
+        kernels.cpu_softmax_forward_(buffer[tile], causal)
+        kernels.cpu_softmax_backward_(grads[tile], buffer[tile], causal, keep[tile], 1.25)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(buffer[tile], expected, rtol=rtol, atol=rtol * 1e-2)
+    np.testing.assert_allclose(grads[tile], expected_grad, rtol=rtol, atol=rtol * 1e-2)
+    if causal:                                          # tile row i sees keys j <= i + 5 of 13
+        assert (buffer[tile][..., 13 - 8 + np.arange(8)[:, None] + 1 <= np.arange(13)] == 0).all()
+    outside = np.ones(buffer.shape, bool)
+    outside[tile] = False
+    np.testing.assert_array_equal(buffer[outside], before[outside])
+    np.testing.assert_array_equal(grads[outside], grads_before[outside])
