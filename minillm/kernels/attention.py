@@ -1205,7 +1205,8 @@ def _cpu_rows(a) -> tuple[int, int, int]:
 def cpu_softmax_usable(*arrays) -> bool:
     """True when the CPU row kernels take these arrays (``cpu.fusable``: NumPy, C-contiguous, all
     float32 or all float64, kernels on) and have compiled; the kernels then also take views of them."""
-    return cpu.fusable(*arrays) and _cpu_entry("forward", arrays[0].dtype) is not None
+    return cpu.fusable(*arrays) and all(_cpu_entry(kind, arrays[0].dtype) is not None
+                                        for kind in ("forward", "backward"))   # both loaded here, not in threads
 
 
 def cpu_softmax_forward_(scores, causal: bool) -> None:
