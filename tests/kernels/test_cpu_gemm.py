@@ -30,6 +30,9 @@ def _mkl_or_none():
     return None
 
 
+# (cpu_gemm_batched's one CBLAS call is MKL's only: NumPy's OpenBLAS 0.3.31 exports an unprefixed
+# cblas_sgemm_batch_strided, no faster than np.matmul on attention's tiles, which crashed on a
+# stack of 19 x 33 by 33 x 23 products; without MKL the batched products are np.matmul's.)
 _LIBRARIES = {"openblas": kernels._numpy_openblas, "mkl": _mkl_or_none, "numpy": lambda: None}
 
 
@@ -156,6 +159,59 @@ def test_cpu_gemm_refuses_bad_operands_clearly():
         cpu_gemm(np.ones((3, 4)), np.ones((4, 5)), out=np.empty((5, 3)).T)
 
 
+def _stack(rng, n, shape, dtype, layout):
+    """n matrices of ``shape``: 'c' contiguous, 'f' transposed views, 'broadcast' one matrix
+    repeated with batch stride 0, 'strided' rows a stride apart."""
+    rows, cols = shape
+    if layout == "c":
+        return rng.standard_normal((n, rows, cols)).astype(dtype)
+    if layout == "f":
+        return rng.standard_normal((n, cols, rows)).astype(dtype).swapaxes(1, 2)
+    if layout == "broadcast":
+        return np.broadcast_to(rng.standard_normal((rows, cols)).astype(dtype), (n, rows, cols))
+    return rng.standard_normal((n, rows, cols + 5)).astype(dtype)[:, :, 2:2 + cols]
+
+
+@pytest.mark.parametrize("layout_a, layout_b", [("c", "c"), ("f", "c"), ("c", "f"), ("f", "f"),
+                                                ("strided", "broadcast"), ("broadcast", "strided")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_gemm_batched_equals_the_float64_products(blas, layout_a, layout_b, dtype):
+    rng = np.random.default_rng(6)
+    n, m, k, p = 5, 19, 33, 23
+    a, b = _stack(rng, n, (m, k), dtype, layout_a), _stack(rng, n, (k, p), dtype, layout_b)
+    expected = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    rtol, atol = _tolerance(dtype, k)
+    wide = rng.standard_normal((n, m, p + 9)).astype(dtype)                # out: rows p + 9 apart
+    before = wide.copy()
+    out = wide[:, :, 4:4 + p]
+    assert kernels.cpu_gemm_batched(a, b, out) is out
+    np.testing.assert_allclose(out, expected, rtol=rtol, atol=atol)
+    kernels.cpu_gemm_batched(a, b, out, accumulate=True)                   # beta = 1
+    np.testing.assert_allclose(out, 2 * expected, rtol=rtol, atol=2 * atol)
+    np.testing.assert_array_equal(wide[:, :, :4], before[:, :, :4])
+    np.testing.assert_array_equal(wide[:, :, 4 + p:], before[:, :, 4 + p:])
+
+
+def test_cpu_gemm_batched_interleaved_output_empty_and_k_zero(blas):
+    """Matrices of ``out`` interleaved (attention's heads-last O: rows H·D apart, heads D apart):
+    the batched call refuses that layout, so it must fall back, and still be right."""
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((3, 16, 24), dtype=np.float32), rng.standard_normal((3, 24, 8), dtype=np.float32)
+    memory = np.zeros((16, 3, 8), dtype=np.float32)                        # (T, H, D)
+    kernels.cpu_gemm_batched(a, b, memory.transpose(1, 0, 2))              # written as (H, T, D)
+    np.testing.assert_allclose(memory.transpose(1, 0, 2), _reference_stack(a, b), rtol=2e-5, atol=1e-4)
+    out = np.full((3, 16, 8), 5.0, dtype=np.float32)
+    kernels.cpu_gemm_batched(a[:, :, :0], b[:, :0], out, accumulate=True)
+    np.testing.assert_array_equal(out, 5.0)
+    kernels.cpu_gemm_batched(a[:, :, :0], b[:, :0], out)
+    np.testing.assert_array_equal(out, 0.0)
+    assert kernels.cpu_gemm_batched(a[:0], b[:0], np.empty((0, 16, 8), np.float32)).shape == (0, 16, 8)
+
+
+def _reference_stack(a, b):
+    return np.matmul(a.astype(np.float64), b.astype(np.float64))
+
+
 # ------------------------------------------------------------- the ops that call it
 
 
@@ -232,3 +288,29 @@ def test_the_library_is_chosen_by_minillm_blas(monkeypatch):
         default = kernels.cpu_blas()
     assert default is not None and any("MINILLM_BLAS" in str(w.message) for w in caught)
     assert default.name.startswith(("MKL", "OpenBLAS"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2])                            # plain and grouped-query
+def test_attention_through_each_library_equals_the_composed_op(blas, causal, kv_heads):
+    """Fused attention's tile products (``_grouped_matmul``, ``_group_summed_matmul``: batched
+    calls; dK, dV of later tiles added in by the BLAS) against the op composed from matmul and
+    softmax, float64, T = 150: two row tiles, the second seeing more keys than the first."""
+    rng = np.random.default_rng(8)
+    shapes = [(2, 4, 150, 8), (2, kv_heads, 150, 8), (2, kv_heads, 150, 8)]
+    fused = [mm.Tensor(rng.standard_normal(s), requires_grad=True) for s in shapes]
+    composed = [mm.Tensor(x.data.copy(), requires_grad=True) for x in fused]
+    g = rng.standard_normal((2, 4, 150, 8))
+    y = mm.functional.scaled_dot_product_attention(*fused, causal=causal)
+    y.backward(g)
+    z = attention_composed(*composed, causal=causal)
+    z.backward(g)
+    np.testing.assert_allclose(y.data, z.data, rtol=1e-10, atol=1e-12)
+    for x, x_ref in zip(fused, composed):
+        np.testing.assert_allclose(x.grad, x_ref.grad, rtol=1e-9, atol=1e-11)
+
+
+def attention_composed(q, k, v, causal):
+    from minillm.ops.attention import scaled_dot_product_attention_composed   # noqa: PLC0415
+
+    return scaled_dot_product_attention_composed(q, k, v, causal=causal)
