@@ -374,6 +374,15 @@ def _mkl_candidates() -> list[str]:
     return usable
 
 
+def _mapped(fragment: str) -> bool:
+    """Whether a library whose path contains ``fragment`` is loaded in this process (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(fragment in line for line in maps)
+    except OSError:
+        return False
+
+
 def _numpy_openblas() -> CpuBlas | None:
     """The CBLAS of the OpenBLAS NumPy loaded (``backend.numpy_openblas``), or None."""
     from .. import backend  # noqa: PLC0415
@@ -429,7 +438,9 @@ def cpu_blas() -> CpuBlas | None:
             warnings.warn(f"MINILLM_BLAS={choice!r}: no CBLAS there; using the default search", stacklevel=2)
     except (OSError, AttributeError, ValueError) as error:
         warnings.warn(f"MINILLM_BLAS={choice!r} could not be loaded ({error}); using the default search", stacklevel=2)
-    for path in _mkl_candidates():
+    # An MKL this process loaded already (NumPy built against it, say) is left alone: switching
+    # its threading layer would make the other user's products single-threaded too.
+    for path in ([] if _mapped("libmkl_rt") else _mkl_candidates()):
         try:
             blas = _mkl(path)
         except (OSError, AttributeError):

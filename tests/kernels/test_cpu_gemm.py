@@ -328,3 +328,17 @@ def attention_composed(q, k, v, causal):
     from minillm.ops.attention import scaled_dot_product_attention_composed   # noqa: PLC0415
 
     return scaled_dot_product_attention_composed(q, k, v, causal=causal)
+
+
+def test_mkl_is_the_default_unless_this_process_loaded_it_already(monkeypatch):
+    """With MKL installed the default search binds it; an MKL already in the process (a NumPy
+    built against it, say) is left alone (its threading layer stays as its user set it)."""
+    monkeypatch.setattr(kernels, "cpu_blas", kernels.cpu_blas.__wrapped__)
+    monkeypatch.delenv("MINILLM_BLAS", raising=False)
+    monkeypatch.setattr(kernels, "_mapped", lambda fragment: True)
+    chosen = kernels.cpu_blas()
+    assert chosen is None or not chosen.name.startswith("MKL")
+    if _mkl_or_none() is None:
+        pytest.skip("mkl is not available here (pip install -e .[mkl])")
+    monkeypatch.setattr(kernels, "_mapped", lambda fragment: False)
+    assert kernels.cpu_blas().name.startswith("MKL") and kernels.cpu_blas_single_threaded()
