@@ -271,18 +271,21 @@ def test_products_are_split_whenever_each_piece_runs_on_one_core(blas, monkeypat
     assert (splits == [common.CPU_THREADS]) == (blas == "mkl"), splits
 
 
-def test_unsplit_products_run_on_mkl_too(blas, monkeypatch):
-    """One CPU thread, or a product too small to split: with MKL still one ``cpu_gemm`` (the
-    bias added as in the blocks); with OpenBLAS NumPy's ``@`` as before. Same values either way."""
+@pytest.mark.parametrize("training", [True, False])
+def test_unsplit_products_run_on_mkl_when_training(blas, training, monkeypatch):
+    """One CPU thread, or a product too small to split: when training (the BLAS single-threaded)
+    with MKL still one ``cpu_gemm`` (the bias added as in the blocks); otherwise (generation,
+    OpenBLAS's threads) NumPy's ``@`` as before. Same values either way."""
     calls = []
     real = common.cpu_gemm
     monkeypatch.setattr(common, "cpu_gemm", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     monkeypatch.setattr(common, "CPU_THREADS", 1)
+    monkeypatch.setattr(backend, "cpu_threads_tuned", lambda: training)
     rng = np.random.default_rng(9)
     a, w, bias = (rng.standard_normal(s, dtype=np.float32) for s in ((300, 200), (100, 200), (100,)))
     np.testing.assert_allclose(common.cpu_matmul(a, w.T, bias), _reference(a, w.T) + bias, rtol=2e-5, atol=1e-4)
     np.testing.assert_array_equal(common.cpu_matmul(np.ones((4, 3), np.int64), np.ones((3, 2), np.int64)), 3)
-    assert len(calls) == (1 if blas == "mkl" else 0)
+    assert len(calls) == (1 if blas == "mkl" and training else 0)
 
 
 def test_the_library_is_chosen_by_minillm_blas(monkeypatch):
