@@ -275,7 +275,8 @@ def prepare_capture(workspace_bytes: int = 32 << 20) -> None:
 # - Intel MKL's ``libmkl_rt`` when it is installed (``pip install minillm[mkl]``: the wheel puts it
 #   under ``sys.prefix/lib``), switched to its sequential threading layer, so every call runs on
 #   the thread that makes it. On this project's Xeon its kernels run the linear layers' products
-#   8-11% faster than OpenBLAS's (docs/performance.md);
+#   8-11% faster than OpenBLAS's, the training step ~10% (docs/performance.md, item 19). An MKL
+#   that something else in the process loaded first is left alone;
 # - else the OpenBLAS that NumPy loaded (``backend.numpy_openblas``), whose thread count
 #   ``backend.blas_threads`` sets: the very kernels ``np.matmul`` calls, the same results.
 #
@@ -361,7 +362,7 @@ def _mkl_candidates() -> list[str]:
     found = []
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True)
-    on_loader_path = ctypes.util.find_library("mkl_rt")
+    on_loader_path = None if found else ctypes.util.find_library("mkl_rt")    # (runs ldconfig: only if need be)
     if on_loader_path:
         found.append(on_loader_path)
     usable = []
