@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import numpy as np
 
@@ -418,10 +419,22 @@ def _cblas_at(path: str) -> CpuBlas | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_cpu_blas_found: list = []                 # [the CpuBlas or None] once looked up
+_cpu_blas_lock = threading.Lock()          # the first lookup may come from two threads' products at once
+
+
 def cpu_blas() -> CpuBlas | None:
     """The CBLAS that ``cpu_gemm`` calls (MKL, else NumPy's OpenBLAS; ``MINILLM_BLAS`` overrides),
-    or None: ``cpu_gemm`` then runs ``np.matmul``. Looked up once; never raises (a library that
+    or None: ``cpu_gemm`` then runs ``np.matmul``. Looked up once (``find_cpu_blas``)."""
+    if not _cpu_blas_found:
+        with _cpu_blas_lock:
+            if not _cpu_blas_found:
+                _cpu_blas_found.append(find_cpu_blas())
+    return _cpu_blas_found[0]
+
+
+def find_cpu_blas() -> CpuBlas | None:
+    """Look for the CBLAS library afresh (``cpu_blas``'s search); never raises (a library that
     fails to load is skipped with a warning when ``MINILLM_BLAS`` named it)."""
     import os  # noqa: PLC0415
     import warnings  # noqa: PLC0415

@@ -291,7 +291,7 @@ def test_unsplit_products_run_on_mkl_when_training(blas, training, monkeypatch):
 def test_the_library_is_chosen_by_minillm_blas(monkeypatch):
     """``MINILLM_BLAS``: 'numpy' binds nothing, 'openblas' NumPy's own, a path that holds no CBLAS
     warns and falls back to the default search; the name says which."""
-    monkeypatch.setattr(kernels, "cpu_blas", kernels.cpu_blas.__wrapped__)   # looked up afresh each call
+    monkeypatch.setattr(kernels, "cpu_blas", kernels.find_cpu_blas)   # looked up afresh each call
     monkeypatch.setenv("MINILLM_BLAS", "numpy")
     assert kernels.cpu_blas() is None and kernels.cpu_blas_name() == "NumPy matmul"
     assert not kernels.cpu_blas_single_threaded()
@@ -336,7 +336,7 @@ def attention_composed(q, k, v, causal):
 def test_mkl_is_the_default_unless_this_process_loaded_it_already(monkeypatch):
     """With MKL installed the default search binds it; an MKL already in the process (a NumPy
     built against it, say) is left alone (its threading layer stays as its user set it)."""
-    monkeypatch.setattr(kernels, "cpu_blas", kernels.cpu_blas.__wrapped__)
+    monkeypatch.setattr(kernels, "cpu_blas", kernels.find_cpu_blas)
     monkeypatch.delenv("MINILLM_BLAS", raising=False)
     monkeypatch.setattr(kernels, "_mapped", lambda fragment: True)
     chosen = kernels.cpu_blas()
@@ -345,3 +345,24 @@ def test_mkl_is_the_default_unless_this_process_loaded_it_already(monkeypatch):
         pytest.skip("mkl is not available here (pip install -e .[mkl])")
     monkeypatch.setattr(kernels, "_mapped", lambda fragment: False)
     assert kernels.cpu_blas().name.startswith("MKL") and kernels.cpu_blas_single_threaded()
+
+
+def test_the_library_is_looked_up_once_even_from_threads_at_once(monkeypatch):
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    lookups = []
+
+    def slow_lookup():
+        lookups.append(1)
+        time.sleep(0.05)                                   # the others arrive while this one runs
+        return None
+
+    monkeypatch.setattr(kernels, "_cpu_blas_found", [])
+    monkeypatch.setattr(kernels, "find_cpu_blas", slow_lookup)
+    threads = [threading.Thread(target=kernels.cpu_blas) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert lookups == [1] and kernels.cpu_blas() is None
