@@ -247,14 +247,18 @@ def _cpu_entries(suffix: str):
     return entries
 
 
+def _suffix(dtype) -> str:
+    return "f32" if dtype == np.float32 else "f64"
+
+
 def _entry(name: str, dtype):
-    return _cpu_entries("f32" if dtype == np.float32 else "f64")[name]
+    return _cpu_entries(_suffix(dtype))[name]
 
 
 def _cpu_fusable(*arrays) -> bool:
     """NumPy arrays the C++ loops take (``cpu.fusable``), rows not empty of features, built."""
     return (cpu.fusable(*arrays) and arrays[0].ndim >= 1 and arrays[0].shape[-1] > 0
-            and _cpu_entries("f32" if arrays[0].dtype == np.float32 else "f64") is not None)
+            and _cpu_entries(_suffix(arrays[0].dtype)) is not None)
 
 
 def _split(rows: int, n: int, work) -> list:

@@ -186,3 +186,13 @@ def test_kernels_switched_off_between_forward_and_backward():
             y.backward(g)
         for got, want in zip([t.grad for t in tensors], layer_norm_reference(x, w, b, g, 1e-5)[1:]):
             assert_close(got, want, **TOLERANCE[np.float64])
+
+
+def test_a_kernel_that_could_not_be_built_leaves_the_numpy_path(monkeypatch):
+    """``cpu.library`` answers None after a failed compilation: the ops run their NumPy passes."""
+    monkeypatch.setattr(kernels, "_cpu_entries", lambda suffix: None)
+    x, w, b, g = inputs((3, 8), np.float64, seed=7)
+    for op, arrays in ((F.layer_norm, [x, w, b]), (F.rms_norm, [x, w])):
+        y, grads, fused = run(op, arrays, g, True)
+        assert fused is False
+    assert not kernels.layer_norm_fusable(x, w, b) and not kernels.rms_norm_fusable(x, w)
