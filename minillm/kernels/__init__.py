@@ -5,7 +5,7 @@
                    ctypes; ``ElementwiseKernel`` runs a CUDA elementwise body on NumPy arrays
     activation.py  softmax / log-softmax, GELU                  (ops/activation.py)
     loss.py        cross-entropy                                (ops/loss.py)
-    norm.py        layer norm                                   (ops/norm.py)
+    norm.py        layer norm; on the CPU also RMS norm (C++ row loops)  (ops/norm.py)
     matmul.py      products through cuBLAS GemmEx (TF32, bf16/fp16 in, fp32 out)  (ops/matmul.py)
     attention.py   mask + softmax rows, the score-matrix path, flash attention   (ops/attention.py)
     optim.py       fused AdamW (per parameter, multi-tensor), multi-tensor norm and scale  (optim/adamw.py, optim/clip.py)
