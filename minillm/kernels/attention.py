@@ -1182,7 +1182,7 @@ _CPU_ARGTYPES = {
 @functools.lru_cache(maxsize=None)
 def _cpu_entry(kind: str, dtype):
     """The compiled ``attention_softmax_{kind}`` for float32/float64, or None when it cannot be built."""
-    lib = cpu.library("attention_softmax", cpu._HEADER + _CPU_SOURCE)
+    lib = cpu.library("attention_softmax", cpu.HEADER + _CPU_SOURCE)
     if lib is None:
         return None
     entry = getattr(lib, f"attention_softmax_{kind}_{'f32' if dtype == np.float32 else 'f64'}")

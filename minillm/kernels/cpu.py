@@ -57,8 +57,9 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=c
 LINK_FLAGS = ("-shared",)
 _DTYPES = {np.dtype(np.float32): ("float", "f32"), np.dtype(np.float64): ("double", "f64")}
 # glibc declares the vector versions of tanh, exp, erfc, ... (libmvec) only under __FAST_MATH__, which
-# -fno-finite-math-only leaves undefined: defined here, so the loops below still call them.
-_HEADER = "#ifndef __FAST_MATH__\n#define __FAST_MATH__ 1\n#endif\n#include <math.h>\n#include <stddef.h>\n"
+# -fno-finite-math-only leaves undefined: defined here, so the loops still call them. Every C++ source
+# given to ``library`` starts with it (ElementwiseKernel adds it itself).
+HEADER = "#ifndef __FAST_MATH__\n#define __FAST_MATH__ 1\n#endif\n#include <math.h>\n#include <stddef.h>\n"
 
 _override: list[bool] = []          # use_cpu_kernels(...) in force, innermost last
 _override_lock = threading.Lock()
@@ -228,7 +229,7 @@ class ElementwiseKernel:
     def source(self, scalars: tuple[bool, ...]) -> str:
         """The C++ for inputs where ``scalars[i]`` says input i is a number: one template loop
         and an ``extern "C"`` entry per dtype, ``name_f32(n, pointers, numbers)``."""
-        lines = [_HEADER, self.preamble, "template <typename T>",
+        lines = [HEADER, self.preamble, "template <typename T>",
                  f"static void loop(long n, void* const* arrays, const double* numbers) {{"]
         arrays = numbers = 0
         for name, scalar in zip(self.inputs, scalars):

@@ -127,7 +127,7 @@ def _layer_norm_backward_cuda(grad, x, weight, mean, rstd):
 
 # ------------------------------------------------------------------ CPU (NumPy arrays)
 
-_CPU_SOURCE = cpu._HEADER + r"""
+_CPU_SOURCE = cpu.HEADER + r"""
 // C++ row loops behind ops/norm.py for NumPy arrays (rows of n contiguous elements), compiled by
 // kernels/cpu.py. T is float or double; a row's sums and a thread's column sums (dw, db) are
 // accumulated in T: with -ffast-math the compiler keeps 8 (float) or 4 (double) running sums per
