@@ -107,7 +107,7 @@ def _layer_norm_backward_cuda(grad, x, weight, mean, rstd):
     import cupy  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    x, grad = cupy.ascontiguousarray(x), cupy.ascontiguousarray(grad)
+    x, grad = cupy.ascontiguousarray(x), cupy.ascontiguousarray(grad, dtype=x.dtype)
     n = x.shape[-1]
     rows = x.size // n if n else 0
     dx = cupy.empty_like(x)
