@@ -107,6 +107,28 @@ def _contiguous_rows(x):
     return x, layout
 
 
+def _product_shape(a, b, trans_a: bool, trans_b: bool, what: str) -> tuple[int, int, int]:
+    """(m, k, n) of op(A) op(B) for matrices or stacks of them (the last two axes); a ValueError
+    naming ``what`` when the inner dimensions differ."""
+    m, k = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
+    k_b, n = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
+    if k != k_b:
+        raise ValueError(f"{what}: inner dimensions differ ({a.shape}, trans {trans_a}; {b.shape}, trans {trans_b})")
+    return m, k, n
+
+
+def _nothing_to_multiply(out, k: int, accumulate: bool) -> bool:
+    """True when the product needs no BLAS call: ``out`` is empty, or the inner axis is (then
+    ``out`` is zeroed, or left as it is when accumulating)."""
+    if out.size == 0:
+        return True
+    if k == 0:
+        if not accumulate:
+            out.fill(0)
+        return True
+    return False
+
+
 def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, out_dtype=None,
          alpha: float = 1.0, accumulate: bool = False, tf32: bool = False):
     """C = alpha · op(A) op(B) (+ C when ``accumulate``) on CuPy arrays; returns C.
@@ -123,10 +145,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, out_dtype
         raise TypeError(f"gemm: operands of different dtypes {a.dtype} and {b.dtype}")
     if a.dtype.name not in _CUDA_TYPES:
         raise TypeError(f"gemm: unsupported dtype {a.dtype}")
-    m, k = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
-    k_b, n = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
-    if k != k_b:
-        raise ValueError(f"gemm: inner dimensions differ ({a.shape}, trans {trans_a}; {b.shape}, trans {trans_b})")
+    m, k, n = _product_shape(a, b, trans_a, trans_b, "gemm")
     batch_a = a.shape[0] if a.ndim == 3 else 1
     batch_b = b.shape[0] if b.ndim == 3 else 1
     if batch_a != batch_b and 1 not in (batch_a, batch_b):
@@ -143,11 +162,7 @@ def gemm(a, b, trans_a: bool = False, trans_b: bool = False, out=None, out_dtype
         raise ValueError(f"gemm: out has shape {out.shape}, expected {out_shape}")
     if out.dtype.name not in _CUDA_TYPES:
         raise TypeError(f"gemm: unsupported output dtype {out.dtype}")
-    if out.size == 0:
-        return out
-    if k == 0:
-        if not accumulate:
-            out.fill(0)
+    if _nothing_to_multiply(out, k, accumulate):
         return out
     out_layout = _layout(out)
     if out_layout is None or (batched and batch > 1 and out_layout[1] == 0):
@@ -534,10 +549,7 @@ def cpu_gemm(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool 
         raise TypeError(f"cpu_gemm: unsupported dtype {a.dtype} (float32 or float64)")
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"cpu_gemm: operands must be 2-D, got shapes {a.shape} and {b.shape}")
-    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-    k_b, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
-    if k != k_b:
-        raise ValueError(f"cpu_gemm: inner dimensions differ ({a.shape}, trans {trans_a}; {b.shape}, trans {trans_b})")
+    m, k, n = _product_shape(a, b, trans_a, trans_b, "cpu_gemm")
     if out is None:
         if accumulate:
             raise ValueError("cpu_gemm: accumulate needs out")
@@ -546,11 +558,7 @@ def cpu_gemm(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool 
         raise TypeError(f"cpu_gemm: out must be a NumPy array of {a.dtype}, got {getattr(out, 'dtype', type(out))}")
     elif out.shape != (m, n):
         raise ValueError(f"cpu_gemm: out has shape {out.shape}, expected {(m, n)}")
-    if out.size == 0:
-        return out
-    if k == 0:
-        if not accumulate:
-            out.fill(0)
+    if _nothing_to_multiply(out, k, accumulate):
         return out
     ldc = _row_major_ld(out) if out.flags.aligned and out.flags.writeable else None
     if ldc is None:
@@ -621,11 +629,7 @@ def cpu_gemm_batched(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: 
         else:
             np.matmul(a, b, out=out)
         return out
-    if out.size == 0:
-        return out
-    if k == 0:
-        if not accumulate:
-            out.fill(0)
+    if _nothing_to_multiply(out, k, accumulate):
         return out
     (trans_a, lda, stride_a), (trans_b, ldb, stride_b), (_, ldc, stride_c) = layouts
     function(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n2, k, 1.0,

@@ -48,22 +48,6 @@ def test_products_are_shared_out_with_a_single_threaded_blas():
     assert get() == before                           # and the count is restored after
 
 
-def test_linear_gradients_through_the_blocked_products():
-    """Linear with shapes above the threading threshold, against the NumPy formulas."""
-    rng = np.random.default_rng(2)
-    x = mm.Tensor(rng.standard_normal((8, 128, 96), dtype=np.float32), requires_grad=True)
-    w = mm.Tensor(rng.standard_normal((1536, 96), dtype=np.float32), requires_grad=True)
-    b = mm.Tensor(rng.standard_normal(1536, dtype=np.float32), requires_grad=True)
-    g = rng.standard_normal((8, 128, 1536), dtype=np.float32)
-    y = mm.functional.linear(x, w, b)
-    y.backward(g)
-    x2, g2 = x.data.reshape(-1, 96).astype(np.float64), g.reshape(-1, 1536).astype(np.float64)
-    np.testing.assert_allclose(y.data, (x2 @ w.data.T.astype(np.float64) + b.data).reshape(8, 128, 1536), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(x.grad, (g2 @ w.data.astype(np.float64)).reshape(x.shape), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(w.grad, g2.T @ x2, rtol=1e-4, atol=2e-3)
-    np.testing.assert_allclose(b.grad, g2.sum(axis=0), rtol=1e-4, atol=1e-4)
-
-
 def test_gelu_in_blocks_and_threads_equals_its_formula():
     """A GELU large enough to be cut into several blocks per thread, against the float64 formula."""
     rng = np.random.default_rng(3)
