@@ -14,10 +14,12 @@ Measured on the project's 2-vCPU Xeon, one thread, (2048, 1536) float32: GELU
 forward 5.8 -> 2.7 ms, backward 6.6 -> 2.8 ms against the NumPy passes
 (docs/performance.md has the step's figures).
 
-When it is used: on Linux, where glibc's vector math library (libmvec) lets the
-compiler vectorize ``tanh``/``exp``/``erfc`` in these loops, with a C++
-compiler (``$CXX``, else ``c++``/``g++``/``clang++`` on the PATH), unless
-``MINILLM_CPU_KERNELS=0`` is set or ``use_cpu_kernels(False)`` is in force.
+When it is used: on Linux with glibc, whose vector math library (libmvec) GCC
+calls to vectorize ``tanh``/``exp``/``erfc`` in these loops, with GCC's C++
+compiler (``$CXX``, else ``c++`` or ``g++`` on the PATH; clang is passed over:
+without a flag per target its loops call the scalar functions, slower than
+NumPy), unless ``MINILLM_CPU_KERNELS=0`` is set or ``use_cpu_kernels(False)``
+is in force.
 Otherwise, or if a compilation fails (one warning says why), every op runs its
 NumPy passes, which the tests hold equal to the kernels. The choice is made in
 an op's forward and saved with it, so its backward always matches.
@@ -41,6 +43,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -87,15 +90,29 @@ def _wanted() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def compiler() -> str | None:
-    """The C++ compiler to build kernels with, or None (not Linux, or none found)."""
-    if not sys.platform.startswith("linux"):
+    """The C++ compiler to build kernels with: GCC's (``$CXX``, else ``c++`` or ``g++`` on the PATH)
+    on Linux with glibc; None elsewhere or when there is none."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++"]
     for name in candidates:
         path = shutil.which(name)
-        if path:
+        if path and _is_gcc(path):
             return path
     return None
+
+
+def _is_gcc(path: str) -> bool:
+    """GCC calls glibc's vector math (libmvec) from vectorised loops by itself; clang needs a flag
+    per target, and without it every tanh/exp of a loop is a scalar call, several times slower
+    than NumPy's own vectorised ufuncs. So only GCC builds the kernels (clang: the NumPy passes)."""
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and "clang" not in done.stdout.lower() and (
+        "free software foundation" in done.stdout.lower() or "gcc" in done.stdout.lower()
+        or "g++" in done.stdout.lower())
 
 
 def enabled() -> bool:

@@ -184,3 +184,35 @@ def test_the_choice_is_saved_with_the_forward():
         with cpu.use_cpu_kernels(not first):
             y.backward()
         np.testing.assert_allclose(xt.grad, reference.grad, rtol=1e-12)
+
+
+@pytest.fixture
+def fresh_compiler():
+    cpu.compiler.cache_clear()
+    yield
+    cpu.compiler.cache_clear()
+
+
+def _fake_compiler(folder, name, version_line):
+    path = folder / name
+    path.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernels are built on Linux only")
+def test_only_gcc_on_glibc_builds_the_kernels(tmp_path, monkeypatch, fresh_compiler):
+    """clang would call the scalar tanh/exp in the loops (slower than NumPy): passed over, as is a
+    libc without glibc's vector math; a GCC named by $CXX is taken."""
+    import platform
+
+    monkeypatch.setenv("CXX", str(_fake_compiler(tmp_path, "clang++", "clang version 17.0.6")))
+    assert cpu.compiler() is None and not cpu.enabled()
+    cpu.compiler.cache_clear()
+    gcc = _fake_compiler(tmp_path, "my-g++", "my-g++ (GCC) 13.2.0")
+    monkeypatch.setenv("CXX", str(gcc))
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert cpu.compiler() == str(gcc)
+    cpu.compiler.cache_clear()
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))          # musl (Alpine)
+    assert cpu.compiler() is None
