@@ -14,7 +14,7 @@ Measured on the project's 2-vCPU Xeon, one thread, (2048, 1536) float32: GELU
 forward 5.8 -> 2.7 ms, backward 6.6 -> 2.8 ms against the NumPy passes
 (docs/performance.md has the step's figures).
 
-When it is used: on Linux with glibc, whose vector math library (libmvec) GCC
+When it is used: on x86-64 Linux with glibc, whose vector math library (libmvec) GCC
 calls to vectorize ``tanh``/``exp``/``erfc`` in these loops, with GCC's C++
 compiler (``$CXX``, else ``c++`` or ``g++`` on the PATH; clang is passed over:
 without a flag per target its loops call the scalar functions, slower than
@@ -91,8 +91,10 @@ def _wanted() -> bool:
 @functools.lru_cache(maxsize=None)
 def compiler() -> str | None:
     """The C++ compiler to build kernels with: GCC's (``$CXX``, else ``c++`` or ``g++`` on the PATH)
-    on Linux with glibc; None elsewhere or when there is none."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    on x86-64 Linux with glibc (where the loops were measured vectorised); None elsewhere or when
+    there is none."""
+    if (not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "amd64")
+            or platform.libc_ver()[0] != "glibc"):
         return None
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++"]
     for name in candidates:

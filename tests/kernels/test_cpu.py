@@ -212,7 +212,12 @@ def test_only_gcc_on_glibc_builds_the_kernels(tmp_path, monkeypatch, fresh_compi
     gcc = _fake_compiler(tmp_path, "my-g++", "my-g++ (GCC) 13.2.0")
     monkeypatch.setenv("CXX", str(gcc))
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     assert cpu.compiler() == str(gcc)
     cpu.compiler.cache_clear()
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")          # not measured there
+    assert cpu.compiler() is None
+    cpu.compiler.cache_clear()
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))          # musl (Alpine)
     assert cpu.compiler() is None
