@@ -160,22 +160,27 @@ _failed: set[str] = set()
 @functools.lru_cache(maxsize=None)
 def library(name: str, source: str):
     """The shared library built from C++ ``source`` (compiled once per machine, then cached), or
-    None when it cannot be built: no compiler, or a compilation error (warned about once)."""
+    None when it cannot be built: no compiler, or a compilation error (warned about once). A
+    cached file that does not load (damaged on disk) is built again."""
     cxx = compiler()
     if cxx is None:
         return None
     digest = hashlib.sha256("\0".join((source, " ".join(FLAGS + LINK_FLAGS), _machine_key())).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir(), f"{name}-{digest}.so")
-    if not os.path.exists(path):
+    for attempt in ("cached", "rebuilt"):
         try:
-            path = _compile(cxx, source, path)
+            if attempt == "rebuilt" or not os.path.exists(path):
+                path = _compile(cxx, source, path)
+            return ctypes.CDLL(path)
         except (OSError, subprocess.SubprocessError) as error:
+            if attempt == "cached" and os.path.exists(path) and not isinstance(error, subprocess.SubprocessError):
+                continue                                     # a damaged cached file: build it anew
             if name not in _failed:
                 _failed.add(name)
-                warnings.warn(f"minillm: could not compile the CPU kernel {name!r} ({error}); "
+                warnings.warn(f"minillm: could not build the CPU kernel {name!r} ({error}); "
                               "using NumPy passes instead", RuntimeWarning, stacklevel=3)
             return None
-    return ctypes.CDLL(path)
+    return None
 
 
 def _compile(cxx: str, source: str, path: str) -> str:

@@ -104,7 +104,7 @@ def test_library_is_built_once_and_then_read_from_the_cache(fresh_cache, monkeyp
 @needs_compiler
 def test_a_compile_error_warns_once_and_ops_fall_back(fresh_cache, monkeypatch):
     monkeypatch.setattr(cpu, "_failed", set())
-    with pytest.warns(RuntimeWarning, match="could not compile the CPU kernel 'test_broken'"):
+    with pytest.warns(RuntimeWarning, match="could not build the CPU kernel 'test_broken'"):
         assert cpu.library("test_broken", "this is not C++") is None
     kernel = cpu.ElementwiseKernel("T x", "T y", "y = x +;", "test_broken_loop")
     x = np.ones(3, np.float32)
@@ -221,3 +221,16 @@ def test_only_gcc_on_glibc_builds_the_kernels(tmp_path, monkeypatch, fresh_compi
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))          # musl (Alpine)
     assert cpu.compiler() is None
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_built_again(fresh_cache):
+    """A cached file that does not load (damaged on disk between two runs) is built anew."""
+    source = 'extern "C" int test_nine() { return 9; }\n'
+    code = f"from minillm.kernels import cpu; cpu.library('test_nine', {source!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ},
+                   cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    (built,) = fresh_cache.glob("test_nine-*.so")                   # built by another process
+    built.write_bytes(b"not a shared object")                       # a disk error, a killed copy
+    assert cpu.library("test_nine", source).test_nine() == 9
+    assert built.read_bytes()[:4] == b"\x7fELF"
