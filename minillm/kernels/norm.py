@@ -148,8 +148,12 @@ static void layer_norm_forward(const T* __restrict x, const T* __restrict w, con
         T squares = 0;
         for (long j = 0; j < n; j++) { const T d = x[j] - mu; squares += d * d; }
         const T r = T(1) / sqrt(squares / n + T(eps));
-        if (b) for (long j = 0; j < n; j++) y[j] = (x[j] - mu) * r * w[j] + b[j];
-        else   for (long j = 0; j < n; j++) y[j] = (x[j] - mu) * r * w[j];
+        // x̂ = (x - μ) r first, then y = x̂ w + b, in two loops (the row is in L1): fast math would
+        // regroup one expression as ((x - μ) w) r, which overflows where x̂ does not (σ² = inf: r = 0,
+        // x̂ = 0 and y = b, where inf · 0 = NaN)
+        for (long j = 0; j < n; j++) y[j] = (x[j] - mu) * r;
+        if (b) for (long j = 0; j < n; j++) y[j] = y[j] * w[j] + b[j];
+        else   for (long j = 0; j < n; j++) y[j] *= w[j];
         mean[i] = mu;
         rstd[i] = r;
     }
@@ -184,7 +188,8 @@ static void rms_norm_forward(const T* __restrict x, const T* __restrict w, T* __
         T squares = 0;
         for (long j = 0; j < n; j++) squares += x[j] * x[j];
         const T r = T(1) / sqrt(squares / n + T(eps));
-        for (long j = 0; j < n; j++) y[j] = x[j] * r * w[j];
+        for (long j = 0; j < n; j++) y[j] = x[j] * r;      // x̂ first, as in layer norm (r = 0: y = 0)
+        for (long j = 0; j < n; j++) y[j] *= w[j];
         rstd[i] = r;
     }
 }

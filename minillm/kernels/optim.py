@@ -24,8 +24,17 @@ _ADAMW_PARAMS = ("T grad, T beta1, T beta2, T step_size, T eps_hat, T decay", "T
 _ADAMW_BODY = """
         exp_avg = beta1 * exp_avg + ((T)1 - beta1) * grad;
         exp_avg_sq = beta2 * exp_avg_sq + ((T)1 - beta2) * grad * grad;
-        param = decay * param - step_size * exp_avg / (sqrt(exp_avg_sq) + eps_hat);
+        param = decay * param - step_size * (exp_avg / (sqrt(exp_avg_sq) + eps_hat));
         """
+
+
+# The products are grouped as NumPy's passes group them (minillm/optim/adamw.py), so that the
+# kernel overflows where they do and nowhere else: step_size * (m / (√v + eps_hat)), not
+# (step_size * m) / ..., which is inf / inf = NaN for m = 1.5e38 in float32 with a large lr (and
+# loses digits for subnormal m). The CPU loop is compiled with fast math (kernels/cpu.py), whose
+# reassociation would regroup (1 - beta2) * grad * grad as (1 - beta2) * (grad * grad) (grad = 1e20
+# in float32: v = inf and no step, where NumPy gets 1e37): there it is turned off.
+_ADAMW_CPU_PREAMBLE = '#pragma GCC optimize("no-tree-reassoc")'
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +45,8 @@ def _adamw_kernel(device: str = "cuda"):
         module = cpu
     else:
         import cupy as module  # noqa: PLC0415
-    return module.ElementwiseKernel(*_ADAMW_PARAMS, _ADAMW_BODY, "minillm_adamw_update")
+    return module.ElementwiseKernel(*_ADAMW_PARAMS, _ADAMW_BODY, "minillm_adamw_update",
+                                    preamble=_ADAMW_CPU_PREAMBLE if device == "cpu" else "")
 
 
 def adamw_cpu_fusable(arrays) -> bool:
@@ -149,7 +159,7 @@ __global__ void multi_adamw(const long long* table, int n_tensors, int n_chunks,
         const T v = beta2 * exp_avg_sq[i] + ((T)1 - beta2) * g * g;
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
-        param[i] = decay * param[i] - step_size * m / (square_root(v) + eps_hat);
+        param[i] = decay * param[i] - step_size * (m / (square_root(v) + eps_hat));
     }
 }
 """
