@@ -120,20 +120,16 @@ def _softmax_rows_cpu_(scores, causal: bool, compiled: bool = False) -> None:
         return
     tq, tk = scores.shape[-2:]
     if causal:  # every masked key is among the last Tq: mask that (Tq, Tq) corner only
-        corner = scores[..., tk - tq:]
-        np.add(corner, _causal_bias(tq, scores.dtype), out=corner)   # −∞ above the diagonal, e^{−∞} = 0
+        corner, future = scores[..., tk - tq:], causal_mask(tq, tq)
+        # −∞ above the diagonal (e^{−∞} = 0), set rather than added: a NaN or +∞ score of a key the
+        # query does not see (NaN + −∞ = NaN) must not reach its row, as the C++ rows never read it
+        np.copyto(corner, -np.inf, where=future)
     scores -= np.max(scores, axis=-1, keepdims=True, initial=-np.inf)   # (…, Tq, 1): stable exp
     np.exp(scores, out=scores)
     row_sums = scores @ np.ones(tk, dtype=scores.dtype)             # (…, Tq), through BLAS: ~4x .sum(-1)
     scores *= (1 / row_sums)[..., None]
-
-
-@functools.lru_cache(maxsize=64)
-def _causal_bias(t: int, dtype) -> np.ndarray:
-    """(T, T) float array: 0 where query i may see key j (j <= i), −∞ where it may not."""
-    bias = np.where(causal_mask(t, t), -np.inf, 0.0).astype(dtype)
-    bias.flags.writeable = False
-    return bias
+    if causal and np.isnan(row_sums).any():     # a NaN row (a NaN or ±∞ score it sees): 0 · NaN on its
+        np.copyto(corner, 0, where=future)      # masked keys; they stay 0 (so their dK, dV stay finite)
 
 
 def _softmax_rows_backward_(grad_probs, probs, causal: bool, keep=None, keep_scale=1.0, compiled: bool = False):
@@ -155,9 +151,15 @@ def _softmax_rows_backward_cpu_(grad_probs, probs, keep, keep_scale, causal: boo
     if keep is not None:
         np.multiply(grad_probs, keep, out=grad_probs)
         grad_probs *= keep_scale
+    tq, tk = probs.shape[-2:]
+    if causal:  # dP of the keys a query does not see (a NaN/∞ value there) is no part of its row's dot
+        corner, future = grad_probs[..., tk - tq:], causal_mask(tq, tq)
+        np.copyto(corner, 0, where=future)
     row_dot = np.einsum("...ij,...ij->...i", grad_probs, probs)     # (…, Tq): no (…, Tq, Tk) temporary
     grad_probs -= row_dot[..., None]
     grad_probs *= probs
+    if causal and not np.isfinite(row_dot).all():   # (0 − ∞ or NaN) · 0 on the masked keys: they stay 0
+        np.copyto(corner, 0, where=future)
 
 
 # On the CPU the (N, Tq, Tk) score matrices are processed in tiles of at most this many

@@ -72,12 +72,6 @@ def assert_paths_agree(compiled, numpy, rtol, atol=0.0, names=(), scale_atol=0.0
 
 RTOL = {np.float32: 2e-5, np.float64: 1e-12}
 
-# Defects found by these tests and not fixed yet (strict: each must still fail, so a fix shows up):
-MASK_LEAKS = pytest.mark.xfail(strict=True, reason=(
-    "the NumPy passes of attention's causal softmax add -inf to the masked scores (NaN + -inf = NaN, "
-    "inf - inf = NaN) and scale/multiply masked entries by NaN row sums or dots: a NaN/inf a query "
-    "does not see (a future key, an inf dL/dO, a NaN row) reaches its output or dK/dV; the compiled rows "
-    "never read masked keys and write 0 there"))
 
 
 # ------------------------------------------------------------------ GELU
@@ -304,9 +298,7 @@ ATTENTION_CASES = {                  # (tensor, head, position, feature, value):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_attention_edge_scores(case, causal, dtype, request):
-    if causal and case != "k inf":                    # (key 0 is seen by every row)
-        request.applymarker(MASK_LEAKS)
+def test_attention_edge_scores(case, causal, dtype):
     """Two heads of T = 5 (causal: query 0 sees only key 0). A NaN or inf in q or k makes NaN the
     rows whose visible scores it reaches, and only them: a key in a query's future is never read
     (the NumPy passes once added the mask, -inf + NaN = NaN, and spread it to every row). The
@@ -348,9 +340,7 @@ def test_attention_of_one_position(causal, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("position", [0, 5, 15, 16, 17, 31, 32, 36])
-def test_attention_long_rows_with_one_nan_or_inf_key(position, dtype, request):
-    if position:                                      # (key 0 is seen by every row)
-        request.applymarker(MASK_LEAKS)
+def test_attention_long_rows_with_one_nan_or_inf_key(position, dtype):
     """Rows of 37 keys: the row maximum's vector part (two vectors of maxima) and its tail. A NaN
     or +inf key makes NaN the rows that see it (the maximum may pass over a NaN: its exp makes the
     row NaN anyway), a huge finite one takes the whole weight."""
