@@ -56,7 +56,6 @@ two give the same tokens. A prompt longer than C starts from its last C tokens.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 
 import numpy as np
@@ -64,6 +63,7 @@ import numpy as np
 from . import backend
 from .backend import array_module
 from .tensor import Tensor, no_grad
+from .checks import is_integer, is_real
 
 
 # ------------------------------------------------------------------ sampling
@@ -71,11 +71,11 @@ from .tensor import Tensor, no_grad
 
 def check_sampling_args(temperature, top_k, top_p) -> None:
     """Raise ValueError (naming the value) for a temperature < 0, top_k < 1 or top_p outside (0, 1]."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < np.inf:
+    if not is_real(temperature) or not 0 <= temperature < np.inf:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
@@ -237,18 +237,18 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
     config = model.config
     prompt, squeeze = _prompt_array(ids, config.vocab_size)
     check_sampling_args(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
+    if eos_id is not None and (not is_integer(eos_id)
                                or not 0 <= eos_id < config.vocab_size):
         raise ValueError(f"generate: eos_id must be a token id in [0, {config.vocab_size}), got {eos_id!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+    if seed is not None and (not is_integer(seed) or seed < 0):
         raise ValueError(f"generate: seed must be an integer >= 0 or None, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"generate: stream must be a function taking each new (B,) column of ids, got {stream!r}")
     context = config.context_length
     keep = default_window_keep(context) if window_keep is None else window_keep
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= context:
+    if not is_integer(keep) or not 1 <= keep <= context:
         raise ValueError(f"generate: window_keep must be an integer in [1, context_length={context}], got {keep!r}")
     batch, prompt_len = prompt.shape
     on_gpu = backend.device_of(model.wte.weight.data) != "cpu"

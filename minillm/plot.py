@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from .checks import is_real
 
 METRICS_FILE = "metrics.jsonl"
 FORMATS = (".png", ".svg")
@@ -84,7 +85,7 @@ def read_curves(run_dir, name: str | None = None) -> RunCurves:
         if record.get("kind") != "eval" and isinstance(record.get("tokens"), (int, float)):
             curves.tokens_at_step[step] = record["tokens"]
         for key, value in record.items():
-            if key in ("kind", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in ("kind", "step") or not is_real(value):
                 continue
             if not math.isfinite(value):
                 continue

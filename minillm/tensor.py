@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import backend
+from .checks import is_integer
 
 _grad_enabled = True
 
@@ -531,7 +532,7 @@ class IndexedGradient:
         for index, _ in self.parts:
             if isinstance(index, tuple) and len(index) == 1:
                 index = index[0]
-            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -n <= index < n:
+            if not is_integer(index) or not -n <= index < n:
                 return False
             seen.add(int(index) % n)
         return len(seen) == len(self.parts) == n

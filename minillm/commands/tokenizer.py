@@ -14,6 +14,7 @@ import time
 
 from . import argtypes
 from .common import add_command, check_input_files, check_output_file, read_text, say, warn
+from ..checks import is_integer
 
 SPEC_HELP = "bytes, gpt2:DIR (encoder.json + vocab.bpe) or a saved tokenizer file"
 
@@ -104,7 +105,7 @@ def parse_ids(text: str) -> list[int]:
         ids = text.split()
     parsed = []
     for item in ids:
-        if isinstance(item, int) and not isinstance(item, bool):
+        if is_integer(item):
             parsed.append(item)
         elif isinstance(item, str) and item.lstrip("-").isdigit():
             parsed.append(int(item))

@@ -24,6 +24,7 @@ the same four calls in the same order, as a collective must.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ..checks import is_integer
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class MeshShape:
     def __post_init__(self) -> None:
         for axis in ("pp", "dp", "tp"):
             value = getattr(self, axis)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"--{axis} must be a positive integer, got {value!r}")
 
     @property

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..tokenizer.gpt2 import read_utf8
+from ..checks import is_integer
 
 
 class DataError(ValueError):
@@ -263,7 +264,7 @@ class EpochBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         values = [state.get(key) for key in ("seed", "epoch", "position")] if isinstance(state, dict) else []
-        if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if len(values) != 3 or not all(is_integer(v) for v in values):
             raise ValueError(f"data state: needs integers 'seed', 'epoch' and 'position', got {state!r}")
         seed, epoch, position = values
         if epoch < 0:

@@ -64,6 +64,7 @@ from ..nn import Dropout, Embedding, KVCache, Linear, Module, ModuleList, Transf
 from ..nn.layers import MLP_ACTIVATIONS, NORMS, make_norm
 from ..ops.rope import rope_frequencies
 from ..tensor import Tensor
+from ..checks import is_integer, is_real
 
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
 
@@ -98,7 +99,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            if not is_integer(value) or value <= 0:
                 raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
             setattr(self, name, int(value))
         if self.head_dim is None and self.d_model % self.n_head:
@@ -106,7 +107,7 @@ class GPTConfig:
                 f"GPTConfig: d_model={self.d_model} must be divisible by n_head={self.n_head} "
                 f"(each head gets d_model // n_head dimensions)"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout must be a probability in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         if not isinstance(self.bias, (bool, np.bool_)):
@@ -123,7 +124,7 @@ class GPTConfig:
                                  f"got {getattr(self, name)!r}")
         for name in ("mlp_hidden", "n_kv_head", "head_dim"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
+            if value is not None and (not is_integer(value) or value <= 0):
                 raise ValueError(f"GPTConfig: {name} must be a positive integer or None, got {value!r}")
         self.n_kv_head = self.n_head if self.n_kv_head is None else int(self.n_kv_head)
         if self.n_head % self.n_kv_head:

@@ -23,11 +23,11 @@ The arrays live outside the autograd graph, so a cache is for inference only.
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
 from .. import backend
+from ..checks import is_integer
 
 
 class KVCache:
@@ -37,7 +37,7 @@ class KVCache:
                  dtype=np.float32, device="cpu"):
         for name, value in (("n_layer", n_layer), ("batch", batch), ("n_head", n_head),
                             ("max_len", max_len), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            if not is_integer(value) or value <= 0:
                 raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
         self.n_layer, self.batch, self.n_head = n_layer, batch, n_head
         self.max_len, self.head_dim = max_len, head_dim

@@ -31,6 +31,7 @@ from .. import functional as F
 from ..tensor import Tensor, is_grad_enabled
 from .module import Module
 from .parameter import Parameter
+from ..checks import is_real
 
 
 # ------------------------------------------------------------------ initialisation helpers
@@ -214,7 +215,7 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        if not is_real(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout: p must be a probability in [0, 1), got {p!r}")
         self.p = float(p)
 

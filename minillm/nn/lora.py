@@ -46,6 +46,7 @@ from ..tensor import Tensor
 from .layers import Dropout, Linear, normal_parameter
 from .module import Module
 from .parameter import Parameter
+from ..checks import is_integer
 
 # every Linear inside the transformer blocks (attention and MLP projections)
 DEFAULT_TARGETS = ("h.*",)
@@ -63,7 +64,7 @@ class LoRALinear(Module):
         super().__init__()
         if not isinstance(linear, Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(linear).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        if not is_integer(rank) or rank < 1:
             raise ValueError(f"LoRA: rank must be a positive integer, got {rank!r}")
         if not alpha > 0:
             raise ValueError(f"LoRA: alpha must be positive, got {alpha!r}")

@@ -26,7 +26,6 @@ probabilities draw for draw.
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
@@ -35,6 +34,7 @@ from ..backend import array_module
 from ..tensor import Function, Tensor
 from .common import as_int_array
 from .shape import scatter_add
+from ..checks import is_real
 
 
 # ------------------------------------------------------------------ embedding
@@ -128,7 +128,7 @@ class Dropout(Function):
 
 
 def _check_p(p, op_name: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+    if not is_real(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"{op_name}: dropout probability must be a number in [0, 1), got {p!r}")
     return float(p)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from ..checks import is_integer
 
 GPT2_SPECIAL_TOKENS = ("<|endoftext|>",)
 
@@ -108,8 +109,8 @@ def read_encoder_json(path: str | Path) -> tuple[dict[bytes, int], dict[str, int
     special: dict[str, int] = {}
     owner: dict[int, str] = {}                                   # id -> the entry that has it
     for text, idx in encoder.items():
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(encoder):
-            ids = {i for i in encoder.values() if isinstance(i, int) and not isinstance(i, bool)}
+        if not is_integer(idx) or not 0 <= idx < len(encoder):
+            ids = {i for i in encoder.values() if is_integer(i)}
             gap = next((i for i in range(len(encoder)) if i not in ids), None)
             raise ValueError(f"{path}: {text!r} has id {idx!r}; ids are integers 0 to {len(encoder) - 1} "
                              f"(one per entry)" + (f", and no entry has id {gap}" if gap is not None else ""))

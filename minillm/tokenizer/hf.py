@@ -43,6 +43,7 @@ from pathlib import Path
 from .bpe import BPETokenizer
 from .gpt2 import chars_to_bytes, read_utf8
 from .pretokenize import GPT2_PATTERN
+from ..checks import is_integer
 
 
 class NormalizedBPETokenizer(BPETokenizer):
@@ -104,7 +105,7 @@ def _pattern(pre_tokenizer, where: str) -> str:
 
 
 def _is_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 def _merge_pair(merge, where: str) -> tuple[str, str]:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend
+from ..checks import is_integer
 
 FORMAT_NAME = "minillm-checkpoint"
 FORMAT_VERSION = 1
@@ -219,10 +220,6 @@ def read_metadata(run_dir: str | os.PathLike) -> dict[str, Any]:
     return metadata
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_list_of_str(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -230,7 +227,7 @@ def _is_list_of_str(value) -> bool:
 # metadata entry -> (test of its value, what it should be): checked on reading, so that a damaged
 # checkpoint.json is one sentence rather than a TypeError from wherever the entry is first used
 _ENTRY_TYPES = {
-    "step": (_is_int, "an integer"),
+    "step": (is_integer, "an integer"),
     "arrays": (lambda v: isinstance(v, str) and bool(v), "a file name"),
     "model_config": (lambda v: isinstance(v, dict), "an object"),
     "train_config": (lambda v: isinstance(v, dict), "an object"),

@@ -57,6 +57,7 @@ from .. import backend, optim, precision
 from ..tensor import no_grad
 from . import graph_step
 from .checkpoint import has_checkpoint, load_checkpoint, read_metadata, restore_checkpoint, save_checkpoint
+from ..checks import is_integer
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -94,11 +95,11 @@ class TrainConfig:
         positive = ("steps", "batch_size", "grad_accum")
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive integer, got {value!r}")
         for name in ("warmup", "eval_interval", "checkpoint_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ValueError(f"TrainConfig: {name} must be an integer >= 0, got {value!r}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")

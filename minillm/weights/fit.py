@@ -13,6 +13,8 @@ the mappings' one reader of a numeric config.json field.
 
 from __future__ import annotations
 
+from ..checks import is_real
+
 
 def raise_unless_fits(source, target: str, missing, mismatched, unexpected, not_float=()) -> None:
     """Raise one ValueError listing every problem (``source`` does not fit ``target``); nothing if all lists are empty.
@@ -38,6 +40,6 @@ def raise_unless_fits(source, target: str, missing, mismatched, unexpected, not_
 def config_number(hf: dict, key: str, default: float) -> float:
     """``float(hf[key])`` (``default`` when absent), or a ValueError naming the field if it is not a number."""
     value = hf.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise ValueError(f"config.json: {key} must be a number, got {value!r}")
     return float(value)

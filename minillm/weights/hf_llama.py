@@ -39,6 +39,7 @@ import numpy as np
 from .. import backend
 from ..models.gpt import INIT_STD, LLAMA_STYLE, GPT, GPTConfig
 from .fit import config_number, raise_unless_fits
+from ..checks import is_integer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # buffers some older files carry: the rotary frequencies (recomputed from the config)
@@ -88,7 +89,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise ValueError(f"config.json: settings this {model_type} loader does not implement: "
                          + "; ".join(unsupported))
     n_head, head_dim = hf["num_attention_heads"], hf.get("head_dim")
-    if head_dim is None and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+    if head_dim is None and all(is_integer(v) and v > 0
                                 for v in (n_head, hf["hidden_size"])):
         head_dim = hf["hidden_size"] // n_head     # transformers' default, floored; other values: GPTConfig names them
     return GPTConfig(

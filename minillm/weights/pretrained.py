@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .hf import load_hf
+from ..checks import is_integer
 
 
 def gpt2_tokenizer_spec(directory) -> str:
@@ -60,5 +61,5 @@ def config_eos_id(directory) -> int | None:
     eos = read_config(directory).get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+    return eos if is_integer(eos) else None
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Tensor
+from ..checks import is_integer
 
 # safetensors dtype name -> little-endian NumPy dtype of the stored bytes
 _DTYPES: dict[str, np.dtype] = {
@@ -147,7 +148,7 @@ def _parse_header(raw: bytes, path, buffer_size: int) -> tuple[dict, dict]:
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_integer(value) and value >= 0
 
 
 def load_file(path: str | os.PathLike, names=None) -> dict[str, np.ndarray]:
