@@ -156,7 +156,11 @@ def test_norms_on_edge_rows(row, dtype):
     w, b = np.linspace(0.5, 1.5, 5).astype(dtype), np.linspace(-1, 1, 5).astype(dtype)
     for eps in (1e-5, 0.0):
         for grad in (None, np.where(np.arange(10).reshape(2, 5) % 3 == 0, INF, 1.0).astype(dtype),
-                     np.where(np.arange(10).reshape(2, 5) % 4 == 1, NAN, -1.0).astype(dtype)):
+                     np.where(np.arange(10).reshape(2, 5) % 4 == 1, NAN, -1.0).astype(dtype),
+                     np.full((2, 5), F32_BIG if dtype == np.float32 else 1e300, dtype=dtype)):   # g w overflows
+            if grad is not None and grad[0, 0] > 1 and row.startswith("all equal"):
+                continue  # x̂ = x - μ is 0 or ±1 ulp as the sum rounds (its order is free): inf · 0 or ±inf
+
             (layer_c, layer_n), (rms_c, rms_n) = norm_both_paths(x, w, b, grad, eps)
             # dx takes differences of terms of size r |g w|: its rounding is relative to the largest
             tol = 1e-4 if dtype == np.float32 else 1e-10
@@ -210,6 +214,30 @@ def test_norms_compute_products_in_the_written_order(dtype, big):
     assert_paths_agree(rms_c[1:], rms_n[1:], RTOL[dtype], 1e-6, names=("dx", "dw"))
     (layer_c, layer_n), _ = norm_both_paths(x[:1], w, b, np.full((1, 4), 2.0, dtype=dtype), 1e-5)
     assert_paths_agree(layer_c, layer_n, RTOL[dtype], 1e-6, names=("y", "dx", "dw", "db"))
+
+
+
+@pytest.mark.parametrize("dtype, x_row, g, eps", [
+    (np.float32, [0.0, 1e-4, 2e-4, 3e-4, -1e-4], 5e37, 1e-5),      # r ≈ 300 (Σ g w still finite)
+    (np.float64, [1e-40, -1e-40, 2e-40, 0.0, 3e-40], 1e300, 0.0)])  # r ≈ 1e40
+def test_norm_gradients_overflow_with_the_right_signs(dtype, x_row, g, eps):
+    """dx = r (g w - x̂ mean(g w x̂) - mean(g w)) overflows here (r |g w| > the largest float), so it
+    is ±inf with the sign of g w - x̂ mean(g w x̂) - mean(g w), which is finite. Regrouped as
+    (x - μ)(r mean(g w x̂)), the product overflowed first and gave every element the sign of x - μ
+    (and NaN at x = μ): the compiled loops must keep x̂ = (x - μ) r, as the NumPy passes do."""
+    x = np.array([x_row], dtype=dtype)
+    w, b = np.linspace(0.5, 1.5, 5).astype(dtype), np.zeros(5, dtype=dtype)
+    grad = np.full((1, 5), g, dtype=dtype)
+    (layer_c, layer_n), (rms_c, rms_n) = norm_both_paths(x, w, b, grad, eps)
+    x64, w64 = x.astype(np.float64)[0], w.astype(np.float64)
+    for (compiled, numpy), centred in (((layer_c, layer_n), True), ((rms_c, rms_n), False)):
+        d = x64 - x64.mean() if centred else x64
+        x_hat = d / np.sqrt((d * d).mean() + eps)
+        inner = w64 - x_hat * (w64 * x_hat).mean() - (w64.mean() if centred else 0.0)   # dx / (r g)
+        big = np.abs(inner) > 0.01      # (where w = mean(w), dx is rounding noise of the overflowing terms)
+        assert np.isinf(numpy[1][0, big]).all()
+        np.testing.assert_array_equal(np.sign(compiled[1][0, big]), np.sign(inner[big]))
+        np.testing.assert_array_equal(np.sign(numpy[1][0, big]), np.sign(inner[big]))
 
 
 # ------------------------------------------------------------------ AdamW
