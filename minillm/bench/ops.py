@@ -22,7 +22,6 @@ inputs.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time

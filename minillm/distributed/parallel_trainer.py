@@ -27,7 +27,6 @@ changes the math: a pp=2 x dp=2 x tp=2 run takes the same steps as one process.
 from __future__ import annotations
 
 import json
-import math
 from types import SimpleNamespace
 
 import numpy as np

@@ -254,7 +254,7 @@ class ElementwiseKernel:
         """The C++ for inputs where ``scalars[i]`` says input i is a number: one template loop
         and an ``extern "C"`` entry per dtype, ``name_f32(n, pointers, numbers)``."""
         lines = [HEADER, self.preamble, "template <typename T>",
-                 f"static void loop(long n, void* const* arrays, const double* numbers) {{"]
+                 "static void loop(long n, void* const* arrays, const double* numbers) {"]
         arrays = numbers = 0
         for name, scalar in zip(self.inputs, scalars):
             if scalar:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..kernels import activation as kernels
 from ..backend import array_module
 from ..tensor import Function, Tensor

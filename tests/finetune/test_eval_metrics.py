@@ -1,7 +1,6 @@
 """Fine-tuning evaluations against NumPy by hand: SFT's loss is the mean over every counted token of
 all the batches (not a mean of batch means), DPO's over every pair; evaluating keeps the model's mode."""
 
-import copy
 
 import numpy as np
 import pytest

@@ -13,10 +13,10 @@ import pytest
 
 from minillm import backend, optim
 from minillm.tensor import Tensor
-from minillm.train import Trainer, TrainingDiverged, load_checkpoint, read_metrics
+from minillm.train import TrainingDiverged, load_checkpoint, read_metrics
 from minillm.train import checkpoint as checkpoint_module
 
-from train_helpers import make_config, make_dataset, make_model, make_trainer
+from train_helpers import make_trainer
 
 
 def params(model):
